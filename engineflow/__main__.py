@@ -1,0 +1,5 @@
+"""``python -m engineflow`` is the ``engineflow`` command."""
+
+from engineflow.cli import main
+
+main()

@@ -1,0 +1,57 @@
+"""The main metric and the best epoch it picks."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+_LOWER_IS_BETTER = ("loss", "error", "mse", "mae", "rmse", "perplexity", "distance")
+
+
+def infer_mode(metric: str) -> str:
+    """"min" for names that read as losses or errors ("valid/loss", "valid/mse"), else "max"."""
+    leaf = metric.rsplit("/", 1)[-1].lower()
+    return "min" if any(word in leaf for word in _LOWER_IS_BETTER) else "max"
+
+
+@dataclass
+class Best:
+    """Tracks the best value of the main metric over epochs; checkpointable.
+
+    Example:
+        >>> best = Best("valid/accuracy", "max")
+        >>> best.update(1, 0.8), best.update(2, 0.7), best.update(3, 0.9)
+        (True, False, True)
+        >>> best.epoch, best.value
+        (3, 0.9)
+    """
+
+    metric: str
+    mode: str = "max"
+    epoch: int | None = None
+    value: float | None = None
+
+    def is_better(self, value: float) -> bool:
+        if math.isnan(value):
+            return False
+        if self.value is None:
+            return True
+        return value > self.value if self.mode == "max" else value < self.value
+
+    def update(self, epoch: int, value: float) -> bool:
+        """Record ``value`` for ``epoch``; True when it is a new best."""
+        if not self.is_better(value):
+            return False
+        self.epoch, self.value = epoch, float(value)
+        return True
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"metric": self.metric, "mode": self.mode, "epoch": self.epoch, "value": self.value}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.as_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.metric, self.mode = state["metric"], state["mode"]
+        self.epoch, self.value = state["epoch"], state["value"]

@@ -1,0 +1,205 @@
+"""Step functions on Ignite engines: injection, control flow and handler order.
+
+:func:`make_engine` wraps a user step in a :class:`StepEngine`, an Ignite ``Engine`` that adds
+two things Ignite lacks: skipping the rest of a batch (Ignite issue #996) and the control-flow
+exceptions of :mod:`engineflow.control`. Everything else is Ignite's: events, filters,
+``state``, ``add_event_handler``, metrics.
+
+One iteration, as :class:`StepEngine` runs it::
+
+    fire GET_BATCH_STARTED; batch = next(loader); fire GET_BATCH_COMPLETED
+    fire ITERATION_STARTED                  # SkipBatch here: the step is not called
+    output = step(batch=..., **components)  # SkipBatch/EndEpoch/StopFit here: output is None
+    fire ITERATION_COMPLETED                # not fired for a skipped batch; metrics update here
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import torch
+from ignite.engine import Engine, Events
+
+from engineflow.control import ControlFlow, EndEpoch, SkipBatch, StopFit
+from engineflow.errors import EngineflowError, HandlerError, RecipeError
+from engineflow.handlers import HandlerSpec
+from engineflow.injection import describe, make_caller
+from engineflow.steps import StepSpec
+
+# Engines running now, outermost first: StopFit raised in a nested eval run stops the fit too.
+_running: contextvars.ContextVar[tuple[Engine, ...]] = contextvars.ContextVar("engineflow_running", default=())
+
+_BATCH_EVENTS = (Events.GET_BATCH_COMPLETED, Events.ITERATION_STARTED, Events.ITERATION_COMPLETED)
+STEP_DYNAMIC = ("batch", "engine", "state")
+HANDLER_DYNAMIC = ("engine", "state", "output", "metrics", "batch")
+
+
+class StepEngine(Engine):
+    """An Ignite ``Engine`` that honours engineflow's control-flow exceptions.
+
+    Users never subclass it; :func:`make_engine` builds one around a step function.
+    ``kind`` is "train", "eval" or "infer"; ``modules`` are put in eval mode (and back) around
+    each run of an eval or infer engine.
+    """
+
+    def __init__(self, process_function: Callable[[Engine, Any], Any], *, kind: str, modules: Iterable[Any] = ()):
+        super().__init__(process_function)
+        self.kind = kind
+        self.batch_skipped = False
+        self._modules = [m for m in modules if isinstance(m, torch.nn.Module)]
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        """Ignite's ``Engine.run``; eval/infer engines run their modules in eval mode, then restore."""
+        modes = [(m, m.training) for m in self._modules] if self.kind != "train" else []
+        for module, _ in modes:
+            module.eval()
+        token = _running.set((*_running.get(), self))
+        try:
+            return super().run(*args, **kwargs)
+        finally:
+            _running.reset(token)
+            for module, was_training in modes:
+                module.train(was_training)
+
+    def skip_batch(self) -> None:
+        """Skip the rest of the current batch (what raising :class:`SkipBatch` does)."""
+        self.batch_skipped = True
+
+    def stop_fit(self) -> None:
+        """Stop this engine and every engine whose run it is nested in, after the current event."""
+        for engine in (*_running.get(), self):
+            engine.terminate()
+
+    def _fire_event(self, event_name: Any, *event_args: Any, **event_kwargs: Any) -> None:
+        if self.batch_skipped and event_name in _BATCH_EVENTS:
+            if event_name is Events.ITERATION_COMPLETED:
+                self.batch_skipped = False
+            return
+        try:
+            super()._fire_event(event_name, *event_args, **event_kwargs)
+        except SkipBatch:
+            self._control_in_batch(event_name, "SkipBatch")
+        except EndEpoch:
+            self._control_in_batch(event_name, "EndEpoch")
+            self.terminate_epoch()
+        except StopFit:
+            self.stop_fit()
+        if event_name is Events.ITERATION_COMPLETED:
+            self.batch_skipped = False
+
+    def _control_in_batch(self, event_name: Any, what: str) -> None:
+        if event_name not in _BATCH_EVENTS:
+            raise RecipeError(
+                f"{what} was raised by a handler of {event_name} on the {self.kind} engine; it only means "
+                "something during a batch (ITERATION_STARTED/COMPLETED or the step). Raise StopFit to stop."
+            )
+        if event_name is not Events.ITERATION_COMPLETED:
+            self.batch_skipped = True
+
+
+def normalize_output(out: Any, step: Callable[..., Any]) -> dict[str, Any]:
+    """A step's output as a dict: dicts pass, a tensor becomes ``{"loss": tensor}``, else error."""
+    if type(out) is dict:
+        return out
+    if isinstance(out, torch.Tensor):
+        return {"loss": out}
+    if isinstance(out, Mapping):
+        return dict(out)
+    raise RecipeError(
+        f"step {describe(step)} returned {type(out).__name__}; a train or eval step must return a dict "
+        "of outputs (e.g. {'loss': loss}) or a loss tensor"
+    )
+
+
+def make_engine(spec: StepSpec, provided: Mapping[str, Any]) -> StepEngine:
+    """Wrap a step in a :class:`StepEngine` whose process function injects components by name.
+
+    Args:
+        spec: the step (from a step decorator).
+        provided: components for the step by name (what ``setup`` returned, ``cfg``, ``device``...).
+
+    Example:
+        >>> from engineflow.steps import StepSpec
+        >>> engine = make_engine(StepSpec("train", lambda batch, k: {"loss": batch * k}), {"k": 2})
+        >>> engine.run([1, 2, 3], max_epochs=1).output
+        {'loss': 6}
+    """
+    call = make_caller(
+        spec.fn,
+        provided=provided,
+        dynamic=STEP_DYNAMIC,
+        first_gets="batch" if spec.kind == "infer" else None,
+        what=f"{spec.kind} step",
+    )
+    step = spec.fn
+    grad = spec.kind == "train"
+    normalize = spec.kind != "infer"
+
+    def process(engine: StepEngine, batch: Any) -> Any:
+        if engine.batch_skipped:
+            return None
+        try:
+            with torch.set_grad_enabled(grad):
+                out = call({"batch": batch, "engine": engine, "state": engine.state})
+        except SkipBatch:
+            engine.skip_batch()
+            return None
+        except EndEpoch:
+            engine.skip_batch()
+            engine.terminate_epoch()
+            return None
+        except StopFit:
+            engine.skip_batch()
+            engine.stop_fit()
+            return None
+        return normalize_output(out, step) if normalize else out
+
+    modules = _modules_of(provided)
+    return StepEngine(process, kind=spec.kind, modules=modules)
+
+
+def _modules_of(provided: Mapping[str, Any]) -> list[torch.nn.Module]:
+    found: list[torch.nn.Module] = []
+    for value in provided.values():
+        if isinstance(value, torch.nn.Module):
+            found.append(value)
+        elif isinstance(value, Mapping):
+            found.extend(v for v in value.values() if isinstance(v, torch.nn.Module))
+    return found
+
+
+def attach_handler(engine: StepEngine, spec: HandlerSpec, provided: Mapping[str, Any]) -> None:
+    """Attach one handler spec to ``engine``; its parameters are checked now, not at the event."""
+    if spec.raw:
+        engine.add_event_handler(spec.event, spec.fn)
+        return
+    call = make_caller(spec.fn, provided=provided, dynamic=HANDLER_DYNAMIC, what="handler")
+    label = f"{spec.event} of the {spec.engine} engine"
+    fn = spec.fn
+
+    def handler(engine: StepEngine) -> None:
+        state = engine.state
+        try:
+            call({"engine": engine, "state": state, "output": state.output, "metrics": state.metrics,
+                  "batch": state.batch})
+        except StopFit:
+            engine.stop_fit()  # the other handlers of this event still run
+        except (ControlFlow, EngineflowError):
+            raise
+        except Exception as err:
+            raise HandlerError(
+                f"handler {describe(fn)} failed on {label} (epoch {state.epoch}, iteration "
+                f"{state.iteration}): {type(err).__name__}: {err}"
+            ) from err
+
+    engine.add_event_handler(spec.event, handler)
+    if spec.at_start:
+        engine.add_event_handler(Events.STARTED, lambda e: handler(e) if e.state.epoch == 0 else None)
+
+
+def attach_in_order(engine: StepEngine, specs: Iterable[HandlerSpec], provided: Mapping[str, Any]) -> None:
+    """Attach handlers sorted by (order, declaration); Ignite then fires them in that order."""
+    for spec in sorted(specs, key=lambda s: (s.order, s.seq)):
+        attach_handler(engine, spec, provided)

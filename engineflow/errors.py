@@ -1,0 +1,52 @@
+"""Errors engineflow raises, each mapped to one exit code of the CLI.
+
+* :class:`RecipeError` (exit 2): the recipe or the command line is wrong; the message says
+  which file, which function, what was expected and what to do.
+* :class:`TrainingError` (exit 1): the recipe is fine but training itself failed (loss became NaN).
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_TRAINING_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class EngineflowError(Exception):
+    """Base class of the errors engineflow reports without a traceback."""
+
+    exit_code: int = EXIT_TRAINING_FAILED
+
+
+class RecipeError(EngineflowError):
+    """A recipe, its config or the command line is not what engineflow expects."""
+
+    exit_code = EXIT_USAGE
+
+
+class ConfigError(RecipeError):
+    """An override names an unknown key or has a value of the wrong type."""
+
+
+class TrainingError(EngineflowError):
+    """Training started but could not go on (for example the loss became NaN or inf)."""
+
+    exit_code = EXIT_TRAINING_FAILED
+
+
+class NonFiniteLossError(TrainingError):
+    """The loss became NaN or infinite at a known iteration."""
+
+    def __init__(self, value: float, *, epoch: int, iteration: int) -> None:
+        super().__init__(
+            f"the loss became {value} at iteration {iteration} (epoch {epoch}); training stopped. "
+            "Lower the learning rate, check the inputs for NaN, or clip gradients."
+        )
+        self.value = value
+        self.epoch = epoch
+        self.iteration = iteration
+
+
+class HandlerError(EngineflowError):
+    """A user handler raised: the original error is chained, the handler and event are named."""

@@ -1,0 +1,299 @@
+"""Wire a recipe's steps into engines: validation, the training loss, history and the best epoch.
+
+:func:`build_fit` returns a :class:`Fit`, a small record of values: the train and eval engines
+(plain Ignite engines underneath), the loaders, the per-epoch history and the best-epoch tracker.
+Nothing runs until :meth:`Fit.run` or an engine's ``run`` is called, so a test or a notebook can
+use the engines directly.
+
+What one epoch of :meth:`Fit.run` does, in order::
+
+    train EPOCH_STARTED:     metrics of the last epoch are cleared
+    for each batch:          train step, then ITERATION_COMPLETED handlers (loss check first)
+    train EPOCH_COMPLETED:   -300 train/loss   -200 validation   -100 history + best
+                             0 your handlers   1000 the epoch log line
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from ignite.engine import Events, State
+
+from engineflow.best import Best, infer_mode
+from engineflow.engine import StepEngine, attach_in_order, make_engine
+from engineflow.errors import NonFiniteLossError, RecipeError
+from engineflow.handlers import HandlerSpec
+from engineflow.metrics import attach_metrics
+from engineflow.recipe import Recipe
+from engineflow.steps import StepSpec
+from engineflow.supervised import supervised_eval_step, supervised_train_step
+
+HELD_OUT = ("train", "test")
+
+
+@dataclass
+class Fit:
+    """The engines of one fit and what they record.
+
+    Attributes:
+        train: the train engine (an Ignite ``Engine``).
+        eval: the eval engine, or None when the recipe has no eval step.
+        loaders: the loaders by name ("train", "valid", "test"...).
+        eval_loaders: the loaders validated on during the fit.
+        history: one dict of metrics per completed epoch.
+        best: the main metric's best epoch and value.
+        loss: the training-loss monitor.
+    """
+
+    train: StepEngine
+    eval: StepEngine | None
+    loaders: Mapping[str, Iterable[Any]]
+    eval_loaders: tuple[str, ...]
+    best: Best
+    loss: LossMonitor
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def evaluate(self, loader: str = "valid") -> dict[str, float]:
+        """Run the eval step and its metrics over one loader; returns ``{"<loader>/<metric>": value}``.
+
+        Example:
+            >>> fit.evaluate("valid")  # doctest: +SKIP
+            {'valid/accuracy': 0.97}
+        """
+        if self.eval is None:
+            raise RecipeError("the recipe has no eval step; decorate one with @ef.eval_step")
+        if loader not in self.loaders:
+            raise RecipeError(f"no loader named {loader!r}; setup() returned loaders {', '.join(self.loaders)}")
+        state = self.eval.run(self.loaders[loader], max_epochs=1)
+        return {f"{loader}/{name}": value for name, value in state.metrics.items()}
+
+    def run(self, epochs: int) -> State:
+        """Train for ``epochs`` epochs (validating as the eval step asks); returns the train state."""
+        return self.train.run(self.loaders["train"], max_epochs=epochs)
+
+
+class LossMonitor:
+    """Checks the step's ``loss`` output every iteration and averages it.
+
+    ``running`` is an exponential moving average (for the progress line); the epoch's
+    ``train/loss`` is the plain mean over its batches. A NaN or infinite loss raises
+    :class:`NonFiniteLossError` naming the iteration.
+    """
+
+    def __init__(self, alpha: float = 0.98) -> None:
+        self.alpha = alpha
+        self.running: float | None = None
+        self.total = 0.0
+        self.count = 0
+
+    def epoch_started(self, engine: StepEngine) -> None:
+        self.total, self.count = 0.0, 0
+
+    def iteration_completed(self, engine: StepEngine) -> None:
+        output = engine.state.output
+        loss = output.get("loss") if type(output) is dict else None
+        if loss is None:
+            return
+        value = loss.item() if isinstance(loss, torch.Tensor) else float(loss)
+        if not math.isfinite(value):
+            raise NonFiniteLossError(value, epoch=engine.state.epoch, iteration=engine.state.iteration)
+        self.running = value if self.running is None else self.alpha * self.running + (1 - self.alpha) * value
+        self.total += value
+        self.count += 1
+
+    def epoch_completed(self, engine: StepEngine) -> None:
+        if self.count:
+            engine.state.metrics["train/loss"] = self.total / self.count
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"running": self.running, "total": self.total, "count": self.count}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.running, self.total, self.count = state["running"], state["total"], state["count"]
+
+
+def resolve_steps(recipe: Recipe, components: Mapping[str, Any]) -> tuple[StepSpec, StepSpec | None]:
+    """The recipe's train and eval steps, or the supervised defaults when it declares none."""
+    from engineflow.steps import step_spec
+
+    train = recipe.steps.get("train")
+    evaluate = recipe.steps.get("eval")
+    has_supervised = all(name in components for name in ("model", "optimizer", "loss_fn"))
+    if train is None:
+        if not has_supervised:
+            raise RecipeError(
+                f"{recipe.path}: no train step. Decorate a function with @ef.train_step, or return "
+                "'model', 'optimizer' and 'loss_fn' from setup() to use the default supervised step "
+                f"(setup returned: {', '.join(components) or 'nothing'})"
+            )
+        train = step_spec(supervised_train_step())
+    if evaluate is None and "model" in components and "loss_fn" in components:
+        from engineflow.metrics import Loss
+
+        evaluate = step_spec(supervised_eval_step(metrics={"loss": Loss(components["loss_fn"])}))
+    assert train is not None  # step_spec of a freshly decorated function
+    return train, evaluate
+
+
+def build_fit(
+    recipe: Recipe,
+    components: Mapping[str, Any],
+    provided: Mapping[str, Any],
+    *,
+    extras: Iterable[Callable[[Fit], Iterable[HandlerSpec]]] = (),
+) -> Fit:
+    """Build the engines of a fit from a recipe and the components its ``setup`` returned.
+
+    Args:
+        recipe: the loaded recipe.
+        components: what ``setup`` returned; ``loaders`` must hold a "train" loader.
+        provided: everything steps and handlers may ask for by name (components included).
+        extras: functions of the fit that return more handlers (progress, logging), attached with
+            the recipe's by order.
+    """
+    loaders = _loaders_of(components, recipe)
+    train_spec, eval_spec = resolve_steps(recipe, components)
+    eval_loaders = _eval_loaders(eval_spec, loaders, recipe)
+    best = Best(*_main_metric(eval_spec, eval_loaders, train_spec, recipe))
+    monitor = LossMonitor()
+    history: list[dict[str, Any]] = []
+    holder: dict[str, Fit] = {}
+
+    def evaluate(loader: str = "valid") -> dict[str, float]:
+        return holder["fit"].evaluate(loader)
+
+    provided = {**provided, "history": history, "best": best, "evaluate": evaluate}
+    train = make_engine(train_spec, provided)
+    attach_metrics(train, train_spec.metrics, prefix="train/")
+    evaluator = None
+    if eval_spec is not None:
+        evaluator = make_engine(eval_spec, provided)
+        attach_metrics(evaluator, eval_spec.metrics)
+    fit = Fit(train, evaluator, loaders, eval_loaders, best, monitor, history)
+    holder["fit"] = fit
+
+    everything = [*_own_handlers(fit, eval_spec), *recipe.handlers, *(s for make in extras for s in make(fit))]
+    for kind, engine in (("train", train), ("eval", evaluator)):
+        specs = [s for s in everything if s.engine == kind]
+        if engine is None:
+            if specs and not all(s.raw for s in specs):
+                names = ", ".join(s.fn.__name__ for s in specs)
+                raise RecipeError(f"{recipe.path}: handlers {names} are for the eval engine, but there is no eval step")
+            continue
+        attach_in_order(engine, specs, provided)
+    return fit
+
+
+def _own_handlers(fit: Fit, eval_spec: StepSpec | None) -> list[HandlerSpec]:
+    def clear_metrics(engine: StepEngine) -> None:
+        engine.state.metrics.clear()
+
+    def validate(engine: StepEngine) -> None:
+        for name in fit.eval_loaders:
+            engine.state.metrics.update(fit.evaluate(name))
+
+    def record(engine: StepEngine) -> None:
+        epoch = engine.state.epoch
+        metrics = {k: _scalar(v) for k, v in engine.state.metrics.items()}
+        fit.history.append({"epoch": epoch, **{k: v for k, v in metrics.items() if v is not None}})
+        value = metrics.get(fit.best.metric)
+        if value is not None:
+            fit.best.update(epoch, value)
+
+    def spec(fn: Callable[[StepEngine], None], event: Any, order: int) -> HandlerSpec:
+        return HandlerSpec(fn, event, "train", order, seq=-1, raw=True)
+
+    own = [
+        spec(clear_metrics, Events.EPOCH_STARTED, -1000),
+        spec(fit.loss.epoch_started, Events.EPOCH_STARTED, -900),
+        spec(fit.loss.iteration_completed, Events.ITERATION_COMPLETED, -1000),
+        spec(fit.loss.epoch_completed, Events.EPOCH_COMPLETED, -300),
+        spec(record, Events.EPOCH_COMPLETED, -100),
+    ]
+    if eval_spec is not None and eval_spec.every > 0 and fit.eval_loaders:
+        own.append(spec(validate, Events.EPOCH_COMPLETED(every=eval_spec.every), -200))
+    return own
+
+
+def _scalar(value: Any) -> float | None:
+    if isinstance(value, (int, float)):
+        return float(value)
+    if hasattr(value, "numel") and value.numel() == 1:
+        return float(value)
+    return None
+
+
+def _loaders_of(components: Mapping[str, Any], recipe: Recipe) -> dict[str, Iterable[Any]]:
+    loaders = components.get("loaders")
+    if not isinstance(loaders, Mapping) or "train" not in loaders:
+        got = "nothing" if loaders is None else repr(type(loaders).__name__)
+        if isinstance(loaders, Mapping):
+            got = f"loaders {', '.join(map(str, loaders)) or '(none)'}"
+        raise RecipeError(
+            f"{recipe.path}: setup() must return loaders={{'train': ..., 'valid': ...}} with at least a "
+            f"'train' loader; got {got}"
+        )
+    for name, loader in loaders.items():
+        if not isinstance(loader, Iterable):
+            raise RecipeError(f"{recipe.path}: loader {name!r} is {type(loader).__name__}, not iterable")
+    return dict(loaders)
+
+
+def _eval_loaders(spec: StepSpec | None, loaders: Mapping[str, Any], recipe: Recipe) -> tuple[str, ...]:
+    if spec is None:
+        return ()
+    if spec.loaders is None:
+        return tuple(name for name in loaders if name not in HELD_OUT)
+    missing = [name for name in spec.loaders if name not in loaders]
+    if missing:
+        raise RecipeError(
+            f"{recipe.path}: @eval_step(loaders=...) names {', '.join(missing)}, but setup() returned "
+            f"loaders {', '.join(loaders)}"
+        )
+    return spec.loaders
+
+
+def _main_metric(
+    eval_spec: StepSpec | None, eval_loaders: tuple[str, ...], train_spec: StepSpec, recipe: Recipe
+) -> tuple[str, str]:
+    available = ["train/loss", *(f"train/{n}" for n in train_spec.metrics)]
+    available += [f"{loader}/{n}" for loader in eval_loaders for n in (eval_spec.metrics if eval_spec else {})]
+    wanted = eval_spec.main_metric if eval_spec is not None else None
+    if wanted is None:
+        name = available[len(train_spec.metrics) + 1] if len(available) > len(train_spec.metrics) + 1 else "train/loss"
+    elif "/" not in wanted and eval_loaders:
+        name = f"{eval_loaders[0]}/{wanted}"
+    else:
+        name = wanted
+    if name not in available:
+        raise RecipeError(
+            f"{recipe.path}: main_metric {wanted!r} is not reported; available: {', '.join(available)}"
+        )
+    mode = (eval_spec.mode if eval_spec is not None else None) or infer_mode(name)
+    return name, mode
+
+
+def take(loader: Iterable[Any], n: int) -> Iterable[Any]:
+    """The first ``n`` batches of ``loader``, re-iterable, with a length (for ``--check``)."""
+    return _Take(loader, n)
+
+
+class _Take:
+    def __init__(self, loader: Iterable[Any], n: int) -> None:
+        self.loader, self.n = loader, n
+
+    def __iter__(self) -> Iterator[Any]:
+        for index, batch in enumerate(self.loader):
+            if index >= self.n:
+                return
+            yield batch
+
+    def __len__(self) -> int:
+        try:
+            return min(self.n, len(self.loader))  # type: ignore[arg-type]
+        except TypeError:
+            return self.n

@@ -1,0 +1,164 @@
+"""Handler decorators: attach functions to engine events, in an explicit order.
+
+A handler is a plain function that takes what it needs by name: ``engine``, ``state``,
+``output``, ``metrics``, ``batch``, ``cfg``, ``history``, ``best``, ``evaluate`` and every
+component ``setup`` returned. The decorators return the function unchanged and record a
+:class:`HandlerSpec`; engineflow attaches it when it builds the engines.
+
+Order: handlers on the same event run by ascending ``order``, then in the order they were
+declared. engineflow's own handlers use fixed orders so that yours see finished work:
+
+=============================  ======  ==============================================
+train ``EPOCH_COMPLETED``      order   what
+=============================  ======  ==============================================
+epoch train loss               -300    ``metrics["train/loss"]`` (mean of the epoch)
+validation                     -200    ``metrics["valid/<name>"]`` for each eval loader
+history and best epoch         -100    ``history`` gets the epoch; ``best`` is updated
+your handlers (default)           0
+epoch log line                 1000
+=============================  ======  ==============================================
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from engineflow.errors import RecipeError
+from engineflow.steps import STEP_KINDS, step_spec
+
+HANDLERS_ATTR = "__engineflow_handlers__"
+F = TypeVar("F", bound=Callable[..., Any])
+
+# Declaration order breaks ties between handlers of equal ``order``.
+_declared = itertools.count()
+
+
+@dataclass(frozen=True)
+class HandlerSpec:
+    """One attachment of a handler function to an event of one engine.
+
+    Attributes:
+        fn: the user's function, unchanged.
+        event: an Ignite event, possibly filtered (``Events.ITERATION_COMPLETED(every=10)``).
+        engine: which engine: "train", "eval" or "infer".
+        order: lower runs first among handlers of the same event.
+        seq: declaration counter, the tie-break for equal ``order``.
+        at_start: also call once when the engine starts at epoch 0 (``skip_zero=False``).
+        raw: engineflow's own handlers: ``fn(engine)`` is attached as is, with no injection.
+    """
+
+    fn: Callable[..., Any]
+    event: Any
+    engine: str
+    order: int
+    seq: int
+    at_start: bool = False
+    raw: bool = False
+
+
+def handler_specs(fn: Any) -> tuple[HandlerSpec, ...]:
+    """Every :class:`HandlerSpec` the decorators attached to ``fn`` (empty for plain functions)."""
+    return getattr(fn, HANDLERS_ATTR, ())
+
+
+def _engine_kind(engine: Any, where: str) -> str:
+    if isinstance(engine, str) and engine in STEP_KINDS:
+        return engine
+    spec = step_spec(engine)
+    if spec is not None:
+        return spec.kind
+    raise RecipeError(
+        f"{where}(engine=...) expects a step function (e.g. engine=train) or one of "
+        f"{', '.join(map(repr, STEP_KINDS))}, got {engine!r}"
+    )
+
+
+def _register(fn: F, spec: HandlerSpec) -> F:
+    if not callable(fn):
+        raise RecipeError(f"a handler decorator needs a function, got {fn!r}")
+    setattr(fn, HANDLERS_ATTR, (*handler_specs(fn), spec))
+    return fn
+
+
+def on(event: Any, *, engine: Any = "train", order: int = 0) -> Callable[[F], F]:
+    """Run the decorated function on an Ignite event of an engine (default: the train engine).
+
+    Ignite's event filters work as in Ignite: ``Events.ITERATION_COMPLETED(every=10)``,
+    ``Events.EPOCH_COMPLETED(once=3)``, ``before=``/``after=``, or a custom ``event_filter``.
+
+    Example:
+        >>> import engineflow as ef
+        >>> @ef.on(ef.Events.ITERATION_COMPLETED(every=100), order=-5)
+        ... def log_lr(optimizer, state):
+        ...     print(state.iteration, optimizer.param_groups[0]["lr"])
+    """
+    kind = _engine_kind(engine, "on")
+    _check_event(event)
+    _check_order(order)
+    return lambda fn: _register(fn, HandlerSpec(fn, event, kind, order, next(_declared)))
+
+
+def every_n_epochs(n: int, *, engine: Any = "train", skip_zero: bool = True, order: int = 0) -> Callable[[F], F]:
+    """Run the decorated function after every ``n``-th epoch (sugar for ``EPOCH_COMPLETED(every=n)``).
+
+    With ``skip_zero=False`` it also runs once before the first epoch ("epoch 0"), e.g. to log the
+    untrained model. A resumed run does not repeat that call.
+
+    Example:
+        >>> import engineflow as ef
+        >>> @ef.every_n_epochs(2, skip_zero=False)
+        ... def log_weights(state, model):
+        ...     print(state.epoch, sum(p.norm() for p in model.parameters()))
+    """
+    kind = _engine_kind(engine, "every_n_epochs")
+    _check_positive(n, "every_n_epochs")
+    _check_order(order)
+    from ignite.engine import Events
+
+    def decorate(fn: F) -> F:
+        spec = HandlerSpec(fn, Events.EPOCH_COMPLETED(every=n), kind, order, next(_declared), at_start=not skip_zero)
+        return _register(fn, spec)
+
+    return decorate
+
+
+def every_n_iterations(n: int, *, engine: Any = "train", order: int = 0) -> Callable[[F], F]:
+    """Run the decorated function after every ``n``-th iteration (``ITERATION_COMPLETED(every=n)``).
+
+    Iterations count from the start of the run, across epochs, as Ignite counts them.
+
+    Example:
+        >>> import engineflow as ef
+        >>> @ef.every_n_iterations(50)
+        ... def log_loss(output, state):
+        ...     print(state.iteration, float(output["loss"]))
+    """
+    kind = _engine_kind(engine, "every_n_iterations")
+    _check_positive(n, "every_n_iterations")
+    _check_order(order)
+    from ignite.engine import Events
+
+    return lambda fn: _register(fn, HandlerSpec(fn, Events.ITERATION_COMPLETED(every=n), kind, order, next(_declared)))
+
+
+def _check_positive(n: Any, where: str) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise RecipeError(f"{where}(n) expects a whole number >= 1, got {n!r}")
+
+
+def _check_order(order: Any) -> None:
+    if isinstance(order, bool) or not isinstance(order, int):
+        raise RecipeError(f"order= expects an int (lower runs first), got {order!r}")
+
+
+def _check_event(event: Any) -> None:
+    from ignite.engine.events import CallableEventWithFilter, EventEnum
+
+    if not isinstance(event, (EventEnum, CallableEventWithFilter)):
+        raise RecipeError(
+            f"on(event) expects an Ignite event such as ef.Events.EPOCH_COMPLETED or "
+            f"ef.Events.ITERATION_COMPLETED(every=10), got {event!r}"
+        )

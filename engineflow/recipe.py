@@ -1,0 +1,150 @@
+"""Load a recipe file and collect what it declares: config, setup, steps and handlers.
+
+A recipe is a plain Python module. engineflow imports it once per run and reads its top-level
+names; nothing is registered globally, so two recipes never see each other's steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import sys
+import traceback
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from engineflow.configuration import Config
+from engineflow.errors import RecipeError
+from engineflow.handlers import HandlerSpec, handler_specs
+from engineflow.steps import STEP_KINDS, StepSpec, step_spec
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What a recipe file declares.
+
+    Attributes:
+        path: the recipe file, resolved.
+        name: the experiment name: the module's ``experiment`` string, else the file's stem.
+        module: the imported module.
+        config: the config defaults (``config = ef.config(...)``), empty when absent.
+        setup: ``setup(cfg, ...)``, the function that builds the components, or None.
+        steps: the steps found, by kind ("train", "eval", "infer").
+        handlers: every handler attachment found, in declaration order.
+    """
+
+    path: Path
+    name: str
+    module: ModuleType
+    config: Config
+    setup: Callable[..., Any] | None
+    steps: Mapping[str, StepSpec]
+    handlers: tuple[HandlerSpec, ...]
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Import the recipe at ``path`` and collect its declarations.
+
+    Raises:
+        RecipeError: the file is missing, does not parse, fails on import, or declares two
+            steps of one kind; the message names the file and line.
+    """
+    file = Path(path)
+    if not file.is_file():
+        hint = " (it is a directory)" if file.is_dir() else ""
+        raise RecipeError(f"recipe file not found: {path}{hint}. Pass the path of a .py recipe, e.g. recipes/digits.py")
+    file = file.resolve()
+    module = _import(file)
+    return collect(module, file)
+
+
+def collect(module: ModuleType, file: Path) -> Recipe:
+    """Read a recipe's declarations from an imported module."""
+    steps: dict[str, StepSpec] = {}
+    handlers: dict[int, HandlerSpec] = {}
+    for attr, value in vars(module).items():
+        spec = step_spec(value)
+        if spec is not None:
+            other = steps.get(spec.kind)
+            if other is not None and other.fn is not spec.fn:
+                raise RecipeError(
+                    f"{file}: two {spec.kind} steps, {other.fn.__name__!r} and {attr!r}; a recipe has one of each"
+                )
+            steps[spec.kind] = spec
+        for handler in handler_specs(value):
+            handlers[id(handler)] = handler
+    return Recipe(
+        path=file,
+        name=_experiment_name(module, file),
+        module=module,
+        config=_config_of(module, file),
+        setup=_setup_of(module, file),
+        steps={kind: steps[kind] for kind in STEP_KINDS if kind in steps},
+        handlers=tuple(sorted(handlers.values(), key=lambda h: h.seq)),
+    )
+
+
+def _import(file: Path) -> ModuleType:
+    try:
+        source = file.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise RecipeError(f"cannot read recipe {file}: {err}") from None
+    try:
+        code = compile(source, str(file), "exec")
+    except SyntaxError as err:
+        text = f"\n    {err.text.rstrip()}" if err.text else ""
+        raise RecipeError(f"{file}:{err.lineno}: syntax error in the recipe: {err.msg}{text}") from None
+    digest = hashlib.sha1(str(file).encode()).hexdigest()[:8]
+    name = f"engineflow_recipe_{file.stem}_{digest}"
+    spec = importlib.util.spec_from_file_location(name, file)
+    if spec is None:
+        raise RecipeError(f"cannot import recipe {file}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    # Registered so pickling (DataLoader workers) and dataclasses can find the module; the recipe's
+    # folder goes on sys.path so it can import helper modules that sit beside it.
+    sys.modules[name] = module
+    folder = str(file.parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    try:
+        exec(code, module.__dict__)
+    except Exception as err:
+        sys.modules.pop(name, None)
+        raise RecipeError(f"{_where(err, file)}: the recipe raised while being imported: "
+                          f"{type(err).__name__}: {err}") from err
+    return module
+
+
+def _where(err: BaseException, file: Path) -> str:
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if f.filename == str(file)]
+    return f"{file}:{frames[-1].lineno}" if frames else str(file)
+
+
+def _experiment_name(module: ModuleType, file: Path) -> str:
+    name = getattr(module, "experiment", None)
+    if name is None:
+        return file.stem
+    if not isinstance(name, str) or not name.strip() or "/" in name or name.startswith("."):
+        raise RecipeError(f"{file}: 'experiment' must be a plain name usable as a folder, got {name!r}")
+    return name
+
+
+def _config_of(module: ModuleType, file: Path) -> Config:
+    value = getattr(module, "config", None)
+    if value is None:
+        return Config({})
+    if isinstance(value, Config):
+        return value
+    if isinstance(value, Mapping):
+        return Config(value)
+    raise RecipeError(f"{file}: 'config' must be ef.config(...) or a dict, got {type(value).__name__}")
+
+
+def _setup_of(module: ModuleType, file: Path) -> Callable[..., Any] | None:
+    value = getattr(module, "setup", None)
+    if value is not None and not callable(value):
+        raise RecipeError(f"{file}: 'setup' must be a function setup(cfg) returning a dict, got {value!r}")
+    return value

@@ -1,0 +1,244 @@
+"""``ef.run`` and ``ef.build``: a recipe file in, a trained model and its record out.
+
+``build`` loads a recipe, seeds every RNG, calls ``setup`` and wires the engines, without
+running anything. ``run`` does that, trains, and writes the run folder
+``<runs_dir>/<experiment>/<run_id>/`` (``config.json``, ``history.json``, ``summary.json``,
+``log.txt``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from engineflow.configuration import Config
+from engineflow.errors import RecipeError
+from engineflow.files import write_json
+from engineflow.fit import Fit, build_fit, take
+from engineflow.handlers import HandlerSpec
+from engineflow.injection import describe, make_caller
+from engineflow.recipe import Recipe, load_recipe
+from engineflow.report import Reporter, format_metrics
+from engineflow.runtime import RunContext, new_run_id, resolve_device, seed_everything
+
+CHECK_BATCHES = 2
+CHECK_EPOCHS = 2
+
+
+@dataclass
+class RunResult:
+    """What a finished run reports (also saved as ``summary.json`` in its folder).
+
+    Attributes:
+        run_id: the run's id.
+        experiment: the recipe's experiment name.
+        status: "completed", "failed" or "interrupted".
+        run_dir: the folder of its outputs.
+        config: the resolved config values.
+        seed: the seed used.
+        device: the device used, e.g. "cpu".
+        epochs: epochs completed.
+        history: one dict of metrics per epoch.
+        metrics: the last epoch's metrics.
+        best: ``{"metric", "mode", "epoch", "value"}`` of the main metric.
+        duration_s: wall time of the fit in seconds.
+        error: the error message of a failed run.
+    """
+
+    run_id: str
+    experiment: str
+    status: str
+    run_dir: Path
+    config: dict[str, Any]
+    seed: int
+    device: str
+    epochs: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    best: dict[str, Any] = field(default_factory=dict)
+    duration_s: float = 0.0
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "run_dir": str(self.run_dir)}
+
+
+def resolve_config(recipe: Recipe, overrides: Mapping[str, Any] | None, seed: int | None) -> tuple[Config, int]:
+    """Apply overrides and the seed to the recipe's defaults; returns (config, seed)."""
+    cfg = recipe.config.override(overrides or {})
+    if seed is not None and "seed" in cfg:
+        cfg = cfg.override({"seed": seed})
+    if seed is None:
+        seed = cfg.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise RecipeError(f"{recipe.path}: config 'seed' must be an int, got {seed!r}")
+    epochs = cfg.get("epochs", 1)
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise RecipeError(f"{recipe.path}: config 'epochs' must be an int >= 1, got {epochs!r}")
+    return cfg, seed
+
+
+def build(
+    recipe: str | Path | Recipe,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    seed: int | None = None,
+    check: bool = False,
+    extras: tuple[Callable[[Fit], Iterable[HandlerSpec]], ...] = (),
+    context: RunContext | None = None,
+) -> tuple[Fit, Config, RunContext]:
+    """Load a recipe and build its engines without running them.
+
+    Returns:
+        ``(fit, cfg, context)``: the engines and records, the resolved config, the run's context.
+
+    Example:
+        >>> fit, cfg, ctx = ef.build("recipes/digits.py", {"epochs": 1})  # doctest: +SKIP
+        >>> fit.evaluate("valid")  # the untrained model  # doctest: +SKIP
+    """
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    cfg, seed = resolve_config(recipe, overrides, seed)
+    if context is None:
+        context = RunContext("interactive", recipe.name, Path("."), resolve_device(device), seed, check)
+    seed_everything(seed)
+    components = _setup(recipe, cfg, context)
+    if check:
+        components["loaders"] = {name: take(loader, CHECK_BATCHES) for name, loader in components["loaders"].items()}
+    provided = {**components, "cfg": cfg, "device": context.device, "run": context}
+    return build_fit(recipe, components, provided, extras=extras), cfg, context
+
+
+def _setup(recipe: Recipe, cfg: Config, context: RunContext) -> dict[str, Any]:
+    if recipe.setup is None:
+        raise RecipeError(
+            f"{recipe.path}: no setup(cfg) function; define one that returns the model, optimizer and "
+            "loaders=dict(train=..., valid=...)"
+        )
+    call = make_caller(recipe.setup, provided={"cfg": cfg, "device": context.device, "run": context}, what="setup")
+    components = call({})
+    if not isinstance(components, Mapping):
+        raise RecipeError(
+            f"setup {describe(recipe.setup)} returned {type(components).__name__}; it must return a dict "
+            "such as dict(model=..., optimizer=..., loaders={'train': ..., 'valid': ...})"
+        )
+    components = dict(components)
+    if "loaders" not in components:
+        raise RecipeError(
+            f"setup {describe(recipe.setup)} returned no 'loaders'; return "
+            "loaders={'train': train_loader, 'valid': valid_loader} with the other components"
+        )
+    for name, value in components.items():
+        if isinstance(value, torch.nn.Module):
+            components[name] = value.to(context.device)
+        elif isinstance(value, Mapping) and name != "loaders":
+            components[name] = {k: v.to(context.device) if isinstance(v, torch.nn.Module) else v for k, v in value.items()}
+    return components
+
+
+def run(
+    recipe: str | Path,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    check: bool = False,
+    device: str = "auto",
+    seed: int | None = None,
+    runs_dir: str | Path = "runs",
+    progress: bool | None = None,
+    stream: IO[str] | None = None,
+) -> RunResult:
+    """Train a recipe and record the run; the Python twin of ``engineflow run``.
+
+    Args:
+        recipe: path of the recipe file.
+        overrides: config values to change, as values or strings (``{"lr": "0.1"}``).
+        check: smoke run: 2 batches of each loader for 2 epochs.
+        device: "auto", "cpu" or "cuda".
+        seed: overrides the config's ``seed`` (default: the config's, else 0).
+        runs_dir: where run folders go.
+        progress: live progress bar (default: when the output is a terminal).
+        stream: where progress and the summary are printed (default: stdout).
+
+    Returns:
+        the :class:`RunResult`, also written to ``summary.json``.
+
+    Raises:
+        RecipeError: a bad recipe or override (CLI exit code 2).
+        TrainingError: training failed, e.g. the loss became NaN (CLI exit code 1).
+
+    Example:
+        >>> result = ef.run("recipes/digits.py", {"epochs": 2}, device="cpu")  # doctest: +SKIP
+        >>> result.best["value"] > 0.9  # doctest: +SKIP
+        True
+    """
+    loaded = load_recipe(recipe)
+    cfg, seed = resolve_config(loaded, overrides, seed)
+    epochs = CHECK_EPOCHS if check else cfg.get("epochs", 1)
+    context = RunContext(
+        run_id=new_run_id(),
+        experiment=loaded.name,
+        run_dir=Path(runs_dir) / loaded.name,
+        device=resolve_device(device),
+        seed=seed,
+        check=check,
+    )
+    context = RunContext(**{**context.__dict__, "run_dir": context.run_dir / context.run_id})
+    context.run_dir.mkdir(parents=True, exist_ok=False)
+    result = RunResult(context.run_id, loaded.name, "running", context.run_dir, cfg.to_dict(), seed, str(context.device))
+    write_json(context.run_dir / "config.json", {"config": cfg.to_dict(), "seed": seed, "device": str(context.device),
+                                                "recipe": str(loaded.path), "check": check, "epochs": epochs})
+    reporter = Reporter(stream, progress=progress, log_path=context.run_dir / "log.txt")
+    reporter.line(f"run {context.run_id} ({loaded.name}) on {context.device}, seed {seed}, {epochs} epochs"
+                  + (" [check]" if check else ""))
+    holder: list[Fit] = []
+    started = time.monotonic()
+    try:
+        fit, _, _ = build(loaded, overrides, seed=seed, check=check, context=context,
+                          extras=(reporter.handlers, _history_saver(context.run_dir)))
+        holder.append(fit)
+        fit.run(epochs)
+        result.status = "completed"
+    except KeyboardInterrupt:
+        result.status = "interrupted"
+        raise
+    except BaseException as err:
+        result.status = "failed"
+        result.error = f"{type(err).__name__}: {err}"
+        raise
+    finally:
+        result.duration_s = time.monotonic() - started
+        if holder:
+            result.history = holder[0].history
+            result.epochs = len(holder[0].history)
+            result.metrics = dict(holder[0].history[-1]) if holder[0].history else {}
+            result.best = holder[0].best.as_dict()
+        write_json(context.run_dir / "summary.json", result.to_dict())
+    _summarise(reporter, result)
+    return result
+
+
+def _history_saver(run_dir: Path) -> Callable[[Fit], list[HandlerSpec]]:
+    from ignite.engine import Events
+
+    def handlers(fit: Fit) -> list[HandlerSpec]:
+        def save_history(engine: Any) -> None:
+            write_json(run_dir / "history.json", fit.history)
+
+        return [HandlerSpec(save_history, Events.EPOCH_COMPLETED, "train", 900, -1, raw=True)]
+
+    return handlers
+
+
+def _summarise(reporter: Reporter, result: RunResult) -> None:
+    best = result.best
+    reporter.line(f"completed {result.epochs} epochs in {result.duration_s:.1f}s")
+    if best.get("epoch") is not None:
+        reporter.line(f"best epoch {best['epoch']}: {best['metric']} = {best['value']:.4f} ({best['mode']})")
+    if result.metrics:
+        reporter.line(f"last epoch: {format_metrics(result.metrics)}")
+    reporter.line(f"outputs: {result.run_dir}")

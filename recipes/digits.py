@@ -1,0 +1,65 @@
+"""Classify 8x8 handwritten digits (the UCI set that scikit-learn ships; no download).
+
+    engineflow run recipes/digits.py
+    engineflow run recipes/digits.py --set hidden=256 --set lr=0.1
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import engineflow as ef
+
+config = ef.config(epochs=20, batch_size=64, lr=0.05, momentum=0.9, hidden=128, dropout=0.1, seed=0)
+
+
+def load_splits(seed: int) -> dict[str, TensorDataset]:
+    """70% train, 15% valid, 15% test, split by a fixed permutation."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32) / 16.0
+    y = torch.tensor(digits.target, dtype=torch.long)
+    order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))
+    n_train, n_valid = int(0.7 * len(x)), int(0.15 * len(x))
+    parts = {"train": order[:n_train], "valid": order[n_train:n_train + n_valid], "test": order[n_train + n_valid:]}
+    return {name: TensorDataset(x[idx], y[idx]) for name, idx in parts.items()}
+
+
+def setup(cfg):
+    """Build what the steps need; engineflow hands these to the steps by parameter name."""
+    splits = load_splits(cfg.seed)
+    loaders = {
+        "train": DataLoader(splits["train"], batch_size=cfg.batch_size, shuffle=True,
+                            generator=torch.Generator().manual_seed(cfg.seed)),
+        "valid": DataLoader(splits["valid"], batch_size=256),
+        "test": DataLoader(splits["test"], batch_size=256),
+    }
+    model = nn.Sequential(nn.Linear(64, cfg.hidden), nn.ReLU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.hidden, 10))
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+    return dict(model=model, optimizer=optimizer, loaders=loaders)
+
+
+@ef.train_step
+def train(batch, model, optimizer):
+    x, y = batch
+    loss = F.cross_entropy(model(x), y)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return {"loss": loss}
+
+
+@ef.eval_step(
+    metrics={"accuracy": ef.metrics.Accuracy(), "loss": ef.metrics.Loss(F.cross_entropy)},
+    main_metric="valid/accuracy",
+)
+def evaluate(batch, model):
+    x, y = batch
+    return {"y_pred": model(x), "y": y}
+
+
+@ef.infer_step
+def predict(x, model):
+    return model(x).softmax(-1)
