@@ -1,0 +1,89 @@
+"""Shared fixtures: tiny in-memory data, recipe files written to tmp_path, the CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner, Result
+
+from engineflow.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def write_recipe(tmp_path: Path) -> Callable[[str, str], Path]:
+    """Write a recipe file from dedented source; returns its path."""
+
+    def write(source: str, name: str = "recipe.py") -> Path:
+        path = tmp_path / name
+        path.write_text(textwrap.dedent(source))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Callable[..., Result]:
+    """Invoke the real click CLI in-process; runs go to tmp_path/runs."""
+
+    def invoke(*args: str) -> Result:
+        argv = list(args)
+        if argv and argv[0] == "run" and "--runs-dir" not in argv:
+            argv += ["--runs-dir", str(tmp_path / "runs")]
+        return CliRunner().invoke(main, argv, catch_exceptions=False)
+
+    return invoke
+
+
+def run_engineflow(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """The installed ``engineflow`` command in a real subprocess."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    return subprocess.run([sys.executable, "-m", "engineflow", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def tiny_data(n: int = 10, features: int = 4, classes: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, features, generator=gen), torch.randint(0, classes, (n,), generator=gen)
+
+
+# A complete small recipe, reused (with edits) by many tests. Loaders of 10 samples, batch 4: 3 batches.
+BASE_RECIPE = '''
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+import engineflow as ef
+
+config = ef.config(epochs=2, lr=0.1, batch_size=4, seed=0)
+
+def setup(cfg):
+    gen = torch.Generator().manual_seed(cfg.seed)
+    x, y = torch.randn(10, 4, generator=gen), torch.randint(0, 2, (10,), generator=gen)
+    data = TensorDataset(x, y)
+    model = torch.nn.Linear(4, 2)
+    return dict(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=cfg.lr),
+                loaders={"train": DataLoader(data, batch_size=cfg.batch_size),
+                         "valid": DataLoader(data, batch_size=cfg.batch_size)})
+
+@ef.train_step
+def train(batch, model, optimizer):
+    x, y = batch
+    loss = F.cross_entropy(model(x), y)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return {"loss": loss}
+
+@ef.eval_step(metrics={"accuracy": ef.metrics.Accuracy()})
+def evaluate(batch, model):
+    x, y = batch
+    return {"y_pred": model(x), "y": y}
+'''

@@ -1,0 +1,165 @@
+"""Handler decorators: explicit order, schedules, Ignite filters, errors that name the handler."""
+
+from __future__ import annotations
+
+import pytest
+
+import engineflow as ef
+from engineflow.engine import attach_in_order, make_engine
+from engineflow.handlers import handler_specs
+from engineflow.steps import StepSpec
+
+
+def engine_with(*handlers, step=None):
+    spec = StepSpec("train", step or (lambda batch: {"loss": float(batch)}))
+    engine = make_engine(spec, {})
+    attach_in_order(engine, [s for fn in handlers for s in handler_specs(fn)], {})
+    return engine
+
+
+def test_handlers_on_one_event_run_by_order_then_declaration():
+    calls = []
+
+    @ef.on(ef.Events.EPOCH_COMPLETED, order=5)
+    def late():
+        calls.append("late")
+
+    @ef.on(ef.Events.EPOCH_COMPLETED)
+    def first_default():
+        calls.append("first_default")
+
+    @ef.on(ef.Events.EPOCH_COMPLETED, order=-1)
+    def early():
+        calls.append("early")
+
+    @ef.on(ef.Events.EPOCH_COMPLETED)
+    def second_default():
+        calls.append("second_default")
+
+    # attach in scrambled order: the result must not depend on it
+    engine_with(second_default, late, first_default, early).run([1, 2], max_epochs=1)
+    assert calls == ["early", "first_default", "second_default", "late"]
+
+
+def test_order_holds_across_filtered_and_plain_events():
+    calls = []
+
+    @ef.every_n_epochs(1, order=1)
+    def b():
+        calls.append("b")
+
+    @ef.on(ef.Events.EPOCH_COMPLETED, order=0)
+    def a():
+        calls.append("a")
+
+    engine_with(b, a).run([1], max_epochs=2)
+    assert calls == ["a", "b", "a", "b"]
+
+
+@pytest.mark.parametrize(("skip_zero", "expected"), [(True, [2, 4]), (False, [0, 2, 4])])
+def test_every_n_epochs_with_and_without_skip_zero(skip_zero, expected):
+    epochs = []
+
+    @ef.every_n_epochs(2, skip_zero=skip_zero)
+    def record(state):
+        epochs.append(state.epoch)
+
+    engine_with(record).run([1, 2, 3], max_epochs=5)
+    assert epochs == expected
+
+
+def test_every_n_iterations_counts_across_epochs():
+    iterations = []
+
+    @ef.every_n_iterations(2)
+    def record(state, output):
+        iterations.append((state.iteration, output["loss"]))
+
+    engine_with(record).run([10, 20, 30], max_epochs=2)
+    assert iterations == [(2, 20.0), (4, 10.0), (6, 30.0)]
+
+
+def test_ignite_filters_once_before_after():
+    seen = {"once": [], "before": [], "after": []}
+
+    @ef.on(ef.Events.ITERATION_COMPLETED(once=3))
+    def once(state):
+        seen["once"].append(state.iteration)
+
+    @ef.on(ef.Events.EPOCH_COMPLETED(before=3))
+    def before(state):
+        seen["before"].append(state.epoch)
+
+    @ef.on(ef.Events.EPOCH_COMPLETED(after=3))
+    def after(state):
+        seen["after"].append(state.epoch)
+
+    engine_with(once, before, after).run([1, 2], max_epochs=5)
+    assert seen == {"once": [3], "before": [1, 2], "after": [4, 5]}
+
+
+def test_one_function_on_two_events():
+    events = []
+
+    @ef.on(ef.Events.STARTED)
+    @ef.on(ef.Events.COMPLETED)
+    def both(engine):
+        events.append(engine.last_event_name.name)
+
+    engine_with(both).run([1], max_epochs=1)
+    assert events == ["STARTED", "COMPLETED"]
+
+
+def test_decorators_return_the_function_unchanged():
+    def handler(state):
+        return state
+
+    assert ef.every_n_epochs(3)(handler) is handler
+    assert handler("x") == "x"
+
+
+def test_handler_error_names_the_handler_and_the_event():
+    @ef.on(ef.Events.ITERATION_COMPLETED(once=2))
+    def broken():
+        raise ValueError("boom")
+
+    with pytest.raises(ef.HandlerError) as err:
+        engine_with(broken).run([1, 2, 3], max_epochs=1)
+    message = str(err.value)
+    assert "'test_handler_error_names_the_handler_and_the_event.<locals>.broken'" in message
+    assert "ITERATION_COMPLETED" in message and "iteration 2" in message and "ValueError: boom" in message
+    assert isinstance(err.value.__cause__, ValueError)
+
+
+def test_handler_asking_for_unknown_component_fails_at_attach_time():
+    @ef.on(ef.Events.EPOCH_COMPLETED)
+    def needs_scheduler(scheduler):
+        pass
+
+    with pytest.raises(ef.RecipeError, match=r"asks for 'scheduler'.*Available: .*state"):
+        engine_with(needs_scheduler)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True])
+def test_bad_schedules_are_refused(bad):
+    with pytest.raises(ef.RecipeError, match="whole number"):
+        ef.every_n_epochs(bad)
+
+
+def test_on_refuses_a_non_event():
+    with pytest.raises(ef.RecipeError, match="Ignite event"):
+        ef.on("epoch_completed")
+
+
+def test_engine_option_accepts_a_step_function():
+    @ef.eval_step
+    def evaluate(batch):
+        return {"y_pred": batch}
+
+    @ef.on(ef.Events.COMPLETED, engine=evaluate)
+    def after_eval():
+        pass
+
+    assert handler_specs(after_eval)[0].engine == "eval"
+    with pytest.raises(ef.RecipeError, match="step function"):
+        ef.on(ef.Events.COMPLETED, engine=print)
