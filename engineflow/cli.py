@@ -69,7 +69,7 @@ def _guarded(action: Callable[[], Any], debug: bool) -> None:
     try:
         action()
     except EngineflowError as err:
-        if debug or err.exit_code == EXIT_TRAINING_FAILED and err.__cause__ is not None:
+        if debug or (err.exit_code == EXIT_TRAINING_FAILED and err.__cause__ is not None):
             traceback.print_exc()
         click.echo(f"error: {err}", err=True)
         sys.exit(err.exit_code)

@@ -173,7 +173,8 @@ def _parse_literal(text: str) -> Any:
 
 def _type_error(key: str, raw: Any, default: Any) -> ConfigError:
     kind = type(default).__name__
-    hint = {"bool": "true or false", "list": "a JSON list like [1, 2]", "tuple": "a JSON list like [1, 2]"}
+    hint = {"bool": "true or false", "int": "an int", "float": "a float", "str": "a string",
+            "list": "a JSON list like [1, 2]", "tuple": "a JSON list like [1, 2]"}
     return ConfigError(
-        f"config key {key!r} expects {hint.get(kind, 'a ' + kind)} (default {default!r}), got {raw!r}"
+        f"config key {key!r} expects {hint.get(kind, kind)} (default {default!r}), got {raw!r}"
     )

@@ -60,9 +60,10 @@ class Fit:
     def evaluate(self, loader: str = "valid") -> dict[str, float]:
         """Run the eval step and its metrics over one loader; returns ``{"<loader>/<metric>": value}``.
 
-        Example:
-            >>> fit.evaluate("valid")  # doctest: +SKIP
-            {'valid/accuracy': 0.97}
+        Example::
+
+            fit, cfg, ctx = ef.build("recipes/digits.py")
+            fit.evaluate("valid")  # {'valid/accuracy': 0.1, 'valid/loss': 2.3} before training
         """
         if self.eval is None:
             raise RecipeError("the recipe has no eval step; decorate one with @ef.eval_step")

@@ -59,7 +59,8 @@ class Reporter:
             state = engine.state
             seconds = time.monotonic() - self._epoch_start
             best = "  *" if fit.best.epoch == state.epoch else ""
-            self.line(f"epoch {state.epoch}/{state.max_epochs}  {format_metrics(fit.history[-1])}  {seconds:.1f}s{best}")
+            metrics = format_metrics(fit.history[-1])
+            self.line(f"epoch {state.epoch}/{state.max_epochs}  {metrics}  {seconds:.1f}s{best}")
 
         def draw(engine: StepEngine) -> None:
             now = time.monotonic()

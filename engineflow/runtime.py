@@ -60,7 +60,9 @@ def resolve_device(device: str | torch.device) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise RecipeError(f"--device {device} was asked for, but no CUDA device is visible; use --device cpu or auto")
+            raise RecipeError(
+                f"--device {device} was asked for, but no CUDA device is visible; use --device cpu or auto"
+            )
         return torch.device(device)
     if device == "cpu":
         return torch.device("cpu")

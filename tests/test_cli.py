@@ -1,0 +1,151 @@
+"""The real CLI: one clear error and exit code 2 for each bad recipe, exit 1 for a NaN loss."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import BASE_RECIPE
+
+
+def edit(old: str, new: str) -> str:
+    assert old in BASE_RECIPE, old
+    return BASE_RECIPE.replace(old, new)
+
+
+def assert_clean_error(result, *fragments: str, code: int = 2) -> str:
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.output
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+    return errors[0]
+
+
+def only_run_summary(runs: Path) -> dict:
+    (summary,) = runs.glob("*/*/summary.json")
+    return json.loads(summary.read_text())
+
+
+def test_help_is_clear(cli):
+    result = cli("--help")
+    assert result.exit_code == 0
+    assert "run" in result.output and "Exit codes" in result.output
+    result = cli("run", "--help")
+    for option in ("--set", "--check", "--device", "--seed", "--runs-dir", "--debug"):
+        assert option in result.output
+
+
+def test_run_trains_and_prints_a_summary(cli, write_recipe, tmp_path):
+    result = cli("run", str(write_recipe(BASE_RECIPE)), "--set", "epochs=3", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert "epoch 3/3" in result.output and "best epoch" in result.output and "completed 3 epochs" in result.output
+    summary = only_run_summary(tmp_path / "runs")
+    assert summary["status"] == "completed" and summary["config"]["epochs"] == 3
+    assert len(summary["history"]) == 3
+
+
+def test_check_runs_two_batches_for_two_epochs(cli, write_recipe, tmp_path):
+    recipe = edit("config = ef.config(epochs=2,", "config = ef.config(epochs=50,") + '''
+seen = []
+@ef.on(ef.Events.ITERATION_COMPLETED)
+def count(state):
+    seen.append((state.epoch, state.iteration))
+
+@ef.on(ef.Events.COMPLETED)
+def report():
+    print("seen", seen)
+'''
+    result = cli("run", str(write_recipe(recipe)), "--check", "--set", "batch_size=1")
+    assert result.exit_code == 0, result.output
+    assert "seen [(1, 1), (1, 2), (2, 3), (2, 4)]" in result.output
+    assert only_run_summary(tmp_path / "runs")["epochs"] == 2
+
+
+def test_seed_option_sets_the_config_seed(cli, write_recipe, tmp_path):
+    result = cli("run", str(write_recipe(BASE_RECIPE)), "--seed", "7")
+    assert result.exit_code == 0, result.output
+    summary = only_run_summary(tmp_path / "runs")
+    assert summary["seed"] == 7 and summary["config"]["seed"] == 7
+
+
+def test_missing_recipe_file(cli, tmp_path):
+    assert_clean_error(cli("run", str(tmp_path / "nope.py")), "recipe file not found", "nope.py")
+
+
+def test_syntax_error_names_the_line(cli, write_recipe):
+    path = write_recipe(edit("def setup(cfg):", "def setup(cfg:"))
+    message = assert_clean_error(cli("run", str(path)), "syntax error")
+    line = BASE_RECIPE.splitlines().index("def setup(cfg:".replace("cfg:", "cfg):")) + 1
+    assert f"{path}:{line}:" in message
+
+
+def test_recipe_that_raises_on_import_names_the_line(cli, write_recipe):
+    path = write_recipe(BASE_RECIPE + "\nimport not_a_real_module_xyz\n")
+    assert_clean_error(cli("run", str(path)), "ModuleNotFoundError", f"{path}:{len(BASE_RECIPE.splitlines()) + 2}")
+
+
+def test_no_train_step(cli, write_recipe):
+    recipe = edit("@ef.train_step\n", "")
+    assert_clean_error(cli("run", str(write_recipe(recipe))), "no train step", "@ef.train_step", "loss_fn")
+
+
+def test_step_asking_for_a_component_nobody_provides(cli, write_recipe):
+    recipe = edit("def train(batch, model, optimizer):", "def train(batch, model, optimizer, scheduler):")
+    assert_clean_error(cli("run", str(write_recipe(recipe))), "train step", "asks for 'scheduler'",
+                       "Available: ", "batch, best, cfg", "model, optimizer")
+
+
+def test_step_returning_neither_dict_nor_tensor(cli, write_recipe, tmp_path):
+    recipe = edit('return {"loss": loss}', "return loss.item()")
+    assert_clean_error(cli("run", str(write_recipe(recipe))), "'train'", "returned float", "must return a dict")
+    summary = only_run_summary(tmp_path / "runs")
+    assert summary["status"] == "failed" and "returned float" in summary["error"]
+
+
+def test_unknown_set_key(cli, write_recipe):
+    assert_clean_error(cli("run", str(write_recipe(BASE_RECIPE)), "--set", "learning_rate=1"),
+                       "unknown config key 'learning_rate'", "Valid keys: epochs, lr, batch_size, seed")
+
+
+def test_set_value_of_the_wrong_type(cli, write_recipe, tmp_path):
+    assert_clean_error(cli("run", str(write_recipe(BASE_RECIPE)), "--set", "epochs=many"),
+                       "'epochs' expects an int", "got 'many'")
+    assert not (tmp_path / "runs").exists(), "a usage error leaves no run behind"
+
+
+def test_debug_shows_the_traceback(cli, write_recipe):
+    result = cli("run", str(write_recipe(BASE_RECIPE)), "--set", "nope=1", "--debug")
+    assert result.exit_code == 2 and "Traceback" in result.output
+
+
+@pytest.mark.parametrize("bad", ["float('nan')", "float('inf')"])
+def test_non_finite_loss_stops_with_exit_1_naming_the_iteration(cli, write_recipe, tmp_path, bad):
+    recipe = edit('return {"loss": loss}', f'return {{"loss": loss * ({bad} if state.iteration == 4 else 1)}}')
+    recipe = recipe.replace("def train(batch, model, optimizer):", "def train(batch, model, optimizer, state):")
+    message = assert_clean_error(cli("run", str(write_recipe(recipe))), "iteration 4", "epoch 2", code=1)
+    assert ("nan" in message) or ("inf" in message)
+    assert only_run_summary(tmp_path / "runs")["status"] == "failed"
+
+
+def test_handler_crash_exits_1_with_the_traceback_and_names(cli, write_recipe):
+    recipe = BASE_RECIPE + '''
+@ef.every_n_epochs(2)
+def broken(state):
+    raise KeyError("oops")
+'''
+    result = cli("run", str(write_recipe(recipe)))
+    assert result.exit_code == 1
+    assert "Traceback" in result.output, "a bug in user code keeps its traceback"
+    assert "handler 'broken'" in result.output and "EPOCH_COMPLETED" in result.output
+
+
+def test_cuda_without_a_gpu_is_a_usage_error(cli, write_recipe):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA; the error path needs one without")
+    assert_clean_error(cli("run", str(write_recipe(BASE_RECIPE)), "--device", "cuda"), "no CUDA device")
