@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -278,6 +279,33 @@ def test_forked_child_gets_its_own_connection(store: RunStore) -> None:
     assert os.waitstatus_to_exitcode(status) == 0
     store.log_metrics("r1", [(1, "parent", 2.0)])
     assert store.get_run("r1")["history"] == [{"epoch": 1, "child": 1.0, "parent": 2.0}]
+
+
+def test_heartbeats_from_a_thread_while_the_main_thread_writes(store: RunStore) -> None:
+    store.upsert_run(record("r1", status="running"))
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.is_set():
+            store.heartbeat("r1")
+
+    thread = threading.Thread(target=beat)
+    thread.start()
+    try:
+        for epoch in range(1, 21):
+            store.log_metrics("r1", [(epoch, "loss", 1 / epoch)])
+    finally:
+        done.set()
+        thread.join()
+    run = store.get_run("r1")
+    assert len(run["history"]) == 20 and run["heartbeat_at"] is not None and run["status"] == "running"
+
+
+def test_closed_store_refuses_use(tmp_path: Path) -> None:
+    store = RunStore.open(tmp_path)
+    store.close()
+    with pytest.raises(ValueError, match="is closed"):
+        store.list_runs()
 
 
 # ------------------------------------------------------------------------------------------ damaged files

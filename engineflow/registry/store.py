@@ -42,6 +42,12 @@ from typing import Any, NamedTuple
 
 from engineflow.errors import RecipeError
 
+__all__ = [
+    "DB_NAME", "HEARTBEAT_INTERVAL_S", "HEARTBEAT_TIMEOUT_S", "SCHEMA_VERSION", "STATUSES", "AmbiguousRunError",
+    "NewerStoreError", "Rebuilt", "RunStore", "StoreError", "UnknownRunError", "UnusableStoreError", "is_stale",
+    "rebuild",
+]
+
 DB_NAME = "engineflow.db"
 SCHEMA_VERSION = 2
 STATUSES = ("running", "completed", "failed", "interrupted")
@@ -97,7 +103,10 @@ def _v2(conn: sqlite3.Connection) -> None:
     # heartbeats tell dead runs on other hosts (where a pid means nothing) from live ones
     conn.execute("ALTER TABLE runs ADD COLUMN heartbeat_at TEXT")
     for run_id, text in conn.execute("SELECT id, record FROM runs").fetchall():
-        conn.execute("UPDATE runs SET heartbeat_at = ? WHERE id = ?", (json.loads(text).get("heartbeat_at"), run_id))
+        record = json.loads(text)
+        # started_at becomes UTC in the column (as _row now writes it), so runs sort by time across offsets
+        conn.execute("UPDATE runs SET heartbeat_at = ?, started_at = ? WHERE id = ?",
+                     (record.get("heartbeat_at"), _utc(record.get("started_at")), run_id))
     # list_runs sorts by start within an experiment; stale checks scan "running"; run refuses repeats by fingerprint
     conn.execute("CREATE INDEX runs_by_experiment ON runs (experiment, started_at)")
     conn.execute("CREATE INDEX runs_by_started ON runs (started_at)")
@@ -133,6 +142,7 @@ def is_stale(record: dict[str, Any], now: datetime | None = None, *, heartbeat_t
     if record.get("status") != "running":
         return False
     now = now or datetime.now(timezone.utc)
+    now = now if now.tzinfo else now.replace(tzinfo=timezone.utc)
     pid = record.get("pid")
     local = record.get("hostname") == (hostname or socket.gethostname())
     if local and isinstance(pid, int) and not isinstance(pid, bool) and not _pid_alive(pid):
@@ -168,7 +178,7 @@ def _parse_time(text: Any) -> datetime | None:
 def _utc(text: Any) -> Any:
     """``text`` as a UTC ISO string, so that the column sorts by time whatever offset was written."""
     moment = _parse_time(text)
-    return moment.astimezone(timezone.utc).isoformat() if moment else text
+    return moment.astimezone(timezone.utc).isoformat(timespec="microseconds") if moment else text
 
 
 # ----------------------------------------------------------------------------------------------- the store
@@ -208,6 +218,8 @@ class RunStore:
         with self._lock:
             if self._conn is not None and self._pid == os.getpid():
                 self._conn.close()
+            elif self._conn is not None:
+                _INHERITED.append(self._conn)
             self._conn, self._closed = None, True
 
     def __enter__(self) -> RunStore:
@@ -299,8 +311,9 @@ class RunStore:
             for record in stale(conn):  # again under the lock: the run may have finished meanwhile
                 record["status"] = "interrupted"
                 if record.get("error") is None:
-                    record["error"] = (f"the process (pid {record.get('pid')} on {record.get('hostname')}) ended "
-                                       "without recording an outcome; marked interrupted")
+                    record["error"] = (f"no sign of life from the run's process (pid {record.get('pid')} on "
+                                       f"{record.get('hostname')}, last heartbeat {record.get('heartbeat_at')}): it "
+                                       "ended without recording an outcome; marked interrupted")
                 conn.execute("UPDATE runs SET status = 'interrupted', record = ? WHERE id = ?",
                              (_dumps(record), record["id"]))
                 changed.append(record)
@@ -432,11 +445,11 @@ class RunStore:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 yield conn
+                conn.execute("COMMIT")
             except BaseException:
-                if conn.in_transaction:
+                if conn.in_transaction:  # a failed COMMIT too: never leave the connection inside a transaction
                     conn.rollback()
                 raise
-            conn.execute("COMMIT")
 
     def _connection(self) -> sqlite3.Connection:
         if self._closed:
