@@ -35,8 +35,8 @@ class TensorLoader:
         batch_size: samples per batch.
         shuffle: draw a new order every epoch; otherwise batches are contiguous views, in order.
         drop_last: drop the last batch when it is smaller than ``batch_size``.
-        seed: seed of the epochs' orders; default: drawn from torch's global RNG when the loader
-            is built, so ``torch.manual_seed`` (or engineflow's ``seed``) makes it reproducible.
+        seed: seed of the epochs' orders; default: drawn from torch's global RNG when a shuffled
+            loader is built, so ``torch.manual_seed`` (or engineflow's ``seed``) makes it reproducible.
         device: move the tensors there once, when the loader is built (e.g. "cuda"); batches are
             then gathered on that device and need no copy per step.
 
@@ -64,7 +64,9 @@ class TensorLoader:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"TensorLoader(batch_size=...) expects a whole number >= 1, got {batch_size!r}")
         if seed is None:
-            seed = int(torch.empty((), dtype=torch.int64).random_().item())
+            # Only a shuffled loader draws from the global RNG: building an ordered one leaves the
+            # stream that initialises models untouched.
+            seed = int(torch.empty((), dtype=torch.int64).random_().item()) if shuffle else 0
         elif isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"TensorLoader(seed=...) expects an int or None, got {seed!r}")
         self.tensors = tuple(t.to(device) for t in tensors) if device is not None else tuple(tensors)

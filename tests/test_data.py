@@ -77,6 +77,14 @@ def test_default_seed_follows_torch_manual_seed() -> None:
     assert epoch_ids(a) == epoch_ids(b)
 
 
+def test_an_ordered_loader_leaves_the_global_rng_alone() -> None:
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    TensorLoader(*ids(10), batch_size=4)
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_unshuffled_batches_are_views() -> None:
     x, y = ids(10)
     first = next(iter(TensorLoader(x, y, batch_size=4)))[0]

@@ -1,0 +1,168 @@
+"""The training loops under test, each timed around its training only (not imports or data set-up).
+
+Every function trains ``workload`` from the same seed and returns ``{"seconds", "iterations"}``.
+They import what they measure inside the function, so a raw loop's process never loads Ignite.
+engineflow is used through its real code paths: :func:`engineflow.engine.make_engine`, the
+handler decorators with :func:`engineflow.engine.attach_in_order`, and :func:`engineflow.run`.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks import timing
+from benchmarks.workloads import Workload, make_data, make_loader, make_model, make_optimizer, sgd_step
+
+RECIPE = Path(__file__).resolve().parent / "recipes" / "train.py"
+Result = dict[str, Any]
+
+
+def _parts(workload: Workload, loader: str) -> tuple[torch.nn.Module, torch.optim.Optimizer, Iterable[Any]]:
+    torch.manual_seed(0)
+    x, y, _, _ = make_data(workload)
+    model = make_model(workload)
+    train = make_loader(x, y, kind=loader, batch_size=workload.batch_size, shuffle=True)
+    return model, make_optimizer(model, workload), train
+
+
+def raw(workload: Workload, loader: str = "dataloader") -> Result:
+    """The loop a user writes by hand: for each epoch, for each batch, one step."""
+    model, optimizer, train = _parts(workload, loader)
+    iterations = 0
+    start = time.perf_counter()
+    for _ in range(workload.epochs):
+        for x, y in train:
+            sgd_step(model, optimizer, x, y)
+            iterations += 1
+    return {"seconds": time.perf_counter() - start, "iterations": iterations}
+
+
+def ignite(workload: Workload, loader: str = "dataloader") -> Result:
+    """A plain Ignite ``Engine`` around the same step, no handlers."""
+    from ignite.engine import Engine
+
+    model, optimizer, train = _parts(workload, loader)
+
+    def update(engine: Engine, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        return sgd_step(model, optimizer, x, y)
+
+    engine = Engine(update)
+    start = time.perf_counter()
+    engine.run(train, max_epochs=workload.epochs)
+    return {"seconds": time.perf_counter() - start, "iterations": engine.state.iteration}
+
+
+def engineflow(workload: Workload, loader: str = "dataloader", handlers: int = 0, every: int = 100) -> Result:
+    """engineflow's engine with a step function, and ``handlers`` no-op handlers due every ``every`` iterations."""
+    import engineflow as ef
+    from engineflow.engine import attach_in_order, make_engine
+    from engineflow.handlers import handler_specs
+    from engineflow.steps import StepSpec
+
+    model, optimizer, train = _parts(workload, loader)
+
+    def step(batch: tuple[torch.Tensor, torch.Tensor], model: torch.nn.Module,
+             optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+        x, y = batch
+        return {"loss": sgd_step(model, optimizer, x, y)}
+
+    provided = {"model": model, "optimizer": optimizer}
+    engine = make_engine(StepSpec("train", step), provided)
+    specs = [spec for index in range(handlers) for spec in handler_specs(ef.every_n_iterations(every)(_no_op(index)))]
+    attach_in_order(engine, specs, provided)
+    start = time.perf_counter()
+    engine.run(train, max_epochs=workload.epochs)
+    return {"seconds": time.perf_counter() - start, "iterations": engine.state.iteration}
+
+
+def _no_op(index: int) -> Any:
+    def no_op(state: Any) -> None:
+        return None
+
+    no_op.__name__ = no_op.__qualname__ = f"no_op_{index}"
+    return no_op
+
+
+def engineflow_recipe(workload: Workload, loader: str = "dataloader") -> Result:
+    """``engineflow.run`` of the benchmark recipe: engineflow's default handlers, output to a string.
+
+    Timed from the train engine's ``STARTED`` to its ``COMPLETED`` (two handlers of the recipe),
+    which covers the loss monitor, validation with metrics, history, best epoch, the epoch lines
+    and ``history.json``, but not loading the recipe or writing the run folder's first files.
+    """
+    import engineflow as ef
+
+    overrides = {**workload.__dict__, "hidden": list(workload.hidden), "loader": loader}
+    del overrides["name"]
+    with tempfile.TemporaryDirectory() as runs_dir:
+        ef.run(RECIPE, overrides, device="cpu", runs_dir=runs_dir, progress=False, stream=io.StringIO())
+        # What the default handlers wrote (checkpoints, event files...), so the results say what they cover.
+        outputs = _outputs(Path(runs_dir))
+    return {**timing.result(), "outputs": outputs}
+
+
+def _outputs(runs_dir: Path) -> list[str]:
+    folders = [p.parent for p in runs_dir.rglob("config.json")]
+    if not folders:
+        return []
+    entries = []
+    for entry in sorted(folders[0].iterdir()):
+        count = sum(1 for p in entry.rglob("*") if p.is_file()) if entry.is_dir() else 0
+        entries.append(f"{entry.name}/ ({count} files)" if entry.is_dir() else entry.name)
+    return entries
+
+
+def lightning(workload: Workload, loader: str = "dataloader") -> Result:
+    """Lightning's ``Trainer`` with progress bar, logger, checkpointing and model summary off."""
+    import warnings
+
+    import lightning as L
+    import torch.nn.functional as F
+
+    model, _, train = _parts(workload, loader)
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return F.cross_entropy(self.model(x), y)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return make_optimizer(self.model, workload)
+
+    class Clock(L.Callback):
+        def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+            timing.start()
+
+        def on_train_end(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+            timing.stop(trainer.global_step)
+
+    warnings.filterwarnings("ignore")  # "the dataloader does not have many workers", and the like
+    with tempfile.TemporaryDirectory() as root:
+        trainer = L.Trainer(
+            max_epochs=workload.epochs, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+            enable_checkpointing=False, enable_model_summary=False, num_sanity_val_steps=0, callbacks=[Clock()],
+            default_root_dir=root,
+        )
+        trainer.fit(Module(), train_dataloaders=train)
+    return timing.result()
+
+
+LOOPS = {"raw": raw, "ignite": ignite, "engineflow": engineflow, "engineflow_recipe": engineflow_recipe,
+         "lightning": lightning}
+
+
+def measure(loop: str, *, workload: dict[str, Any], **options: Any) -> Result:
+    """What :mod:`benchmarks.worker` calls: ``LOOPS[loop](workload, **options)``."""
+    return LOOPS[loop](Workload(**{**workload, "hidden": tuple(workload["hidden"])}), **options)

@@ -1,0 +1,1 @@
+"""Recipes the benchmarks run with ``engineflow run`` / :func:`engineflow.run`."""

@@ -1,0 +1,80 @@
+"""Issue 5's targets, checked against one run's summaries.
+
+A target whose configurations did not run (a family left out, Lightning not installed) is
+reported as not checked rather than met or missed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+Summaries = Mapping[str, Mapping[str, Any]]
+
+
+def _median(summaries: Summaries, family: str, case: str) -> float | None:
+    entry = summaries.get(family, {}).get("cases", {}).get(case)
+    return None if entry is None else entry["median"]
+
+
+def _ratio(family: str, case: str, base: str) -> Callable[[Summaries], float | None]:
+    def value(summaries: Summaries) -> float | None:
+        a, b = _median(summaries, family, case), _median(summaries, family, base)
+        return None if a is None or b is None else a / b
+
+    return value
+
+
+def _difference(family: str, case: str, base: str) -> Callable[[Summaries], float | None]:
+    def value(summaries: Summaries) -> float | None:
+        a, b = _median(summaries, family, case), _median(summaries, family, base)
+        return None if a is None or b is None else a - b
+
+    return value
+
+
+def _plain(family: str, case: str) -> Callable[[Summaries], float | None]:
+    return lambda summaries: _median(summaries, family, case)
+
+
+# (what, how it is computed, limit): met when value <= limit
+TARGETS: list[tuple[str, Callable[[Summaries], float | None], float]] = [
+    ("overhead: engineflow no handlers / raw <= 1.10", _ratio("overhead", "engineflow", "raw"), 1.10),
+    ("overhead: engineflow default handlers / raw <= 1.25", _ratio("overhead", "engineflow_recipe", "raw"), 1.25),
+    ("overhead: engineflow no handlers / Lightning < 1", _ratio("overhead", "engineflow", "lightning"), 0.999),
+    ("overhead: engineflow default handlers / Lightning < 1",
+     _ratio("overhead", "engineflow_recipe", "lightning"), 0.999),
+    ("overhead: engineflow no handlers + TensorLoader / raw DataLoader <= 0.7",
+     _ratio("overhead", "engineflow_tensor", "raw"), 0.7),
+    ("overhead: engineflow default handlers + TensorLoader / raw DataLoader <= 0.7",
+     _ratio("overhead", "engineflow_recipe_tensor", "raw"), 0.7),
+    ("compute: engineflow no handlers / raw <= 1.02", _ratio("compute", "engineflow", "raw"), 1.02),
+    ("compute: engineflow default handlers / raw <= 1.02", _ratio("compute", "engineflow_recipe", "raw"), 1.02),
+    ("handlers: 20 not due / 0 handlers < 1.05", _ratio("handlers", "handlers_20", "handlers_0"), 1.0499),
+    ("startup: engineflow --help < 0.5 s", _plain("startup", "help"), 0.4999),
+    ("startup: engineflow runs list < 0.5 s", _plain("startup", "runs_list"), 0.4999),
+    ("startup: import engineflow - import ignite.engine <= 0.1 s",
+     _difference("startup", "import_engineflow", "import_ignite"), 0.1),
+    ("end-to-end: digits with TensorLoader / raw script < 1",
+     _ratio("end_to_end", "engineflow_tensor", "raw"), 0.999),
+]
+
+
+def check(summaries: Summaries) -> list[dict[str, Any]]:
+    """``[{"target", "value", "limit", "met"}]``; ``met`` is None when the target could not be checked."""
+    results = []
+    for name, compute, limit in TARGETS:
+        value = compute(summaries)
+        met = None if value is None else value <= limit
+        results.append({"target": name, "value": value, "limit": limit, "met": met})
+    return results
+
+
+def format_targets(results: list[dict[str, Any]]) -> str:
+    """One line per target: met / MISSED / not checked, with the measured value."""
+    lines = ["### targets (issue 5)", ""]
+    for result in results:
+        status = {True: "met", False: "MISSED", None: "not checked"}[result["met"]]
+        value = "-" if result["value"] is None else f"{result['value']:.3f}"
+        lines.append(f"- {status:<11} {result['target']}: {value}")
+    return "\n".join(lines)

@@ -1,0 +1,113 @@
+"""The benchmark runner: it runs, interleaves rounds, and writes the JSON it promises.
+
+Nothing here asserts a time: only that the numbers exist, are positive, and are summarised right.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # benchmarks/ sits in the repository; it is not part of the installed package
+    sys.path.insert(0, str(REPO))
+
+from benchmarks.harness import Case, Family, Sample, format_table, run_rounds, summarise  # noqa: E402
+from benchmarks.targets import check, format_targets  # noqa: E402
+
+CASE_KEYS = {"label", "values", "median", "min", "max", "wall_s", "peak_rss_mb", "ratio", "paired_ratio"}
+
+
+def run_benchmarks(tmp_path: Path, *args: str) -> dict[str, Any]:
+    output = tmp_path / "results.json"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--quiet", "--output", str(output), *args],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "### targets" in done.stdout
+    return json.loads(output.read_text())
+
+
+def assert_positive_cases(family: dict[str, Any], names: set[str]) -> None:
+    assert set(family["cases"]) == names
+    for name, case in family["cases"].items():
+        assert CASE_KEYS <= set(case), name
+        assert case["min"] > 0 and case["median"] > 0 and case["peak_rss_mb"] > 0, name
+        assert case["min"] <= case["median"] <= case["max"], name
+        assert case["ratio"] > 0 and case["paired_ratio"]["median"] > 0, name
+
+
+def test_quick_run_writes_results(tmp_path: Path) -> None:
+    results = run_benchmarks(tmp_path, "--only", "overhead,handlers",
+                             "--cases", "raw,engineflow_tensor,handlers_0,handlers_5")
+    assert results["schema"] == 1
+    assert results["settings"]["rounds"] == 1 and results["settings"]["quick"] is True
+    assert results["machine"]["cores"] >= 1 and results["machine"]["packages"]["torch"]
+    assert "checkpoint" in results["unavailable"]
+    assert_positive_cases(results["families"]["overhead"], {"raw", "engineflow_tensor"})
+    assert_positive_cases(results["families"]["handlers"], {"handlers_0", "handlers_5"})
+    assert results["families"]["overhead"]["cases"]["raw"]["ratio"] == 1.0
+    assert results["families"]["overhead"]["unit"] == "us/iteration"
+    assert {t["target"] for t in results["targets"]} and all("met" in t for t in results["targets"])
+
+
+@pytest.mark.slow
+def test_every_family_runs(tmp_path: Path) -> None:
+    results = run_benchmarks(tmp_path)
+    for name, family in results["families"].items():
+        assert not family["errors"], (name, family["errors"])
+        assert family["cases"] or family["skipped"], name
+        for case in family["cases"].values():
+            assert case["median"] > 0
+    assert set(results["families"]) == {"overhead", "compute", "handlers", "end_to_end", "startup", "gpu"}
+    assert {"raw", "engineflow", "engineflow_recipe", "raw_tensor", "engineflow_tensor"} <= set(
+        results["families"]["overhead"]["cases"])
+
+
+def fake_family() -> Family:
+    cases = [Case(name, name.upper(), ("unused",)) for name in ("a", "b", "c")]
+    return Family("fam", "a fake family", "us/iteration", "a", cases)
+
+
+def test_rounds_are_interleaved_and_failures_not_retried() -> None:
+    order: list[str] = []
+    values = iter(range(1, 100))
+
+    def runner(case: Case) -> Sample:
+        order.append(case.name)
+        if case.name == "c":
+            raise RuntimeError("boom")
+        return Sample(float(next(values)), 1.0, 10.0)
+
+    samples, errors = run_rounds([fake_family()], 3, runner=runner)
+    assert order == ["a", "b", "c", "a", "b", "a", "b"]
+    assert [s.value for s in samples["fam"]["a"]] == [1.0, 3.0, 5.0]
+    assert errors == {"fam": {"c": "boom"}}
+
+
+def test_summary_medians_and_ratios() -> None:
+    family = fake_family()
+    samples = {"a": [Sample(v, 1.0, 5.0) for v in (10.0, 20.0, 30.0)],
+               "b": [Sample(v, 1.0, 5.0) for v in (30.0, 20.0, 90.0)]}
+    summary = summarise(family, samples, {"c": "boom"})
+    b = summary["cases"]["b"]
+    assert (b["median"], b["min"], b["max"]) == (30.0, 20.0, 90.0)
+    assert b["ratio"] == 1.5
+    assert b["paired_ratio"] == {"median": 3.0, "min": 1.0, "max": 3.0}
+    table = format_table("fam", summary, 3)
+    assert "| B " in table and "1.500" in table and "FAILED `c`: boom" in table
+
+
+def test_targets_not_checked_without_data() -> None:
+    results = check({})
+    assert results and all(r["met"] is None for r in results)
+    summaries = {"overhead": {"cases": {"raw": {"median": 100.0}, "engineflow": {"median": 105.0}}}}
+    by_name = {r["target"]: r for r in check(summaries)}
+    assert by_name["overhead: engineflow no handlers / raw <= 1.10"]["met"] is True
+    assert "met" in format_targets(check(summaries))
