@@ -29,6 +29,7 @@ from engineflow.registry.store import (
     UnusableStoreError,
     is_stale,
     rebuild,
+    reindex,
 )
 
 HOST = socket.gethostname()
@@ -182,15 +183,24 @@ def test_stale_runs_are_reported_interrupted(store: RunStore) -> None:
     store.upsert_run(record("alive", status="running"))
     store.upsert_run(record("remote", status="running", hostname="far"))
     store.heartbeat("remote", at=datetime.now(timezone.utc) - timedelta(hours=1))
-    changed = store.mark_stale()
-    assert sorted(r["id"] for r in changed) == ["dead", "remote"]
-    assert all("marked interrupted" in r["error"] for r in changed)
-    assert store.mark_stale() == []  # persisted: reported once, to the caller that updates run.json
-    assert {r["id"]: r["status"] for r in store.list_runs()} == {
-        "dead": "interrupted", "alive": "running", "remote": "interrupted"}
+    seen = {r["id"]: r for r in store.list_runs()}
+    assert {k: r["status"] for k, r in seen.items()} == {"dead": "interrupted", "alive": "running",
+                                                         "remote": "interrupted"}
+    assert "no sign of life" in seen["dead"]["error"]
+    assert [r["id"] for r in store.list_runs(status="running")] == ["alive"]
+    assert store.get_run("dead")["status"] == "interrupted"
+    # reads write nothing: the caller updates each run.json, then the index
+    stale = store.stale_runs()
+    assert sorted((r["id"], r["status"]) for r in stale) == [("dead", "running"), ("remote", "running")]
+    for rec in stale:
+        store.upsert_run({**rec, "status": "interrupted", "error": "killed"})
+    assert store.stale_runs() == []
+    assert store.get_run("dead")["error"] == "killed"
 
     store.upsert_run(record("dead2", status="running", pid=dead_pid()))
-    assert store.get_run("dead2")["status"] == "interrupted"  # every read applies it
+    [marked] = store.mark_stale()  # or persist in the index alone
+    assert marked["id"] == "dead2" and {**marked, "history": []} == store.get_run("dead2")
+    assert store.stale_runs() == [] and store.mark_stale() == []
     store.heartbeat("alive")
     assert store.get_run("alive")["heartbeat_at"] is not None
 
@@ -262,6 +272,7 @@ def test_sigkill_mid_write_leaves_a_usable_store(tmp_path: Path) -> None:
         [run] = store.list_runs()
         assert run["id"] == "victim" and run["status"] == "interrupted"
         assert f"pid {proc.pid}" in run["error"]
+        assert [r["id"] for r in store.stale_runs()] == ["victim"]  # for the caller to settle its run.json
         assert store.get_run("victim")["history"] == [{"epoch": 1, "train/loss": 0.5}]  # the open write is gone
         store.log_metrics("victim", [(2, "train/loss", 0.3)])  # and the write lock with it
 
@@ -373,6 +384,7 @@ def test_rebuild_moves_an_unusable_file_aside(tmp_path: Path) -> None:
     assert runs == 1 and moved is not None and moved.read_text() == "junk"
     with RunStore.open(tmp_path) as store:
         assert store.get_run("r1")["history"] == [{"epoch": 1, "loss": 0.5}]
+    assert reindex(tmp_path) == 1  # a healthy index is rebuilt in place
 
 
 # ------------------------------------------------------------------------------------------ migrations

@@ -45,7 +45,7 @@ from engineflow.errors import RecipeError
 __all__ = [
     "DB_NAME", "HEARTBEAT_INTERVAL_S", "HEARTBEAT_TIMEOUT_S", "SCHEMA_VERSION", "STATUSES", "AmbiguousRunError",
     "NewerStoreError", "Rebuilt", "RunStore", "StoreError", "UnknownRunError", "UnusableStoreError", "is_stale",
-    "rebuild",
+    "rebuild", "reindex",
 ]
 
 DB_NAME = "engineflow.db"
@@ -58,8 +58,8 @@ HEARTBEAT_TIMEOUT_S = 300.0
 # Written to the file header (PRAGMA application_id, "EFLW") so another program's database is told apart.
 APPLICATION_ID = 0x45464C57
 
-_REINDEX_HINT = ("Move the file away (or delete it, with its -wal and -shm files) and run `engineflow runs reindex` "
-                 "to rebuild the index from the run folders, which hold every run.")
+_REINDEX_HINT = ("Run `engineflow runs reindex` to rebuild the index from the run folders, which hold every run "
+                 "(it renames this file to engineflow.db.unusable-<time> first), or move the file away yourself.")
 
 
 class StoreError(RecipeError):
@@ -151,6 +151,19 @@ def is_stale(record: dict[str, Any], now: datetime | None = None, *, heartbeat_t
     return beat is not None and (now - beat).total_seconds() > heartbeat_timeout_s
 
 
+def _interrupted(record: dict[str, Any]) -> dict[str, Any]:
+    """A stale run's record as it reads once marked: "interrupted", with an ``error`` saying why."""
+    error = record.get("error")
+    if error is None:
+        error = (f"no sign of life from the run's process (pid {record.get('pid')} on {record.get('hostname')}, "
+                 f"last heartbeat {record.get('heartbeat_at')}): it ended without recording an outcome")
+    return {**record, "status": "interrupted", "error": error}
+
+
+def _as_seen(record: dict[str, Any]) -> dict[str, Any]:
+    return _interrupted(record) if is_stale(record) else record
+
+
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
@@ -186,9 +199,12 @@ class RunStore:
     """The SQLite index of run records and their per-epoch metrics.
 
     One connection per process, opened on first use in that process, so a store may be shared
-    with forked workers; calls from several threads are serialized by a lock. Every reading call
-    (``list_runs``, ``get_run``, ``resolve``) first marks runs whose process is gone as
-    interrupted (:meth:`mark_stale`).
+    with forked workers; calls from several threads are serialized by a lock.
+
+    Reads (``list_runs``, ``get_run``, ``resolve``) report a "running" run whose process is gone
+    (:func:`is_stale`) as "interrupted" without writing anything: the change belongs in its
+    ``run.json`` first. The caller takes :meth:`stale_runs`, writes their folders, then
+    ``upsert_run``; or calls :meth:`mark_stale` to persist in the index alone.
 
     Args:
         db_path: the database file; created (with its folder) when missing.
@@ -291,32 +307,36 @@ class RunStore:
             conn.execute("DELETE FROM metrics WHERE run_id = ?", (run_id,))
             conn.execute("DELETE FROM runs WHERE id = ?", (run_id,))
 
+    def stale_runs(self, now: datetime | None = None, *,
+                   heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S) -> list[dict[str, Any]]:
+        """The runs stored as "running" whose process is gone (see :func:`is_stale`), as stored.
+
+        Nothing is written: the caller marks each one interrupted in its ``run.json`` and then
+        :meth:`upsert_run`, so that the folder and the index agree.
+        """
+        with self._session() as conn:
+            found = conn.execute("SELECT record FROM runs WHERE status = 'running'").fetchall()
+        records = [json.loads(text) for (text,) in found]
+        return [r for r in records if is_stale(r, now, heartbeat_timeout_s=heartbeat_timeout_s)]
+
     def mark_stale(self, now: datetime | None = None, *,
                    heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S) -> list[dict[str, Any]]:
-        """Set "interrupted" on the running runs whose process is gone (see :func:`is_stale`).
+        """Persist "interrupted" (and an ``error``) for :meth:`stale_runs` in the index; returns them.
 
-        Returns the records changed by this call, so the caller can write them to their
-        ``run.json`` (the store never touches run folders); later calls return them no more.
+        The run folders are not touched: write the returned records to their ``run.json``, or a
+        later ``reindex`` brings back "running" (which reads report as interrupted again).
         """
-        def stale(conn: sqlite3.Connection) -> list[dict[str, Any]]:
-            found = [json.loads(text) for (text,) in
-                     conn.execute("SELECT record FROM runs WHERE status = 'running'").fetchall()]
-            return [r for r in found if is_stale(r, now, heartbeat_timeout_s=heartbeat_timeout_s)]
-
-        with self._session() as conn:
-            if not stale(conn):  # the common case: a read, no write lock
-                return []
+        if not self.stale_runs(now, heartbeat_timeout_s=heartbeat_timeout_s):  # the common case: no write lock
+            return []
         changed = []
         with self._writing() as conn:
-            for record in stale(conn):  # again under the lock: the run may have finished meanwhile
-                record["status"] = "interrupted"
-                if record.get("error") is None:
-                    record["error"] = (f"no sign of life from the run's process (pid {record.get('pid')} on "
-                                       f"{record.get('hostname')}, last heartbeat {record.get('heartbeat_at')}): it "
-                                       "ended without recording an outcome; marked interrupted")
-                conn.execute("UPDATE runs SET status = 'interrupted', record = ? WHERE id = ?",
-                             (_dumps(record), record["id"]))
-                changed.append(record)
+            for (text,) in conn.execute("SELECT record FROM runs WHERE status = 'running'").fetchall():
+                record = json.loads(text)  # read again under the lock: the run may have finished meanwhile
+                if is_stale(record, now, heartbeat_timeout_s=heartbeat_timeout_s):
+                    record = _interrupted(record)
+                    conn.execute("UPDATE runs SET status = ?, record = ? WHERE id = ?",
+                                 (record["status"], _dumps(record), record["id"]))
+                    changed.append(record)
         return changed
 
     def reindex(self, runs_dir: Path | None = None) -> int:
@@ -351,9 +371,8 @@ class RunStore:
         Raises:
             UnknownRunError: no run has this id.
         """
-        self.mark_stale()
         with self._session() as conn:
-            record = self._record(conn, run_id)
+            record = _as_seen(self._record(conn, run_id))
             history: dict[int, dict[str, Any]] = {}
             for epoch, name, value in conn.execute(
                     "SELECT epoch, name, value FROM metrics WHERE run_id = ? ORDER BY epoch, name", (run_id,)):
@@ -402,16 +421,17 @@ class RunStore:
         raise UnknownRunError(f"no run{scope} matches {ref!r} in {self.path}; {known} (or use 'last')")
 
     def list_runs(self, experiment: str | None = None, status: str | None = None) -> list[dict[str, Any]]:
-        """Run records (without history), newest first, optionally of one experiment and status."""
-        self.mark_stale()
-        where = [(column, value) for column, value in (("experiment", experiment), ("status", status))
-                 if value is not None]
-        sql = "SELECT record FROM runs"
-        if where:
-            sql += " WHERE " + " AND ".join(f"{column} = ?" for column, _ in where)
+        """Run records (without history), newest first, optionally of one experiment and status.
+
+        Stale runs are listed (and filtered) as "interrupted".
+        """
+        where, args = "", []
+        if experiment is not None:
+            where, args = "WHERE experiment = ?", [experiment]
         with self._session() as conn:
-            rows = conn.execute(sql + " ORDER BY started_at DESC, id DESC", [v for _, v in where]).fetchall()
-        return [json.loads(text) for (text,) in rows]
+            rows = conn.execute(f"SELECT record FROM runs {where} ORDER BY started_at DESC, id DESC", args).fetchall()
+        records = [_as_seen(json.loads(text)) for (text,) in rows]
+        return [r for r in records if status is None or r["status"] == status]
 
     def find_completed(self, fingerprint: str) -> list[dict[str, Any]]:
         """Completed runs whose ``code.fingerprint`` is ``fingerprint``, newest first."""
@@ -472,6 +492,11 @@ class RunStore:
             return UnusableStoreError(f"the run index {self.path} is damaged or is not an engineflow database "
                                       f"({text}). {_REINDEX_HINT}")
         return StoreError(f"the run index {self.path} cannot be used: {text}")
+
+
+def reindex(runs_dir: Path) -> int:
+    """Rebuild ``<runs_dir>/engineflow.db`` from the run folders; returns the number of runs (see :func:`rebuild`)."""
+    return rebuild(runs_dir).runs
 
 
 def rebuild(runs_dir: Path) -> Rebuilt:
