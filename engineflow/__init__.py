@@ -45,6 +45,10 @@ _EXPORTS = {
     "run": "engineflow.runner",
     "load_recipe": "engineflow.recipe",
     "make_engine": "engineflow.engine",
+    "LoadedRun": "engineflow.registry.load",
+    "load_run": "engineflow.registry.load",
+    "evaluate_test": "engineflow.evaluation",
+    "predict_files": "engineflow.evaluation",
     "Events": "ignite.engine",
 }
 _SUBMODULES = {"metrics"}
@@ -83,9 +87,11 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the same names as _EXPORTS
         RecipeError,
         TrainingError,
     )
+    from engineflow.evaluation import evaluate_test, predict_files
     from engineflow.fit import Fit
     from engineflow.handlers import every_n_epochs, every_n_iterations, on
     from engineflow.recipe import load_recipe
+    from engineflow.registry.load import LoadedRun, load_run
     from engineflow.runner import RunResult, build, run
     from engineflow.runtime import RunContext
     from engineflow.steps import StepSpec, eval_step, infer_step, train_step

@@ -15,6 +15,17 @@ import click
 
 from engineflow.errors import EXIT_INTERRUPTED, EXIT_TRAINING_FAILED, EngineflowError
 
+runs_dir_option = click.option(
+    "--runs-dir", type=click.Path(file_okay=False, path_type=str), default="runs", show_default=True,
+    envvar="ENGINEFLOW_RUNS_DIR", help="Folder of run folders and the store (or $ENGINEFLOW_RUNS_DIR).")
+debug_option = click.option("--debug", is_flag=True, help="Show full tracebacks for recipe and usage errors.")
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+recipe_argument = click.argument("recipe", type=click.Path(dir_okay=False, path_type=str))
+run_ref_option = click.option("--run", "run_ref", default=None, metavar="ID|last",
+                              help="Which run (default: the recipe's latest).")
+ignore_changes_option = click.option("--ignore-changes", is_flag=True,
+                                     help="Use the run even if the recipe's code changed since.")
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="engineflow")
@@ -26,27 +37,33 @@ def main() -> None:
       engineflow run recipes/digits.py
       engineflow run recipes/digits.py --set lr=0.1 --set epochs=5
       engineflow run recipes/digits.py --check      # 2 batches x 2 epochs smoke test
+      engineflow test recipes/digits.py             # the latest run on the test loader
+      engineflow runs list                          # every recorded run
 
     Exit codes: 0 ok, 1 training failed, 2 bad recipe or usage, 130 interrupted.
     """
 
 
 @main.command("run")
-@click.argument("recipe", type=click.Path(dir_okay=False, path_type=str))
+@recipe_argument
 @click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
               help="Override a config value (repeatable); checked against the recipe's defaults.")
 @click.option("--check", is_flag=True, help="Smoke test: 2 batches of each loader for 2 epochs.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where to train; auto picks CUDA when available.")
 @click.option("--seed", type=int, default=None, help="Seed for every RNG (default: the config's seed, else 0).")
-@click.option("--runs-dir", type=click.Path(file_okay=False, path_type=str), default="runs", show_default=True,
-              envvar="ENGINEFLOW_RUNS_DIR", help="Where run folders are written.")
+@runs_dir_option
 @click.option("--progress/--no-progress", default=None,
               help="Live progress bar (default: only when printing to a terminal).")
-@click.option("--debug", is_flag=True, help="Show full tracebacks for recipe and usage errors.")
+@click.option("--force", is_flag=True, help="Train even if a completed run has the same code and config.")
+@click.option("--retrain", is_flag=True, help="Reset the completed run with the same code and config, train it again.")
+@debug_option
 def run_command(recipe: str, assignments: tuple[str, ...], check: bool, device: str, seed: int | None,
-                runs_dir: str, progress: bool | None, debug: bool) -> None:
+                runs_dir: str, progress: bool | None, force: bool, retrain: bool, debug: bool) -> None:
     """Train RECIPE (a .py file) and record the run under --runs-dir.
+
+    A completed run with the same code and config is not repeated: --force makes a new run,
+    --retrain resets that one.
 
     \b
     Examples:
@@ -59,7 +76,161 @@ def run_command(recipe: str, assignments: tuple[str, ...], check: bool, device: 
         from engineflow.runner import run
 
         run(recipe, parse_assignments(assignments), check=check, device=device, seed=seed,
-            runs_dir=runs_dir, progress=progress)
+            runs_dir=runs_dir, progress=progress, force=force, retrain=retrain)
+
+    _guarded(go, debug)
+
+
+@main.command("test")
+@recipe_argument
+@run_ref_option
+@ignore_changes_option
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@runs_dir_option
+@json_option
+@debug_option
+def test_command(recipe: str, run_ref: str | None, ignore_changes: bool, device: str, runs_dir: str, as_json: bool,
+                 debug: bool) -> None:
+    """Evaluate a run's best weights on RECIPE's "test" loader and store the results with the run.
+
+    Uses the latest run of the recipe; refuses if the recipe's code changed since that run,
+    unless --ignore-changes (today's code, that run's weights) or --run ID (that run's code).
+    """
+
+    def go() -> None:
+        from engineflow.evaluation import evaluate_test
+        from engineflow.registry.views import to_json
+
+        result = evaluate_test(recipe, ref=run_ref, ignore_changes=ignore_changes, runs_dir=runs_dir, device=device)
+        if as_json:
+            click.echo(to_json(result))
+        else:
+            click.echo(f"run {result['run']}: " + "  ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items()))
+
+    _guarded(go, debug)
+
+
+@main.command("eval")
+@recipe_argument
+@click.argument("input_path", metavar="INPUT", type=click.Path(path_type=str))
+@click.argument("output_path", metavar="OUTPUT", type=click.Path(dir_okay=False, path_type=str))
+@run_ref_option
+@ignore_changes_option
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Inputs per infer batch when INPUT is a folder.")
+@runs_dir_option
+@debug_option
+def eval_command(recipe: str, input_path: str, output_path: str, run_ref: str | None, ignore_changes: bool,
+                 device: str, batch_size: int, runs_dir: str, debug: bool) -> None:
+    """Predict INPUT (a file, or every file of a folder) with a run's model and write OUTPUT.
+
+    The recipe's load_sample(path) and store_result(path, predictions, files) read and write;
+    by default .pt, .npy and .csv. OUTPUT is written only when every input succeeded.
+    """
+
+    def go() -> None:
+        from engineflow.evaluation import predict_files
+
+        result = predict_files(recipe, input_path, output_path, ref=run_ref, ignore_changes=ignore_changes,
+                            runs_dir=runs_dir, device=device, batch_size=batch_size)
+        click.echo(f"run {result['run']}: {result['inputs']} inputs -> {result['output']}")
+
+    _guarded(go, debug)
+
+
+@main.group("runs")
+def runs_group() -> None:
+    """List, show, compare and plot recorded runs; rebuild the store from run folders."""
+
+
+@runs_group.command("list")
+@click.option("--experiment", default=None, help="Only runs of this experiment.")
+@click.option("--status", type=click.Choice(["running", "completed", "failed", "interrupted"]), default=None)
+@runs_dir_option
+@json_option
+@debug_option
+def runs_list(experiment: str | None, status: str | None, runs_dir: str, as_json: bool, debug: bool) -> None:
+    """List runs, newest first."""
+
+    def go() -> None:
+        from engineflow.registry.runs import list_runs
+        from engineflow.registry.views import list_table, public, to_json
+
+        records = list_runs(runs_dir, experiment=experiment, status=status)
+        click.echo(to_json([public(r) for r in records]) if as_json else list_table(records))
+
+    _guarded(go, debug)
+
+
+@runs_group.command("show")
+@click.argument("run_ref", metavar="RUN")
+@runs_dir_option
+@json_option
+@debug_option
+def runs_show(run_ref: str, runs_dir: str, as_json: bool, debug: bool) -> None:
+    """Show one run (an id, a unique id prefix, or "last")."""
+
+    def go() -> None:
+        from engineflow.registry.runs import get_run
+        from engineflow.registry.views import public, show_text, to_json
+
+        record = get_run(runs_dir, run_ref)
+        click.echo(to_json(public(record)) if as_json else show_text(record))
+
+    _guarded(go, debug)
+
+
+@runs_group.command("compare")
+@click.argument("first", metavar="RUN")
+@click.argument("second", metavar="RUN")
+@runs_dir_option
+@json_option
+@debug_option
+def runs_compare(first: str, second: str, runs_dir: str, as_json: bool, debug: bool) -> None:
+    """Config differences and metrics of two runs side by side."""
+
+    def go() -> None:
+        from engineflow.registry.runs import get_run
+        from engineflow.registry.views import compare, compare_text, to_json
+
+        diff = compare(get_run(runs_dir, first), get_run(runs_dir, second))
+        click.echo(to_json(diff) if as_json else compare_text(diff))
+
+    _guarded(go, debug)
+
+
+@runs_group.command("plot")
+@click.argument("run_refs", metavar="RUN...", nargs=-1, required=True)
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=str), required=True,
+              help="Image file to write (e.g. curves.png).")
+@runs_dir_option
+@debug_option
+def runs_plot(run_refs: tuple[str, ...], out: str, runs_dir: str, debug: bool) -> None:
+    """Draw the per-epoch metric curves of runs (needs the optional matplotlib extra)."""
+
+    def go() -> None:
+        from pathlib import Path
+
+        from engineflow.registry.runs import get_run
+        from engineflow.registry.views import plot
+
+        plot([get_run(runs_dir, ref) for ref in run_refs], Path(out))
+        click.echo(f"wrote {out}")
+
+    _guarded(go, debug)
+
+
+@runs_group.command("reindex")
+@runs_dir_option
+@debug_option
+def runs_reindex(runs_dir: str, debug: bool) -> None:
+    """Rebuild the store from the run folders (the folders are the source of truth)."""
+
+    def go() -> None:
+        from engineflow.registry.runs import reindex
+
+        click.echo(f"indexed {reindex(runs_dir)} runs into {runs_dir}/engineflow.db")
 
     _guarded(go, debug)
 

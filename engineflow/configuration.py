@@ -96,6 +96,22 @@ def config(**defaults: Any) -> Config:
     return Config(defaults)
 
 
+def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config values as one level with dotted keys.
+
+    Example:
+        >>> flatten({"lr": 0.1, "optim": {"momentum": 0.9}})
+        {'lr': 0.1, 'optim.momentum': 0.9}
+    """
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def parse_assignments(assignments: list[str] | tuple[str, ...]) -> dict[str, str]:
     """Turn ``["lr=0.1", "optim.momentum=0.9"]`` into a dict; a missing ``=`` is a ConfigError."""
     parsed: dict[str, str] = {}

@@ -47,10 +47,12 @@ class Fit:
         history: one dict of metrics per completed epoch.
         best: the main metric's best epoch and value.
         loss: the training-loss monitor.
+        components: what ``setup`` returned (model, optimizer, loaders...).
     """
 
     train: StepEngine
     eval: StepEngine | None
+    components: Mapping[str, Any]
     loaders: Mapping[str, Iterable[Any]]
     eval_loaders: tuple[str, ...]
     best: Best
@@ -88,6 +90,7 @@ class LossMonitor:
     def __init__(self, alpha: float = 0.98) -> None:
         self.alpha = alpha
         self.running: float | None = None
+        self.last: float | None = None
         self.total = 0.0
         self.count = 0
 
@@ -102,6 +105,7 @@ class LossMonitor:
         value = loss.item() if isinstance(loss, torch.Tensor) else float(loss)
         if not math.isfinite(value):
             raise NonFiniteLossError(value, epoch=engine.state.epoch, iteration=engine.state.iteration)
+        self.last = value
         self.running = value if self.running is None else self.alpha * self.running + (1 - self.alpha) * value
         self.total += value
         self.count += 1
@@ -174,7 +178,7 @@ def build_fit(
     if eval_spec is not None:
         evaluator = make_engine(eval_spec, provided)
         attach_metrics(evaluator, eval_spec.metrics)
-    fit = Fit(train, evaluator, loaders, eval_loaders, best, monitor, history)
+    fit = Fit(train, evaluator, components, loaders, eval_loaders, best, monitor, history)
     holder["fit"] = fit
 
     everything = [*_own_handlers(fit, eval_spec), *recipe.handlers, *(s for make in extras for s in make(fit))]

@@ -18,7 +18,6 @@ import torch
 
 from engineflow.configuration import Config
 from engineflow.errors import RecipeError
-from engineflow.files import write_json
 from engineflow.fit import Fit, build_fit, take
 from engineflow.handlers import HandlerSpec
 from engineflow.injection import describe, make_caller
@@ -157,9 +156,11 @@ def run(
     check: bool = False,
     device: str = "auto",
     seed: int | None = None,
-    runs_dir: str | Path = "runs",
+    runs_dir: str | Path | None = None,
     progress: bool | None = None,
     stream: IO[str] | None = None,
+    force: bool = False,
+    retrain: bool = False,
 ) -> RunResult:
     """Train a recipe and record the run; the Python twin of ``engineflow run``.
 
@@ -169,15 +170,17 @@ def run(
         check: smoke run: 2 batches of each loader for 2 epochs.
         device: "auto", "cpu" or "cuda".
         seed: overrides the config's ``seed`` (default: the config's, else 0).
-        runs_dir: where run folders go.
+        runs_dir: where run folders and the store go (default ``$ENGINEFLOW_RUNS_DIR`` or ``./runs``).
         progress: live progress bar (default: when the output is a terminal).
         stream: where progress and the summary are printed (default: stdout).
+        force: train even if a completed run already has this code and config.
+        retrain: reset that completed run and train it again under the same id.
 
     Returns:
-        the :class:`RunResult`, also written to ``summary.json``.
+        the :class:`RunResult`; the run's record is in ``<run_dir>/run.json`` and the store.
 
     Raises:
-        RecipeError: a bad recipe or override (CLI exit code 2).
+        RecipeError: a bad recipe or override, or a repeat of a completed run (CLI exit code 2).
         TrainingError: training failed, e.g. the loss became NaN (CLI exit code 1).
 
     Example::
@@ -185,58 +188,109 @@ def run(
         result = ef.run("recipes/digits.py", {"epochs": 5}, device="cpu")
         result.best  # {'metric': 'valid/accuracy', 'mode': 'max', 'epoch': 5, 'value': 0.94...}
     """
+    from engineflow.registry.recorder import RunRecorder, environment, now_iso
+    from engineflow.registry.snapshot import capture
+    from engineflow.registry.store import RunStore
+
     loaded = load_recipe(recipe)
     cfg, seed = resolve_config(loaded, overrides, seed)
     epochs = CHECK_EPOCHS if check else cfg.get("epochs", 1)
-    run_id = new_run_id()
-    context = RunContext(run_id, loaded.name, Path(runs_dir) / loaded.name / run_id, resolve_device(device), seed,
-                         check)
-    context.run_dir.mkdir(parents=True, exist_ok=False)
-    result = RunResult(run_id, loaded.name, "running", context.run_dir, cfg.to_dict(), seed, str(context.device))
-    write_json(context.run_dir / "config.json", {
-        "config": cfg.to_dict(), "seed": seed, "device": str(context.device), "recipe": str(loaded.path),
-        "check": check, "epochs": epochs,
-    })
+    runs_root = resolve_runs_dir(runs_dir)
+    code = capture(loaded.path)
+    store = RunStore.open(runs_root)
+    run_id = _claim_run_id(store, code.fingerprint(cfg.to_dict()), check=check, force=force, retrain=retrain)
+    context = RunContext(run_id, loaded.name, runs_root / loaded.name / run_id, resolve_device(device), seed, check)
+    record = {
+        "id": run_id, "experiment": loaded.name, "status": "running", "started_at": now_iso(), "ended_at": None,
+        "config": cfg.to_dict(), "seed": seed, "check": check, "epochs": 0, "max_epochs": epochs,
+        "metrics": {}, "best": {}, "run_dir": str(context.run_dir.resolve()), "recipe": str(loaded.path),
+        "code": code.record(cfg.to_dict()), "env": environment(str(context.device)), "error": None,
+        "artifacts": {}, "resumes": [],
+    }
+    recorder = RunRecorder.start(store, context.run_dir, record, code)
     reporter = Reporter(stream, progress=progress, log_path=context.run_dir / "log.txt")
-    reporter.line(f"run {context.run_id} ({loaded.name}) on {context.device}, seed {seed}, {epochs} epochs"
+    reporter.line(f"run {run_id} ({loaded.name}) on {context.device}, seed {seed}, {epochs} epochs"
                   + (" [check]" if check else ""))
+    result = RunResult(run_id, loaded.name, "running", context.run_dir, cfg.to_dict(), seed, str(context.device))
     holder: list[Fit] = []
     started = time.monotonic()
     try:
-        fit, _, _ = build(loaded, overrides, seed=seed, check=check, context=context,
-                          extras=(reporter.handlers, _history_saver(context.run_dir)))
-        holder.append(fit)
-        fit.run(epochs)
+        with _sigterm_as_interrupt():
+            fit, _, _ = build(loaded, overrides, seed=seed, check=check, context=context,
+                              extras=(reporter.handlers, recorder.handlers))
+            holder.append(fit)
+            fit.run(epochs)
         result.status = "completed"
     except KeyboardInterrupt:
         result.status = "interrupted"
         raise
     except BaseException as err:
-        result.status = "failed"
-        result.error = f"{type(err).__name__}: {err}"
+        result.status, result.error = "failed", f"{type(err).__name__}: {err}"
         raise
     finally:
         result.duration_s = time.monotonic() - started
         if holder:
             result.history = holder[0].history
-            result.epochs = len(holder[0].history)
-            result.metrics = dict(holder[0].history[-1]) if holder[0].history else {}
+            result.epochs = len(result.history)
+            result.metrics = dict(result.history[-1]) if result.history else {}
             result.best = holder[0].best.as_dict()
-        write_json(context.run_dir / "summary.json", result.to_dict())
+        recorder.finish(result.status, error=result.error, final=result.metrics)
+        store.close()
     _summarise(reporter, result)
     return result
 
 
-def _history_saver(run_dir: Path) -> Callable[[Fit], list[HandlerSpec]]:
-    from ignite.engine import Events
+def resolve_runs_dir(runs_dir: str | Path | None) -> Path:
+    """The runs folder: the argument, else ``$ENGINEFLOW_RUNS_DIR``, else ``./runs``."""
+    import os
 
-    def handlers(fit: Fit) -> list[HandlerSpec]:
-        def save_history(engine: Any) -> None:
-            write_json(run_dir / "history.json", fit.history)
+    return Path(runs_dir if runs_dir is not None else os.environ.get("ENGINEFLOW_RUNS_DIR", "runs"))
 
-        return [HandlerSpec(save_history, Events.EPOCH_COMPLETED, "train", 900, -1, raw=True)]
 
-    return handlers
+def _claim_run_id(store: Any, fingerprint: str, *, check: bool, force: bool, retrain: bool) -> str:
+    """A new run id, or the id of the completed run that ``retrain`` resets.
+
+    A completed (non-check) run with the same code and config means this run would repeat it:
+    refuse unless ``force`` (a new run anyway) or ``retrain`` (reset that one).
+    """
+    if force and retrain:
+        raise RecipeError("--force and --retrain exclude each other: --force makes a new run, --retrain resets the old")
+    done = [] if check else [r for r in store.find_completed(fingerprint) if not r.get("check")]
+    if not done or force:
+        return new_run_id()
+    previous = done[0]
+    if not retrain:
+        raise RecipeError(
+            f"run {previous['id']} ({previous['run_dir']}) already completed with this code and config. "
+            "Use --force to train a new run anyway, or --retrain to reset that run and train it again."
+        )
+    import shutil
+
+    shutil.rmtree(previous["run_dir"], ignore_errors=True)
+    store.delete_run(previous["id"])
+    return str(previous["id"])
+
+
+class _sigterm_as_interrupt:  # noqa: N801 - used as a context manager, reads like one
+    """Within the block, SIGTERM raises KeyboardInterrupt: the run is marked interrupted, exit 130."""
+
+    def __enter__(self) -> None:
+        import signal
+        import threading
+
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._raise)
+
+    @staticmethod
+    def _raise(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    def __exit__(self, *exc: Any) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def _summarise(reporter: Reporter, result: RunResult) -> None:

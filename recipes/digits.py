@@ -2,8 +2,11 @@
 
     engineflow run recipes/digits.py
     engineflow run recipes/digits.py --set hidden=256 --set lr=0.1
+    engineflow test recipes/digits.py                      # the latest run on the test split
+    engineflow eval recipes/digits.py images/ preds.csv    # .npy images of 8x8 pixels, values 0-16
 """
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -62,4 +65,13 @@ def evaluate(batch, model):
 
 @ef.infer_step
 def predict(x, model):
+    """Class probabilities for a batch of flattened, scaled images."""
     return model(x).softmax(-1)
+
+
+def load_sample(path):
+    """One image for `engineflow eval`: an .npy array of 8x8 (or 64) pixel values in 0-16."""
+    pixels = np.load(path, allow_pickle=False)
+    if pixels.size != 64:
+        raise ValueError(f"expected 8x8 = 64 pixel values, got shape {pixels.shape}")
+    return torch.tensor(pixels, dtype=torch.float32).reshape(64) / 16.0

@@ -87,3 +87,17 @@ def evaluate(batch, model):
     x, y = batch
     return {"y_pred": model(x), "y": y}
 '''
+
+
+def read_run(runs_dir: Path) -> dict:
+    """The only run under ``runs_dir``: its run.json, plus ``history`` rebuilt from metrics.jsonl."""
+    import json
+
+    (run_json,) = runs_dir.glob("*/*/run.json")
+    record = json.loads(run_json.read_text())
+    rows: dict[int, dict] = {}
+    for line in (run_json.parent / "metrics.jsonl").read_text().splitlines():
+        item = json.loads(line)
+        rows.setdefault(item["epoch"], {"epoch": item["epoch"]})[item["name"]] = item["value"]
+    record["history"] = [rows[e] for e in sorted(rows)]
+    return record

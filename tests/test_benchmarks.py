@@ -21,7 +21,8 @@ if str(REPO) not in sys.path:  # benchmarks/ sits in the repository; it is not p
 from benchmarks.harness import Case, Family, Sample, format_table, run_rounds, summarise  # noqa: E402
 from benchmarks.targets import check, format_targets  # noqa: E402
 
-CASE_KEYS = {"label", "values", "median", "min", "max", "wall_s", "peak_rss_mb", "ratio", "paired_ratio"}
+CASE_KEYS = {"label", "values", "median", "min", "max", "ratio", "paired_ratio", "cpu", "wall", "process_s",
+             "peak_rss_mb"}
 
 
 def run_benchmarks(tmp_path: Path, *args: str) -> dict[str, Any]:
@@ -41,6 +42,8 @@ def assert_positive_cases(family: dict[str, Any], names: set[str]) -> None:
         assert case["min"] > 0 and case["median"] > 0 and case["peak_rss_mb"] > 0, name
         assert case["min"] <= case["median"] <= case["max"], name
         assert case["ratio"] > 0 and case["paired_ratio"]["median"] > 0, name
+        for clock in ("cpu", "wall"):
+            assert case[clock]["median"] > 0 and case[clock]["ratio"] > 0, (name, clock)
 
 
 def test_quick_run_writes_results(tmp_path: Path) -> None:
@@ -83,25 +86,28 @@ def test_rounds_are_interleaved_and_failures_not_retried() -> None:
         order.append(case.name)
         if case.name == "c":
             raise RuntimeError("boom")
-        return Sample(float(next(values)), 1.0, 10.0)
+        value = float(next(values))
+        return Sample(wall=value, cpu=value / 2, process_s=1.0, peak_rss_mb=10.0)
 
     samples, errors = run_rounds([fake_family()], 3, runner=runner)
     assert order == ["a", "b", "c", "a", "b", "a", "b"]
-    assert [s.value for s in samples["fam"]["a"]] == [1.0, 3.0, 5.0]
+    assert [s.wall for s in samples["fam"]["a"]] == [1.0, 3.0, 5.0]
     assert errors == {"fam": {"c": "boom"}}
 
 
 def test_summary_medians_and_ratios() -> None:
     family = fake_family()
-    samples = {"a": [Sample(v, 1.0, 5.0) for v in (10.0, 20.0, 30.0)],
-               "b": [Sample(v, 1.0, 5.0) for v in (30.0, 20.0, 90.0)]}
+    samples = {"a": [Sample(wall=2 * v, cpu=v, process_s=1.0, peak_rss_mb=5.0) for v in (10.0, 20.0, 30.0)],
+               "b": [Sample(wall=v, cpu=v, process_s=1.0, peak_rss_mb=5.0) for v in (30.0, 20.0, 90.0)]}
     summary = summarise(family, samples, {"c": "boom"})
     b = summary["cases"]["b"]
+    assert summary["clock"] == "cpu"
     assert (b["median"], b["min"], b["max"]) == (30.0, 20.0, 90.0)
-    assert b["ratio"] == 1.5
+    assert b["ratio"] == 1.5 and b["cpu"]["ratio"] == 1.5
     assert b["paired_ratio"] == {"median": 3.0, "min": 1.0, "max": 3.0}
+    assert b["wall"]["ratio"] == 0.75
     table = format_table("fam", summary, 3)
-    assert "| B " in table and "1.500" in table and "FAILED `c`: boom" in table
+    assert "| B " in table and "1.500" in table and "0.750" in table and "FAILED `c`: boom" in table
 
 
 def test_targets_not_checked_without_data() -> None:

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 
-from tests.conftest import BASE_RECIPE
+from tests.conftest import BASE_RECIPE, read_run
 
 
 def edit(old: str, new: str) -> str:
@@ -25,11 +22,6 @@ def assert_clean_error(result, *fragments: str, code: int = 2) -> str:
     return errors[0]
 
 
-def only_run_summary(runs: Path) -> dict:
-    (summary,) = runs.glob("*/*/summary.json")
-    return json.loads(summary.read_text())
-
-
 def test_help_is_clear(cli):
     result = cli("--help")
     assert result.exit_code == 0
@@ -43,7 +35,7 @@ def test_run_trains_and_prints_a_summary(cli, write_recipe, tmp_path):
     result = cli("run", str(write_recipe(BASE_RECIPE)), "--set", "epochs=3", "--device", "cpu")
     assert result.exit_code == 0, result.output
     assert "epoch 3/3" in result.output and "best epoch" in result.output and "completed 3 epochs" in result.output
-    summary = only_run_summary(tmp_path / "runs")
+    summary = read_run(tmp_path / "runs")
     assert summary["status"] == "completed" and summary["config"]["epochs"] == 3
     assert len(summary["history"]) == 3
 
@@ -62,13 +54,13 @@ def report():
     result = cli("run", str(write_recipe(recipe)), "--check", "--set", "batch_size=1")
     assert result.exit_code == 0, result.output
     assert "seen [(1, 1), (1, 2), (2, 3), (2, 4)]" in result.output
-    assert only_run_summary(tmp_path / "runs")["epochs"] == 2
+    assert read_run(tmp_path / "runs")["epochs"] == 2
 
 
 def test_seed_option_sets_the_config_seed(cli, write_recipe, tmp_path):
     result = cli("run", str(write_recipe(BASE_RECIPE)), "--seed", "7")
     assert result.exit_code == 0, result.output
-    summary = only_run_summary(tmp_path / "runs")
+    summary = read_run(tmp_path / "runs")
     assert summary["seed"] == 7 and summary["config"]["seed"] == 7
 
 
@@ -102,7 +94,7 @@ def test_step_asking_for_a_component_nobody_provides(cli, write_recipe):
 def test_step_returning_neither_dict_nor_tensor(cli, write_recipe, tmp_path):
     recipe = edit('return {"loss": loss}', "return loss.item()")
     assert_clean_error(cli("run", str(write_recipe(recipe))), "'train'", "returned float", "must return a dict")
-    summary = only_run_summary(tmp_path / "runs")
+    summary = read_run(tmp_path / "runs")
     assert summary["status"] == "failed" and "returned float" in summary["error"]
 
 
@@ -128,7 +120,7 @@ def test_non_finite_loss_stops_with_exit_1_naming_the_iteration(cli, write_recip
     recipe = recipe.replace("def train(batch, model, optimizer):", "def train(batch, model, optimizer, state):")
     message = assert_clean_error(cli("run", str(write_recipe(recipe))), "iteration 4", "epoch 2", code=1)
     assert ("nan" in message) or ("inf" in message)
-    assert only_run_summary(tmp_path / "runs")["status"] == "failed"
+    assert read_run(tmp_path / "runs")["status"] == "failed"
 
 
 def test_handler_crash_exits_1_with_the_traceback_and_names(cli, write_recipe):

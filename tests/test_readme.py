@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import re
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, read_run
 
 README = (REPO / "README.md").read_text()
 
@@ -22,8 +21,7 @@ def test_tutorial_recipe_trains_xor_and_stops_early(cli, tmp_path):
     recipe.write_text(python_block_after("<!-- tutorial -->"))
     result = cli("run", str(recipe), "--device", "cpu")
     assert result.exit_code == 0, result.output
-    (summary,) = (tmp_path / "runs" / "xor").glob("*/summary.json")
-    summary = json.loads(summary.read_text())
+    summary = read_run(tmp_path / "runs")
     assert summary["best"]["value"] == 1.0
     assert summary["epochs"] < 40, "StopFit ended the fit once accuracy reached 1.0"
     assert f"epoch {summary['epochs']}: valid accuracy 1.00" in result.output

@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
-from tests.conftest import REPO, run_engineflow
+from tests.conftest import REPO, read_run, run_engineflow
 
 pytestmark = pytest.mark.slow
-
-
-def summary_of(runs_dir):
-    (path,) = runs_dir.glob("*/*/summary.json")
-    return json.loads(path.read_text())
 
 
 def test_digits_reaches_95_percent_validation_accuracy(tmp_path):
     proc = run_engineflow("run", str(REPO / "recipes" / "digits.py"), "--runs-dir", str(tmp_path), "--device", "cpu",
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    summary = summary_of(tmp_path)
+    summary = read_run(tmp_path)
     assert summary["status"] == "completed" and summary["epochs"] == 20
     assert summary["best"]["metric"] == "valid/accuracy"
     assert summary["best"]["value"] >= 0.95
@@ -34,7 +27,7 @@ def test_sine_regression_fits_with_the_default_step(tmp_path):
     proc = run_engineflow("run", str(REPO / "recipes" / "sine.py"), "--runs-dir", str(tmp_path), "--device", "cpu",
                           cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    summary = summary_of(tmp_path)
+    summary = read_run(tmp_path)
     assert summary["best"]["metric"] == "valid/mse" and summary["best"]["mode"] == "min"
     assert summary["best"]["value"] < 0.01
     assert summary["history"][0]["valid/mse"] > summary["best"]["value"]

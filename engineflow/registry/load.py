@@ -1,0 +1,140 @@
+"""Load a past run as it was: its recipe from the code snapshot, its config, its trained weights.
+
+Also the rule ``test`` and ``eval`` follow to pick a run: the latest run of the recipe, refused
+when the recipe's code changed since, unless ``--ignore-changes`` (today's code, that run's
+weights) or ``--run ID`` (that run's own code from its snapshot).
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from engineflow.checkpoint import load_weights, modules_of
+from engineflow.configuration import Config
+from engineflow.errors import RecipeError
+from engineflow.fit import Fit
+from engineflow.recipe import Recipe, load_recipe
+from engineflow.registry.snapshot import capture
+from engineflow.registry.store import RunStore
+
+
+@dataclass
+class LoadedRun:
+    """A past run, ready for testing, inference or fine-tuning.
+
+    Attributes:
+        record: the run record (as ``runs show --json`` prints it).
+        module: the recipe module, imported from the run's code snapshot (or today's file).
+        recipe: the recipe's declarations read from ``module``.
+        config: the run's resolved config.
+        model: the ``model`` component with the chosen weights (None if setup returned none).
+        components: everything ``setup`` returned, modules loaded with the weights.
+        fit: the engines, built on ``components`` (``fit.evaluate("test")`` and so on).
+        run_dir: the run's folder.
+    """
+
+    record: dict[str, Any]
+    module: ModuleType
+    recipe: Recipe
+    config: Config
+    model: torch.nn.Module | None
+    components: dict[str, Any]
+    fit: Fit
+    run_dir: Path
+
+
+def load_run(
+    ref: str = "last",
+    *,
+    runs_dir: str | Path | None = None,
+    which: str = "best",
+    device: str = "cpu",
+    experiment: str | None = None,
+    recipe: str | Path | None = None,
+) -> LoadedRun:
+    """Load run ``ref`` ("last", an id or a unique id prefix) with its code, config and weights.
+
+    Args:
+        ref: which run.
+        runs_dir: the runs folder (default ``$ENGINEFLOW_RUNS_DIR`` or ``./runs``).
+        which: "best" weights (the main metric's best epoch) or "last".
+        device: where to put the model.
+        experiment: restrict "last" to one experiment.
+        recipe: use this recipe file instead of the run's snapshot (today's code).
+
+    Example::
+
+        past = ef.load_run("last", runs_dir="runs")
+        past.model(torch.zeros(1, 64))          # the trained model
+        past.module.config                      # the recipe as it was at that run
+        past.fit.evaluate("test")
+    """
+    from engineflow.runner import build, resolve_runs_dir
+    from engineflow.runtime import RunContext, resolve_device
+
+    if which not in ("best", "last"):
+        raise RecipeError(f"which= expects 'best' or 'last', got {which!r}")
+    root = resolve_runs_dir(runs_dir)
+    with RunStore.open(root) as store:
+        record = store.resolve(ref, experiment)
+    run_dir = Path(record["run_dir"])
+    loaded = load_recipe(recipe) if recipe is not None else _snapshot_recipe(record, run_dir)
+    context = RunContext(record["id"], record["experiment"], run_dir, resolve_device(device), record["seed"])
+    fit, cfg, _ = build(loaded, record["config"], seed=record["seed"], context=context)
+    weights = record.get("artifacts", {}).get(f"weights_{which}")
+    modules = modules_of(fit.components)
+    if modules:
+        if weights is None:
+            raise RecipeError(f"run {record['id']} has no {which} weights; it ended before its first epoch completed")
+        load_weights(run_dir / weights, modules)
+    model = fit.components.get("model")
+    return LoadedRun(record, loaded.module, loaded, cfg, model, dict(fit.components), fit, run_dir)
+
+
+def _snapshot_recipe(record: dict[str, Any], run_dir: Path) -> Recipe:
+    files_dir = run_dir / "code" / "files"
+    recipe_rel = record["code"]["files"][0]
+    path = files_dir / recipe_rel
+    if not path.is_file():
+        raise RecipeError(f"run {record['id']} has no code snapshot at {path}; it cannot be loaded as it was")
+    # The snapshot's helper modules must win over today's copies that may already be imported.
+    for rel in record["code"]["files"][1:]:
+        name = Path(rel).relative_to(Path(recipe_rel).parent).with_suffix("").as_posix().replace("/", ".") \
+            if Path(rel).is_relative_to(Path(recipe_rel).parent) else None
+        if name:
+            sys.modules.pop(name, None)
+    return load_recipe(path)
+
+
+def select_run(
+    recipe_path: str | Path,
+    *,
+    ref: str | None,
+    ignore_changes: bool,
+    runs_dir: str | Path | None,
+    device: str = "cpu",
+    which: str = "best",
+) -> LoadedRun:
+    """The run ``test``/``eval`` use (see the module docstring); refuses when the code changed."""
+    from engineflow.runner import resolve_runs_dir
+
+    recipe = load_recipe(recipe_path)
+    root = resolve_runs_dir(runs_dir)
+    with RunStore.open(root) as store:
+        record = store.resolve(ref or "last", recipe.name)
+    if ref is not None and ref != "last":
+        return load_run(record["id"], runs_dir=root, which=which, device=device)
+    today = capture(recipe.path).source
+    if today != record["code"]["source"] and not ignore_changes:
+        raise RecipeError(
+            f"the code of {recipe.path.name} changed since run {record['id']} ({record['run_dir']}). "
+            "Train it again with 'engineflow run', pass --ignore-changes to use today's code with that "
+            "run's weights, or --run ID to use that run's own code."
+        )
+    return load_run(record["id"], runs_dir=root, which=which, device=device, recipe=recipe.path)

@@ -1,0 +1,140 @@
+"""Record one run: its folder (the source of truth), the store's index row, TensorBoard, weights.
+
+Folder ``<runs_dir>/<experiment>/<run_id>/``::
+
+    run.json        the run record (status, config, code, env, metrics, best, artifacts)
+    metrics.jsonl   one line per (epoch, metric): {"epoch": 3, "name": "valid/accuracy", "value": 0.97}
+    config.json     the resolved config
+    code/           the code snapshot (files/, git.json, diff.patch)
+    tb/             TensorBoard event files
+    checkpoints/    best.pt and last.pt weights
+    log.txt         what the run printed
+
+Every write to the folder comes before the matching write to the store, so ``runs reindex``
+can always rebuild the store from the folders.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import threading
+from collections.abc import Mapping
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from engineflow.checkpoint import modules_of, save_weights
+from engineflow.files import write_json
+from engineflow.handlers import HandlerSpec
+from engineflow.registry.snapshot import CodeState, save
+from engineflow.registry.store import HEARTBEAT_INTERVAL_S, RunStore
+from engineflow.tblog import TensorBoardLog
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat()
+
+
+def environment(device: str) -> dict[str, Any]:
+    """Versions and machine of a run."""
+    import ignite
+    import torch
+
+    import engineflow
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "ignite": ignite.__version__,
+            "engineflow": engineflow.__version__, "device": device, "hostname": socket.gethostname(),
+            "platform": platform.platform()}
+
+
+class RunRecorder:
+    """Writes a run's folder and its row in the store as the run goes.
+
+    Args:
+        store: the run store (the index).
+        run_dir: the run's folder (created by :meth:`start`).
+        record: the run record; :meth:`start` writes it first.
+    """
+
+    def __init__(self, store: RunStore, run_dir: Path, record: dict[str, Any]) -> None:
+        self.store = store
+        self.run_dir = run_dir
+        self.record = record
+        self.tb = TensorBoardLog(run_dir / "tb")
+        self._stop_beating = threading.Event()
+        self._beater: threading.Thread | None = None
+
+    @classmethod
+    def start(cls, store: RunStore, run_dir: Path, record: dict[str, Any], code: CodeState) -> RunRecorder:
+        """Create the folder with its snapshot and record, then index it (status "running")."""
+        run_dir.mkdir(parents=True, exist_ok=False)
+        save(code, run_dir / "code")
+        write_json(run_dir / "config.json", record["config"])
+        (run_dir / "metrics.jsonl").touch()
+        recorder = cls(store, run_dir, record)
+        recorder.update(status="running", pid=os.getpid(), hostname=socket.gethostname(), heartbeat_at=now_iso())
+        recorder._start_heartbeat()
+        return recorder
+
+    def _start_heartbeat(self) -> None:
+        # A thread, not a handler: one long iteration or validation must not look like a dead run.
+        def beat() -> None:
+            while not self._stop_beating.wait(HEARTBEAT_INTERVAL_S):
+                try:
+                    self.store.heartbeat(self.record["id"])
+                except Exception:  # a busy or vanished store must not kill training; the next beat retries
+                    continue
+
+        self._beater = threading.Thread(target=beat, name="engineflow-heartbeat", daemon=True)
+        self._beater.start()
+
+    def update(self, **fields: Any) -> None:
+        """Merge ``fields`` into the record, rewrite ``run.json``, then the store row."""
+        self.record.update(fields)
+        write_json(self.run_dir / "run.json", self.record)
+        self.store.upsert_run(self.record)
+
+    def handlers(self, fit: Any) -> list[HandlerSpec]:
+        """Handlers on the train engine: per-iteration TensorBoard and heartbeat, per-epoch records."""
+        from ignite.engine import Events
+
+        def iteration(engine: Any) -> None:
+            self.tb.iteration(engine.state.iteration, fit.loss.last)
+
+        def epoch(engine: Any) -> None:
+            self.epoch_completed(fit)
+
+        return [HandlerSpec(iteration, Events.ITERATION_COMPLETED, "train", 900, -1, raw=True),
+                HandlerSpec(epoch, Events.EPOCH_COMPLETED, "train", 900, -1, raw=True)]
+
+    def epoch_completed(self, fit: Any) -> None:
+        row = fit.history[-1]
+        epoch = row["epoch"]
+        values = {k: v for k, v in row.items() if k != "epoch"}
+        with (self.run_dir / "metrics.jsonl").open("a", encoding="utf-8") as out:
+            out.writelines(json.dumps({"epoch": epoch, "name": k, "value": v}) + "\n" for k, v in values.items())
+        self.store.log_metrics(self.record["id"], [(epoch, k, v) for k, v in values.items()])
+        self.tb.epoch(epoch, values)
+        modules = modules_of(fit.components)
+        artifacts = dict(self.record.get("artifacts") or {})
+        if modules:
+            meta = {"epoch": epoch, "metrics": values}
+            save_weights(self.run_dir / "checkpoints" / "last.pt", modules, meta)
+            artifacts["weights_last"] = "checkpoints/last.pt"
+            if fit.best.epoch == epoch:
+                save_weights(self.run_dir / "checkpoints" / "best.pt", modules, meta)
+                artifacts["weights_best"] = "checkpoints/best.pt"
+        self.update(metrics={**self.record.get("metrics", {}), **values}, best=fit.best.as_dict(),
+                    epochs=epoch, artifacts=artifacts, heartbeat_at=now_iso())
+
+    def finish(self, status: str, *, error: str | None = None, final: Mapping[str, float] | None = None) -> None:
+        """Close TensorBoard and mark the run ``status`` with its end time."""
+        self._stop_beating.set()
+        try:
+            self.tb.close(self.record["config"], final or {})
+        finally:
+            self.update(status=status, ended_at=now_iso(), error=error, pid=None)
+

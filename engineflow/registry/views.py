@@ -1,0 +1,127 @@
+"""How ``engineflow runs`` shows runs: readable tables, or JSON for scripts."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from engineflow.configuration import flatten
+
+SUMMARY_KEYS = ("id", "experiment", "status", "config", "metrics", "best", "run_dir", "started_at", "ended_at",
+                "code", "seed", "epochs", "error", "env", "artifacts", "resumes")
+
+
+def public(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The scripting contract's view of a record (see ``runs list --json``)."""
+    out = {key: record.get(key) for key in SUMMARY_KEYS}
+    out["metrics"] = out["metrics"] or {}
+    out["best"] = out["best"] or {"epoch": None, "metric": None, "value": None}
+    code = record.get("code") or {}
+    out["code"] = {"fingerprint": code.get("fingerprint"), "git_commit": code.get("git_commit"),
+                   "dirty": code.get("dirty", False), "files": code.get("files", [])}
+    if "history" in record:
+        out["history"] = record["history"]
+    return out
+
+
+def to_json(value: Any) -> str:
+    return json.dumps(value, indent=2, sort_keys=True, default=str)
+
+
+def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    """A plain aligned text table."""
+    cells = [[str(c) for c in header], *[[_cell(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def list_table(records: Sequence[Mapping[str, Any]]) -> str:
+    rows = []
+    for r in records:
+        best = r.get("best") or {}
+        main = f"{best.get('metric')}={best['value']:.4f}" if best.get("value") is not None else "-"
+        rows.append([r["id"], r["experiment"], r["status"], (r.get("started_at") or "")[:19].replace("T", " "),
+                     r.get("epochs"), main])
+    return table(rows, ["id", "experiment", "status", "started", "epochs", "best"]) if rows else "no runs yet"
+
+
+def show_text(record: Mapping[str, Any]) -> str:
+    best = record.get("best") or {}
+    code = record.get("code") or {}
+    lines = [
+        f"run {record['id']}  ({record['experiment']})  {record['status']}",
+        f"  started {record.get('started_at')}  ended {record.get('ended_at')}",
+        f"  folder  {record.get('run_dir')}",
+        f"  code    {code.get('git_commit') or 'not in git'}{' (dirty)' if code.get('dirty') else ''}  "
+        f"fingerprint {str(code.get('fingerprint'))[:12]}",
+        f"  seed    {record.get('seed')}   device {(record.get('env') or {}).get('device')}",
+    ]
+    if best.get("epoch") is not None:
+        lines.append(f"  best    epoch {best['epoch']}: {best['metric']} = {best['value']:.4f} ({best['mode']})")
+    if record.get("error"):
+        lines.append(f"  error   {record['error']}")
+    lines.append("config:")
+    lines += [f"  {k} = {v!r}" for k, v in flatten(record.get("config") or {}).items()]
+    lines.append("metrics (last epoch):")
+    lines += [f"  {k} = {v:.4f}" if isinstance(v, float) else f"  {k} = {v}"
+              for k, v in (record.get("metrics") or {}).items()]
+    return "\n".join(lines)
+
+
+def compare(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
+    """Config differences and the metrics of two runs side by side."""
+    ca, cb = flatten(a.get("config") or {}), flatten(b.get("config") or {})
+    config = {k: [ca.get(k), cb.get(k)] for k in sorted(set(ca) | set(cb)) if ca.get(k) != cb.get(k)}
+    ma, mb = a.get("metrics") or {}, b.get("metrics") or {}
+    metrics = {k: [ma.get(k), mb.get(k)] for k in sorted(set(ma) | set(mb))}
+    best = {"a": a.get("best"), "b": b.get("best")}
+    return {"runs": [a["id"], b["id"]], "config": config, "metrics": metrics, "best": best}
+
+
+def compare_text(diff: Mapping[str, Any]) -> str:
+    a, b = diff["runs"]
+    parts = ["config differences:"]
+    parts.append(table([[k, *v] for k, v in diff["config"].items()], ["key", a, b]) if diff["config"]
+                 else "  (same config)")
+    parts.append("metrics (last epoch):")
+    parts.append(table([[k, *v] for k, v in diff["metrics"].items()], ["metric", a, b]))
+    return "\n".join(parts)
+
+
+def plot(records: Sequence[Mapping[str, Any]], out: Path) -> None:
+    """Draw each run's per-epoch metrics, one panel per metric name (needs matplotlib)."""
+    try:
+        import matplotlib
+    except ImportError:
+        from engineflow.errors import RecipeError
+
+        raise RecipeError("runs plot needs matplotlib: pip install 'engineflow[plot]'") from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted({k for r in records for row in r.get("history", []) for k in row if k != "epoch"})
+    fig, axes = plt.subplots(len(names) or 1, 1, figsize=(7, 2.6 * max(len(names), 1)), squeeze=False)
+    for ax, name in zip(axes[:, 0], names, strict=False):
+        for r in records:
+            points = [(row["epoch"], row[name]) for row in r.get("history", []) if name in row]
+            if points:
+                ax.plot(*zip(*points, strict=True), marker=".", label=r["id"])
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+

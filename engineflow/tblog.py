@@ -1,0 +1,51 @@
+"""TensorBoard event files (tensorboardX), imported only when a run writes them.
+
+Scalars: the train loss every ``every`` iterations (tag ``iteration/train/loss``, step = the
+iteration), every per-epoch metric under its own name (``valid/accuracy``, step = the epoch),
+and at the end the config as hparams with the final metrics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from engineflow.configuration import flatten
+
+
+class TensorBoardLog:
+    """A tensorboardX ``SummaryWriter`` in ``folder``, opened on first use."""
+
+    def __init__(self, folder: Path, *, every: int = 10) -> None:
+        self.folder = folder
+        self.every = every
+        self._writer: Any = None
+
+    @property
+    def writer(self) -> Any:
+        if self._writer is None:
+            from tensorboardX import SummaryWriter
+
+            self._writer = SummaryWriter(logdir=str(self.folder), flush_secs=30)
+        return self._writer
+
+    def iteration(self, iteration: int, loss: float | None) -> None:
+        if loss is not None and iteration % self.every == 0:
+            self.writer.add_scalar("iteration/train/loss", loss, iteration)
+
+    def epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
+        for name, value in metrics.items():
+            if name != "epoch":
+                self.writer.add_scalar(name, value, epoch)
+        self.writer.flush()
+
+    def close(self, config: Mapping[str, Any], final: Mapping[str, float]) -> None:
+        """Write the hparams summary and close the files."""
+        hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(config).items()}
+        metrics = {f"hparam/{k}": v for k, v in final.items() if k != "epoch"}
+        if metrics:
+            self.writer.add_hparams(hparams, metrics, name="hparams")
+        if self._writer is not None:
+            self._writer.close()
+
