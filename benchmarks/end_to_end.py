@@ -43,6 +43,7 @@ def family(quick: bool = False) -> Family:
         unit="s",
         baseline="raw",
         cases=cases,
+        clock="wall",  # what the user waits for
         setup={"epochs": epochs, "commands": {c.name: " ".join(c.argv[1:]) for c in cases}},
         notes=["engineflow run also writes its run folder (config, history, summary, log); the raw script prints "
                "its epoch lines only. Both train identically (same seed, split, batches and final metrics)."],

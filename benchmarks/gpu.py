@@ -13,13 +13,13 @@ from __future__ import annotations
 import functools
 import subprocess
 import sys
-import time
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from dataclasses import replace
 from typing import Any
 
-from benchmarks.harness import Case, Family, worker_argv
+from benchmarks.harness import Case, Family, child_env, worker_argv
+from benchmarks.timing import Clock
 from benchmarks.workloads import MLP, Workload
 
 WARMUP_STEPS = 10
@@ -50,6 +50,7 @@ def family(quick: bool = False) -> Family:
         unit="us/iteration",
         baseline="raw_pinned",
         cases=cases,
+        clock="wall",  # the GPU runs asynchronously: the process's CPU time says little
         setup={"workload": workload.as_dict(), "warmup_steps": WARMUP_STEPS},
     )
     why = _no_gpu()
@@ -63,7 +64,7 @@ def _no_gpu() -> str:
     # Asked in a child process: importing torch here would inflate every later child's peak RSS,
     # which Linux counts from the memory a child starts with.
     check = "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 3)"
-    code = subprocess.run([sys.executable, "-c", check], capture_output=True, timeout=120).returncode
+    code = subprocess.run([sys.executable, "-c", check], env=child_env(), capture_output=True, timeout=120).returncode
     if code == 3:
         return "no CUDA device here (torch.cuda.is_available() is False)"
     return "" if code == 0 else f"could not ask torch whether CUDA is available (exit code {code})"
@@ -112,30 +113,29 @@ def measure(
         step(first)
     _sync(device)
     run = _raw if loop == "raw" else _engineflow
-    seconds, iterations = run(step, train, w.epochs, device)
-    return {"seconds": seconds, "iterations": iterations}
+    return run(step, train, w.epochs, device)
 
 
-def _raw(step: Any, train: Iterable[Any], epochs: int, device: str) -> tuple[float, int]:
+def _raw(step: Any, train: Iterable[Any], epochs: int, device: str) -> dict[str, float]:
     iterations = 0
-    start = time.perf_counter()
+    clock = Clock()
     for _ in range(epochs):
         for batch in train:
             step(batch)
             iterations += 1
     _sync(device)
-    return time.perf_counter() - start, iterations
+    return clock.stop(iterations)
 
 
-def _engineflow(step: Any, train: Iterable[Any], epochs: int, device: str) -> tuple[float, int]:
+def _engineflow(step: Any, train: Iterable[Any], epochs: int, device: str) -> dict[str, float]:
     from engineflow.engine import make_engine
     from engineflow.steps import StepSpec
 
     engine = make_engine(StepSpec("train", lambda batch: {"loss": step(batch)}), {})
-    start = time.perf_counter()
+    clock = Clock()
     engine.run(train, max_epochs=epochs)
     _sync(device)
-    return time.perf_counter() - start, engine.state.iteration
+    return clock.stop(engine.state.iteration)
 
 
 def _autocast(device: str) -> AbstractContextManager[Any]:

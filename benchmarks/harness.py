@@ -5,6 +5,11 @@ round runs each configuration once, in a new process (A B C A B C ...), so a slo
 machine hits all of them alike; a configuration is summarised by the median of its rounds, and
 compared with its family's baseline both as a ratio of medians and as the median of per-round
 (paired) ratios.
+
+Two clocks are kept for every sample: wall time, and the CPU time the process itself used. On a
+shared machine the second barely moves when other processes compete for the cores, so it is the
+headline for single-threaded CPU training; wall time is the headline where the user waits for the
+whole process (start-up, end-to-end) or for a GPU.
 """
 
 from __future__ import annotations
@@ -34,8 +39,8 @@ class Case:
         name: key in the results ("raw", "engineflow").
         label: what the table calls it.
         argv: the command line; ``python`` is this interpreter.
-        inner: the process prints ``{"seconds", "iterations"}`` for its training loop (value:
-            microseconds per iteration); otherwise the value is the whole process's wall time.
+        inner: the process prints ``{"seconds", "cpu_seconds", "iterations"}`` for its training loop
+            (values: microseconds per iteration); otherwise the values are the whole process's.
     """
 
     name: str
@@ -54,6 +59,7 @@ class Family:
         unit: "us/iteration" or "s".
         baseline: the name of the case the ratios divide by.
         cases: what runs.
+        clock: the headline clock, "cpu" or "wall" (both are recorded).
         setup: what the cases share (sizes, commands), recorded in the results.
         notes: caveats printed under the table and saved with it.
         skipped: cases that could not run here, with the reason.
@@ -64,6 +70,7 @@ class Family:
     unit: str
     baseline: str
     cases: list[Case]
+    clock: str = "cpu"
     setup: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
@@ -71,12 +78,24 @@ class Family:
 
 @dataclass(frozen=True)
 class Sample:
-    """One process's measurement: its value, wall time, peak resident memory, and what else it reported."""
+    """One process's measurement in its family's unit, by both clocks, and what else it reported.
 
-    value: float
-    wall_s: float
+    Attributes:
+        wall: wall time (per iteration for training loops).
+        cpu: CPU time of the process, user + system (per iteration for training loops).
+        process_s: wall time of the whole process, start to exit.
+        peak_rss_mb: the process's peak resident memory.
+        details: other values the process reported (e.g. the files a run wrote).
+    """
+
+    wall: float
+    cpu: float
+    process_s: float
     peak_rss_mb: float
     details: Mapping[str, Any] = field(default_factory=dict)
+
+    def value(self, clock: str) -> float:
+        return self.cpu if clock == "cpu" else self.wall
 
 
 def worker_argv(module: str, case: str, **params: Any) -> tuple[str, ...]:
@@ -84,14 +103,19 @@ def worker_argv(module: str, case: str, **params: Any) -> tuple[str, ...]:
     return (sys.executable, "-m", "benchmarks.worker", module, case, json.dumps(params))
 
 
-def run_once(case: Case, *, timeout: float = 600) -> Sample:
-    """Run ``case`` in a new process; raise RuntimeError with its output when it fails."""
+def child_env() -> dict[str, str]:
+    """The environment of every measured process."""
     # PYTHONPATH: the engineflow beside these benchmarks is the one measured, even from the console
     # script (whose sys.path starts in the venv's bin/) or a checkout other than the installed one.
-    env = {**os.environ, **THREAD_ENV, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
+    return {**os.environ, **THREAD_ENV, "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(REPO)}
+
+
+def run_once(case: Case, *, timeout: float = 600) -> Sample:
+    """Run ``case`` in a new process; raise RuntimeError with its output when it fails."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         started = time.perf_counter()
-        process = subprocess.Popen(case.argv, cwd=REPO, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+        process = subprocess.Popen(case.argv, cwd=REPO, env=child_env(), stdout=out, stderr=err,
+                                   stdin=subprocess.DEVNULL)
         status, usage = _wait(process, timeout)
         wall = time.perf_counter() - started
         out.seek(0)
@@ -103,10 +127,11 @@ def run_once(case: Case, *, timeout: float = 600) -> Sample:
     # Kilobytes on Linux. A child starts with this process's pages, so this runner imports nothing heavy.
     peak_mb = usage.ru_maxrss / 1024
     if not case.inner:
-        return Sample(wall, wall, peak_mb)
+        return Sample(wall, usage.ru_utime + usage.ru_stime, wall, peak_mb)
     result = json.loads(stdout.strip().splitlines()[-1])
-    details = {k: v for k, v in result.items() if k not in ("seconds", "iterations")}
-    return Sample(1e6 * result["seconds"] / result["iterations"], wall, peak_mb, details)
+    per_iteration = 1e6 / result["iterations"]
+    details = {k: v for k, v in result.items() if k not in ("seconds", "cpu_seconds", "iterations")}
+    return Sample(result["seconds"] * per_iteration, result["cpu_seconds"] * per_iteration, wall, peak_mb, details)
 
 
 def _wait(process: subprocess.Popen[bytes], timeout: float) -> tuple[int, Any]:
@@ -150,7 +175,8 @@ def run_rounds(
                     continue
                 samples[family.name][case.name].append(sample)
                 _log(log, f"round {round_index + 1}/{rounds} {family.name}/{case.name}: "
-                          f"{sample.value:.4g} {family.unit} ({sample.wall_s:.1f}s)")
+                          f"{sample.value(family.clock):.4g} {family.unit} ({family.clock}; "
+                          f"process {sample.process_s:.1f}s)")
     return samples, errors
 
 
@@ -159,34 +185,44 @@ def _log(log: TextIO | None, text: str) -> None:
         print(text, file=log, flush=True)
 
 
+def _stats(values: list[float], base: list[float]) -> dict[str, Any]:
+    entry: dict[str, Any] = {"values": [round(v, 4) for v in values], "median": statistics.median(values),
+                             "min": min(values), "max": max(values)}
+    if base:
+        # Paired: round r of a case against round r of the baseline, run minutes apart at most.
+        paired = [v / b for v, b in zip(values, base, strict=False)]
+        entry["ratio"] = entry["median"] / statistics.median(base)
+        entry["paired_ratio"] = {"median": statistics.median(paired), "min": min(paired), "max": max(paired)}
+    return entry
+
+
 def summarise(family: Family, samples: Mapping[str, list[Sample]], errors: Mapping[str, str]) -> dict[str, Any]:
-    """Median, min and max per case, and ratios to the baseline (of medians, and paired by round)."""
-    base = [s.value for s in samples.get(family.baseline, [])]
+    """Per case and clock: median, min, max, ratio of medians to the baseline, paired ratios.
+
+    The headline clock's numbers are also at the top level of each case (``median``, ``ratio``...).
+    """
+    base = samples.get(family.baseline, [])
     cases: dict[str, Any] = {}
     for case in family.cases:
-        values = [s.value for s in samples.get(case.name, [])]
-        if not values:
+        runs = samples.get(case.name, [])
+        if not runs:
             continue
-        median = statistics.median(values)
+        clocks = {clock: _stats([s.value(clock) for s in runs], [s.value(clock) for s in base])
+                  for clock in ("cpu", "wall")}
         entry: dict[str, Any] = {
             "label": case.label,
-            "values": [round(v, 4) for v in values],
-            "median": median,
-            "min": min(values),
-            "max": max(values),
-            "wall_s": statistics.median(s.wall_s for s in samples[case.name]),
-            "peak_rss_mb": statistics.median(s.peak_rss_mb for s in samples[case.name]),
+            **clocks[family.clock],
+            **clocks,
+            "process_s": statistics.median(s.process_s for s in runs),
+            "peak_rss_mb": statistics.median(s.peak_rss_mb for s in runs),
         }
-        if samples[case.name][-1].details:
-            entry["details"] = dict(samples[case.name][-1].details)
-        if base:
-            paired = [v / b for v, b in zip(values, base, strict=False)]
-            entry["ratio"] = median / statistics.median(base)
-            entry["paired_ratio"] = {"median": statistics.median(paired), "min": min(paired), "max": max(paired)}
+        if runs[-1].details:
+            entry["details"] = dict(runs[-1].details)
         cases[case.name] = entry
     return {
         "title": family.title,
         "unit": family.unit,
+        "clock": family.clock,
         "baseline": family.baseline,
         "setup": family.setup,
         "notes": family.notes,
@@ -197,21 +233,25 @@ def summarise(family: Family, samples: Mapping[str, list[Sample]], errors: Mappi
 
 
 def format_table(name: str, summary: Mapping[str, Any], rounds: int) -> str:
-    """A fixed-width table of one family's summary (Markdown-compatible)."""
-    unit = summary["unit"]
+    """A Markdown table of one family's summary: the headline clock in full, the other's median and ratio."""
+    unit, clock = summary["unit"], summary["clock"]
+    other = "wall" if clock == "cpu" else "cpu"
     lines = [f"### {name}: {summary['title']}", "",
-             f"{rounds} round(s); {unit}; ratio = median / median of `{summary['baseline']}`; "
-             "paired = median (min-max) of per-round ratios", "",
-             f"| {'configuration':<44} | {'median':>9} | {'min':>9} | {'max':>9} | {'ratio':>6} | "
-             f"{'paired':>17} | {'RSS MB':>6} |",
-             f"|{'-' * 46}|{'-' * 11}|{'-' * 11}|{'-' * 11}|{'-' * 8}|{'-' * 19}|{'-' * 8}|"]
+             f"{rounds} round(s); {clock} {unit}; ratio = median / median of `{summary['baseline']}`; "
+             f"paired = median (min-max) of per-round ratios; then the {other} clock's median and ratio", "",
+             f"| {'configuration':<48} | {'median':>9} | {'min':>9} | {'max':>9} | {'ratio':>6} | "
+             f"{'paired':>17} | {other + ' median':>11} | {other + ' ratio':>10} | {'RSS MB':>6} |",
+             f"|{'-' * 50}|{'-' * 11}|{'-' * 11}|{'-' * 11}|{'-' * 8}|{'-' * 19}|{'-' * 13}|{'-' * 12}|{'-' * 8}|"]
     digits = 1 if unit == "us/iteration" else 3
     for case in summary["cases"].values():
         ratio = f"{case['ratio']:.3f}" if "ratio" in case else "-"
         paired = case.get("paired_ratio")
         paired_text = f"{paired['median']:.3f} ({paired['min']:.2f}-{paired['max']:.2f})" if paired else "-"
-        lines.append(f"| {case['label']:<44} | {case['median']:>9.{digits}f} | {case['min']:>9.{digits}f} | "
-                     f"{case['max']:>9.{digits}f} | {ratio:>6} | {paired_text:>17} | {case['peak_rss_mb']:>6.0f} |")
+        second = case[other]
+        second_ratio = f"{second['ratio']:.3f}" if "ratio" in second else "-"
+        lines.append(f"| {case['label']:<48} | {case['median']:>9.{digits}f} | {case['min']:>9.{digits}f} | "
+                     f"{case['max']:>9.{digits}f} | {ratio:>6} | {paired_text:>17} | "
+                     f"{second['median']:>11.{digits}f} | {second_ratio:>10} | {case['peak_rss_mb']:>6.0f} |")
     lines.append("")
     lines += [f"- skipped `{case}`: {why}" for case, why in summary["skipped"].items()]
     lines += [f"- FAILED `{case}`: {why.splitlines()[0]}" for case, why in summary["errors"].items()]

@@ -1,6 +1,7 @@
 """The training loops under test, each timed around its training only (not imports or data set-up).
 
-Every function trains ``workload`` from the same seed and returns ``{"seconds", "iterations"}``.
+Every function trains ``workload`` from the same seed and returns ``{"seconds", "cpu_seconds",
+"iterations"}`` (wall and process CPU time of the loop).
 They import what they measure inside the function, so a raw loop's process never loads Ignite.
 engineflow is used through its real code paths: :func:`engineflow.engine.make_engine`, the
 handler decorators with :func:`engineflow.engine.attach_in_order`, and :func:`engineflow.run`.
@@ -10,18 +11,28 @@ from __future__ import annotations
 
 import io
 import tempfile
-import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from benchmarks import timing
-from benchmarks.workloads import Workload, make_data, make_loader, make_model, make_optimizer, sgd_step
+from benchmarks.workloads import Workload, make_data, make_loader, make_model, make_optimizer
 
 RECIPE = Path(__file__).resolve().parent / "recipes" / "train.py"
 Result = dict[str, Any]
+
+
+def sgd_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+             y: torch.Tensor) -> torch.Tensor:
+    """One training step, the same in every configuration that writes its own step."""
+    loss = F.cross_entropy(model(x), y)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return loss
 
 
 def _parts(workload: Workload, loader: str) -> tuple[torch.nn.Module, torch.optim.Optimizer, Iterable[Any]]:
@@ -36,12 +47,12 @@ def raw(workload: Workload, loader: str = "dataloader") -> Result:
     """The loop a user writes by hand: for each epoch, for each batch, one step."""
     model, optimizer, train = _parts(workload, loader)
     iterations = 0
-    start = time.perf_counter()
+    clock = timing.Clock()
     for _ in range(workload.epochs):
         for x, y in train:
             sgd_step(model, optimizer, x, y)
             iterations += 1
-    return {"seconds": time.perf_counter() - start, "iterations": iterations}
+    return clock.stop(iterations)
 
 
 def ignite(workload: Workload, loader: str = "dataloader") -> Result:
@@ -55,9 +66,9 @@ def ignite(workload: Workload, loader: str = "dataloader") -> Result:
         return sgd_step(model, optimizer, x, y)
 
     engine = Engine(update)
-    start = time.perf_counter()
+    clock = timing.Clock()
     engine.run(train, max_epochs=workload.epochs)
-    return {"seconds": time.perf_counter() - start, "iterations": engine.state.iteration}
+    return clock.stop(engine.state.iteration)
 
 
 def engineflow(workload: Workload, loader: str = "dataloader", handlers: int = 0, every: int = 100) -> Result:
@@ -78,9 +89,9 @@ def engineflow(workload: Workload, loader: str = "dataloader", handlers: int = 0
     engine = make_engine(StepSpec("train", step), provided)
     specs = [spec for index in range(handlers) for spec in handler_specs(ef.every_n_iterations(every)(_no_op(index)))]
     attach_in_order(engine, specs, provided)
-    start = time.perf_counter()
+    clock = timing.Clock()
     engine.run(train, max_epochs=workload.epochs)
-    return {"seconds": time.perf_counter() - start, "iterations": engine.state.iteration}
+    return clock.stop(engine.state.iteration)
 
 
 def _no_op(index: int) -> Any:
@@ -125,7 +136,6 @@ def lightning(workload: Workload, loader: str = "dataloader") -> Result:
     import warnings
 
     import lightning as L
-    import torch.nn.functional as F
 
     model, _, train = _parts(workload, loader)
 

@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 from benchmarks.end_to_end import engineflow_command
-from benchmarks.harness import Case, Family
+from benchmarks.harness import Case, Family, child_env
 
 
 def _python(label: str, name: str, code: str) -> Case:
@@ -20,7 +20,7 @@ def _python(label: str, name: str, code: str) -> Case:
 
 def _has_runs_command(cli: tuple[str, ...]) -> bool:
     # A child process, so that this one stays small (see harness.run_once on peak RSS).
-    done = subprocess.run([*cli, "runs", "list", "--help"], capture_output=True, timeout=120)
+    done = subprocess.run([*cli, "runs", "list", "--help"], env=child_env(), capture_output=True, timeout=120)
     return done.returncode == 0
 
 
@@ -49,6 +49,7 @@ def family(quick: bool = False) -> Family:
         unit="s",
         baseline="import_torch",
         cases=cases,
+        clock="wall",  # what the user waits for
         skipped=skipped,
         notes=["import engineflow is lazy (public names load on first use); import engineflow.runner is what "
                "`engineflow run` imports before it loads the recipe."],

@@ -1,29 +1,47 @@
-"""A clock that code running inside a framework (a recipe's handlers, a Lightning callback) starts and stops.
+"""Clocks for the measured loops: wall time and this process's CPU time, read together.
 
-The measured process has one run at a time, so one module-level record is enough.
+:class:`Clock` times a block of code; :func:`start` and :func:`stop` are the same clock for code
+that runs inside a framework (a recipe's handlers, a Lightning callback) and cannot hold one.
 """
 
 from __future__ import annotations
 
 import time
 
-_marks: dict[str, float] = {}
+
+class Clock:
+    """Started when built; :meth:`stop` returns ``{"seconds", "cpu_seconds", "iterations"}``."""
+
+    def __init__(self) -> None:
+        self.wall = time.perf_counter()
+        self.cpu = time.process_time()
+
+    def stop(self, iterations: int) -> dict[str, float]:
+        cpu = time.process_time() - self.cpu
+        return {"seconds": time.perf_counter() - self.wall, "cpu_seconds": cpu, "iterations": iterations}
+
+
+# One run per measured process, so one module-level record is enough.
+_clock: Clock | None = None
+_result: dict[str, float] | None = None
 
 
 def start() -> None:
     """Start the clock (at the training loop's first event)."""
-    _marks.clear()
-    _marks["start"] = time.perf_counter()
+    global _clock, _result
+    _clock, _result = Clock(), None
 
 
 def stop(iterations: int) -> None:
     """Stop the clock (at the loop's last event) and record how many steps ran."""
-    _marks["stop"] = time.perf_counter()
-    _marks["iterations"] = iterations
+    global _result
+    if _clock is None:
+        raise RuntimeError("timing.stop() before timing.start()")
+    _result = _clock.stop(iterations)
 
 
 def result() -> dict[str, float]:
-    """``{"seconds", "iterations"}`` between :func:`start` and :func:`stop`."""
-    if "stop" not in _marks:
+    """What :func:`stop` recorded."""
+    if _result is None:
         raise RuntimeError("the benchmark's clock was not started and stopped; did the training loop run?")
-    return {"seconds": _marks["stop"] - _marks["start"], "iterations": _marks["iterations"]}
+    return dict(_result)

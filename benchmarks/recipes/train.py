@@ -8,7 +8,8 @@ import torch
 
 import engineflow as ef
 from benchmarks import timing
-from benchmarks.workloads import Workload, make_data, make_loader, make_model, make_optimizer, sgd_step
+from benchmarks.loops import sgd_step
+from benchmarks.workloads import Workload, make_data, make_loader, make_model, make_optimizer
 
 config = ef.config(features=32, hidden=[], classes=10, samples=65536, batch_size=64, epochs=3, lr=0.01,
                    loader="dataloader", seed=0)
