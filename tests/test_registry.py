@@ -319,3 +319,40 @@ def test_eval_on_a_folder_of_digit_images_agrees_with_test(cli, tmp_path):
         failed = cli("eval", str(recipe), source, str(bad), "--runs-dir", runs_dir)
         assert failed.exit_code == 2 and message in failed.output and "Traceback" not in failed.output, failed.output
         assert not bad.exists() and not list(tmp_path.glob(".bad*"))
+
+
+def test_four_runs_at_once_on_one_store_all_complete(write_recipe, tmp_path):
+    recipe = write_recipe(RECIPE.replace("config = ef.config(epochs=2,", "config = ef.config(epochs=15,"))
+    runs_dir = tmp_path / "runs"
+    procs = [subprocess.Popen([sys.executable, "-m", "engineflow", "run", str(recipe), "--runs-dir", str(runs_dir),
+                               "--seed", str(seed)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for seed in range(4)]
+    outputs = [p.communicate(timeout=240) for p in procs]
+    for proc, (out, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err
+        assert "locked" not in err + out
+    from engineflow.registry.runs import get_run, list_runs
+
+    runs = list_runs(runs_dir)
+    assert sorted(r["seed"] for r in runs) == [0, 1, 2, 3]
+    assert {r["status"] for r in runs} == {"completed"}
+    for run in runs:
+        assert [row["epoch"] for row in get_run(runs_dir, run["id"])["history"]] == list(range(1, 16))
+
+
+def test_runs_plot_draws_a_png(cli, recipe, tmp_path):
+    runs_dir = str(recipe.parent / "runs")
+    assert cli("run", str(recipe), "--set", "epochs=3").exit_code == 0
+    assert cli("run", str(recipe), "--set", "epochs=4").exit_code == 0
+    out = tmp_path / "curves.png"
+    result = cli("runs", "plot", "last", as_json(cli("runs", "list", "--runs-dir", runs_dir, "--json"))[1]["id"],
+                 "--out", str(out), "--runs-dir", runs_dir)
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_runs_plot_without_matplotlib_says_what_to_install(cli, recipe, tmp_path, monkeypatch):
+    assert cli("run", str(recipe)).exit_code == 0
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
+    result = cli("runs", "plot", "last", "--out", str(tmp_path / "x.png"), "--runs-dir", str(recipe.parent / "runs"))
+    assert result.exit_code == 2 and "pip install 'engineflow[plot]'" in result.output
