@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import re
 
 import pytest
@@ -36,3 +37,16 @@ def test_python_api_example_runs(tmp_path, monkeypatch):
     assert namespace["result"].best["epoch"] is not None
     assert len(namespace["fit"].history) == 3
     assert (tmp_path / "runs" / "digits").is_dir()
+
+
+def test_load_run_example_runs(tmp_path, monkeypatch):
+    import engineflow as ef
+    from tests.test_registry import RECIPE
+
+    recipe = tmp_path / "recipe.py"
+    recipe.write_text(RECIPE)
+    monkeypatch.chdir(tmp_path)
+    ef.run(recipe, device="cpu", stream=io.StringIO())
+    namespace: dict = {"ef": ef}
+    exec(compile(python_block_after("A past run, as it was"), "README.md", "exec"), namespace)
+    assert namespace["past"].module.SCALE == 1.0 and namespace["past"].model is not None
