@@ -57,7 +57,7 @@ class Family:
         name: key in the results ("overhead").
         title: one line for the table.
         unit: "us/iteration" or "s".
-        baseline: the name of the case the ratios divide by.
+        baseline: the name of the case the ratios divide by (None: no ratios).
         cases: what runs.
         clock: the headline clock, "cpu" or "wall" (both are recorded).
         setup: what the cases share (sizes, commands), recorded in the results.
@@ -68,7 +68,7 @@ class Family:
     name: str
     title: str
     unit: str
-    baseline: str
+    baseline: str | None
     cases: list[Case]
     clock: str = "cpu"
     setup: dict[str, Any] = field(default_factory=dict)
@@ -201,7 +201,7 @@ def summarise(family: Family, samples: Mapping[str, list[Sample]], errors: Mappi
 
     The headline clock's numbers are also at the top level of each case (``median``, ``ratio``...).
     """
-    base = samples.get(family.baseline, [])
+    base = samples.get(family.baseline, []) if family.baseline else []
     cases: dict[str, Any] = {}
     for case in family.cases:
         runs = samples.get(case.name, [])
@@ -218,6 +218,8 @@ def summarise(family: Family, samples: Mapping[str, list[Sample]], errors: Mappi
         }
         if runs[-1].details:
             entry["details"] = dict(runs[-1].details)
+            numbers = [k for k, v in runs[-1].details.items() if isinstance(v, (int, float))]
+            entry["details_median"] = {k: statistics.median(s.details[k] for s in runs) for k in numbers}
         cases[case.name] = entry
     return {
         "title": family.title,
@@ -237,7 +239,7 @@ def format_table(name: str, summary: Mapping[str, Any], rounds: int) -> str:
     unit, clock = summary["unit"], summary["clock"]
     other = "wall" if clock == "cpu" else "cpu"
     lines = [f"### {name}: {summary['title']}", "",
-             f"{rounds} round(s); {clock} {unit}; ratio = median / median of `{summary['baseline']}`; "
+             f"{rounds} round(s); {clock} {unit}; ratio = median / median of `{summary['baseline'] or '-'}`; "
              f"paired = median (min-max) of per-round ratios; then the {other} clock's median and ratio", "",
              f"| {'configuration':<48} | {'median':>9} | {'min':>9} | {'max':>9} | {'ratio':>6} | "
              f"{'paired':>17} | {other + ' median':>11} | {other + ' ratio':>10} | {'RSS MB':>6} |",
@@ -257,5 +259,7 @@ def format_table(name: str, summary: Mapping[str, Any], rounds: int) -> str:
     lines += [f"- FAILED `{case}`: {why.splitlines()[0]}" for case, why in summary["errors"].items()]
     lines += [f"- `{name}` wrote: {', '.join(case['details']['outputs'])}"
               for name, case in summary["cases"].items() if case.get("details", {}).get("outputs")]
+    lines += [f"- `{name}`: " + ", ".join(f"{k} {v:.4g}" for k, v in case["details_median"].items())
+              for name, case in summary["cases"].items() if case.get("details_median")]
     lines += [f"- {note}" for note in summary["notes"]]
     return "\n".join(lines)

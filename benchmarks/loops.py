@@ -73,12 +73,18 @@ def ignite(workload: Workload, loader: str = "dataloader") -> Result:
 
 def engineflow(workload: Workload, loader: str = "dataloader", handlers: int = 0, every: int = 100) -> Result:
     """engineflow's engine with a step function, and ``handlers`` no-op handlers due every ``every`` iterations."""
+    model, optimizer, train = _parts(workload, loader)
+    engine = _engineflow_engine(model, optimizer, handlers, every)
+    clock = timing.Clock()
+    engine.run(train, max_epochs=workload.epochs)
+    return clock.stop(engine.state.iteration)
+
+
+def _engineflow_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, handlers: int, every: int) -> Any:
     import engineflow as ef
     from engineflow.engine import attach_in_order, make_engine
     from engineflow.handlers import handler_specs
     from engineflow.steps import StepSpec
-
-    model, optimizer, train = _parts(workload, loader)
 
     def step(batch: tuple[torch.Tensor, torch.Tensor], model: torch.nn.Module,
              optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -87,11 +93,40 @@ def engineflow(workload: Workload, loader: str = "dataloader", handlers: int = 0
 
     provided = {"model": model, "optimizer": optimizer}
     engine = make_engine(StepSpec("train", step), provided)
+    # Declared with the decorator and attached as the recipe loader attaches a recipe's handlers.
     specs = [spec for index in range(handlers) for spec in handler_specs(ef.every_n_iterations(every)(_no_op(index)))]
     attach_in_order(engine, specs, provided)
-    clock = timing.Clock()
-    engine.run(train, max_epochs=workload.epochs)
-    return clock.stop(engine.state.iteration)
+    return engine
+
+
+def engineflow_paired(workload: Workload, loader: str = "tensor", handlers: int = 20, every: int = 100,
+                      blocks: int = 5) -> Result:
+    """In one process, epochs of an engine with ``handlers`` no-op handlers alternate with one without.
+
+    Both engines train the same model from the same loader, epoch by epoch, in the order A B B A A B...
+    so that drift in the machine's speed hits both alike. Returns the handlers' engine timing, plus
+    ``baseline_us`` (the plain engine, CPU us/iteration), ``extra_us`` (the median over blocks of the
+    difference) and ``paired_ratio`` (the median over blocks of the ratio).
+    """
+    import statistics
+
+    model, optimizer, train = _parts(workload, loader)
+    plain, loaded = (_engineflow_engine(model, optimizer, n, every) for n in (0, handlers))
+    per_iteration: dict[int, list[float]] = {0: [], 1: []}
+    totals = {"seconds": 0.0, "cpu_seconds": 0.0, "iterations": 0}
+    for block in range(blocks):
+        for which in ((0, 1) if block % 2 == 0 else (1, 0)):
+            engine = (plain, loaded)[which]
+            clock = timing.Clock()
+            engine.run(train, max_epochs=1)
+            result = clock.stop(engine.state.iteration)
+            per_iteration[which].append(1e6 * result["cpu_seconds"] / result["iterations"])
+            if which == 1:
+                totals = {key: totals[key] + result[key] for key in totals}
+    extra = [b - a for a, b in zip(per_iteration[0], per_iteration[1], strict=True)]
+    ratios = [b / a for a, b in zip(per_iteration[0], per_iteration[1], strict=True)]
+    return {**totals, "baseline_us": statistics.median(per_iteration[0]), "extra_us": statistics.median(extra),
+            "paired_ratio": statistics.median(ratios)}
 
 
 def _no_op(index: int) -> Any:
@@ -170,7 +205,7 @@ def lightning(workload: Workload, loader: str = "dataloader") -> Result:
 
 
 LOOPS = {"raw": raw, "ignite": ignite, "engineflow": engineflow, "engineflow_recipe": engineflow_recipe,
-         "lightning": lightning}
+         "lightning": lightning, "engineflow_paired": engineflow_paired}
 
 
 def measure(loop: str, *, workload: dict[str, Any], **options: Any) -> Result:

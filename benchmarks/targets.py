@@ -33,6 +33,14 @@ def _difference(family: str, case: str, base: str) -> Callable[[Summaries], floa
     return value
 
 
+def _detail(family: str, case: str, key: str) -> Callable[[Summaries], float | None]:
+    def value(summaries: Summaries) -> float | None:
+        entry = summaries.get(family, {}).get("cases", {}).get(case)
+        return None if entry is None else entry.get("details_median", {}).get(key)
+
+    return value
+
+
 def _plain(family: str, case: str) -> Callable[[Summaries], float | None]:
     return lambda summaries: _median(summaries, family, case)
 
@@ -50,7 +58,8 @@ TARGETS: list[tuple[str, Callable[[Summaries], float | None], float]] = [
      _ratio("overhead", "engineflow_recipe_tensor", "raw"), 0.7),
     ("compute: engineflow no handlers / raw <= 1.02", _ratio("compute", "engineflow", "raw"), 1.02),
     ("compute: engineflow default handlers / raw <= 1.02", _ratio("compute", "engineflow_recipe", "raw"), 1.02),
-    ("handlers: 20 not due / 0 handlers < 1.05", _ratio("handlers", "handlers_20", "handlers_0"), 1.0499),
+    ("handlers: 20 not due / 0 handlers < 1.05 (paired in one process)",
+     _detail("handlers", "handlers_20", "paired_ratio"), 1.0499),
     ("startup: engineflow --help < 0.5 s", _plain("startup", "help"), 0.4999),
     ("startup: engineflow runs list < 0.5 s", _plain("startup", "runs_list"), 0.4999),
     ("startup: import engineflow - import ignite.engine <= 0.1 s",
