@@ -45,6 +45,9 @@ _EXPORTS = {
     "run": "engineflow.runner",
     "load_recipe": "engineflow.recipe",
     "make_engine": "engineflow.engine",
+    "checkpoints": "engineflow.checkpointer",
+    "CheckpointPolicy": "engineflow.checkpointer",
+    "TensorLoader": "engineflow.data",
     "LoadedRun": "engineflow.registry.load",
     "load_run": "engineflow.registry.load",
     "evaluate_test": "engineflow.evaluation",
@@ -76,8 +79,10 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the same names as _EXPORTS
 
     from engineflow import metrics
     from engineflow.best import Best
+    from engineflow.checkpointer import CheckpointPolicy, checkpoints
     from engineflow.configuration import Config, config
     from engineflow.control import EndEpoch, SkipBatch, StopFit
+    from engineflow.data import TensorLoader
     from engineflow.engine import make_engine
     from engineflow.errors import (
         ConfigError,

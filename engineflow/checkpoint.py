@@ -1,13 +1,22 @@
-"""Model weights on disk, written atomically: a crash mid-save never leaves a torn file.
+"""Checkpoints on disk, written atomically: a crash mid-save never leaves the run without one.
 
-A weights file maps component names to ``state_dict``s: ``{"model": {...}}``, or several for
-a GAN (``{"generator": ..., "discriminator": ...}``), plus a small ``meta`` dict.
+Two kinds of file:
+
+* weights (``checkpoints/best.pt``, ``last.pt``): component name -> ``state_dict``, plus ``meta``;
+  what ``ef.load_run`` and ``engineflow test``/``eval`` read.
+* full state (``checkpoints/state-<iteration>.pt``): everything a resume needs (see
+  :mod:`engineflow.state`), each with a ``.sha256`` file beside it. A file that fails its checksum
+  is reported and the previous one is used.
+
+Every file goes to a temporary name in the same folder, is fsynced, renamed over the target, and
+the folder is fsynced (Ignite's ``DiskSaver(atomic=True)`` renames without the fsyncs).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -71,3 +80,80 @@ def load_weights(path: Path, modules: Mapping[str, torch.nn.Module]) -> dict[str
     for name, module in modules.items():
         module.load_state_dict(saved["weights"][name])
     return saved["meta"]
+
+
+# Full training-state checkpoints: numbered files beside a checksum each ------------------------
+
+CHECKSUM_SUFFIX = ".sha256"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as data:
+        for block in iter(lambda: data.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_checkpoint(folder: Path, name: str, state: Mapping[str, Any]) -> Path:
+    """Write ``state`` to ``folder/name`` atomically, then its checksum beside it.
+
+    The checksum is written last: a crash before it leaves a file that :func:`valid_checkpoints`
+    does not trust, and the previous checkpoint is used.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    atomic_save(dict(state), path)
+    checksum = path.with_name(path.name + CHECKSUM_SUFFIX)
+    tmp = checksum.with_name(f".{checksum.name}.tmp{os.getpid()}")
+    tmp.write_text(f"{_sha256(path)}  {path.name}\n")
+    with tmp.open("rb") as out:
+        os.fsync(out.fileno())
+    os.replace(tmp, checksum)
+    _fsync_dir(folder)
+    return path
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    """Checkpoint files in ``folder``, oldest first (by the iteration in their name)."""
+    return sorted(folder.glob("state-*.pt"), key=_iteration_of)
+
+
+def _iteration_of(path: Path) -> int:
+    try:
+        return int(path.stem.split("-")[1])
+    except (IndexError, ValueError):
+        return -1
+
+
+def verify(path: Path) -> str | None:
+    """None when ``path`` matches its recorded checksum, else why it does not."""
+    checksum = path.with_name(path.name + CHECKSUM_SUFFIX)
+    if not checksum.is_file():
+        return "no checksum beside it (the save did not finish)"
+    expected = checksum.read_text().split()[0] if checksum.read_text().strip() else ""
+    actual = _sha256(path)
+    if actual != expected:
+        return f"checksum mismatch (expected {expected[:12]}..., file has {actual[:12]}...)"
+    return None
+
+
+def load_latest(folder: Path, warn: Callable[[str], None]) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint that passes its checksum and loads; damaged ones are reported via ``warn``."""
+    for path in reversed(checkpoint_files(folder)):
+        problem = verify(path)
+        if problem is None:
+            try:
+                return path, torch.load(path, map_location="cpu", weights_only=False)
+            except Exception as err:
+                problem = f"{type(err).__name__}: {err}"
+        warn(f"checkpoint {path} is damaged ({problem}); trying the previous one")
+    return None
+
+
+def prune(folder: Path, keep: set[Path]) -> None:
+    """Delete checkpoint files (and their checksums) not in ``keep``."""
+    for path in checkpoint_files(folder):
+        if path not in keep:
+            path.with_name(path.name + CHECKSUM_SUFFIX).unlink(missing_ok=True)
+            path.unlink(missing_ok=True)

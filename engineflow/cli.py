@@ -57,13 +57,20 @@ def main() -> None:
               help="Live progress bar (default: only when printing to a terminal).")
 @click.option("--force", is_flag=True, help="Train even if a completed run has the same code and config.")
 @click.option("--retrain", is_flag=True, help="Reset the completed run with the same code and config, train it again.")
+@click.option("--resume", default=None, metavar="RUN|last",
+              help="Continue a run from its latest valid checkpoint (same run id, mid-epoch included).")
+@click.option("--ignore-changes", is_flag=True, help="With --resume: continue even if code or config changed.")
+@click.option("--checkpoint-every", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Checkpoint every N iterations (replaces the recipe's policy).")
 @debug_option
 def run_command(recipe: str, assignments: tuple[str, ...], check: bool, device: str, seed: int | None,
-                runs_dir: str, progress: bool | None, force: bool, retrain: bool, debug: bool) -> None:
+                runs_dir: str, progress: bool | None, force: bool, retrain: bool, resume: str | None,
+                ignore_changes: bool, checkpoint_every: int | None, debug: bool) -> None:
     """Train RECIPE (a .py file) and record the run under --runs-dir.
 
     A completed run with the same code and config is not repeated: --force makes a new run,
-    --retrain resets that one.
+    --retrain resets that one. --resume continues an interrupted run exactly where its latest
+    checkpoint left it; on CPU the final weights equal those of an uninterrupted run.
 
     \b
     Examples:
@@ -76,7 +83,8 @@ def run_command(recipe: str, assignments: tuple[str, ...], check: bool, device: 
         from engineflow.runner import run
 
         run(recipe, parse_assignments(assignments), check=check, device=device, seed=seed,
-            runs_dir=runs_dir, progress=progress, force=force, retrain=retrain)
+            runs_dir=runs_dir, progress=progress, force=force, retrain=retrain, resume=resume,
+            ignore_changes=ignore_changes, checkpoint_every=checkpoint_every)
 
     _guarded(go, debug)
 

@@ -29,6 +29,7 @@ from engineflow.errors import NonFiniteLossError, RecipeError
 from engineflow.handlers import HandlerSpec
 from engineflow.metrics import attach_metrics
 from engineflow.recipe import Recipe
+from engineflow.state import EpochData
 from engineflow.steps import StepSpec
 from engineflow.supervised import supervised_eval_step, supervised_train_step
 
@@ -48,6 +49,8 @@ class Fit:
         best: the main metric's best epoch and value.
         loss: the training-loss monitor.
         components: what ``setup`` returned (model, optimizer, loaders...).
+        train_metrics: the train step's metrics by name (reported as ``train/<name>``).
+        seed: the run's seed; each epoch's RNGs start from ``(seed, epoch)``.
     """
 
     train: StepEngine
@@ -58,6 +61,8 @@ class Fit:
     best: Best
     loss: LossMonitor
     history: list[dict[str, Any]] = field(default_factory=list)
+    train_metrics: Mapping[str, Any] = field(default_factory=dict)
+    seed: int = 0
 
     def evaluate(self, loader: str = "valid") -> dict[str, float]:
         """Run the eval step and its metrics over one loader; returns ``{"<loader>/<metric>": value}``.
@@ -74,9 +79,17 @@ class Fit:
         state = self.eval.run(self.loaders[loader], max_epochs=1)
         return {f"{loader}/{name}": value for name, value in state.metrics.items()}
 
-    def run(self, epochs: int) -> State:
-        """Train for ``epochs`` epochs (validating as the eval step asks); returns the train state."""
-        return self.train.run(self.loaders["train"], max_epochs=epochs)
+    def run(self, epochs: int, *, resume: Callable[[EpochData], None] | None = None) -> State:
+        """Train for ``epochs`` epochs (validating as the eval step asks); returns the train state.
+
+        Each epoch's RNGs start from ``(seed, epoch)`` (see :mod:`engineflow.state`). ``resume``
+        positions a restored fit: it gets the train data and loads the rest of the state.
+        """
+        data = EpochData(self.loaders["train"], self.seed, lambda: self.train.state.epoch)
+        if resume is None:
+            return self.train.run(data, max_epochs=epochs)
+        resume(data)
+        return self.train.run(data)
 
 
 class LossMonitor:
@@ -149,6 +162,7 @@ def build_fit(
     components: Mapping[str, Any],
     provided: Mapping[str, Any],
     *,
+    seed: int = 0,
     extras: Iterable[Callable[[Fit], Iterable[HandlerSpec]]] = (),
 ) -> Fit:
     """Build the engines of a fit from a recipe and the components its ``setup`` returned.
@@ -178,7 +192,8 @@ def build_fit(
     if eval_spec is not None:
         evaluator = make_engine(eval_spec, provided)
         attach_metrics(evaluator, eval_spec.metrics)
-    fit = Fit(train, evaluator, components, loaders, eval_loaders, best, monitor, history)
+    fit = Fit(train, evaluator, components, loaders, eval_loaders, best, monitor, history,
+              {f"train/{name}": m for name, m in train_spec.metrics.items()}, seed)
     holder["fit"] = fit
 
     everything = [*_own_handlers(fit, eval_spec), *recipe.handlers, *(s for make in extras for s in make(fit))]

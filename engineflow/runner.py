@@ -23,10 +23,10 @@ from engineflow.handlers import HandlerSpec
 from engineflow.injection import describe, make_caller
 from engineflow.recipe import Recipe, load_recipe
 from engineflow.report import Reporter, format_metrics
-from engineflow.runtime import RunContext, new_run_id, resolve_device, seed_everything
+from engineflow.runtime import RunContext, resolve_device, seed_everything
+from engineflow.session import Session, new_session, resume_session
 
 CHECK_BATCHES = 2
-CHECK_EPOCHS = 2
 
 
 @dataclass
@@ -69,7 +69,8 @@ class RunResult:
 
 def resolve_config(recipe: Recipe, overrides: Mapping[str, Any] | None, seed: int | None) -> tuple[Config, int]:
     """Apply overrides and the seed to the recipe's defaults; returns (config, seed)."""
-    cfg = recipe.config.override(overrides or {})
+    # a Config is already resolved (a resumed run's); anything else overrides the defaults
+    cfg = overrides if isinstance(overrides, Config) else recipe.config.override(overrides or {})
     if seed is not None and "seed" in cfg:
         cfg = cfg.override({"seed": seed})
     if seed is None:
@@ -113,7 +114,7 @@ def build(
     if check:
         components["loaders"] = {name: take(loader, CHECK_BATCHES) for name, loader in components["loaders"].items()}
     provided = {**components, "cfg": cfg, "device": context.device, "run": context}
-    return build_fit(recipe, components, provided, extras=extras), cfg, context
+    return build_fit(recipe, components, provided, seed=seed, extras=extras), cfg, context
 
 
 def _setup(recipe: Recipe, cfg: Config, context: RunContext) -> dict[str, Any]:
@@ -161,6 +162,9 @@ def run(
     stream: IO[str] | None = None,
     force: bool = False,
     retrain: bool = False,
+    resume: str | None = None,
+    ignore_changes: bool = False,
+    checkpoint_every: int | None = None,
 ) -> RunResult:
     """Train a recipe and record the run; the Python twin of ``engineflow run``.
 
@@ -175,12 +179,16 @@ def run(
         stream: where progress and the summary are printed (default: stdout).
         force: train even if a completed run already has this code and config.
         retrain: reset that completed run and train it again under the same id.
+        resume: continue run "last" or an id from its latest valid checkpoint (same run id).
+        ignore_changes: with ``resume``, continue even if the recipe's code or config changed.
+        checkpoint_every: write a checkpoint every N iterations instead of the recipe's policy.
 
     Returns:
         the :class:`RunResult`; the run's record is in ``<run_dir>/run.json`` and the store.
 
     Raises:
-        RecipeError: a bad recipe or override, or a repeat of a completed run (CLI exit code 2).
+        RecipeError: a bad recipe or override, a repeat of a completed run, a resume of changed
+            code (CLI exit code 2).
         TrainingError: training failed, e.g. the loss became NaN (CLI exit code 1).
 
     Example::
@@ -188,38 +196,53 @@ def run(
         result = ef.run("recipes/digits.py", {"epochs": 5}, device="cpu")
         result.best  # {'metric': 'valid/accuracy', 'mode': 'max', 'epoch': 5, 'value': 0.94...}
     """
-    from engineflow.registry.recorder import RunRecorder, environment, now_iso
-    from engineflow.registry.snapshot import capture
     from engineflow.registry.store import RunStore
 
     loaded = load_recipe(recipe)
-    cfg, seed = resolve_config(loaded, overrides, seed)
-    epochs = CHECK_EPOCHS if check else cfg.get("epochs", 1)
-    runs_root = resolve_runs_dir(runs_dir)
-    code = capture(loaded.path)
-    store = RunStore.open(runs_root)
-    run_id = _claim_run_id(store, code.fingerprint(cfg.to_dict()), check=check, force=force, retrain=retrain)
-    context = RunContext(run_id, loaded.name, runs_root / loaded.name / run_id, resolve_device(device), seed, check)
-    record = {
-        "id": run_id, "experiment": loaded.name, "status": "running", "started_at": now_iso(), "ended_at": None,
-        "config": cfg.to_dict(), "seed": seed, "check": check, "epochs": 0, "max_epochs": epochs,
-        "metrics": {}, "best": {}, "run_dir": str(context.run_dir.resolve()), "recipe": str(loaded.path),
-        "code": code.record(cfg.to_dict()), "env": environment(str(context.device)), "error": None,
-        "artifacts": {}, "resumes": [],
-    }
-    recorder = RunRecorder.start(store, context.run_dir, record, code)
+    if resume is None:  # a bad override is reported before anything is written
+        cfg, seed = resolve_config(loaded, overrides, seed)
+    with RunStore.open(resolve_runs_dir(runs_dir)) as store:
+        if resume is not None:
+            start = resume_session(loaded, store, resume, overrides, ignore_changes=ignore_changes, device=device)
+        else:
+            start = new_session(loaded, store, cfg, seed=seed, check=check, device=device, force=force,
+                                retrain=retrain)
+        if start is None:  # resuming a completed run
+            return _completed_result(store.resolve(resume or "last", loaded.name), stream)
+        return _train(loaded, start, stream=stream, progress=progress, checkpoint_every=checkpoint_every)
+
+
+def _train(loaded: Recipe, start: Session, *, stream: IO[str] | None, progress: bool | None,
+           checkpoint_every: int | None) -> RunResult:
+    from engineflow.checkpointer import Checkpointer, every_iterations_policy, policy_of
+    from engineflow.interrupts import Interrupts
+
+    context, recorder = start.context, start.recorder
     reporter = Reporter(stream, progress=progress, log_path=context.run_dir / "log.txt")
-    reporter.line(f"run {run_id} ({loaded.name}) on {context.device}, seed {seed}, {epochs} epochs"
-                  + (" [check]" if check else ""))
-    result = RunResult(run_id, loaded.name, "running", context.run_dir, cfg.to_dict(), seed, str(context.device))
-    holder: list[Fit] = []
+    policy = policy_of(loaded)
+    if checkpoint_every is not None:
+        policy = every_iterations_policy(policy, checkpoint_every)
+    holder: dict[str, Any] = {}
+
+    def checkpointing(fit: Fit) -> list[HandlerSpec]:
+        holder["checkpointer"] = Checkpointer(context.run_dir / "checkpoints" / "state", policy, fit,
+                                              context.run_id, reporter.line)
+        return holder["checkpointer"].handlers(fit)
+
+    verb = "resuming" if start.resumed else "run"
+    reporter.line(f"{verb} {context.run_id} ({loaded.name}) on {context.device}, seed {context.seed}, "
+                  f"{start.epochs} epochs" + (" [check]" if context.check else ""))
+    result = RunResult(context.run_id, loaded.name, "running", context.run_dir, start.cfg.to_dict(), context.seed,
+                       str(context.device))
+    fit: Fit | None = None
     started = time.monotonic()
     try:
-        with _sigterm_as_interrupt():
-            fit, _, _ = build(loaded, overrides, seed=seed, check=check, context=context,
-                              extras=(reporter.handlers, recorder.handlers))
-            holder.append(fit)
-            fit.run(epochs)
+        with Interrupts() as interrupts:
+            fit, _, _ = build(loaded, start.cfg, seed=context.seed, check=context.check, context=context,
+                              extras=(reporter.handlers, recorder.handlers, checkpointing))
+            checkpointer = holder["checkpointer"]
+            interrupts.target = checkpointer
+            _fit(fit, checkpointer, start, reporter)
         result.status = "completed"
     except KeyboardInterrupt:
         result.status = "interrupted"
@@ -229,15 +252,34 @@ def run(
         raise
     finally:
         result.duration_s = time.monotonic() - started
-        if holder:
-            result.history = holder[0].history
-            result.epochs = len(result.history)
-            result.metrics = dict(result.history[-1]) if result.history else {}
-            result.best = holder[0].best.as_dict()
+        if fit is not None:
+            result.history = fit.history
+            result.epochs = len(fit.history)
+            result.metrics = dict(fit.history[-1]) if fit.history else {}
+            result.best = fit.best.as_dict()
         recorder.finish(result.status, error=result.error, final=result.metrics)
-        store.close()
     _summarise(reporter, result)
     return result
+
+
+def _fit(fit: Fit, checkpointer: Any, start: Session, reporter: Reporter) -> None:
+    """Train from the start, or from the latest valid checkpoint of a resumed run."""
+    found = checkpointer.latest() if start.resumed else None
+    if found is None:
+        if start.resumed:
+            reporter.line("no valid checkpoint: training from the first epoch")
+        fit.run(start.epochs)
+        return
+    path, state = found
+    engine = state["engine"]
+    length, iteration = engine["epoch_length"], engine["iteration"]
+    reporter.line(f"from checkpoint {path.name}: epoch {iteration // length + 1}, batch {iteration % length + 1}"
+                  f" of {length}")
+    start.recorder.resumed_from(path, iteration)
+    within_epoch = checkpointer.restore(state)
+    if iteration >= engine["max_epochs"] * length:
+        return  # it had finished training; only its ending was lost
+    fit.run(start.epochs, resume=lambda data: data.resume_at(iteration % length, within_epoch))
 
 
 def resolve_runs_dir(runs_dir: str | Path | None) -> Path:
@@ -245,52 +287,6 @@ def resolve_runs_dir(runs_dir: str | Path | None) -> Path:
     import os
 
     return Path(runs_dir if runs_dir is not None else os.environ.get("ENGINEFLOW_RUNS_DIR", "runs"))
-
-
-def _claim_run_id(store: Any, fingerprint: str, *, check: bool, force: bool, retrain: bool) -> str:
-    """A new run id, or the id of the completed run that ``retrain`` resets.
-
-    A completed (non-check) run with the same code and config means this run would repeat it:
-    refuse unless ``force`` (a new run anyway) or ``retrain`` (reset that one).
-    """
-    if force and retrain:
-        raise RecipeError("--force and --retrain exclude each other: --force makes a new run, --retrain resets the old")
-    done = [] if check else [r for r in store.find_completed(fingerprint) if not r.get("check")]
-    if not done or force:
-        return new_run_id()
-    previous = done[0]
-    if not retrain:
-        raise RecipeError(
-            f"run {previous['id']} ({previous['run_dir']}) already completed with this code and config. "
-            "Use --force to train a new run anyway, or --retrain to reset that run and train it again."
-        )
-    import shutil
-
-    shutil.rmtree(previous["run_dir"], ignore_errors=True)
-    store.delete_run(previous["id"])
-    return str(previous["id"])
-
-
-class _sigterm_as_interrupt:  # noqa: N801 - used as a context manager, reads like one
-    """Within the block, SIGTERM raises KeyboardInterrupt: the run is marked interrupted, exit 130."""
-
-    def __enter__(self) -> None:
-        import signal
-        import threading
-
-        self._previous = None
-        if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._raise)
-
-    @staticmethod
-    def _raise(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    def __exit__(self, *exc: Any) -> None:
-        import signal
-
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
 
 
 def _summarise(reporter: Reporter, result: RunResult) -> None:
@@ -301,3 +297,11 @@ def _summarise(reporter: Reporter, result: RunResult) -> None:
     if result.metrics:
         reporter.line(f"last epoch: {format_metrics(result.metrics)}")
     reporter.line(f"outputs: {result.run_dir}")
+
+
+def _completed_result(record: dict[str, Any], stream: IO[str] | None) -> RunResult:
+    reporter = Reporter(stream, progress=False)
+    reporter.line(f"run {record['id']} already completed; nothing to resume")
+    return RunResult(record["id"], record["experiment"], "completed", Path(record["run_dir"]), record["config"],
+                     record["seed"], (record.get("env") or {}).get("device", "cpu"), record.get("epochs", 0),
+                     record.get("history", []), record.get("metrics", {}), record.get("best", {}))

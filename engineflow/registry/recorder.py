@@ -79,6 +79,24 @@ class RunRecorder:
         recorder._start_heartbeat()
         return recorder
 
+    @classmethod
+    def reopen(cls, store: RunStore, run_dir: Path, record: dict[str, Any], *, changed: list[str]) -> RunRecorder:
+        """Continue recording an earlier run in its folder; the resume is logged in ``resumes``."""
+        record = {k: v for k, v in record.items() if k != "history"}
+        resumes = [*record.get("resumes", []), {"at": now_iso(), "pid": os.getpid(), "changes": changed}]
+        recorder = cls(store, run_dir, record)
+        recorder.update(status="running", ended_at=None, error=None, pid=os.getpid(), hostname=socket.gethostname(),
+                        heartbeat_at=now_iso(), resumes=resumes)
+        recorder._start_heartbeat()
+        return recorder
+
+    def resumed_from(self, checkpoint: Path, iteration: int) -> None:
+        """Note which checkpoint the latest resume continued from."""
+        resumes = list(self.record.get("resumes", []))
+        if resumes:
+            resumes[-1] = {**resumes[-1], "checkpoint": checkpoint.name, "iteration": iteration}
+        self.update(resumes=resumes)
+
     def _start_heartbeat(self) -> None:
         # A thread, not a handler: one long iteration or validation must not look like a dead run.
         def beat() -> None:

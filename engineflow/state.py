@@ -1,0 +1,145 @@
+"""The full training state of a fit, and the data order that makes a resume exact.
+
+Exactness rests on two rules:
+
+1. **Each epoch starts from RNG states that depend only on ``(seed, epoch)``.** :class:`EpochData`
+   reseeds Python's, NumPy's and torch's global RNGs, and every torch ``Generator`` a DataLoader
+   holds (its own and its sampler's), just before it creates the epoch's iterator. A resumed run
+   therefore draws the same shuffle order and the same worker seeds as the original.
+2. **Mid-epoch, the rest comes from the checkpoint.** A resume creates the epoch's iterator as
+   above, skips the batches already trained on (loaders with their own ``state_dict``, like
+   :class:`~engineflow.data.TensorLoader`, position themselves instead), then restores the RNG
+   states saved at the checkpoint, so dropout continues where it stopped.
+
+Everything in the state is plain tensors and Python values: ``torch.save`` round-trips it
+exactly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+
+_SEED_MOD = 2**63 - 1
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of ``epoch`` (1-based) in a run seeded with ``seed``: stable across processes."""
+    digest = hashlib.sha256(f"engineflow:{seed}:{epoch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % _SEED_MOD
+
+
+def rng_state() -> dict[str, Any]:
+    """The global RNG states: Python, NumPy (when installed), torch CPU and every CUDA device."""
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    try:
+        import numpy as np
+    except ImportError:
+        pass
+    else:
+        state["numpy"] = np.random.get_state()
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what :func:`rng_state` captured."""
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "numpy" in state:
+        import numpy as np
+
+        np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def loader_generators(loader: Any) -> list[torch.Generator]:
+    """The torch generators that decide a DataLoader's order and worker seeds."""
+    found = []
+    for owner in (loader, getattr(loader, "sampler", None), getattr(loader, "batch_sampler", None),
+                  getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
+        generator = getattr(owner, "generator", None)
+        if isinstance(generator, torch.Generator) and all(generator is not g for g in found):
+            found.append(generator)
+    return found
+
+
+def seed_epoch(seed: int, epoch: int, loader: Any) -> None:
+    """Rule 1: every RNG the epoch will use starts from ``(seed, epoch)``."""
+    value = epoch_seed(seed, epoch)
+    random.seed(value)
+    try:
+        import numpy as np
+    except ImportError:
+        pass
+    else:
+        np.random.seed(value % 2**32)
+    torch.manual_seed(value)  # CPU and every CUDA device
+    for index, generator in enumerate(loader_generators(loader)):
+        generator.manual_seed((value + index + 1) % _SEED_MOD)
+
+
+class EpochData:
+    """The train loader as the train engine sees it: reseeded per epoch, resumable mid-epoch.
+
+    Args:
+        loader: the recipe's train loader (any re-iterable with a length).
+        seed: the run's seed.
+        epoch: returns the epoch in progress (the engine's ``state.epoch``).
+    """
+
+    def __init__(self, loader: Iterable[Any], seed: int, epoch: Callable[[], int]) -> None:
+        self.loader = loader
+        self.seed = seed
+        self.epoch = epoch
+        self._skip = 0
+        self._after_skip: Callable[[], None] | None = None
+
+    def __len__(self) -> int:
+        return len(self.loader)  # type: ignore[arg-type]
+
+    @property
+    def positions_itself(self) -> bool:
+        """True for loaders that save their own position (their ``state_dict`` is in checkpoints)."""
+        return callable(getattr(self.loader, "state_dict", None)) and callable(
+            getattr(self.loader, "load_state_dict", None))
+
+    def resume_at(self, batches_done: int, after_skip: Callable[[], None]) -> None:
+        """Make the next pass skip ``batches_done`` batches, then call ``after_skip``."""
+        self._skip = 0 if self.positions_itself else batches_done
+        self._after_skip = after_skip
+
+    def __iter__(self) -> Iterator[Any]:
+        seed_epoch(self.seed, self.epoch(), self.loader)
+        iterator = iter(self.loader)
+        for _ in range(self._skip):
+            next(iterator)
+        self._skip = 0
+        if self._after_skip is not None:
+            after, self._after_skip = self._after_skip, None
+            after()
+        return iterator
+
+
+def stateful_components(components: Mapping[str, Any]) -> dict[str, Any]:
+    """Every component with ``state_dict``/``load_state_dict``, by name (``loaders.train``...).
+
+    That is how a recipe registers its own stateful objects: return them from ``setup``.
+    """
+    found: dict[str, Any] = {}
+    for name, value in components.items():
+        if _stateful(value):
+            found[name] = value
+        elif isinstance(value, Mapping):
+            found.update({f"{name}.{k}": v for k, v in value.items() if _stateful(v)})
+    return found
+
+
+def _stateful(value: Any) -> bool:
+    return callable(getattr(value, "state_dict", None)) and callable(getattr(value, "load_state_dict", None))
