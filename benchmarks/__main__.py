@@ -21,12 +21,13 @@ FAMILIES = {
     "handlers": "benchmarks.handler_cost",
     "end_to_end": "benchmarks.end_to_end",
     "startup": "benchmarks.startup",
+    "checkpoint": "benchmarks.checkpoint",
     "gpu": "benchmarks.gpu",
 }
 UNAVAILABLE = {
-    "checkpoint": "engineflow cannot checkpoint yet; save/load time and bytes of the digits recipe's full state "
-                  "will be measured once it can",
-    "tensorboard": "engineflow has no TensorBoard logging yet, so the default-handlers rows do not include it",
+    "full_state_checkpoint": "engineflow saves model weights only (no optimizer, engine position or loader order), "
+                             "so the checkpoint family measures the weights file; a full-state save/load for resuming "
+                             "is measured once it exists",
 }
 RESULTS = Path(__file__).resolve().parent / "results"
 

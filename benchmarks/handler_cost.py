@@ -14,7 +14,7 @@ from benchmarks.workloads import TINY
 
 COUNTS = (5, 20)
 EVERY = 100
-BLOCKS = 6  # epochs per engine in each process
+BLOCKS = 4  # epochs per engine in each process
 
 
 def family(quick: bool = False) -> Family:

@@ -27,6 +27,9 @@ from pathlib import Path
 from typing import Any, TextIO
 
 REPO = Path(__file__).resolve().parents[1]
+# In a case's command, replaced by a new empty folder for each run (e.g. a --runs-dir, so that no run
+# finds an earlier one's outputs).
+SCRATCH = "{scratch}"
 # One thread everywhere: the issue's method, and what keeps two-core machines from fighting themselves.
 THREAD_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
@@ -38,7 +41,8 @@ class Case:
     Attributes:
         name: key in the results ("raw", "engineflow").
         label: what the table calls it.
-        argv: the command line; ``python`` is this interpreter.
+        argv: the command line; ``python`` is this interpreter; ``{scratch}`` becomes a new empty
+            folder for each run.
         inner: the process prints ``{"seconds", "cpu_seconds", "iterations"}`` for its training loop
             (values: microseconds per iteration); otherwise the values are the whole process's.
     """
@@ -112,10 +116,11 @@ def child_env() -> dict[str, str]:
 
 def run_once(case: Case, *, timeout: float = 600) -> Sample:
     """Run ``case`` in a new process; raise RuntimeError with its output when it fails."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+    with (tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err,
+          tempfile.TemporaryDirectory(prefix="engineflow-bench-") as scratch):
+        argv = [arg.replace(SCRATCH, scratch) for arg in case.argv]
         started = time.perf_counter()
-        process = subprocess.Popen(case.argv, cwd=REPO, env=child_env(), stdout=out, stderr=err,
-                                   stdin=subprocess.DEVNULL)
+        process = subprocess.Popen(argv, cwd=REPO, env=child_env(), stdout=out, stderr=err, stdin=subprocess.DEVNULL)
         status, usage = _wait(process, timeout)
         wall = time.perf_counter() - started
         out.seek(0)
@@ -244,7 +249,7 @@ def format_table(name: str, summary: Mapping[str, Any], rounds: int) -> str:
              f"| {'configuration':<48} | {'median':>9} | {'min':>9} | {'max':>9} | {'ratio':>6} | "
              f"{'paired':>17} | {other + ' median':>11} | {other + ' ratio':>10} | {'RSS MB':>6} |",
              f"|{'-' * 50}|{'-' * 11}|{'-' * 11}|{'-' * 11}|{'-' * 8}|{'-' * 19}|{'-' * 13}|{'-' * 12}|{'-' * 8}|"]
-    digits = 1 if unit == "us/iteration" else 3
+    digits = 1 if unit.startswith("us") else 3
     for case in summary["cases"].values():
         ratio = f"{case['ratio']:.3f}" if "ratio" in case else "-"
         paired = case.get("paired_ratio")
