@@ -279,7 +279,11 @@ def _fit(fit: Fit, checkpointer: Any, start: Session, reporter: Reporter) -> Non
     within_epoch = checkpointer.restore(state)
     if iteration >= engine["max_epochs"] * length:
         return  # it had finished training; only its ending was lost
-    fit.run(start.epochs, resume=lambda data: data.resume_at(iteration % length, within_epoch))
+    if iteration % length == 0:
+        # At an epoch boundary the next epoch's seeding defines every RNG: restore nothing more.
+        fit.run(start.epochs, resume=lambda data: None)
+    else:
+        fit.run(start.epochs, resume=lambda data: data.resume_at(iteration % length, within_epoch))
 
 
 def resolve_runs_dir(runs_dir: str | Path | None) -> Path:

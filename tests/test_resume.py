@@ -1,0 +1,225 @@
+"""Exact resume: runs killed with SIGKILL at random iterations end bit-identical to an unbroken run."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+RECIPE = '''
+import os, signal
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+import engineflow as ef
+
+config = ef.config(epochs=4, lr=0.05, workers=0, seed=3)
+
+def _kill_once(tag):
+    marker = os.environ.get("KILL_MARKER", "") + "." + tag
+    if not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+# Kill in the middle of writing the N-th checkpoint file: bytes on disk, then death.
+_kill_save = int(os.environ.get("KILL_IN_SAVE", "0"))
+if _kill_save:
+    _save, _count = torch.save, [0]
+    def _dying_save(obj, f, *args, **kwargs):
+        _count[0] += 1
+        if _count[0] == _kill_save:
+            f.write(b"half a checkpoint")
+            f.flush()
+            _kill_once("save")
+        return _save(obj, f, *args, **kwargs)
+    torch.save = _dying_save
+
+def setup(cfg):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(120, 6, generator=gen)
+    y = (x[:, 0] + x[:, 1] > 0).long()
+    data = TensorDataset(x, y)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 2))
+    return dict(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9),
+                scheduler=None,
+                loaders={"train": DataLoader(data, batch_size=16, shuffle=True, num_workers=cfg.workers),
+                         "valid": DataLoader(data, batch_size=64)})
+
+@ef.train_step
+def train(batch, model, optimizer, state):
+    if state.iteration == int(os.environ.get("KILL_AT", "0")):
+        _kill_once("iteration")
+    x, y = batch
+    loss = F.cross_entropy(model(x), y)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return {"loss": loss}
+
+@ef.eval_step(metrics={"accuracy": ef.metrics.Accuracy()})
+def evaluate(batch, model):
+    x, y = batch
+    return {"y_pred": model(x), "y": y}
+'''
+EPOCH_LENGTH = 8  # 120 samples, batch 16
+TOTAL = 4 * EPOCH_LENGTH
+
+
+def engineflow(*args: str, env: dict | None = None, cwd: Path) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run([sys.executable, "-m", "engineflow", *args], capture_output=True, text=True, cwd=cwd,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def final_state(runs_dir: Path) -> dict:
+    (run_json,) = runs_dir.glob("*/*/run.json")
+    record = json.loads(run_json.read_text())
+    assert record["status"] == "completed", record
+    return torch.load(run_json.parent / "checkpoints" / "last.pt", weights_only=True)["weights"]["model"]
+
+
+def divergences(a: dict, b: dict) -> list[str]:
+    assert a.keys() == b.keys()
+    return [name for name in a if not torch.equal(a[name], b[name])]
+
+
+def trial(tmp: Path, recipe: Path, workers: int, kills: list[dict]) -> dict:
+    """Run, get killed as each env says, resume each time; returns the final model state."""
+    runs = tmp / "runs"
+    base = ["--runs-dir", str(runs), "--device", "cpu", "--set", f"workers={workers}", "--checkpoint-every", "3"]
+    first = True
+    for index, kill in enumerate(kills):
+        args = ["run", str(recipe), *base] + ([] if first else ["--resume", "last"])
+        proc = engineflow(*args, env={**kill, "KILL_MARKER": str(tmp / f"killed-{index}")}, cwd=tmp)
+        assert proc.returncode == -9, (kill, proc.stdout, proc.stderr)
+        first = False
+    proc = engineflow("run", str(recipe), *base, "--resume", "last", cwd=tmp)
+    assert proc.returncode == 0, proc.stderr
+    assert "from checkpoint" in proc.stdout or "no valid checkpoint" in proc.stdout
+    return final_state(runs)
+
+
+@pytest.fixture(scope="module")
+def recipe_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("resume")
+    (folder / "resumable.py").write_text(RECIPE)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def reference(recipe_dir):
+    """The same training, never interrupted, with and without DataLoader workers."""
+    states = {}
+    for workers in (0, 2):
+        runs = recipe_dir / f"reference-{workers}"
+        proc = engineflow("run", str(recipe_dir / "resumable.py"), "--runs-dir", str(runs), "--device", "cpu",
+                          "--set", f"workers={workers}", "--checkpoint-every", "3", cwd=recipe_dir)
+        assert proc.returncode == 0, proc.stderr
+        states[workers] = final_state(runs)
+    return states
+
+
+# Kill points: random iterations (seeded, so a failure is reproducible), mid-epoch and on an epoch's
+# last batch, twice in one trial, and during a checkpoint write.
+_rng = random.Random(20261123)
+TRIALS = [
+    ("random-iteration", 0, [{"KILL_AT": str(_rng.randint(2, TOTAL - 1))}]),
+    ("random-iteration", 0, [{"KILL_AT": str(_rng.randint(2, TOTAL - 1))}]),
+    ("epoch-last-batch", 0, [{"KILL_AT": str(2 * EPOCH_LENGTH)}]),
+    ("killed-twice", 0, [{"KILL_AT": "5"}, {"KILL_AT": "21"}]),
+    ("during-checkpoint-write", 0, [{"KILL_IN_SAVE": "4"}]),
+    ("workers-random-iteration", 2, [{"KILL_AT": str(_rng.randint(2, TOTAL - 1))}]),
+    ("workers-during-write", 2, [{"KILL_IN_SAVE": "6"}]),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "workers", "kills"), TRIALS, ids=[f"{t[0]}-{i}" for i, t in enumerate(TRIALS)])
+def test_sigkill_and_resume_is_bit_identical(recipe_dir, reference, tmp_path, name, workers, kills):
+    recipe = tmp_path / "resumable.py"
+    recipe.write_text(RECIPE)
+    resumed = trial(tmp_path, recipe, workers, kills)
+    assert divergences(resumed, reference[workers]) == [], f"{name}: tensors differ after resume"
+
+
+def test_a_resumed_run_keeps_its_id_and_records_the_resume(recipe_dir, tmp_path):
+    recipe = tmp_path / "resumable.py"
+    recipe.write_text(RECIPE)
+    runs = tmp_path / "runs"
+    killed = engineflow("run", str(recipe), "--runs-dir", str(runs), "--checkpoint-every", "3",
+                        env={"KILL_AT": "10", "KILL_MARKER": str(tmp_path / "m")}, cwd=tmp_path)
+    assert killed.returncode == -9
+    listed = json.loads(engineflow("runs", "list", "--runs-dir", str(runs), "--json", cwd=tmp_path).stdout)
+    assert listed[0]["status"] == "interrupted"
+    resumed = engineflow("run", str(recipe), "--runs-dir", str(runs), "--resume", listed[0]["id"][:15],
+                         "--checkpoint-every", "3", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "from checkpoint state-000000009.pt: epoch 2, batch 2 of 8" in resumed.stdout
+    shown = json.loads(engineflow("runs", "show", "last", "--runs-dir", str(runs), "--json", cwd=tmp_path).stdout)
+    assert shown["id"] == listed[0]["id"] and shown["status"] == "completed"
+    assert [row["epoch"] for row in shown["history"]] == [1, 2, 3, 4]
+    assert len(shown["resumes"]) == 1 and shown["resumes"][0]["iteration"] == 9
+
+    again = engineflow("run", str(recipe), "--runs-dir", str(runs), "--resume", "last", cwd=tmp_path)
+    assert again.returncode == 0 and "already completed; nothing to resume" in again.stdout
+
+
+def test_resume_refuses_changed_code_or_config(tmp_path):
+    recipe = tmp_path / "resumable.py"
+    recipe.write_text(RECIPE)
+    runs = tmp_path / "runs"
+    killed = engineflow("run", str(recipe), "--runs-dir", str(runs), env={"KILL_AT": "12",
+                        "KILL_MARKER": str(tmp_path / "m")}, cwd=tmp_path)
+    assert killed.returncode == -9
+    changed_config = engineflow("run", str(recipe), "--runs-dir", str(runs), "--resume", "last", "--set", "lr=0.5",
+                                cwd=tmp_path)
+    assert changed_config.returncode == 2 and "other config (lr: 0.05 -> 0.5)" in changed_config.stderr
+    recipe.write_text(RECIPE.replace("nn.Dropout(0.3)", "nn.Dropout(0.2)"))
+    changed_code = engineflow("run", str(recipe), "--runs-dir", str(runs), "--resume", "last", cwd=tmp_path)
+    assert changed_code.returncode == 2
+    assert "other code (resumable.py" in changed_code.stderr and "--ignore-changes" in changed_code.stderr
+    assert "Traceback" not in changed_code.stderr
+    forced = engineflow("run", str(recipe), "--runs-dir", str(runs), "--resume", "last", "--ignore-changes",
+                        cwd=tmp_path)
+    assert forced.returncode == 0, forced.stderr
+
+
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # only the checksum can tell
+    path.write_bytes(bytes(data))
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:100])
+
+
+@pytest.mark.parametrize(("damage", "reason"), [(flip_a_byte, "checksum mismatch"), (truncate, "checksum mismatch"),
+                                                (lambda p: p.with_name(p.name + ".sha256").unlink(), "no checksum")])
+def test_a_damaged_checkpoint_is_reported_and_the_previous_one_used(tmp_path, damage, reason):
+    recipe = tmp_path / "resumable.py"
+    recipe.write_text(RECIPE)
+    runs = tmp_path / "runs"
+    killed = engineflow("run", str(recipe), "--runs-dir", str(runs), "--checkpoint-every", "3",
+                        env={"KILL_AT": "20", "KILL_MARKER": str(tmp_path / "m")}, cwd=tmp_path)
+    assert killed.returncode == -9
+    (state_dir,) = runs.glob("*/*/checkpoints/state")
+    files = sorted(state_dir.glob("state-*.pt"))
+    assert files[-1].name == "state-000000018.pt" and len(files) >= 2
+    damage(files[-1])
+    resumed = engineflow("run", str(recipe), "--runs-dir", str(runs), "--resume", "last", "--checkpoint-every", "3",
+                         cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"checkpoint {files[-1]} is damaged ({reason}" in resumed.stdout
+    assert f"from checkpoint {files[-2].name}" in resumed.stdout
+    reference = tmp_path / "ref"
+    proc = engineflow("run", str(recipe), "--runs-dir", str(reference), "--checkpoint-every", "3", cwd=tmp_path)
+    assert proc.returncode == 0
+    assert divergences(final_state(runs), final_state(reference)) == []
