@@ -55,9 +55,18 @@ def new_session(recipe: Recipe, store: RunStore, cfg: Config, *, seed: int, chec
         "config": cfg.to_dict(), "seed": seed, "check": check, "epochs": 0, "max_epochs": epochs,
         "metrics": {}, "best": {}, "run_dir": str(context.run_dir.resolve()), "recipe": str(recipe.path),
         "code": code.record(cfg.to_dict()), "env": environment(str(context.device)), "error": None,
-        "artifacts": {}, "resumes": [],
+        "artifacts": {}, "resumes": [], "exact_resume": exact_resume(context.device),
     }
     return Session(context, RunRecorder.start(store, context.run_dir, record, code), cfg, epochs)
+
+
+def exact_resume(device: Any) -> bool:
+    """Whether a resume of this run can be bit-identical: on CPU yes; on CUDA only with
+    ``torch.use_deterministic_algorithms(True)``, since some CUDA kernels (atomics in index_add,
+    scatter, cuDNN convolutions' backward) sum in a different order on every call."""
+    import torch
+
+    return getattr(device, "type", str(device)) == "cpu" or torch.are_deterministic_algorithms_enabled()
 
 
 def claim_run_id(store: RunStore, fingerprint: str, *, check: bool, force: bool, retrain: bool) -> str:

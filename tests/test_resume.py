@@ -223,3 +223,55 @@ def test_a_damaged_checkpoint_is_reported_and_the_previous_one_used(tmp_path, da
     proc = engineflow("run", str(recipe), "--runs-dir", str(reference), "--checkpoint-every", "3", cwd=tmp_path)
     assert proc.returncode == 0
     assert divergences(final_state(runs), final_state(reference)) == []
+
+
+def test_sigint_writes_a_checkpoint_and_resume_continues_exactly(tmp_path):
+    import os
+    import signal
+    import time
+
+    slow = RECIPE.replace("    x, y = batch\n    loss", "    import time; time.sleep(0.05)\n    x, y = batch\n    loss")
+    recipe = tmp_path / "resumable.py"
+    recipe.write_text(slow)
+    runs = tmp_path / "runs"
+    proc = subprocess.Popen([sys.executable, "-m", "engineflow", "run", str(recipe), "--runs-dir", str(runs)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    deadline = time.monotonic() + 120
+    while not list(runs.glob("*/*/checkpoints/state/state-*.pt.sha256")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)  # somewhere inside the second epoch
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "writing a checkpoint after this iteration" in err
+    (state_dir,) = runs.glob("*/*/checkpoints/state")
+    newest = sorted(state_dir.glob("state-*.pt"))[-1]
+    state = torch.load(newest, weights_only=False)
+    assert state["reason"] == "interrupt" and state["engine"]["iteration"] % EPOCH_LENGTH != 0
+    resumed = engineflow("run", str(recipe), "--runs-dir", str(runs), "--resume", "last", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"from checkpoint {newest.name}" in resumed.stdout
+    reference = tmp_path / "ref"
+    assert engineflow("run", str(recipe), "--runs-dir", str(reference), cwd=tmp_path).returncode == 0
+    assert divergences(final_state(runs), final_state(reference)) == []
+
+
+def test_recipe_policy_every_iterations_keeps_the_last_k(tmp_path):
+    recipe = tmp_path / "resumable.py"
+    recipe.write_text(RECIPE + "\ncheckpoints = ef.checkpoints(every_epochs=None, every_iterations=5, keep_last=2, "
+                               "keep_best=0)\n")
+    runs = tmp_path / "runs"
+    assert engineflow("run", str(recipe), "--runs-dir", str(runs), cwd=tmp_path).returncode == 0
+    (state_dir,) = runs.glob("*/*/checkpoints/state")
+    assert [p.name for p in sorted(state_dir.glob("state-*.pt"))] == ["state-000000025.pt", "state-000000030.pt"]
+    for path in state_dir.glob("state-*.pt"):
+        assert path.with_name(path.name + ".sha256").read_text().split()[1] == path.name
+
+
+def test_bad_policy_values_are_refused():
+    import engineflow as ef
+
+    with pytest.raises(ef.RecipeError, match="keep at least 1"):
+        ef.checkpoints(keep_last=0)
+    with pytest.raises(ef.RecipeError, match=r"every_iterations=\.\.\.\) expects a whole number"):
+        ef.checkpoints(every_iterations=0)
