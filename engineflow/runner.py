@@ -1,9 +1,9 @@
 """``ef.run`` and ``ef.build``: a recipe file in, a trained model and its record out.
 
 ``build`` loads a recipe, seeds every RNG, calls ``setup`` and wires the engines, without
-running anything. ``run`` does that, trains, and writes the run folder
-``<runs_dir>/<experiment>/<run_id>/`` (``config.json``, ``history.json``, ``summary.json``,
-``log.txt``).
+running anything. ``run`` starts a recorded session (:mod:`engineflow.session`), builds, trains
+with the reporter, the recorder and the checkpointer attached, and marks how it ended; what the
+run folder holds is described in :mod:`engineflow.registry.recorder`.
 """
 
 from __future__ import annotations

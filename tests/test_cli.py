@@ -141,3 +141,28 @@ def test_cuda_without_a_gpu_is_a_usage_error(cli, write_recipe):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA; the error path needs one without")
     assert_clean_error(cli("run", str(write_recipe(BASE_RECIPE)), "--device", "cuda"), "no CUDA device")
+
+
+def test_progress_bar_when_asked_and_plain_lines_otherwise(write_recipe, tmp_path):
+    import io
+
+    import engineflow as ef
+
+    recipe = write_recipe(BASE_RECIPE)
+    bar, plain = io.StringIO(), io.StringIO()
+    ef.run(recipe, runs_dir=tmp_path / "a", device="cpu", progress=True, stream=bar)
+    ef.run(recipe, runs_dir=tmp_path / "b", device="cpu", progress=False, stream=plain)
+    assert "\r\033[K" in bar.getvalue() and "epoch 2/2" in bar.getvalue()
+    assert "\r" not in plain.getvalue() and "\033" not in plain.getvalue()
+    assert "epoch 1/2  train/loss" in plain.getvalue()
+
+
+def test_runs_commands_do_not_import_torch(tmp_path):
+    import subprocess
+    import sys
+
+    code = ("import sys; from click.testing import CliRunner; from engineflow.cli import main; "
+            f"r = CliRunner().invoke(main, ['runs', 'list', '--runs-dir', {str(tmp_path)!r}]); "
+            "print(r.exit_code, 'torch' in sys.modules, 'ignite' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["0", "False", "False"], "runs list stays fast by importing neither torch nor ignite"
