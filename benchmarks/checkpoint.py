@@ -1,9 +1,15 @@
-"""Checkpoint: save and load time and bytes of the digits recipe's weights, as engineflow writes them.
+"""Checkpoint: save and load time and bytes of the digits recipe's state, as engineflow writes it.
 
-engineflow saves weights with :func:`engineflow.checkpoint.save_weights` (atomic: a temporary
-file, fsync, rename, fsync of the folder) and reads them with ``load_weights``. Each process
-builds the recipe's components with its own ``setup`` and times several saves and loads; a plain
-``torch.save`` of the same state (no fsync, no rename) is the baseline in the same process.
+Two files, each with the engineflow API that writes it, when this version has it:
+
+* ``weights``: the model's weights, :func:`engineflow.checkpoint.save_weights` (atomic: a
+  temporary file, fsync, rename, fsync of the folder) and ``load_weights``;
+* ``full_state``: everything a resume needs (weights, optimizer, engine position, RNG states,
+  history...), ``engineflow.checkpointer.Checkpointer.save`` / ``latest`` + ``restore``, after
+  one epoch of training so that the optimizer has its state.
+
+Each process times several saves and loads; a plain ``torch.save`` of the same object (no fsync,
+no rename) is the baseline in the same process.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,35 +29,61 @@ REPEATS = 20
 
 def family(quick: bool = False) -> Family:
     repeats = 3 if quick else REPEATS
-    result = Family(
+    cases = [
+        Case("weights", "weights: save_weights (atomic, fsync)", worker_argv("checkpoint", "weights", repeats=repeats)),
+        Case("full_state", "full state: Checkpointer.save (atomic, fsync)",
+             worker_argv("checkpoint", "full_state", repeats=repeats)),
+    ]
+    skipped = {case.name: why for case in cases if (why := _missing_api(case.name))}
+    return Family(
         name="checkpoint",
-        title=f"digits recipe weights, {repeats} saves and loads per process",
+        title=f"digits recipe, {repeats} saves and loads per process",
         unit="us/save",
         baseline=None,
-        cases=[Case("weights", "engineflow save_weights (atomic, fsync)",
-                    worker_argv("checkpoint", "weights", repeats=repeats))],
+        cases=[case for case in cases if case.name not in skipped],
         clock="wall",  # fsync waits on the disk, which CPU time does not see
         setup={"recipe": "recipes/digits.py", "repeats": repeats},
-        notes=["Below: load_us (load_weights), bytes of the file, torch_save_us (plain torch.save of the same "
-               "state in the same process), medians over rounds. engineflow saves weights only: the optimizer, "
-               "engine position and loader order are not in the file yet, so a 'full state' checkpoint cannot "
-               "be measured."],
+        skipped=skipped,
+        notes=["median etc.: one save. Below, medians over rounds: load_us (reading the file and loading it into "
+               "the objects), bytes of the file, torch_save_us (plain torch.save of the same object in the same "
+               "process: no fsync, no rename)."],
     )
-    if not _has_weights_api():
-        result.skipped = {"weights": "engineflow.checkpoint has no save_weights/load_weights in this version"}
-        result.cases = []
-    return result
 
 
-def _has_weights_api() -> bool:
-    # Read, not imported: this runner imports nothing heavy (see harness.run_once on peak RSS).
-    source = REPO / "engineflow" / "checkpoint.py"
-    return source.is_file() and all(f"def {name}(" in source.read_text() for name in ("save_weights", "load_weights",
-                                                                                       "modules_of"))
+# The functions each case calls, by file: found by reading the source, so that this runner imports nothing
+# heavy (see harness.run_once on peak RSS), and skipped cleanly in versions that lack them.
+_APIS = {
+    "weights": ("checkpoint.py", ("def save_weights(", "def load_weights(", "def modules_of(")),
+    "full_state": ("checkpointer.py", ("class Checkpointer", "def save(", "def latest(", "def restore(",
+                                       "def checkpoints(")),
+}
+
+
+def _missing_api(case: str) -> str:
+    name, needles = _APIS[case]
+    source = REPO / "engineflow" / name
+    text = source.read_text() if source.is_file() else ""
+    missing = [needle for needle in needles if needle not in text]
+    return f"engineflow/{name} lacks {', '.join(missing)} in this version" if missing else ""
 
 
 def measure(case: str, *, repeats: int) -> dict[str, Any]:
-    """Time ``repeats`` saves and loads of the digits recipe's weights; what :mod:`benchmarks.worker` calls."""
+    """Time ``repeats`` saves and loads of one kind of file; what :mod:`benchmarks.worker` calls."""
+    save, load, plain, path = _full_state() if case == "full_state" else _weights()
+    saves, loads, plains = [], [], []
+    for _ in range(repeats):
+        saves.append(_timed(save))
+        loads.append(_timed(load))
+        plains.append(_timed(plain))
+    return {"seconds": sum(w for w, _ in saves), "cpu_seconds": sum(c for _, c in saves), "iterations": repeats,
+            "load_us": 1e6 * statistics.median(w for w, _ in loads), "bytes": path().stat().st_size,
+            "torch_save_us": 1e6 * statistics.median(w for w, _ in plains)}
+
+
+Actions = tuple[Callable[[], Any], Callable[[], Any], Callable[[], Any], Callable[[], Path]]
+
+
+def _weights() -> Actions:
     import torch
 
     from engineflow.checkpoint import load_weights, modules_of, save_weights
@@ -59,21 +92,47 @@ def measure(case: str, *, repeats: int) -> dict[str, Any]:
     recipe = load_recipe(RECIPE)
     modules = modules_of(recipe.setup(recipe.config))
     meta = {"epoch": 1, "metrics": {"valid/accuracy": 0.5}}
-    saves, loads, plain = [], [], []
-    with tempfile.TemporaryDirectory() as folder:
-        path, plain_path = Path(folder) / "last.pt", Path(folder) / "plain.pt"
-        for _ in range(repeats):
-            saves.append(_timed(lambda: save_weights(path, modules, meta)))
-            loads.append(_timed(lambda: load_weights(path, modules)))
-            states = {name: module.state_dict() for name, module in modules.items()}
-            plain.append(_timed(lambda: torch.save({"weights": states, "meta": meta}, plain_path)))  # noqa: B023
-        size = path.stat().st_size
-    return {"seconds": sum(w for w, _ in saves), "cpu_seconds": sum(c for _, c in saves), "iterations": repeats,
-            "load_us": 1e6 * statistics.median(w for w, _ in loads), "bytes": size,
-            "torch_save_us": 1e6 * statistics.median(w for w, _ in plain)}
+    folder = _scratch()
+    path = folder / "last.pt"
+
+    def plain() -> None:
+        states = {name: module.state_dict() for name, module in modules.items()}
+        torch.save({"weights": states, "meta": meta}, folder / "plain.pt")
+
+    return (lambda: save_weights(path, modules, meta), lambda: load_weights(path, modules), plain, lambda: path)
 
 
-def _timed(action: Any) -> tuple[float, float]:
+def _full_state() -> Actions:
+    import torch
+
+    from engineflow.checkpointer import Checkpointer, checkpoints
+    from engineflow.runner import build
+
+    fit, _, _ = build(RECIPE, {"epochs": 1}, device="cpu")
+    fit.run(1)  # the optimizer's momentum buffers, a history row and a best epoch are part of the state
+    folder = _scratch()
+    checkpointer = Checkpointer(folder, checkpoints(keep_last=1, keep_best=0), fit, "benchmark", warn=print)
+    saved: list[Path] = []
+
+    def load() -> None:
+        found = checkpointer.latest()
+        if found is None:
+            raise RuntimeError(f"Checkpointer.latest() found nothing in {folder}")
+        checkpointer.restore(found[1])()  # the rest (loss, metrics, RNG) comes once the data is positioned
+
+    return (lambda: saved.append(checkpointer.save("epoch")), load,
+            lambda: torch.save(checkpointer.state("epoch"), folder / "plain.pt"), lambda: saved[-1])
+
+
+_folders: list[tempfile.TemporaryDirectory[str]] = []  # removed when the worker process exits
+
+
+def _scratch() -> Path:
+    _folders.append(tempfile.TemporaryDirectory(prefix="engineflow-bench-ckpt-"))
+    return Path(_folders[-1].name)
+
+
+def _timed(action: Callable[[], Any]) -> tuple[float, float]:
     wall, cpu = time.perf_counter(), time.process_time()
     action()
     return time.perf_counter() - wall, time.process_time() - cpu

@@ -264,7 +264,11 @@ def format_table(name: str, summary: Mapping[str, Any], rounds: int) -> str:
     lines += [f"- FAILED `{case}`: {why.splitlines()[0]}" for case, why in summary["errors"].items()]
     lines += [f"- `{name}` wrote: {', '.join(case['details']['outputs'])}"
               for name, case in summary["cases"].items() if case.get("details", {}).get("outputs")]
-    lines += [f"- `{name}`: " + ", ".join(f"{k} {v:.4g}" for k, v in case["details_median"].items())
+    lines += [f"- `{name}`: " + ", ".join(f"{k} {_number(v)}" for k, v in case["details_median"].items())
               for name, case in summary["cases"].items() if case.get("details_median")]
     lines += [f"- {note}" for note in summary["notes"]]
     return "\n".join(lines)
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:.4g}"
