@@ -18,7 +18,7 @@ from benchmarks.targets import check, format_targets
 FAMILIES = {
     "overhead": "benchmarks.overhead",
     "compute": "benchmarks.compute",
-    "handlers": "benchmarks.handler_cost",
+    "paired": "benchmarks.paired",
     "end_to_end": "benchmarks.end_to_end",
     "startup": "benchmarks.startup",
     "checkpoint": "benchmarks.checkpoint",

@@ -99,34 +99,70 @@ def _engineflow_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     return engine
 
 
-def engineflow_paired(workload: Workload, loader: str = "tensor", handlers: int = 20, every: int = 100,
-                      blocks: int = 5) -> Result:
-    """In one process, epochs of an engine with ``handlers`` no-op handlers alternate with one without.
+def paired(workload: Workload, *, variants: list[str], loader: str = "dataloader", blocks: int = 4,
+           every: int = 100) -> Result:
+    """Several loops in one process, an epoch each in turn, on the same model, optimizer and loader.
 
-    Both engines train the same model from the same loader, epoch by epoch, in the order A B B A A B...
-    so that drift in the machine's speed hits both alike. Returns the handlers' engine timing, plus
-    ``baseline_us`` (the plain engine, CPU us/iteration), ``extra_us`` (the median over blocks of the
-    difference) and ``paired_ratio`` (the median over blocks of the ratio).
+    ``variants`` name the loops: "raw", "ignite", "engineflow", or "engineflow+N" (N no-op handlers due
+    every ``every`` iterations). Block ``b`` runs them rotated by ``b`` (A B C, B C A, C A B...), so that
+    drift in the machine's speed and the position in a block hit each alike. A few microseconds per
+    iteration are below what separate processes resolve on a shared machine; paired epochs resolve them.
+
+    Returns the first variant's timing (the reference), and for each variant ``<v>_us`` (median CPU
+    us/iteration) and, for the others, ``<v>_extra_us`` and ``<v>_ratio``: medians over blocks of the
+    difference and ratio to the reference's epoch in the same block.
     """
     import statistics
 
     model, optimizer, train = _parts(workload, loader)
-    plain, loaded = (_engineflow_engine(model, optimizer, n, every) for n in (0, handlers))
-    per_iteration: dict[int, list[float]] = {0: [], 1: []}
-    totals = {"seconds": 0.0, "cpu_seconds": 0.0, "iterations": 0}
+    epochs = {name: _epoch_runner(name, model, optimizer, train, every) for name in variants}
+    per_iteration: dict[str, list[float]] = {name: [] for name in variants}
+    reference = {"seconds": 0.0, "cpu_seconds": 0.0, "iterations": 0}
     for block in range(blocks):
-        for which in ((0, 1) if block % 2 == 0 else (1, 0)):
-            engine = (plain, loaded)[which]
+        shift = block % len(variants)
+        for name in variants[shift:] + variants[:shift]:
             clock = timing.Clock()
-            engine.run(train, max_epochs=1)
-            result = clock.stop(engine.state.iteration)
-            per_iteration[which].append(1e6 * result["cpu_seconds"] / result["iterations"])
-            if which == 1:
-                totals = {key: totals[key] + result[key] for key in totals}
-    extra = [b - a for a, b in zip(per_iteration[0], per_iteration[1], strict=True)]
-    ratios = [b / a for a, b in zip(per_iteration[0], per_iteration[1], strict=True)]
-    return {**totals, "baseline_us": statistics.median(per_iteration[0]), "extra_us": statistics.median(extra),
-            "paired_ratio": statistics.median(ratios)}
+            result = clock.stop(epochs[name]())
+            per_iteration[name].append(1e6 * result["cpu_seconds"] / result["iterations"])
+            if name == variants[0]:
+                reference = {key: reference[key] + result[key] for key in reference}
+    details: dict[str, float] = {}
+    base = per_iteration[variants[0]]
+    for name, values in per_iteration.items():
+        details[f"{name}_us"] = statistics.median(values)
+        if name != variants[0]:
+            details[f"{name}_extra_us"] = statistics.median(v - b for v, b in zip(values, base, strict=True))
+            details[f"{name}_ratio"] = statistics.median(v / b for v, b in zip(values, base, strict=True))
+    return {**reference, **details}
+
+
+def _epoch_runner(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: Iterable[Any],
+                  every: int) -> Any:
+    """A function that trains one epoch with the loop ``name`` and returns its iteration count."""
+    if name == "raw":
+        def raw_epoch() -> int:
+            iterations = 0
+            for x, y in train:
+                sgd_step(model, optimizer, x, y)
+                iterations += 1
+            return iterations
+
+        return raw_epoch
+    if name == "ignite":
+        from ignite.engine import Engine
+
+        engine = Engine(lambda engine, batch: sgd_step(model, optimizer, *batch))
+    elif name == "engineflow" or name.startswith("engineflow+"):
+        handlers = int(name.partition("+")[2] or 0)
+        engine = _engineflow_engine(model, optimizer, handlers, every)
+    else:
+        raise ValueError(f"unknown loop {name!r}; use raw, ignite, engineflow or engineflow+N")
+
+    def engine_epoch() -> int:
+        engine.run(train, max_epochs=1)
+        return engine.state.iteration
+
+    return engine_epoch
 
 
 def _no_op(index: int) -> Any:
@@ -205,7 +241,7 @@ def lightning(workload: Workload, loader: str = "dataloader") -> Result:
 
 
 LOOPS = {"raw": raw, "ignite": ignite, "engineflow": engineflow, "engineflow_recipe": engineflow_recipe,
-         "lightning": lightning, "engineflow_paired": engineflow_paired}
+         "lightning": lightning, "paired": paired}
 
 
 def measure(loop: str, *, workload: dict[str, Any], **options: Any) -> Result:

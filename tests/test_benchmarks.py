@@ -48,16 +48,16 @@ def assert_positive_cases(family: dict[str, Any], names: set[str]) -> None:
 
 
 def test_quick_run_writes_results(tmp_path: Path) -> None:
-    results = run_benchmarks(tmp_path, "--only", "overhead,handlers",
-                             "--cases", "raw,engineflow_tensor,handlers_5")
+    results = run_benchmarks(tmp_path, "--only", "overhead,paired", "--cases", "raw,engineflow_tensor,handlers")
     assert results["schema"] == 1
     assert results["settings"]["rounds"] == 1 and results["settings"]["quick"] is True
     assert results["machine"]["cores"] >= 1 and results["machine"]["packages"]["torch"]
     assert isinstance(results["unavailable"], dict)
     assert_positive_cases(results["families"]["overhead"], {"raw", "engineflow_tensor"})
-    assert_positive_cases(results["families"]["handlers"], {"handlers_5"})
-    paired = results["families"]["handlers"]["cases"]["handlers_5"]["details_median"]
-    assert paired["baseline_us"] > 0 and paired["paired_ratio"] > 0 and "extra_us" in paired
+    assert_positive_cases(results["families"]["paired"], {"handlers"})
+    paired = results["families"]["paired"]["cases"]["handlers"]["details_median"]
+    assert paired["engineflow_us"] > 0 and paired["engineflow+20_us"] > 0 and paired["engineflow+5_ratio"] > 0
+    assert "engineflow+20_extra_us" in paired
     assert results["families"]["overhead"]["cases"]["raw"]["ratio"] == 1.0
     assert results["families"]["overhead"]["unit"] == "us/iteration"
     assert {t["target"] for t in results["targets"]} and all("met" in t for t in results["targets"])
@@ -71,7 +71,7 @@ def test_every_family_runs(tmp_path: Path) -> None:
         assert family["cases"] or family["skipped"], name
         for case in family["cases"].values():
             assert case["median"] > 0
-    assert set(results["families"]) == {"overhead", "compute", "handlers", "end_to_end", "startup", "checkpoint",
+    assert set(results["families"]) == {"overhead", "compute", "paired", "end_to_end", "startup", "checkpoint",
                                         "gpu"}
     assert {"raw", "engineflow", "engineflow_recipe", "raw_tensor", "engineflow_tensor"} <= set(
         results["families"]["overhead"]["cases"])

@@ -1,0 +1,47 @@
+"""Paired in one process: the loop's own cost and the handlers' marginal cost, a few microseconds each.
+
+Separate processes on a shared machine differ by more than these costs, so each process here runs
+several loops on the same model, optimizer and loader, one epoch each in turn (rotated every block),
+and reports medians of per-block differences and ratios (see :func:`benchmarks.loops.paired`):
+
+* ``engine``: raw loop, plain Ignite ``Engine``, engineflow's engine with no handlers, on the
+  overhead-bound model and the standard ``DataLoader``;
+* ``handlers``: engineflow's engine with 0, 5 and 20 no-op handlers declared with
+  ``ef.every_n_iterations(100)`` and attached with ``attach_in_order`` as the recipe loader does,
+  on a ``TensorLoader`` (the cheapest loop, where a handler's share is largest).
+"""
+
+from __future__ import annotations
+
+from benchmarks.harness import Case, Family, worker_argv
+from benchmarks.workloads import TINY
+
+EVERY = 100
+BLOCKS = 4  # epochs of each loop per process
+ENGINES = ["raw", "ignite", "engineflow"]
+HANDLERS = ["engineflow", "engineflow+5", "engineflow+20"]
+
+
+def family(quick: bool = False) -> Family:
+    # One epoch of the overhead-bound workload per block (1024 iterations).
+    workload = TINY.scaled(samples=4096 if quick else TINY.samples, epochs=1)
+    blocks = 2 if quick else BLOCKS
+    params = {"workload": workload.as_dict(), "blocks": blocks, "every": EVERY}
+    cases = [
+        Case("engine", "engine: raw loop (DataLoader), the reference",
+             worker_argv("loops", "paired", variants=ENGINES, loader="dataloader", **params)),
+        Case("handlers", "handlers: engineflow + TensorLoader, 0 handlers",
+             worker_argv("loops", "paired", variants=HANDLERS, loader="tensor", **params)),
+    ]
+    return Family(
+        name="paired",
+        title=f"loops alternating by epoch inside one process, {workload.samples // workload.batch_size} "
+              f"iterations per epoch, {blocks} epochs each",
+        unit="us/iteration",
+        baseline=None,
+        cases=cases,
+        setup={"workload": workload.as_dict(), "blocks": blocks, "every": EVERY, "engine": ENGINES,
+               "handlers": HANDLERS},
+        notes=["median etc.: the reference loop of each process. Below, medians over rounds: <loop>_us, and "
+               "<loop>_extra_us / <loop>_ratio against the reference epoch of the same block."],
+    )
