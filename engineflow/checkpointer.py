@@ -111,9 +111,23 @@ class Checkpointer:
         self.interrupt_requested = False
         self._last_time = time.monotonic()
         self._scores: dict[Path, float] = {}  # epoch-end checkpoints by main-metric value
+        self._epoch_start = 0  # the iteration count when the epoch in progress started
+        self._in_epoch_completed = False
+        self._restored = False
 
     # what goes in -------------------------------------------------------------------------------
-    def state(self, reason: str) -> dict[str, Any]:
+    def position(self) -> dict[str, Any]:
+        """Where the fit stands: epochs completed and batches done in the epoch in progress.
+
+        Counted from the events, not from ``iteration % epoch_length``: after an ``EndEpoch`` the
+        iteration is no longer a multiple of the epoch length at epoch boundaries.
+        """
+        state = self.fit.train.state
+        if self._in_epoch_completed:
+            return {"epochs_completed": state.epoch, "batches_in_epoch": 0}
+        return {"epochs_completed": state.epoch - 1, "batches_in_epoch": state.iteration - self._epoch_start}
+
+    def state(self, reason: str, best_files: dict[str, float]) -> dict[str, Any]:
         fit, engine = self.fit, self.fit.train
         components = {name: obj.state_dict() for name, obj in stateful_components(fit.components).items()}
         metrics = {}
@@ -124,19 +138,22 @@ class Checkpointer:
                 metrics[name] = None
         return {
             "format": FORMAT, "run_id": self.run_id, "reason": reason, "saved_at": time.time(),
-            "engine": {"iteration": engine.state.iteration, "epoch": engine.state.epoch,
-                       "epoch_length": engine.state.epoch_length, "max_epochs": engine.state.max_epochs},
+            "engine": {"iteration": engine.state.iteration, "epoch_length": engine.state.epoch_length,
+                       "max_epochs": engine.state.max_epochs, **self.position()},
             "components": components, "train_metrics": metrics, "loss": fit.loss.state_dict(),
             "best": fit.best.state_dict(), "history": list(fit.history), "rng": rng_state(), "seed": fit.seed,
+            "best_checkpoints": best_files,
         }
 
     def save(self, reason: str) -> Path:
         engine = self.fit.train
-        path = save_checkpoint(self.folder, f"state-{engine.state.iteration:09d}.pt", self.state(reason))
+        path = self.folder / f"state-{engine.state.iteration:09d}.pt"
+        best = self.fit.best
+        if self._in_epoch_completed and best.value is not None and best.epoch == engine.state.epoch:
+            self._scores[path] = best.value
+        # The scores travel in every file, so keep_best survives a resume.
+        save_checkpoint(self.folder, path.name, self.state(reason, {p.name: v for p, v in self._scores.items()}))
         self._last_time = time.monotonic()
-        at_epoch_end = engine.state.epoch_length and engine.state.iteration % engine.state.epoch_length == 0
-        if at_epoch_end and self.fit.best.value is not None and self.fit.best.epoch == engine.state.epoch:
-            self._scores[path] = self.fit.best.value
         self._prune()
         return path
 
@@ -153,14 +170,22 @@ class Checkpointer:
     def handlers(self, fit: Any) -> list[HandlerSpec]:
         """Handlers on the train engine; order 950 puts them after the history and the records."""
 
+        def epoch_started(engine: Any) -> None:
+            if self._restored:  # the resumed epoch started before the kill, at the restored count
+                self._restored = False
+            else:
+                self._epoch_start = engine.state.iteration
+
         def iteration_completed(engine: Any) -> None:
+            state = engine.state
+            # At an epoch's last batch the checkpoint (and an interrupt) waits for EPOCH_COMPLETED,
+            # so the epoch is validated and recorded first.
+            if state.epoch_length and state.iteration - self._epoch_start >= state.epoch_length:
+                return
             if self.interrupt_requested:
                 self.save("interrupt")
                 raise KeyboardInterrupt("checkpoint written")
-            state = engine.state
-            epoch_end = state.epoch_length and state.iteration % state.epoch_length == 0
-            # At an epoch's last iteration the epoch-end checkpoint comes once the epoch is recorded.
-            if not epoch_end and (self._iterations_due(state.iteration) or self._time_due()):
+            if self._iterations_due(state.iteration) or self._time_due():
                 self.save("iterations")
 
         def epoch_completed(engine: Any) -> None:
@@ -169,11 +194,16 @@ class Checkpointer:
             due = due or self._iterations_due(state.iteration) or self._time_due()
             improved = policy.keep_best > 0 and fit.best.epoch == state.epoch
             if due or improved or self.interrupt_requested:
-                self.save("epoch")
+                self._in_epoch_completed = True
+                try:
+                    self.save("interrupt" if self.interrupt_requested else "epoch")
+                finally:
+                    self._in_epoch_completed = False
             if self.interrupt_requested:
                 raise KeyboardInterrupt("checkpoint written")
 
-        return [HandlerSpec(iteration_completed, Events.ITERATION_COMPLETED, "train", 950, -1, raw=True),
+        return [HandlerSpec(epoch_started, Events.EPOCH_STARTED, "train", -2000, -1, raw=True),
+                HandlerSpec(iteration_completed, Events.ITERATION_COMPLETED, "train", 950, -1, raw=True),
                 HandlerSpec(epoch_completed, Events.EPOCH_COMPLETED, "train", 950, -1, raw=True)]
 
     def _iterations_due(self, iteration: int) -> bool:
@@ -205,6 +235,14 @@ class Checkpointer:
         engine = state["engine"]
         fit.train.load_state_dict({"iteration": engine["iteration"], "epoch_length": engine["epoch_length"],
                                    "max_epochs": engine["max_epochs"]})
+        # Ignite derives the epoch and the batches done from iteration // epoch_length, which an
+        # EndEpoch makes wrong; set both from the counts the checkpoint kept. (_init_iter is how
+        # Ignite itself resumes mid-epoch: the first epoch then runs only the remaining batches.)
+        fit.train.state.epoch = engine["epochs_completed"]
+        fit.train._init_iter = engine["batches_in_epoch"]
+        self._epoch_start = engine["iteration"] - engine["batches_in_epoch"]
+        self._restored = True
+        self._scores = {self.folder / name: value for name, value in state.get("best_checkpoints", {}).items()}
 
         def within_epoch() -> None:
             fit.loss.load_state_dict(state["loss"])

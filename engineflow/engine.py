@@ -16,6 +16,7 @@ One iteration, as :class:`StepEngine` runs it::
 from __future__ import annotations
 
 import contextvars
+import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -46,6 +47,10 @@ class StepEngine(Engine):
 
     def __init__(self, process_function: Callable[[Engine, Any], Any], *, kind: str, modules: Iterable[Any] = ()):
         super().__init__(process_function)
+        # Ignite logs every exception that ends a run (KeyboardInterrupt after an interrupt checkpoint,
+        # a NaN loss) at ERROR; with no logging configured Python would print those to stderr beside
+        # engineflow's own message. A NullHandler keeps them for users who do configure logging.
+        self.logger.addHandler(logging.NullHandler())
         self.kind = kind
         self.batch_skipped = False
         self._modules = [m for m in modules if isinstance(m, torch.nn.Module)]
@@ -73,6 +78,9 @@ class StepEngine(Engine):
             engine.terminate()
 
     def _fire_event(self, event_name: Any, *event_args: Any, **event_kwargs: Any) -> None:
+        if event_name is Events.EPOCH_STARTED:
+            # An EndEpoch before the step ends the epoch with no ITERATION_COMPLETED to clear this.
+            self.batch_skipped = False
         if self.batch_skipped and event_name in _BATCH_EVENTS:
             if event_name is Events.ITERATION_COMPLETED:
                 self.batch_skipped = False

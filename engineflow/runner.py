@@ -198,6 +198,12 @@ def run(
     """
     from engineflow.registry.store import RunStore
 
+    if resume is not None:
+        clashing = [flag for flag, given in (("--seed", seed is not None), ("--check", check), ("--force", force),
+                                             ("--retrain", retrain)) if given]
+        if clashing:
+            raise RecipeError(f"--resume continues a run with its own settings; {', '.join(clashing)} "
+                              "cannot change them (start a new run instead)")
     loaded = load_recipe(recipe)
     if resume is None:  # a bad override is reported before anything is written
         cfg, seed = resolve_config(loaded, overrides, seed)
@@ -272,18 +278,18 @@ def _fit(fit: Fit, checkpointer: Any, start: Session, reporter: Reporter) -> Non
         return
     path, state = found
     engine = state["engine"]
-    length, iteration = engine["epoch_length"], engine["iteration"]
-    reporter.line(f"from checkpoint {path.name}: epoch {iteration // length + 1}, batch {iteration % length + 1}"
-                  f" of {length}")
-    start.recorder.resumed_from(path, iteration)
+    epochs_done, batches = engine["epochs_completed"], engine["batches_in_epoch"]
+    reporter.line(f"from checkpoint {path.name}: epoch {epochs_done + 1}, batch {batches + 1} "
+                  f"of {engine['epoch_length']}")
+    start.recorder.resumed_from(path, engine["iteration"], epochs_done)
     within_epoch = checkpointer.restore(state)
-    if iteration >= engine["max_epochs"] * length:
+    if epochs_done >= engine["max_epochs"]:
         return  # it had finished training; only its ending was lost
-    if iteration % length == 0:
+    if batches == 0:
         # At an epoch boundary the next epoch's seeding defines every RNG: restore nothing more.
         fit.run(start.epochs, resume=lambda data: None)
     else:
-        fit.run(start.epochs, resume=lambda data: data.resume_at(iteration % length, within_epoch))
+        fit.run(start.epochs, resume=lambda data: data.resume_at(batches, within_epoch))
 
 
 def resolve_runs_dir(runs_dir: str | Path | None) -> Path:

@@ -116,6 +116,11 @@ class EpochData:
         self._after_skip = after_skip
 
     def __iter__(self) -> Iterator[Any]:
+        # Lazy: Ignite makes the next epoch's iterator early when an epoch ends by EndEpoch (inside
+        # the old epoch), so seeding happens at the first batch, inside the epoch it serves.
+        return _FirstBatchStarts(self._start)
+
+    def _start(self) -> Iterator[Any]:
         seed_epoch(self.seed, self.epoch(), self.loader)
         iterator = iter(self.loader)
         for _ in range(self._skip):
@@ -125,6 +130,23 @@ class EpochData:
             after, self._after_skip = self._after_skip, None
             after()
         return iterator
+
+
+class _FirstBatchStarts:
+    """An iterator that makes the real one when the first batch is asked for."""
+
+    def __init__(self, start: Callable[[], Iterator[Any]]) -> None:
+        self._start: Callable[[], Iterator[Any]] | None = start
+        self._iterator: Iterator[Any] | None = None
+
+    def __iter__(self) -> _FirstBatchStarts:
+        return self
+
+    def __next__(self) -> Any:
+        if self._iterator is None:
+            assert self._start is not None  # set until the first call
+            self._iterator, self._start = self._start(), None
+        return next(self._iterator)
 
 
 def stateful_components(components: Mapping[str, Any]) -> dict[str, Any]:

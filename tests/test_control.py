@@ -174,3 +174,16 @@ def test_batch_signals_outside_a_batch_are_a_clear_error(signal):
 
     with pytest.raises(ef.RecipeError, match=f"{signal.__name__} was raised by a handler of .*EPOCH_COMPLETED"):
         make(plain, misplaced, log=Log()).run([1], max_epochs=1)
+
+
+def test_end_epoch_before_the_step_does_not_drop_the_next_epochs_first_batch():
+    log = Log()
+
+    @ef.on(ef.Events.ITERATION_STARTED)
+    def end_early(state):
+        if state.iteration == 2:
+            raise ef.EndEpoch
+
+    make(plain, end_early, log=log).run([1, 2, 3], max_epochs=2)
+    assert log.steps == [(1, 1), (2, 1), (2, 2), (2, 3)]
+    assert log.completed == [(1, 1), (2, 1), (2, 2), (2, 3)]

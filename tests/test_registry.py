@@ -109,6 +109,17 @@ def test_test_command_stores_metrics_and_refuses_changed_code(cli, recipe):
     assert cli("test", str(recipe), "--runs-dir", runs_dir, "--run", result["run"]).exit_code == 0
 
 
+def test_test_uses_the_latest_completed_run_not_a_check_run(cli, recipe):
+    runs_dir = str(recipe.parent / "runs")
+    assert cli("test", str(recipe), "--runs-dir", runs_dir).exit_code == 2
+    assert cli("run", str(recipe)).exit_code == 0
+    full = as_json(cli("runs", "list", "--runs-dir", runs_dir, "--json"))[0]
+    assert cli("run", str(recipe), "--check").exit_code == 0
+    assert as_json(cli("test", str(recipe), "--runs-dir", runs_dir, "--json"))["run"] == full["id"]
+    newest = as_json(cli("runs", "list", "--runs-dir", runs_dir, "--json"))[0]
+    assert as_json(cli("test", str(recipe), "--runs-dir", runs_dir, "--run", "last", "--json"))["run"] == newest["id"]
+
+
 def test_eval_refuses_changed_code_and_ignore_changes_uses_todays_code(cli, recipe, tmp_path):
     runs_dir = str(recipe.parent / "runs")
     assert cli("run", str(recipe)).exit_code == 0

@@ -55,6 +55,13 @@ def setup(cfg):
 def train(batch, model, optimizer, state):
     if state.iteration == int(os.environ.get("KILL_AT", "0")):
         _kill_once("iteration")
+    if state.iteration == int(os.environ.get("SIGINT_AT", "0")):
+        marker = os.environ["KILL_MARKER"] + ".sigint"
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            os.kill(os.getpid(), signal.SIGINT)
+    if state.iteration in {int(i) for i in os.environ.get("END_EPOCH_AT", "0").split(",")}:
+        raise ef.EndEpoch
     x, y = batch
     loss = F.cross_entropy(model(x), y)
     optimizer.zero_grad()
@@ -90,17 +97,18 @@ def divergences(a: dict, b: dict) -> list[str]:
     return [name for name in a if not torch.equal(a[name], b[name])]
 
 
-def trial(tmp: Path, recipe: Path, workers: int, kills: list[dict]) -> dict:
+def trial(tmp: Path, recipe: Path, workers: int, kills: list[dict], env: dict | None = None) -> dict:
     """Run, get killed as each env says, resume each time; returns the final model state."""
+    env = env or {}
     runs = tmp / "runs"
     base = ["--runs-dir", str(runs), "--device", "cpu", "--set", f"workers={workers}", "--checkpoint-every", "3"]
     first = True
     for index, kill in enumerate(kills):
         args = ["run", str(recipe), *base] + ([] if first else ["--resume", "last"])
-        proc = engineflow(*args, env={**kill, "KILL_MARKER": str(tmp / f"killed-{index}")}, cwd=tmp)
+        proc = engineflow(*args, env={**env, **kill, "KILL_MARKER": str(tmp / f"killed-{index}")}, cwd=tmp)
         assert proc.returncode == -9, (kill, proc.stdout, proc.stderr)
         first = False
-    proc = engineflow("run", str(recipe), *base, "--resume", "last", cwd=tmp)
+    proc = engineflow("run", str(recipe), *base, "--resume", "last", env=env, cwd=tmp)
     assert proc.returncode == 0, proc.stderr
     assert "from checkpoint" in proc.stdout or "no valid checkpoint" in proc.stdout
     return final_state(runs)
@@ -275,3 +283,68 @@ def test_bad_policy_values_are_refused():
         ef.checkpoints(keep_last=0)
     with pytest.raises(ef.RecipeError, match=r"every_iterations=\.\.\.\) expects a whole number"):
         ef.checkpoints(every_iterations=0)
+
+
+def test_end_epoch_then_kill_then_resume_is_bit_identical(tmp_path):
+    """EndEpoch shortens epochs, so epoch boundaries are no longer multiples of the epoch length."""
+    recipe = tmp_path / "resumable.py"
+    recipe.write_text(RECIPE)
+    env = {"END_EPOCH_AT": "2,13"}
+    ref_runs = tmp_path / "ref"
+    proc = engineflow("run", str(recipe), "--runs-dir", str(ref_runs), "--checkpoint-every", "3", env=env,
+                      cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    for kill_at in ("8", "11", "16"):
+        folder = tmp_path / f"kill-{kill_at}"
+        folder.mkdir()
+        resumed = trial(folder, recipe, 0, [{"KILL_AT": kill_at}], env=env)
+        assert divergences(resumed, final_state(ref_runs)) == [], f"killed at {kill_at}"
+        record = json.loads(next((folder / "runs").glob("*/*/run.json")).read_text())
+        assert record["epochs"] == 4
+
+
+def test_sigint_on_an_epochs_last_batch_keeps_that_epoch(tmp_path):
+    recipe = tmp_path / "resumable.py"
+    recipe.write_text(RECIPE)
+    runs = tmp_path / "runs"
+    env = {"SIGINT_AT": str(EPOCH_LENGTH), "KILL_MARKER": str(tmp_path / "m")}
+    interrupted = engineflow("run", str(recipe), "--runs-dir", str(runs), env=env, cwd=tmp_path)
+    assert interrupted.returncode == 130, interrupted.stderr
+    resumed = engineflow("run", str(recipe), "--runs-dir", str(runs), "--resume", "last", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "from checkpoint state-000000008.pt: epoch 2, batch 1 of 8" in resumed.stdout
+    shown = json.loads(engineflow("runs", "show", "last", "--runs-dir", str(runs), "--json", cwd=tmp_path).stdout)
+    assert [row["epoch"] for row in shown["history"]] == [1, 2, 3, 4], "epoch 1 was validated and recorded"
+    reference = tmp_path / "ref"
+    assert engineflow("run", str(recipe), "--runs-dir", str(reference), cwd=tmp_path).returncode == 0
+    assert divergences(final_state(runs), final_state(reference)) == []
+
+
+def test_keep_best_survives_a_resume_and_metrics_are_not_repeated(tmp_path):
+    # mode="min" on accuracy: epoch 1 (the least accurate) stays the best, so its checkpoint must stay.
+    recipe = tmp_path / "resumable.py"
+    recipe.write_text(RECIPE.replace('@ef.eval_step(metrics={"accuracy": ef.metrics.Accuracy()})',
+                                     '@ef.eval_step(metrics={"accuracy": ef.metrics.Accuracy()}, mode="min")')
+                      + "\ncheckpoints = ef.checkpoints(every_epochs=None, every_iterations=6, keep_last=1, "
+                        "keep_best=1)\n")
+    runs = tmp_path / "runs"
+    killed = engineflow("run", str(recipe), "--runs-dir", str(runs), env={"KILL_AT": "22",
+                        "KILL_MARKER": str(tmp_path / "m")}, cwd=tmp_path)
+    assert killed.returncode == -9
+    (state_dir,) = runs.glob("*/*/checkpoints/state")
+    assert [p.name for p in sorted(state_dir.glob("state-*.pt"))] == ["state-000000008.pt", "state-000000018.pt"]
+    resumed = engineflow("run", str(recipe), "--runs-dir", str(runs), "--resume", "last", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "from checkpoint state-000000018.pt: epoch 3, batch 3 of 8" in resumed.stdout
+    assert [p.name for p in sorted(state_dir.glob("state-*.pt"))] == ["state-000000008.pt", "state-000000030.pt"]
+    lines = [json.loads(line) for line in (state_dir.parent.parent / "metrics.jsonl").read_text().splitlines()]
+    keys = [(line["epoch"], line["name"]) for line in lines]
+    assert len(keys) == len(set(keys)) and {e for e, _ in keys} == {1, 2, 3, 4}
+
+
+def test_resume_refuses_settings_of_a_new_run(tmp_path):
+    recipe = tmp_path / "resumable.py"
+    recipe.write_text(RECIPE)
+    proc = engineflow("run", str(recipe), "--runs-dir", str(tmp_path / "runs"), "--resume", "last", "--seed", "4",
+                      cwd=tmp_path)
+    assert proc.returncode == 2 and "--seed cannot change them" in proc.stderr

@@ -1,6 +1,7 @@
 """Load a past run as it was: its recipe from the code snapshot, its config, its trained weights.
 
-Also the rule ``test`` and ``eval`` follow to pick a run: the latest run of the recipe, refused
+Also the rule ``test`` and ``eval`` follow to pick a run: the latest completed run of the recipe
+(``--check`` smoke runs aside; ``--run last`` means the newest of any kind), refused
 when the recipe's code changed since, unless ``--ignore-changes`` (today's code, that run's
 weights) or ``--run ID`` (that run's own code from its snapshot).
 """
@@ -112,6 +113,17 @@ def _snapshot_recipe(record: dict[str, Any], run_dir: Path) -> Recipe:
     return load_recipe(path)
 
 
+def _latest_trained(store: RunStore, recipe: Recipe) -> dict[str, Any]:
+    """The newest completed run of the recipe that is not a ``--check`` smoke run."""
+    for record in store.list_runs(experiment=recipe.name, status="completed"):
+        if not record.get("check"):
+            return store.get_run(record["id"])
+    raise RecipeError(
+        f"no completed run of {recipe.name!r} yet; train it with 'engineflow run {recipe.path}', "
+        "or pick a run with --run ID (--check runs are not used unless named)"
+    )
+
+
 def select_run(
     recipe_path: str | Path,
     *,
@@ -127,7 +139,10 @@ def select_run(
     recipe = load_recipe(recipe_path)
     root = resolve_runs_dir(runs_dir)
     with RunStore.open(root) as store:
-        record = store.resolve(ref or "last", recipe.name)
+        if ref is None:
+            record = _latest_trained(store, recipe)
+        else:
+            record = store.resolve(ref, recipe.name)
     if ref is not None and ref != "last":
         return load_run(record["id"], runs_dir=root, which=which, device=device)
     today = capture(recipe.path).source

@@ -90,8 +90,15 @@ class RunRecorder:
         recorder._start_heartbeat()
         return recorder
 
-    def resumed_from(self, checkpoint: Path, iteration: int) -> None:
-        """Note which checkpoint the latest resume continued from."""
+    def resumed_from(self, checkpoint: Path, iteration: int, epochs_completed: int) -> None:
+        """Note which checkpoint the latest resume continued from; epochs after it will be recorded
+        again, so their earlier lines leave ``metrics.jsonl``."""
+        path = self.run_dir / "metrics.jsonl"
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True) if path.exists() else []
+        kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] <= epochs_completed]
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        tmp.replace(path)
         resumes = list(self.record.get("resumes", []))
         if resumes:
             resumes[-1] = {**resumes[-1], "checkpoint": checkpoint.name, "iteration": iteration}
