@@ -54,7 +54,7 @@ _EXPORTS = {
     "predict_files": "engineflow.evaluation",
     "Events": "ignite.engine",
 }
-_SUBMODULES = {"metrics"}
+_SUBMODULES = {"metrics", "data"}
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
 
@@ -77,7 +77,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # what type checkers and IDEs see; the same names as _EXPORTS
     from ignite.engine import Events
 
-    from engineflow import metrics
+    from engineflow import data, metrics
     from engineflow.best import Best
     from engineflow.checkpointer import CheckpointPolicy, checkpoints
     from engineflow.configuration import Config, config

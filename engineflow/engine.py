@@ -85,6 +85,10 @@ class StepEngine(Engine):
             if event_name is Events.ITERATION_COMPLETED:
                 self.batch_skipped = False
             return
+        if not self._event_handlers[event_name]:
+            # Most events of an iteration have no handler; Ignite would still format a debug line.
+            self.last_event_name = event_name  # Ignite's loop reads it
+            return
         try:
             super()._fire_event(event_name, *event_args, **event_kwargs)
         except SkipBatch:
@@ -149,8 +153,11 @@ def make_engine(spec: StepSpec, provided: Mapping[str, Any]) -> StepEngine:
         if engine.batch_skipped:
             return None
         try:
-            with torch.set_grad_enabled(grad):
+            if torch.is_grad_enabled() is grad:  # the usual case: no context manager per step
                 out = call({"batch": batch, "engine": engine, "state": engine.state})
+            else:
+                with torch.set_grad_enabled(grad):
+                    out = call({"batch": batch, "engine": engine, "state": engine.state})
         except SkipBatch:
             engine.skip_batch()
             return None
@@ -178,11 +185,14 @@ def _modules_of(provided: Mapping[str, Any]) -> list[torch.nn.Module]:
     return found
 
 
-def attach_handler(engine: StepEngine, spec: HandlerSpec, provided: Mapping[str, Any]) -> None:
-    """Attach one handler spec to ``engine``; its parameters are checked now, not at the event."""
+def wrap_handler(spec: HandlerSpec, provided: Mapping[str, Any]) -> Callable[[StepEngine], None]:
+    """``fn(engine)`` for one handler spec; its parameters are checked now, not at the event.
+
+    StopFit lets the other handlers of the event run; any other error is re-raised as a
+    :class:`HandlerError` naming the handler, the event and where the fit stood.
+    """
     if spec.raw:
-        engine.add_event_handler(spec.event, spec.fn)
-        return
+        return spec.fn
     call = make_caller(spec.fn, provided=provided, dynamic=HANDLER_DYNAMIC, what="handler")
     label = f"{spec.event} of the {spec.engine} engine"
     fn = spec.fn
@@ -202,12 +212,58 @@ def attach_handler(engine: StepEngine, spec: HandlerSpec, provided: Mapping[str,
                 f"{state.iteration}): {type(err).__name__}: {err}"
             ) from err
 
-    engine.add_event_handler(spec.event, handler)
-    if spec.at_start:
-        engine.add_event_handler(Events.STARTED, lambda e: handler(e) if e.state.epoch == 0 else None)
+    return handler
 
 
 def attach_in_order(engine: StepEngine, specs: Iterable[HandlerSpec], provided: Mapping[str, Any]) -> None:
-    """Attach handlers sorted by (order, declaration); Ignite then fires them in that order."""
+    """Attach handlers so that each event runs them by (order, declaration).
+
+    One Ignite handler per event dispatches to all of that event's specs and checks their
+    filters inline: a handler that is not due costs a modulo, not a call through Ignite's filter
+    wrapper (20 not-due handlers cost about 1 µs per iteration instead of about 40).
+    """
+    by_event: dict[Any, list[tuple[Callable[[StepEngine], None], Any, int | None]]] = {}
     for spec in sorted(specs, key=lambda s: (s.order, s.seq)):
-        attach_handler(engine, spec, provided)
+        handler = wrap_handler(spec, provided)
+        base, event_filter = _split(engine, spec.event)
+        by_event.setdefault(base, []).append((handler, None if spec.every else event_filter, spec.every))
+        if spec.at_start:
+            by_event.setdefault(Events.STARTED, []).append(
+                (lambda e, h=handler: h(e) if e.state.epoch == 0 else None, None, None))
+    for base, entries in by_event.items():
+        engine.add_event_handler(base, _dispatcher(base, entries))
+
+
+def _split(engine: StepEngine, event: Any) -> tuple[Any, Callable[[Any, int], bool] | None]:
+    """The unfiltered event an (optionally filtered) Ignite event belongs to, and its filter."""
+    from ignite.engine.events import CallableEventWithFilter
+
+    event_filter = event.filter if isinstance(event, CallableEventWithFilter) else None
+    for allowed in engine._allowed_events:  # Ignite keeps no public list of an engine's events
+        if allowed == event:  # Ignite's events compare equal to their filtered forms
+            return allowed, event_filter
+    raise RecipeError(f"event {event} is not one the {engine.kind} engine fires")
+
+
+def _dispatcher(base: Any, entries: list[tuple[Callable[[StepEngine], None], Any, int | None]]
+                ) -> Callable[[StepEngine], None]:
+    if all(event_filter is None and every is None for _, event_filter, every in entries):
+        handlers = [h for h, _, _ in entries]
+
+        def run_all(engine: StepEngine) -> None:
+            for handler in handlers:
+                handler(engine)
+
+        return run_all
+
+    def dispatch(engine: StepEngine) -> None:
+        value = engine.state.get_event_attrib_value(base)
+        for handler, event_filter, every in entries:
+            if every is not None:
+                if value % every:
+                    continue
+            elif event_filter is not None and not event_filter(engine, value):
+                continue
+            handler(engine)
+
+    return dispatch

@@ -48,6 +48,8 @@ class HandlerSpec:
         seq: declaration counter, the tie-break for equal ``order``.
         at_start: also call once when the engine starts at epoch 0 (``skip_zero=False``).
         raw: engineflow's own handlers: ``fn(engine)`` is attached as is, with no injection.
+        every: the ``every`` of ``every_n_epochs``/``every_n_iterations``, checked inline by the
+            event's dispatcher (the same test as the event's Ignite filter, without its call).
     """
 
     fn: Callable[..., Any]
@@ -57,6 +59,7 @@ class HandlerSpec:
     seq: int
     at_start: bool = False
     raw: bool = False
+    every: int | None = None
 
 
 def handler_specs(fn: Any) -> tuple[HandlerSpec, ...]:
@@ -119,7 +122,8 @@ def every_n_epochs(n: int, *, engine: Any = "train", skip_zero: bool = True, ord
     from ignite.engine import Events
 
     def decorate(fn: F) -> F:
-        spec = HandlerSpec(fn, Events.EPOCH_COMPLETED(every=n), kind, order, next(_declared), at_start=not skip_zero)
+        spec = HandlerSpec(fn, Events.EPOCH_COMPLETED(every=n), kind, order, next(_declared), at_start=not skip_zero,
+                           every=n)
         return _register(fn, spec)
 
     return decorate
@@ -141,7 +145,8 @@ def every_n_iterations(n: int, *, engine: Any = "train", order: int = 0) -> Call
     _check_order(order)
     from ignite.engine import Events
 
-    return lambda fn: _register(fn, HandlerSpec(fn, Events.ITERATION_COMPLETED(every=n), kind, order, next(_declared)))
+    return lambda fn: _register(
+        fn, HandlerSpec(fn, Events.ITERATION_COMPLETED(every=n), kind, order, next(_declared), every=n))
 
 
 def _check_positive(n: Any, where: str) -> None:

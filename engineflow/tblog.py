@@ -1,8 +1,9 @@
 """TensorBoard event files (tensorboardX), imported only when a run writes them.
 
-Scalars: the train loss every ``every`` iterations (tag ``iteration/train/loss``, step = the
-iteration), every per-epoch metric under its own name (``valid/accuracy``, step = the epoch),
-and at the end the config as hparams with the final metrics.
+Scalars: the train loss every 50 iterations (tag ``iteration/train/loss``, step = the
+iteration; the recorder's handler fires only then), every per-epoch metric under its own name
+(``valid/accuracy``, step = the epoch), and at the end the config as hparams with the final
+metrics.
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ from engineflow.configuration import flatten
 class TensorBoardLog:
     """A tensorboardX ``SummaryWriter`` in ``folder``, opened on first use."""
 
-    def __init__(self, folder: Path, *, every: int = 10) -> None:
+    def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self.every = every
         self._writer: Any = None
+
+    def open(self) -> None:
+        """Create the event file now (a one-off cost that then does not land inside an epoch)."""
+        _ = self.writer
 
     @property
     def writer(self) -> Any:
@@ -31,7 +35,7 @@ class TensorBoardLog:
         return self._writer
 
     def iteration(self, iteration: int, loss: float | None) -> None:
-        if loss is not None and iteration % self.every == 0:
+        if loss is not None:
             self.writer.add_scalar("iteration/train/loss", loss, iteration)
 
     def epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:

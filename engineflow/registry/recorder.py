@@ -33,6 +33,8 @@ from engineflow.registry.snapshot import CodeState, save
 from engineflow.registry.store import HEARTBEAT_INTERVAL_S, RunStore
 from engineflow.tblog import TensorBoardLog
 
+TB_EVERY_ITERATIONS = 50  # the loss per iteration for TensorBoard; epochs log every metric
+
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).isoformat()
@@ -77,6 +79,7 @@ class RunRecorder:
         recorder = cls(store, run_dir, record)
         recorder.update(status="running", pid=os.getpid(), hostname=socket.gethostname(), heartbeat_at=now_iso())
         recorder._start_heartbeat()
+        recorder.tb.open()
         return recorder
 
     @classmethod
@@ -132,7 +135,9 @@ class RunRecorder:
         def epoch(engine: Any) -> None:
             self.epoch_completed(fit)
 
-        return [HandlerSpec(iteration, Events.ITERATION_COMPLETED, "train", 900, -1, raw=True),
+        every = TB_EVERY_ITERATIONS
+        return [HandlerSpec(iteration, Events.ITERATION_COMPLETED(every=every), "train", 900, -1, raw=True,
+                            every=every),
                 HandlerSpec(epoch, Events.EPOCH_COMPLETED, "train", 900, -1, raw=True)]
 
     def epoch_completed(self, fit: Any) -> None:
