@@ -23,17 +23,12 @@ from typing import Any
 import torch
 
 from engineflow.errors import RecipeError
+from engineflow.state import find_components
 
 
 def modules_of(components: Mapping[str, Any]) -> dict[str, torch.nn.Module]:
     """The ``nn.Module`` components by name; a dict of modules gives ``name.key`` entries."""
-    found: dict[str, torch.nn.Module] = {}
-    for name, value in components.items():
-        if isinstance(value, torch.nn.Module):
-            found[name] = value
-        elif isinstance(value, Mapping) and name != "loaders":
-            found.update({f"{name}.{k}": v for k, v in value.items() if isinstance(v, torch.nn.Module)})
-    return found
+    return find_components(components, lambda value: isinstance(value, torch.nn.Module))
 
 
 def atomic_save(obj: Any, path: Path) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
+from engineflow.checkpoint import modules_of
 from engineflow.control import ControlFlow, EndEpoch, SkipBatch, StopFit
 from engineflow.errors import EngineflowError, HandlerError, RecipeError
 from engineflow.handlers import HandlerSpec
@@ -171,18 +172,7 @@ def make_engine(spec: StepSpec, provided: Mapping[str, Any]) -> StepEngine:
             return None
         return normalize_output(out, step) if normalize else out
 
-    modules = _modules_of(provided)
-    return StepEngine(process, kind=spec.kind, modules=modules)
-
-
-def _modules_of(provided: Mapping[str, Any]) -> list[torch.nn.Module]:
-    found: list[torch.nn.Module] = []
-    for value in provided.values():
-        if isinstance(value, torch.nn.Module):
-            found.append(value)
-        elif isinstance(value, Mapping):
-            found.extend(v for v in value.values() if isinstance(v, torch.nn.Module))
-    return found
+    return StepEngine(process, kind=spec.kind, modules=modules_of(provided).values())
 
 
 def wrap_handler(spec: HandlerSpec, provided: Mapping[str, Any]) -> Callable[[StepEngine], None]:

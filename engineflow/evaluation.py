@@ -76,16 +76,15 @@ def evaluate_test(recipe: str | Path, *, ref: str | None = None, ignore_changes:
 
 
 def _store_test_metrics(past: Any, metrics: dict[str, float]) -> None:
-    from engineflow.files import write_json
     from engineflow.registry.recorder import now_iso
+    from engineflow.registry.runs import save_record
     from engineflow.registry.store import RunStore
 
     record = past.record
     record["metrics"] = {**record.get("metrics", {}), **metrics}
     record["tested_at"] = now_iso()
-    write_json(past.run_dir / "run.json", record)
     with RunStore.open(past.run_dir.parent.parent) as store:
-        store.upsert_run(record)
+        save_record(store, record)
 
 
 def predict_files(recipe: str | Path, source: str | Path, output: str | Path, *, ref: str | None = None,

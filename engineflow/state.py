@@ -107,8 +107,7 @@ class EpochData:
     @property
     def positions_itself(self) -> bool:
         """True for loaders that save their own position (their ``state_dict`` is in checkpoints)."""
-        return callable(getattr(self.loader, "state_dict", None)) and callable(
-            getattr(self.loader, "load_state_dict", None))
+        return is_stateful(self.loader)
 
     def resume_at(self, batches_done: int, after_skip: Callable[[], None]) -> None:
         """Make the next pass skip ``batches_done`` batches, then call ``after_skip``."""
@@ -149,19 +148,26 @@ class _FirstBatchStarts:
         return next(self._iterator)
 
 
+def find_components(components: Mapping[str, Any], keep: Callable[[Any], bool]) -> dict[str, Any]:
+    """The components ``keep`` accepts, by name; a dict of components (a GAN's models, the loaders)
+    gives ``name.key`` entries."""
+    found: dict[str, Any] = {}
+    for name, value in components.items():
+        if keep(value):
+            found[name] = value
+        elif isinstance(value, Mapping):
+            found.update({f"{name}.{k}": v for k, v in value.items() if keep(v)})
+    return found
+
+
 def stateful_components(components: Mapping[str, Any]) -> dict[str, Any]:
     """Every component with ``state_dict``/``load_state_dict``, by name (``loaders.train``...).
 
     That is how a recipe registers its own stateful objects: return them from ``setup``.
     """
-    found: dict[str, Any] = {}
-    for name, value in components.items():
-        if _stateful(value):
-            found[name] = value
-        elif isinstance(value, Mapping):
-            found.update({f"{name}.{k}": v for k, v in value.items() if _stateful(v)})
-    return found
+    return find_components(components, is_stateful)
 
 
-def _stateful(value: Any) -> bool:
+def is_stateful(value: Any) -> bool:
+    """Whether ``value`` can be checkpointed: it has ``state_dict`` and ``load_state_dict``."""
     return callable(getattr(value, "state_dict", None)) and callable(getattr(value, "load_state_dict", None))

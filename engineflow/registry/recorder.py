@@ -29,6 +29,7 @@ from typing import Any
 from engineflow.checkpoint import modules_of, save_weights
 from engineflow.files import write_json
 from engineflow.handlers import HandlerSpec
+from engineflow.registry.runs import save_record
 from engineflow.registry.snapshot import CodeState, save
 from engineflow.registry.store import HEARTBEAT_INTERVAL_S, RunStore
 from engineflow.tblog import TensorBoardLog
@@ -122,8 +123,7 @@ class RunRecorder:
     def update(self, **fields: Any) -> None:
         """Merge ``fields`` into the record, rewrite ``run.json``, then the store row."""
         self.record.update(fields)
-        write_json(self.run_dir / "run.json", self.record)
-        self.store.upsert_run(self.record)
+        save_record(self.store, self.record)
 
     def handlers(self, fit: Any) -> list[HandlerSpec]:
         """Handlers on the train engine: per-iteration TensorBoard and heartbeat, per-epoch records."""

@@ -32,13 +32,20 @@ def reindex(runs_dir: str | Path) -> int:
     return rebuild(Path(runs_dir))
 
 
+def save_record(store: RunStore, record: dict[str, Any]) -> None:
+    """Write a run record to its folder's ``run.json`` (the source of truth), then to the store.
+
+    ``history`` (which the store adds on reads) is not part of the record: metrics.jsonl holds it.
+    """
+    record = {k: v for k, v in record.items() if k != "history"}
+    folder = Path(record["run_dir"])
+    if folder.is_dir():  # a folder deleted by hand: the store still learns the new status
+        write_json(folder / "run.json", record)
+    store.upsert_run(record)
+
+
 def _settle_stale(store: RunStore) -> None:
     # The folder is the source of truth: its run.json says "interrupted" too, so a reindex agrees.
     for record in store.stale_runs():
-        record = {**record, "status": "interrupted", "error": record.get("error") or "the process died (killed?)",
-                  "pid": None}
-        record.pop("history", None)
-        run_json = Path(record["run_dir"]) / "run.json"
-        if run_json.parent.is_dir():
-            write_json(run_json, record)
-        store.upsert_run(record)
+        save_record(store, {**record, "status": "interrupted", "pid": None,
+                            "error": record.get("error") or "the process died (killed?)"})
