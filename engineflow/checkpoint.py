@@ -2,8 +2,9 @@
 
 Two kinds of file:
 
-* weights (``checkpoints/best.pt``, ``last.pt``): component name -> ``state_dict``, plus ``meta``;
-  what ``ef.load_run`` and ``engineflow test``/``eval`` read.
+* weights (``checkpoints/best.pt``, written when the main metric improves, and ``last.pt``,
+  written when the run ends): component name -> ``state_dict``, plus ``meta``; what ``ef.load_run``
+  and ``engineflow test``/``eval`` read (before ``last.pt`` exists, the newest full state).
 * full state (``checkpoints/state-<iteration>.pt``): everything a resume needs (see
   :mod:`engineflow.state`), each with a ``.sha256`` file beside it. A file that fails its checksum
   is reported and the previous one is used.
@@ -31,18 +32,40 @@ def modules_of(components: Mapping[str, Any]) -> dict[str, torch.nn.Module]:
     return find_components(components, lambda value: isinstance(value, torch.nn.Module))
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``."""
+def atomic_save(obj: Any, path: Path, *, sync_folder: bool = True) -> str:
+    """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
+
+    Returns the file's sha256, computed as it is written (no second read). ``sync_folder=False``
+    leaves the folder's fsync to the caller, who renames more files first.
+    """
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with tmp.open("wb") as out:
-            torch.save(obj, out)
+            hashing = _HashingWriter(out)
+            torch.save(obj, hashing)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    if sync_folder:
+        _fsync_dir(path.parent)
+    return hashing.digest.hexdigest()
+
+
+class _HashingWriter:
+    """A binary file for ``torch.save`` that hashes what passes through to ``out``."""
+
+    def __init__(self, out: Any) -> None:
+        self.out = out
+        self.digest = hashlib.sha256()
+
+    def write(self, data: Any) -> int:
+        self.digest.update(data)
+        return self.out.write(data)
+
+    def flush(self) -> None:
+        self.out.flush()
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -77,6 +100,16 @@ def load_weights(path: Path, modules: Mapping[str, torch.nn.Module]) -> dict[str
     return saved["meta"]
 
 
+def load_checkpoint_weights(state: Mapping[str, Any], modules: Mapping[str, torch.nn.Module], path: Path) -> None:
+    """Load the modules' weights from a full-state checkpoint (``path`` names it in errors)."""
+    saved = state.get("components", {})
+    missing = [name for name in modules if name not in saved]
+    if missing:
+        raise RecipeError(f"{path} has no weights for {', '.join(missing)}; it holds {', '.join(saved)}")
+    for name, module in modules.items():
+        module.load_state_dict(saved[name])
+
+
 # Full training-state checkpoints: numbered files beside a checksum each ------------------------
 
 CHECKSUM_SUFFIX = ".sha256"
@@ -98,13 +131,16 @@ def save_checkpoint(folder: Path, name: str, state: Mapping[str, Any]) -> Path:
     """
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
-    atomic_save(dict(state), path)
+    digest = atomic_save(dict(state), path, sync_folder=False)
     checksum = path.with_name(path.name + CHECKSUM_SUFFIX)
     tmp = checksum.with_name(f".{checksum.name}.tmp{os.getpid()}")
-    tmp.write_text(f"{_sha256(path)}  {path.name}\n")
-    with tmp.open("rb") as out:
+    with tmp.open("w") as out:
+        out.write(f"{digest}  {path.name}\n")
+        out.flush()
         os.fsync(out.fileno())
     os.replace(tmp, checksum)
+    # One folder fsync for both renames: both files' contents are already on disk, so whichever
+    # renames a crash keeps, a checksum never vouches for a partial file.
     _fsync_dir(folder)
     return path
 

@@ -263,7 +263,7 @@ def _train(loaded: Recipe, start: Session, *, stream: IO[str] | None, progress: 
             result.epochs = len(fit.history)
             result.metrics = dict(fit.history[-1]) if fit.history else {}
             result.best = fit.best.as_dict()
-        recorder.finish(result.status, error=result.error, final=result.metrics)
+        recorder.finish(result.status, error=result.error, final=result.metrics, fit=fit)
     _summarise(reporter, result)
     return result
 

@@ -8,11 +8,14 @@ metrics.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from engineflow.configuration import flatten
+
+FLUSH_EVERY_S = 5.0
 
 
 class TensorBoardLog:
@@ -21,6 +24,7 @@ class TensorBoardLog:
     def __init__(self, folder: Path) -> None:
         self.folder = folder
         self._writer: Any = None
+        self._flushed_at = float("-inf")
 
     def open(self) -> None:
         """Create the event file now (a one-off cost that then does not land inside an epoch)."""
@@ -42,7 +46,11 @@ class TensorBoardLog:
         for name, value in metrics.items():
             if name != "epoch":
                 self.writer.add_scalar(name, value, epoch)
-        self.writer.flush()
+        # Flushing fsyncs the event file: after each epoch when epochs are long, every few seconds
+        # when they are not (and always at close).
+        if time.monotonic() - self._flushed_at >= FLUSH_EVERY_S:
+            self.writer.flush()
+            self._flushed_at = time.monotonic()
 
     def close(self, config: Mapping[str, Any], final: Mapping[str, float]) -> None:
         """Write the hparams summary and close the files."""

@@ -152,6 +152,43 @@ def test_load_run_returns_the_old_codes_behaviour(cli, recipe):
     assert isinstance(last.model, torch.nn.Module)
 
 
+def test_last_weights_are_written_at_the_end_and_read_from_the_newest_checkpoint_before(cli, write_recipe):
+    """last.pt is written once, when the run ends; a run that failed (or was killed) has none, and
+    ``which="last"`` then loads the newest full-state checkpoint: the last epoch that completed."""
+    from engineflow.checkpoint import checkpoint_files
+
+    fails_in_epoch_3 = BASE_RECIPE.replace("    return {\"loss\": loss}", """    if getattr(train, "epoch", 0) == 3:
+        return {"loss": loss * float("nan")}
+    return {"loss": loss}
+
+@ef.on(ef.Events.EPOCH_STARTED)
+def note_epoch(state):
+    train.epoch = state.epoch""").replace("epochs=2", "epochs=4")
+    recipe = write_recipe(fails_in_epoch_3)
+    runs_dir = recipe.parent / "runs"
+    assert cli("run", str(recipe)).exit_code == 1
+    failed = ef.load_run("last", runs_dir=runs_dir, which="last")
+    assert failed.record["status"] == "failed" and failed.record["epochs"] == 2
+    assert "weights_last" not in failed.record["artifacts"]
+    assert not (failed.run_dir / "checkpoints" / "last.pt").exists(), "NaN weights are not saved as 'last'"
+    newest = checkpoint_files(failed.run_dir / "checkpoints" / "state")[-1]
+    saved = torch.load(newest, weights_only=False)
+    assert saved["engine"]["epochs_completed"] == 2
+    for name, value in failed.model.state_dict().items():
+        assert torch.equal(value, saved["components"]["model"][name])
+        assert torch.isfinite(value).all()
+
+    done = write_recipe(BASE_RECIPE, name="done.py")
+    assert cli("run", str(done)).exit_code == 0
+    completed = ef.load_run("last", runs_dir=runs_dir, experiment="done", which="last")
+    last_file = torch.load(completed.run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert completed.record["artifacts"]["weights_last"] == "checkpoints/last.pt"
+    assert last_file["meta"]["epoch"] == 2 and last_file["meta"]["status"] == "completed"
+    final = torch.load(checkpoint_files(completed.run_dir / "checkpoints" / "state")[-1], weights_only=False)
+    for name, value in completed.model.state_dict().items():
+        assert torch.equal(value, final["components"]["model"][name]), "last.pt holds the final weights"
+
+
 def test_tensorboard_event_files_match_the_store(cli, recipe):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

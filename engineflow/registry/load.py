@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from engineflow.checkpoint import load_weights, modules_of
+from engineflow.checkpoint import load_checkpoint_weights, load_latest, load_weights, modules_of
 from engineflow.configuration import Config
 from engineflow.errors import RecipeError
 from engineflow.fit import Fit
@@ -88,14 +88,24 @@ def load_run(
     loaded = load_recipe(recipe) if recipe is not None else _snapshot_recipe(record, run_dir)
     context = RunContext(record["id"], record["experiment"], run_dir, resolve_device(device), record["seed"])
     fit, cfg, _ = build(loaded, record["config"], seed=record["seed"], context=context)
-    weights = record.get("artifacts", {}).get(f"weights_{which}")
     modules = modules_of(fit.components)
     if modules:
-        if weights is None:
-            raise RecipeError(f"run {record['id']} has no {which} weights; it ended before its first epoch completed")
-        load_weights(run_dir / weights, modules)
+        _load_chosen_weights(record, run_dir, which, modules)
     model = fit.components.get("model")
     return LoadedRun(record, loaded.module, loaded, cfg, model, dict(fit.components), fit, run_dir)
+
+
+def _load_chosen_weights(record: dict[str, Any], run_dir: Path, which: str,
+                         modules: dict[str, torch.nn.Module]) -> None:
+    weights = record.get("artifacts", {}).get(f"weights_{which}")
+    if weights is not None and (run_dir / weights).is_file():
+        load_weights(run_dir / weights, modules)
+        return
+    # last.pt is written when a run ends; a run still going, or killed, has its newest checkpoint
+    found = load_latest(run_dir / "checkpoints" / "state", warn=lambda line: None) if which == "last" else None
+    if found is None:
+        raise RecipeError(f"run {record['id']} has no {which} weights; it ended before its first epoch completed")
+    load_checkpoint_weights(found[1], modules, found[0])
 
 
 def _snapshot_recipe(record: dict[str, Any], run_dir: Path) -> Recipe:

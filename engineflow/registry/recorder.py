@@ -148,23 +148,30 @@ class RunRecorder:
             out.writelines(json.dumps({"epoch": epoch, "name": k, "value": v}) + "\n" for k, v in values.items())
         self.store.log_metrics(self.record["id"], [(epoch, k, v) for k, v in values.items()])
         self.tb.epoch(epoch, values)
-        modules = modules_of(fit.components)
         artifacts = dict(self.record.get("artifacts") or {})
-        if modules:
-            meta = {"epoch": epoch, "metrics": values}
-            save_weights(self.run_dir / "checkpoints" / "last.pt", modules, meta)
-            artifacts["weights_last"] = "checkpoints/last.pt"
-            if fit.best.epoch == epoch:
-                save_weights(self.run_dir / "checkpoints" / "best.pt", modules, meta)
-                artifacts["weights_best"] = "checkpoints/best.pt"
+        # Only the best weights are written per epoch; the last ones when the run ends (finish). Until
+        # then the newest full-state checkpoint holds them (what ef.load_run(which="last") reads).
+        modules = modules_of(fit.components)
+        if modules and fit.best.epoch == epoch:
+            save_weights(self.run_dir / "checkpoints" / "best.pt", modules, {"epoch": epoch, "metrics": values})
+            artifacts["weights_best"] = "checkpoints/best.pt"
         self.update(metrics={**self.record.get("metrics", {}), **values}, best=fit.best.as_dict(),
                     epochs=epoch, artifacts=artifacts, heartbeat_at=now_iso())
 
-    def finish(self, status: str, *, error: str | None = None, final: Mapping[str, float] | None = None) -> None:
-        """Close TensorBoard and mark the run ``status`` with its end time."""
+    def finish(self, status: str, *, error: str | None = None, final: Mapping[str, float] | None = None,
+               fit: Any = None) -> None:
+        """Write the last weights (unless training failed: they may be NaN), close TensorBoard and mark
+        the run ``status`` with its end time."""
         self._stop_beating.set()
+        fields: dict[str, Any] = {}
         try:
+            modules = modules_of(fit.components) if fit is not None and status != "failed" else {}
+            if modules:
+                meta = {"epoch": fit.history[-1]["epoch"] if fit.history else 0, "status": status,
+                        "iteration": fit.train.state.iteration, "metrics": dict(final or {})}
+                save_weights(self.run_dir / "checkpoints" / "last.pt", modules, meta)
+                fields["artifacts"] = {**(self.record.get("artifacts") or {}), "weights_last": "checkpoints/last.pt"}
             self.tb.close(self.record["config"], final or {})
         finally:
-            self.update(status=status, ended_at=now_iso(), error=error, pid=None)
+            self.update(status=status, ended_at=now_iso(), error=error, pid=None, **fields)
 
