@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import io
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -103,10 +103,13 @@ def paired(workload: Workload, *, variants: list[str], loader: str = "dataloader
            every: int = 100) -> Result:
     """Several loops in one process, an epoch each in turn, on the same model, optimizer and loader.
 
-    ``variants`` name the loops: "raw", "ignite", "engineflow", or "engineflow+N" (N no-op handlers due
-    every ``every`` iterations). Block ``b`` runs them rotated by ``b`` (A B C, B C A, C A B...), so that
-    drift in the machine's speed and the position in a block hit each alike. A few microseconds per
-    iteration are below what separate processes resolve on a shared machine; paired epochs resolve them.
+    ``variants`` name the loops: "raw", "ignite", "engineflow", "engineflow+N" (N no-op handlers due
+    every ``every`` iterations), or "engineflow_recipe" (a whole ``engineflow.run`` of one epoch with
+    every default handler, on its own model of the same workload, timed by the recipe's clock). Block
+    ``b`` runs them rotated by ``b`` (A B C, B C A, C A B...), so that drift in the machine's speed and
+    the position in a block hit each alike. A few microseconds per iteration, or a percent of a
+    compute-bound epoch, are below what separate processes resolve on a shared machine; paired epochs
+    resolve them.
 
     Returns the first variant's timing (the reference), and for each variant ``<v>_us`` (median CPU
     us/iteration) and, for the others, ``<v>_extra_us`` and ``<v>_ratio``: medians over blocks of the
@@ -115,14 +118,13 @@ def paired(workload: Workload, *, variants: list[str], loader: str = "dataloader
     import statistics
 
     model, optimizer, train = _parts(workload, loader)
-    epochs = {name: _epoch_runner(name, model, optimizer, train, every) for name in variants}
+    epochs = {name: _epoch_runner(name, model, optimizer, train, every, workload, loader) for name in variants}
     per_iteration: dict[str, list[float]] = {name: [] for name in variants}
     reference = {"seconds": 0.0, "cpu_seconds": 0.0, "iterations": 0}
     for block in range(blocks):
         shift = block % len(variants)
         for name in variants[shift:] + variants[:shift]:
-            clock = timing.Clock()
-            result = clock.stop(epochs[name]())
+            result = epochs[name]()
             per_iteration[name].append(1e6 * result["cpu_seconds"] / result["iterations"])
             if name == variants[0]:
                 reference = {key: reference[key] + result[key] for key in reference}
@@ -137,8 +139,11 @@ def paired(workload: Workload, *, variants: list[str], loader: str = "dataloader
 
 
 def _epoch_runner(name: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: Iterable[Any],
-                  every: int) -> Any:
-    """A function that trains one epoch with the loop ``name`` and returns its iteration count."""
+                  every: int, workload: Workload, loader: str) -> Callable[[], Result]:
+    """A function that trains one epoch with the loop ``name`` and returns its timing."""
+    if name == "engineflow_recipe":
+        one_epoch = workload.scaled(samples=workload.samples, epochs=1)
+        return lambda: engineflow_recipe(one_epoch, loader)
     if name == "raw":
         def raw_epoch() -> int:
             iterations = 0
@@ -147,7 +152,7 @@ def _epoch_runner(name: str, model: torch.nn.Module, optimizer: torch.optim.Opti
                 iterations += 1
             return iterations
 
-        return raw_epoch
+        return _timed(raw_epoch)
     if name == "ignite":
         from ignite.engine import Engine
 
@@ -156,13 +161,21 @@ def _epoch_runner(name: str, model: torch.nn.Module, optimizer: torch.optim.Opti
         handlers = int(name.partition("+")[2] or 0)
         engine = _engineflow_engine(model, optimizer, handlers, every)
     else:
-        raise ValueError(f"unknown loop {name!r}; use raw, ignite, engineflow or engineflow+N")
+        raise ValueError(f"unknown loop {name!r}; use raw, ignite, engineflow, engineflow+N or engineflow_recipe")
 
     def engine_epoch() -> int:
         engine.run(train, max_epochs=1)
         return engine.state.iteration
 
-    return engine_epoch
+    return _timed(engine_epoch)
+
+
+def _timed(epoch: Callable[[], int]) -> Callable[[], Result]:
+    def run() -> Result:
+        clock = timing.Clock()
+        return clock.stop(epoch())
+
+    return run
 
 
 def _no_op(index: int) -> Any:

@@ -8,18 +8,22 @@ and reports medians of per-block differences and ratios (see :func:`benchmarks.l
   overhead-bound model and the standard ``DataLoader``;
 * ``handlers``: engineflow's engine with 0, 5 and 20 no-op handlers declared with
   ``ef.every_n_iterations(100)`` and attached with ``attach_in_order`` as the recipe loader does,
-  on a ``TensorLoader`` (the cheapest loop, where a handler's share is largest).
+  on a ``TensorLoader`` (the cheapest loop, where a handler's share is largest);
+* ``compute``: the compute-bound MLP, one epoch each of the raw loop, plain Ignite, engineflow's
+  engine and a whole ``engineflow.run`` with its default handlers (validation, a full-state
+  checkpoint and the best weights every epoch: its first epoch always improves).
 """
 
 from __future__ import annotations
 
 from benchmarks.harness import Case, Family, worker_argv
-from benchmarks.workloads import TINY
+from benchmarks.workloads import MLP, TINY
 
 EVERY = 100
 BLOCKS = 4  # epochs of each loop per process
 ENGINES = ["raw", "ignite", "engineflow"]
 HANDLERS = ["engineflow", "engineflow+5", "engineflow+20"]
+COMPUTE = ["raw", "ignite", "engineflow", "engineflow_recipe"]
 
 
 def family(quick: bool = False) -> Family:
@@ -27,21 +31,27 @@ def family(quick: bool = False) -> Family:
     workload = TINY.scaled(samples=4096 if quick else TINY.samples, epochs=1)
     blocks = 2 if quick else BLOCKS
     params = {"workload": workload.as_dict(), "blocks": blocks, "every": EVERY}
+    mlp = MLP.scaled(samples=512 if quick else MLP.samples, epochs=1)
     cases = [
         Case("engine", "engine: raw loop (DataLoader), the reference",
              worker_argv("loops", "paired", variants=ENGINES, loader="dataloader", **params)),
         Case("handlers", "handlers: engineflow + TensorLoader, 0 handlers",
              worker_argv("loops", "paired", variants=HANDLERS, loader="tensor", **params)),
+        Case("compute", "compute: raw loop (DataLoader), the reference",
+             worker_argv("loops", "paired", variants=COMPUTE, loader="dataloader",
+                         **{**params, "workload": mlp.as_dict()})),
     ]
     return Family(
         name="paired",
-        title=f"loops alternating by epoch inside one process, {workload.samples // workload.batch_size} "
-              f"iterations per epoch, {blocks} epochs each",
+        title=f"loops alternating by epoch inside one process, {blocks} epochs each: "
+              f"{workload.samples // workload.batch_size} iterations per epoch (engine, handlers), "
+              f"{mlp.samples // mlp.batch_size} (compute)",
         unit="us/iteration",
         baseline=None,
         cases=cases,
         setup={"workload": workload.as_dict(), "blocks": blocks, "every": EVERY, "engine": ENGINES,
-               "handlers": HANDLERS},
+               "handlers": HANDLERS,
+               "compute": COMPUTE, "compute_workload": mlp.as_dict()},
         notes=["median etc.: the reference loop of each process. Below, medians over rounds: <loop>_us, and "
                "<loop>_extra_us / <loop>_ratio against the reference epoch of the same block."],
     )
