@@ -2,9 +2,10 @@
 
 Two kinds of file:
 
-* weights (``checkpoints/best.pt``, written when the main metric improves, and ``last.pt``,
-  written when the run ends): component name -> ``state_dict``, plus ``meta``; what ``ef.load_run``
-  and ``engineflow test``/``eval`` read (before ``last.pt`` exists, the newest full state).
+* weights (``checkpoints/best.pt`` and ``last.pt``, written when the run ends): component name ->
+  ``state_dict``, plus ``meta``; what ``ef.load_run`` and ``engineflow test``/``eval`` read. Before
+  they exist (a run still going, or killed) the full-state files stand in: the newest for "last",
+  the best epoch's for "best". (Without ``keep_best``, best.pt is written at each improvement.)
 * full state (``checkpoints/state-<iteration>.pt``): everything a resume needs (see
   :mod:`engineflow.state`), each with a ``.sha256`` file beside it. A file that fails its checksum
   is reported and the previous one is used.
@@ -108,6 +109,32 @@ def load_checkpoint_weights(state: Mapping[str, Any], modules: Mapping[str, torc
         raise RecipeError(f"{path} has no weights for {', '.join(missing)}; it holds {', '.join(saved)}")
     for name, module in modules.items():
         module.load_state_dict(saved[name])
+
+
+def export_weights(checkpoint: Path, path: Path, names: list[str], meta: Mapping[str, Any]) -> None:
+    """Write the weights file ``path`` (as :func:`save_weights` does) from the modules ``names`` of the
+    full-state ``checkpoint``: the best epoch's weights, taken from its checkpoint when a run ends."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    missing = [name for name in names if name not in state["components"]]
+    if missing:
+        raise RecipeError(f"{checkpoint} has no weights for {', '.join(missing)}")
+    atomic_save({"weights": {name: state["components"][name] for name in names}, "meta": dict(meta)}, path)
+
+
+def best_checkpoint(folder: Path, warn: Callable[[str], None]) -> tuple[Path, dict[str, Any]] | None:
+    """The kept checkpoint of the best epoch, as the newest valid checkpoint ranks them, or None."""
+    newest = load_latest(folder, warn)
+    if newest is None:
+        return None
+    state = newest[1]
+    scores, sign = state.get("best_checkpoints", {}), 1.0 if state["best"]["mode"] == "max" else -1.0
+    for name in sorted(scores, key=lambda name: sign * scores[name], reverse=True):
+        path = folder / name
+        if path == newest[0]:
+            return newest
+        if path.is_file() and verify(path) is None:
+            return path, torch.load(path, map_location="cpu", weights_only=False)
+    return None
 
 
 # Full training-state checkpoints: numbered files beside a checksum each ------------------------

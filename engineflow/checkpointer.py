@@ -160,11 +160,17 @@ class Checkpointer:
     def _prune(self) -> None:
         files = checkpoint_files(self.folder)
         keep = set(files[-self.policy.keep_last:])
-        if self.policy.keep_best:
-            sign = 1.0 if self.fit.best.mode == "max" else -1.0
-            ranked = sorted((p for p in self._scores if p.exists()), key=lambda p: sign * self._scores[p], reverse=True)
-            keep.update(ranked[: self.policy.keep_best])
+        keep.update(self._ranked_best()[: self.policy.keep_best])
         prune(self.folder, keep)
+
+    def _ranked_best(self) -> list[Path]:
+        sign = 1.0 if self.fit.best.mode == "max" else -1.0
+        return sorted((p for p in self._scores if p.exists()), key=lambda p: sign * self._scores[p], reverse=True)
+
+    def best_file(self) -> Path | None:
+        """The kept checkpoint of the best epoch (by the main metric), or None (``keep_best=0``)."""
+        ranked = self._ranked_best() if self.policy.keep_best else []
+        return ranked[0] if ranked else None
 
     # when ---------------------------------------------------------------------------------------
     def handlers(self, fit: Any) -> list[HandlerSpec]:

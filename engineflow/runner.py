@@ -229,6 +229,7 @@ def _train(loaded: Recipe, start: Session, *, stream: IO[str] | None, progress: 
     if checkpoint_every is not None:
         policy = every_iterations_policy(policy, checkpoint_every)
     holder: dict[str, Any] = {}
+    recorder.best_in_checkpoints = policy.keep_best > 0
 
     def checkpointing(fit: Fit) -> list[HandlerSpec]:
         holder["checkpointer"] = Checkpointer(context.run_dir / "checkpoints" / "state", policy, fit,
@@ -263,7 +264,9 @@ def _train(loaded: Recipe, start: Session, *, stream: IO[str] | None, progress: 
             result.epochs = len(fit.history)
             result.metrics = dict(fit.history[-1]) if fit.history else {}
             result.best = fit.best.as_dict()
-        recorder.finish(result.status, error=result.error, final=result.metrics, fit=fit)
+        checkpointer = holder.get("checkpointer")
+        recorder.finish(result.status, error=result.error, final=result.metrics, fit=fit,
+                        best_checkpoint=checkpointer.best_file() if checkpointer is not None else None)
     _summarise(reporter, result)
     return result
 

@@ -177,6 +177,16 @@ def note_epoch(state):
     for name, value in failed.model.state_dict().items():
         assert torch.equal(value, saved["components"]["model"][name])
         assert torch.isfinite(value).all()
+    # best.pt is exported from the best epoch's checkpoint when the run ends, failed or not
+    best = torch.load(failed.run_dir / "checkpoints" / "best.pt", weights_only=True)
+    assert failed.record["artifacts"]["weights_best"] == "checkpoints/best.pt"
+    assert best["meta"]["epoch"] == failed.record["best"]["epoch"]
+    scores = saved["best_checkpoints"]
+    (best_name,) = [name for name, value in scores.items() if value == failed.record["best"]["value"]][-1:]
+    best_state = torch.load(failed.run_dir / "checkpoints" / "state" / best_name, weights_only=False)
+    assert best_state["best"]["epoch"] == failed.record["best"]["epoch"]
+    for name, value in best["weights"]["model"].items():
+        assert torch.equal(value, best_state["components"]["model"][name])
 
     done = write_recipe(BASE_RECIPE, name="done.py")
     assert cli("run", str(done)).exit_code == 0
@@ -313,7 +323,7 @@ def test_sigkill_leaves_a_store_that_lists_the_run_as_interrupted(write_recipe, 
     recipe = write_recipe(SLOW_RECIPE)
     runs_dir = tmp_path / "runs"
     proc = start_run(recipe, runs_dir)
-    record = wait_for_epochs(runs_dir, 1, proc)
+    record = wait_for_epochs(runs_dir, 2, proc)  # epoch 1's checkpoint is on disk before epoch 2 starts
     proc.kill()
     proc.wait(timeout=30)
     runs = as_json(cli("runs", "list", "--runs-dir", str(runs_dir), "--json"))
@@ -321,6 +331,18 @@ def test_sigkill_leaves_a_store_that_lists_the_run_as_interrupted(write_recipe, 
     assert runs[0]["status"] == "interrupted"
     on_disk = json.loads((Path(record["run_dir"]) / "run.json").read_text())
     assert on_disk["status"] == "interrupted", "the folder agrees with the store"
+    # No weights files yet (they are written when a run ends): both come from its checkpoints.
+    from engineflow.checkpoint import checkpoint_files
+
+    folder = Path(record["run_dir"]) / "checkpoints"
+    assert not (folder / "best.pt").exists()
+    states = {p.name: torch.load(p, weights_only=False) for p in checkpoint_files(folder / "state")}
+    newest = states[max(states)]
+    best_name = max(newest["best_checkpoints"], key=newest["best_checkpoints"].get)  # mode "max": accuracy
+    for which, expected in (("last", newest), ("best", states[best_name])):
+        model = ef.load_run(record["id"], runs_dir=runs_dir, which=which).model
+        for name, value in model.state_dict().items():
+            assert torch.equal(value, expected["components"]["model"][name]), which
 
 
 def digits_images(folder: Path, split) -> list[int]:

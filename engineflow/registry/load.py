@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from engineflow.checkpoint import load_checkpoint_weights, load_latest, load_weights, modules_of
+from engineflow.checkpoint import best_checkpoint, load_checkpoint_weights, load_latest, load_weights, modules_of
 from engineflow.configuration import Config
 from engineflow.errors import RecipeError
 from engineflow.fit import Fit
@@ -101,11 +101,16 @@ def _load_chosen_weights(record: dict[str, Any], run_dir: Path, which: str,
     if weights is not None and (run_dir / weights).is_file():
         load_weights(run_dir / weights, modules)
         return
-    # last.pt is written when a run ends; a run still going, or killed, has its newest checkpoint
-    found = load_latest(run_dir / "checkpoints" / "state", warn=lambda line: None) if which == "last" else None
+    # The weights files are written when a run ends; a run still going, or killed, has checkpoints.
+    folder = run_dir / "checkpoints" / "state"
+    found = load_latest(folder, _quiet) if which == "last" else best_checkpoint(folder, _quiet)
     if found is None:
         raise RecipeError(f"run {record['id']} has no {which} weights; it ended before its first epoch completed")
     load_checkpoint_weights(found[1], modules, found[0])
+
+
+def _quiet(line: str) -> None:
+    """Damaged checkpoints are skipped silently here: the one loaded is the newest valid one."""
 
 
 def _snapshot_recipe(record: dict[str, Any], run_dir: Path) -> Recipe:

@@ -26,7 +26,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from engineflow.checkpoint import modules_of, save_weights
+from engineflow.checkpoint import export_weights, modules_of, save_weights
 from engineflow.files import write_json
 from engineflow.handlers import HandlerSpec
 from engineflow.registry.runs import save_record
@@ -67,6 +67,9 @@ class RunRecorder:
         self.run_dir = run_dir
         self.record = record
         self.tb = TensorBoardLog(run_dir / "tb")
+        # When the checkpointer keeps the best epoch's full state (keep_best >= 1), best.pt is
+        # exported from it at the end instead of written at every improvement.
+        self.best_in_checkpoints = False
         self._stop_beating = threading.Event()
         self._beater: threading.Thread | None = None
 
@@ -149,29 +152,41 @@ class RunRecorder:
         self.store.log_metrics(self.record["id"], [(epoch, k, v) for k, v in values.items()])
         self.tb.epoch(epoch, values)
         artifacts = dict(self.record.get("artifacts") or {})
-        # Only the best weights are written per epoch; the last ones when the run ends (finish). Until
-        # then the newest full-state checkpoint holds them (what ef.load_run(which="last") reads).
+        # The weights files are written when the run ends (finish); until then the full-state
+        # checkpoints hold them (what ef.load_run reads), unless no checkpoint keeps the best epoch.
         modules = modules_of(fit.components)
-        if modules and fit.best.epoch == epoch:
+        if modules and fit.best.epoch == epoch and not self.best_in_checkpoints:
             save_weights(self.run_dir / "checkpoints" / "best.pt", modules, {"epoch": epoch, "metrics": values})
             artifacts["weights_best"] = "checkpoints/best.pt"
         self.update(metrics={**self.record.get("metrics", {}), **values}, best=fit.best.as_dict(),
                     epochs=epoch, artifacts=artifacts, heartbeat_at=now_iso())
 
     def finish(self, status: str, *, error: str | None = None, final: Mapping[str, float] | None = None,
-               fit: Any = None) -> None:
-        """Write the last weights (unless training failed: they may be NaN), close TensorBoard and mark
-        the run ``status`` with its end time."""
+               fit: Any = None, best_checkpoint: Path | None = None) -> None:
+        """Write the weights files, close TensorBoard and mark the run ``status`` with its end time.
+
+        ``last.pt``: the weights as training left them, unless it failed (they may be NaN).
+        ``best.pt``: exported from ``best_checkpoint`` (the best epoch's full state), when given.
+        """
         self._stop_beating.set()
-        fields: dict[str, Any] = {}
+        artifacts = dict(self.record.get("artifacts") or {})
         try:
-            modules = modules_of(fit.components) if fit is not None and status != "failed" else {}
-            if modules:
+            modules = modules_of(fit.components) if fit is not None else {}
+            if modules and status != "failed":
                 meta = {"epoch": fit.history[-1]["epoch"] if fit.history else 0, "status": status,
                         "iteration": fit.train.state.iteration, "metrics": dict(final or {})}
                 save_weights(self.run_dir / "checkpoints" / "last.pt", modules, meta)
-                fields["artifacts"] = {**(self.record.get("artifacts") or {}), "weights_last": "checkpoints/last.pt"}
+                artifacts["weights_last"] = "checkpoints/last.pt"
+            if modules and best_checkpoint is not None and self.best_in_checkpoints:
+                export_weights(best_checkpoint, self.run_dir / "checkpoints" / "best.pt", list(modules),
+                               _best_meta(fit))
+                artifacts["weights_best"] = "checkpoints/best.pt"
             self.tb.close(self.record["config"], final or {})
         finally:
-            self.update(status=status, ended_at=now_iso(), error=error, pid=None, **fields)
+            self.update(status=status, ended_at=now_iso(), error=error, pid=None, artifacts=artifacts)
+
+
+def _best_meta(fit: Any) -> dict[str, Any]:
+    row = next((row for row in fit.history if row["epoch"] == fit.best.epoch), {})
+    return {"epoch": fit.best.epoch, "metrics": {k: v for k, v in row.items() if k != "epoch"}}
 
