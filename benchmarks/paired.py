@@ -20,10 +20,16 @@ from benchmarks.harness import Case, Family, worker_argv
 from benchmarks.workloads import MLP, TINY
 
 EVERY = 100
-BLOCKS = 4  # epochs of each loop per process
+BLOCKS = 4  # epochs of each loop per process, at least
 ENGINES = ["raw", "ignite", "engineflow"]
 HANDLERS = ["engineflow", "engineflow+5", "engineflow+20"]
 COMPUTE = ["raw", "ignite", "engineflow", "engineflow_recipe"]
+
+
+def balanced(blocks: int, variants: list[str]) -> int:
+    """At least ``blocks``, rounded up to a whole number of rotations: each loop then takes each
+    place in a block equally often (an epoch's place, e.g. after which loop, can cost a few us)."""
+    return -(-blocks // len(variants)) * len(variants)
 
 
 def family(quick: bool = False) -> Family:
@@ -34,16 +40,18 @@ def family(quick: bool = False) -> Family:
     mlp = MLP.scaled(samples=512 if quick else MLP.samples, epochs=1)
     cases = [
         Case("engine", "engine: raw loop (DataLoader), the reference",
-             worker_argv("loops", "paired", variants=ENGINES, loader="dataloader", **params)),
+             worker_argv("loops", "paired", variants=ENGINES, loader="dataloader",
+                         **{**params, "blocks": balanced(blocks, ENGINES)})),
         Case("handlers", "handlers: engineflow + TensorLoader, 0 handlers",
-             worker_argv("loops", "paired", variants=HANDLERS, loader="tensor", **params)),
+             worker_argv("loops", "paired", variants=HANDLERS, loader="tensor",
+                         **{**params, "blocks": balanced(blocks, HANDLERS)})),
         Case("compute", "compute: raw loop (DataLoader), the reference",
              worker_argv("loops", "paired", variants=COMPUTE, loader="dataloader",
-                         **{**params, "workload": mlp.as_dict()})),
+                         **{**params, "workload": mlp.as_dict(), "blocks": balanced(blocks, COMPUTE)})),
     ]
     return Family(
         name="paired",
-        title=f"loops alternating by epoch inside one process, {blocks} epochs each: "
+        title=f"loops alternating by epoch inside one process, {blocks} or more epochs each (whole rotations): "
               f"{workload.samples // workload.batch_size} iterations per epoch (engine, handlers), "
               f"{mlp.samples // mlp.batch_size} (compute)",
         unit="us/iteration",

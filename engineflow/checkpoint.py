@@ -33,17 +33,17 @@ def modules_of(components: Mapping[str, Any]) -> dict[str, torch.nn.Module]:
     return find_components(components, lambda value: isinstance(value, torch.nn.Module))
 
 
-def atomic_save(obj: Any, path: Path, *, sync_folder: bool = True) -> str:
+def atomic_save(obj: Any, path: Path, *, sync_folder: bool = True, sha256: bool = False) -> str | None:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
 
-    Returns the file's sha256, computed as it is written (no second read). ``sync_folder=False``
-    leaves the folder's fsync to the caller, who renames more files first.
+    ``sha256=True`` returns the file's sha256, computed as it is written (no second read).
+    ``sync_folder=False`` leaves the folder's fsync to the caller, who renames more files first.
     """
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with tmp.open("wb") as out:
-            hashing = _HashingWriter(out)
-            torch.save(obj, hashing)
+            hashing = _HashingWriter(out) if sha256 else None
+            torch.save(obj, hashing or out)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)
@@ -51,7 +51,7 @@ def atomic_save(obj: Any, path: Path, *, sync_folder: bool = True) -> str:
         tmp.unlink(missing_ok=True)
     if sync_folder:
         _fsync_dir(path.parent)
-    return hashing.digest.hexdigest()
+    return hashing.digest.hexdigest() if hashing is not None else None
 
 
 class _HashingWriter:
@@ -158,7 +158,7 @@ def save_checkpoint(folder: Path, name: str, state: Mapping[str, Any]) -> Path:
     """
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
-    digest = atomic_save(dict(state), path, sync_folder=False)
+    digest = atomic_save(dict(state), path, sync_folder=False, sha256=True)
     checksum = path.with_name(path.name + CHECKSUM_SUFFIX)
     tmp = checksum.with_name(f".{checksum.name}.tmp{os.getpid()}")
     with tmp.open("w") as out:
