@@ -103,8 +103,9 @@ def paired(workload: Workload, *, variants: list[str], loader: str = "dataloader
            every: int = 100) -> Result:
     """Several loops in one process, an epoch each in turn, on the same model, optimizer and loader.
 
-    ``variants`` name the loops: "raw", "ignite", "engineflow", "engineflow+N" (N no-op handlers due
-    every ``every`` iterations), or "engineflow_recipe" (a whole ``engineflow.run`` of one epoch with
+    ``variants`` name the loops: "raw", "raw_recorded" (the raw loop validating and checkpointing each
+    epoch by hand), "ignite", "engineflow", "engineflow+N" (N no-op handlers due every ``every``
+    iterations), or "engineflow_recipe" (a whole ``engineflow.run`` of one epoch with
     every default handler, on its own model of the same workload, timed by the recipe's clock). Block
     ``b`` runs them rotated by ``b`` (A B C, B C A, C A B...), so that drift in the machine's speed and
     the position in a block hit each alike. A few microseconds per iteration, or a percent of a
@@ -144,6 +145,8 @@ def _epoch_runner(name: str, model: torch.nn.Module, optimizer: torch.optim.Opti
     if name == "engineflow_recipe":
         one_epoch = workload.scaled(samples=workload.samples, epochs=1)
         return lambda: engineflow_recipe(one_epoch, loader)
+    if name == "raw_recorded":
+        return _timed(_raw_recorded_epoch(model, optimizer, train, workload))
     if name == "raw":
         def raw_epoch() -> int:
             iterations = 0
@@ -161,13 +164,50 @@ def _epoch_runner(name: str, model: torch.nn.Module, optimizer: torch.optim.Opti
         handlers = int(name.partition("+")[2] or 0)
         engine = _engineflow_engine(model, optimizer, handlers, every)
     else:
-        raise ValueError(f"unknown loop {name!r}; use raw, ignite, engineflow, engineflow+N or engineflow_recipe")
+        raise ValueError(f"unknown loop {name!r}; use raw, raw_recorded, ignite, engineflow, engineflow+N or "
+                         "engineflow_recipe")
 
     def engine_epoch() -> int:
         engine.run(train, max_epochs=1)
         return engine.state.iteration
 
     return _timed(engine_epoch)
+
+
+def _raw_recorded_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: Iterable[Any],
+                        workload: Workload) -> Callable[[], int]:
+    """The raw loop doing by hand what engineflow's default handlers do each epoch: validate (accuracy
+    and loss on the same samples/64, batches of 1024) and save model and optimizer (fsync, rename)."""
+    import os
+
+    _, _, x_valid, y_valid = make_data(workload)
+    folder = Path(tempfile.mkdtemp(prefix="engineflow-bench-"))
+
+    def epoch() -> int:
+        iterations = 0
+        model.train()
+        for x, y in train:
+            sgd_step(model, optimizer, x, y)
+            iterations += 1
+        model.eval()
+        correct, loss_sum = 0, 0.0
+        with torch.no_grad():
+            for start in range(0, len(x_valid), 1024):
+                x, y = x_valid[start:start + 1024], y_valid[start:start + 1024]
+                logits = model(x)
+                correct += int((logits.argmax(1) == y).sum())
+                loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        model.train()
+        tmp = folder / "checkpoint.pt.tmp"
+        with tmp.open("wb") as out:
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "valid": (correct / len(y_valid), loss_sum / len(y_valid))}, out)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, folder / "checkpoint.pt")
+        return iterations
+
+    return epoch
 
 
 def _timed(epoch: Callable[[], int]) -> Callable[[], Result]:

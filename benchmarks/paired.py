@@ -10,8 +10,8 @@ and reports medians of per-block differences and ratios (see :func:`benchmarks.l
   ``ef.every_n_iterations(100)`` and attached with ``attach_in_order`` as the recipe loader does,
   on a ``TensorLoader`` (the cheapest loop, where a handler's share is largest);
 * ``compute``: the compute-bound MLP, one epoch each of the raw loop, plain Ignite, engineflow's
-  engine and a whole ``engineflow.run`` with its default handlers (validation, a full-state
-  checkpoint and the best weights every epoch: its first epoch always improves).
+  engine, a whole ``engineflow.run`` with its default handlers (validation and a full-state
+  checkpoint every epoch), and the raw loop doing that validation and a checkpoint by hand.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ EVERY = 100
 BLOCKS = 4  # epochs of each loop per process, at least
 ENGINES = ["raw", "ignite", "engineflow"]
 HANDLERS = ["engineflow", "engineflow+5", "engineflow+20"]
-COMPUTE = ["raw", "ignite", "engineflow", "engineflow_recipe"]
+COMPUTE = ["raw", "ignite", "engineflow", "engineflow_recipe", "raw_recorded"]
 
 
 def balanced(blocks: int, variants: list[str]) -> int:

@@ -41,6 +41,16 @@ def _detail(family: str, case: str, key: str) -> Callable[[Summaries], float | N
     return value
 
 
+def _paired_ratio(case: str, loop: str, base: str) -> Callable[[Summaries], float | None]:
+    """Two loops of one ``paired`` case, each a ratio to the case's reference loop: their quotient."""
+    def value(summaries: Summaries) -> float | None:
+        a = _detail("paired", case, f"{loop}_ratio")(summaries)
+        b = _detail("paired", case, f"{base}_ratio")(summaries)
+        return None if a is None or b is None else a / b
+
+    return value
+
+
 def _plain(family: str, case: str) -> Callable[[Summaries], float | None]:
     return lambda summaries: _median(summaries, family, case)
 
@@ -64,6 +74,8 @@ TARGETS: list[tuple[str, Callable[[Summaries], float | None], float]] = [
      _detail("paired", "compute", "engineflow_ratio"), 1.02),
     ("paired in one process: compute-bound, engineflow default handlers / raw <= 1.02",
      _detail("paired", "compute", "engineflow_recipe_ratio"), 1.02),
+    ("paired in one process: compute-bound, engineflow default handlers / raw loop validating and "
+     "checkpointing by hand <= 1.02", _paired_ratio("compute", "engineflow_recipe", "raw_recorded"), 1.02),
     ("paired in one process: 20 handlers not due / 0 handlers < 1.05",
      _detail("paired", "handlers", "engineflow+20_ratio"), 1.0499),
     ("startup: engineflow --help < 0.5 s", _plain("startup", "help"), 0.4999),
