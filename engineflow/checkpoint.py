@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -93,32 +93,39 @@ def load_weights(path: Path, modules: Mapping[str, torch.nn.Module]) -> dict[str
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise RecipeError(f"cannot read weights {path}: {type(err).__name__}: {err}") from None
-    missing = [name for name in modules if name not in saved["weights"]]
-    if missing:
-        raise RecipeError(f"{path} has no weights for {', '.join(missing)}; it holds {', '.join(saved['weights'])}")
-    for name, module in modules.items():
-        module.load_state_dict(saved["weights"][name])
+    _load_states(modules, _module_states(saved["weights"], modules, path))
     return saved["meta"]
 
 
 def load_checkpoint_weights(state: Mapping[str, Any], modules: Mapping[str, torch.nn.Module], path: Path) -> None:
     """Load the modules' weights from a full-state checkpoint (``path`` names it in errors)."""
-    saved = state.get("components", {})
-    missing = [name for name in modules if name not in saved]
-    if missing:
-        raise RecipeError(f"{path} has no weights for {', '.join(missing)}; it holds {', '.join(saved)}")
-    for name, module in modules.items():
-        module.load_state_dict(saved[name])
+    _load_states(modules, _module_states(state.get("components", {}), modules, path))
 
 
 def export_weights(checkpoint: Path, path: Path, names: list[str], meta: Mapping[str, Any]) -> None:
     """Write the weights file ``path`` (as :func:`save_weights` does) from the modules ``names`` of the
     full-state ``checkpoint``: the best epoch's weights, taken from its checkpoint when a run ends."""
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    missing = [name for name in names if name not in state["components"]]
+    atomic_save({"weights": _module_states(state["components"], names, checkpoint), "meta": dict(meta)}, path)
+
+
+def _module_states(saved: Mapping[str, Any], names: Iterable[str], path: Path) -> dict[str, Any]:
+    """``saved[name]`` for each module name, or an error naming ``path`` and what it holds."""
+    missing = [name for name in names if name not in saved]
     if missing:
-        raise RecipeError(f"{checkpoint} has no weights for {', '.join(missing)}")
-    atomic_save({"weights": {name: state["components"][name] for name in names}, "meta": dict(meta)}, path)
+        raise RecipeError(f"{path} has no weights for {', '.join(missing)}; it holds {', '.join(saved)}")
+    return {name: saved[name] for name in names}
+
+
+def _load_states(modules: Mapping[str, torch.nn.Module], states: Mapping[str, Any]) -> None:
+    for name, module in modules.items():
+        module.load_state_dict(states[name])
+
+
+def ranked_by_score(scores: Mapping[Any, float], mode: str) -> list[Any]:
+    """The keys of ``scores``, best first: highest for mode "max", lowest for "min"."""
+    sign = 1.0 if mode == "max" else -1.0
+    return sorted(scores, key=lambda key: sign * scores[key], reverse=True)
 
 
 def best_checkpoint(folder: Path, warn: Callable[[str], None]) -> tuple[Path, dict[str, Any]] | None:
@@ -127,8 +134,7 @@ def best_checkpoint(folder: Path, warn: Callable[[str], None]) -> tuple[Path, di
     if newest is None:
         return None
     state = newest[1]
-    scores, sign = state.get("best_checkpoints", {}), 1.0 if state["best"]["mode"] == "max" else -1.0
-    for name in sorted(scores, key=lambda name: sign * scores[name], reverse=True):
+    for name in ranked_by_score(state.get("best_checkpoints", {}), state["best"]["mode"]):
         path = folder / name
         if path == newest[0]:
             return newest

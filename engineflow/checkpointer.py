@@ -21,7 +21,7 @@ from typing import Any
 
 from ignite.engine import Events
 
-from engineflow.checkpoint import checkpoint_files, load_latest, prune, save_checkpoint
+from engineflow.checkpoint import checkpoint_files, load_latest, prune, ranked_by_score, save_checkpoint
 from engineflow.errors import RecipeError
 from engineflow.handlers import HandlerSpec
 from engineflow.state import rng_state, set_rng_state, stateful_components
@@ -164,8 +164,7 @@ class Checkpointer:
         prune(self.folder, keep)
 
     def _ranked_best(self) -> list[Path]:
-        sign = 1.0 if self.fit.best.mode == "max" else -1.0
-        return sorted((p for p in self._scores if p.exists()), key=lambda p: sign * self._scores[p], reverse=True)
+        return [p for p in ranked_by_score(self._scores, self.fit.best.mode) if p.exists()]
 
     def best_file(self) -> Path | None:
         """The kept checkpoint of the best epoch (by the main metric), or None (``keep_best=0``)."""

@@ -166,7 +166,8 @@ class RunRecorder:
         """Write the weights files, close TensorBoard and mark the run ``status`` with its end time.
 
         ``last.pt``: the weights as training left them, unless it failed (they may be NaN).
-        ``best.pt``: exported from ``best_checkpoint`` (the best epoch's full state), when given.
+        ``best.pt``: exported from ``best_checkpoint`` (the best epoch's full state), when the
+        checkpointer keeps one (then :meth:`epoch_completed` did not write it).
         """
         self._stop_beating.set()
         artifacts = dict(self.record.get("artifacts") or {})
@@ -177,7 +178,7 @@ class RunRecorder:
                         "iteration": fit.train.state.iteration, "metrics": dict(final or {})}
                 save_weights(self.run_dir / "checkpoints" / "last.pt", modules, meta)
                 artifacts["weights_last"] = "checkpoints/last.pt"
-            if modules and best_checkpoint is not None and self.best_in_checkpoints:
+            if modules and best_checkpoint is not None:
                 export_weights(best_checkpoint, self.run_dir / "checkpoints" / "best.pt", list(modules),
                                _best_meta(fit))
                 artifacts["weights_best"] = "checkpoints/best.pt"
