@@ -92,6 +92,17 @@ def final_state(runs_dir: Path) -> dict:
     return torch.load(run_json.parent / "checkpoints" / "last.pt", weights_only=True)["weights"]["model"]
 
 
+def killed_run(tmp_path: Path, recipe_text: str, kill_at: int, *options: str) -> tuple[Path, Path]:
+    """Write ``recipe_text`` as resumable.py and run it until SIGKILL at iteration ``kill_at``;
+    returns the recipe and the runs folder."""
+    recipe, runs = tmp_path / "resumable.py", tmp_path / "runs"
+    recipe.write_text(recipe_text)
+    killed = engineflow("run", str(recipe), "--runs-dir", str(runs), *options,
+                        env={"KILL_AT": str(kill_at), "KILL_MARKER": str(tmp_path / "m")}, cwd=tmp_path)
+    assert killed.returncode == -9, (killed.stdout, killed.stderr)
+    return recipe, runs
+
+
 def divergences(a: dict, b: dict) -> list[str]:
     assert a.keys() == b.keys()
     return [name for name in a if not torch.equal(a[name], b[name])]
@@ -158,12 +169,7 @@ def test_sigkill_and_resume_is_bit_identical(recipe_dir, reference, tmp_path, na
 
 
 def test_a_resumed_run_keeps_its_id_and_records_the_resume(recipe_dir, tmp_path):
-    recipe = tmp_path / "resumable.py"
-    recipe.write_text(RECIPE)
-    runs = tmp_path / "runs"
-    killed = engineflow("run", str(recipe), "--runs-dir", str(runs), "--checkpoint-every", "3",
-                        env={"KILL_AT": "10", "KILL_MARKER": str(tmp_path / "m")}, cwd=tmp_path)
-    assert killed.returncode == -9
+    recipe, runs = killed_run(tmp_path, RECIPE, 10, "--checkpoint-every", "3")
     listed = json.loads(engineflow("runs", "list", "--runs-dir", str(runs), "--json", cwd=tmp_path).stdout)
     assert listed[0]["status"] == "interrupted"
     resumed = engineflow("run", str(recipe), "--runs-dir", str(runs), "--resume", listed[0]["id"][:15],
@@ -180,12 +186,7 @@ def test_a_resumed_run_keeps_its_id_and_records_the_resume(recipe_dir, tmp_path)
 
 
 def test_resume_refuses_changed_code_or_config(tmp_path):
-    recipe = tmp_path / "resumable.py"
-    recipe.write_text(RECIPE)
-    runs = tmp_path / "runs"
-    killed = engineflow("run", str(recipe), "--runs-dir", str(runs), env={"KILL_AT": "12",
-                        "KILL_MARKER": str(tmp_path / "m")}, cwd=tmp_path)
-    assert killed.returncode == -9
+    recipe, runs = killed_run(tmp_path, RECIPE, 12)
     changed_config = engineflow("run", str(recipe), "--runs-dir", str(runs), "--resume", "last", "--set", "lr=0.5",
                                 cwd=tmp_path)
     assert changed_config.returncode == 2 and "other config (lr: 0.05 -> 0.5)" in changed_config.stderr
@@ -212,12 +213,7 @@ def truncate(path: Path) -> None:
 @pytest.mark.parametrize(("damage", "reason"), [(flip_a_byte, "checksum mismatch"), (truncate, "checksum mismatch"),
                                                 (lambda p: p.with_name(p.name + ".sha256").unlink(), "no checksum")])
 def test_a_damaged_checkpoint_is_reported_and_the_previous_one_used(tmp_path, damage, reason):
-    recipe = tmp_path / "resumable.py"
-    recipe.write_text(RECIPE)
-    runs = tmp_path / "runs"
-    killed = engineflow("run", str(recipe), "--runs-dir", str(runs), "--checkpoint-every", "3",
-                        env={"KILL_AT": "20", "KILL_MARKER": str(tmp_path / "m")}, cwd=tmp_path)
-    assert killed.returncode == -9
+    recipe, runs = killed_run(tmp_path, RECIPE, 20, "--checkpoint-every", "3")
     (state_dir,) = runs.glob("*/*/checkpoints/state")
     files = sorted(state_dir.glob("state-*.pt"))
     assert files[-1].name == "state-000000018.pt" and len(files) >= 2
@@ -322,15 +318,10 @@ def test_sigint_on_an_epochs_last_batch_keeps_that_epoch(tmp_path):
 
 def test_keep_best_survives_a_resume_and_metrics_are_not_repeated(tmp_path):
     # mode="min" on accuracy: epoch 1 (the least accurate) stays the best, so its checkpoint must stay.
-    recipe = tmp_path / "resumable.py"
-    recipe.write_text(RECIPE.replace('@ef.eval_step(metrics={"accuracy": ef.metrics.Accuracy()})',
-                                     '@ef.eval_step(metrics={"accuracy": ef.metrics.Accuracy()}, mode="min")')
-                      + "\ncheckpoints = ef.checkpoints(every_epochs=None, every_iterations=6, keep_last=1, "
-                        "keep_best=1)\n")
-    runs = tmp_path / "runs"
-    killed = engineflow("run", str(recipe), "--runs-dir", str(runs), env={"KILL_AT": "22",
-                        "KILL_MARKER": str(tmp_path / "m")}, cwd=tmp_path)
-    assert killed.returncode == -9
+    recipe, runs = killed_run(
+        tmp_path, RECIPE.replace('@ef.eval_step(metrics={"accuracy": ef.metrics.Accuracy()})',
+                                 '@ef.eval_step(metrics={"accuracy": ef.metrics.Accuracy()}, mode="min")')
+        + "\ncheckpoints = ef.checkpoints(every_epochs=None, every_iterations=6, keep_last=1, keep_best=1)\n", 22)
     (state_dir,) = runs.glob("*/*/checkpoints/state")
     assert [p.name for p in sorted(state_dir.glob("state-*.pt"))] == ["state-000000008.pt", "state-000000018.pt"]
     resumed = engineflow("run", str(recipe), "--runs-dir", str(runs), "--resume", "last", cwd=tmp_path)
