@@ -114,7 +114,8 @@ def paired(workload: Workload, *, variants: list[str], loader: str = "dataloader
 
     Returns the first variant's timing (the reference), and for each variant ``<v>_us`` (median CPU
     us/iteration) and, for the others, ``<v>_extra_us`` and ``<v>_ratio``: medians over blocks of the
-    difference and ratio to the reference's epoch in the same block.
+    difference and ratio to the reference's epoch in the same block (``<v>_extra_ms_epoch``: the
+    difference per epoch).
     """
     import statistics
 
@@ -122,6 +123,7 @@ def paired(workload: Workload, *, variants: list[str], loader: str = "dataloader
     epochs = {name: _epoch_runner(name, model, optimizer, train, every, workload, loader) for name in variants}
     per_iteration: dict[str, list[float]] = {name: [] for name in variants}
     reference = {"seconds": 0.0, "cpu_seconds": 0.0, "iterations": 0}
+    epoch_length = 0
     for block in range(blocks):
         shift = block % len(variants)
         for name in variants[shift:] + variants[:shift]:
@@ -129,12 +131,15 @@ def paired(workload: Workload, *, variants: list[str], loader: str = "dataloader
             per_iteration[name].append(1e6 * result["cpu_seconds"] / result["iterations"])
             if name == variants[0]:
                 reference = {key: reference[key] + result[key] for key in reference}
+                epoch_length = result["iterations"]
     details: dict[str, float] = {}
     base = per_iteration[variants[0]]
     for name, values in per_iteration.items():
         details[f"{name}_us"] = statistics.median(values)
         if name != variants[0]:
-            details[f"{name}_extra_us"] = statistics.median(v - b for v, b in zip(values, base, strict=True))
+            extra = statistics.median(v - b for v, b in zip(values, base, strict=True))
+            details[f"{name}_extra_us"] = extra
+            details[f"{name}_extra_ms_epoch"] = extra * epoch_length / 1000
             details[f"{name}_ratio"] = statistics.median(v / b for v, b in zip(values, base, strict=True))
     return {**reference, **details}
 

@@ -7,8 +7,11 @@ Two kinds of file:
   they exist (a run still going, or killed) the full-state files stand in: the newest for "last",
   the best epoch's for "best". (Without ``keep_best``, best.pt is written at each improvement.)
 * full state (``checkpoints/state-<iteration>.pt``): everything a resume needs (see
-  :mod:`engineflow.state`), each with a ``.sha256`` file beside it. A file that fails its checksum
-  is reported and the previous one is used.
+  :mod:`engineflow.state`), each with a checksum file beside it (``.xxh3``: XXH3-128 of the whole
+  file; earlier versions wrote ``.sha256``, which is still read). A file that fails its checksum is
+  reported and the previous one is used. ``torch.load`` checks nothing itself (a flipped byte in a
+  tensor loads silently), so the checksum is the only check; torch's per-record CRC32 is therefore
+  not computed for these files (it cost as much as the save's copy of the data).
 
 Every file goes to a temporary name in the same folder, is fsynced, renamed over the target, and
 the folder is fsynced (Ignite's ``DiskSaver(atomic=True)`` renames without the fsyncs).
@@ -18,11 +21,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
+import xxhash
 
 from engineflow.errors import RecipeError
 from engineflow.state import find_components
@@ -33,17 +38,22 @@ def modules_of(components: Mapping[str, Any]) -> dict[str, torch.nn.Module]:
     return find_components(components, lambda value: isinstance(value, torch.nn.Module))
 
 
-def atomic_save(obj: Any, path: Path, *, sync_folder: bool = True, sha256: bool = False) -> str | None:
+def atomic_save(obj: Any, path: Path, *, sync_folder: bool = True, checksum: bool = False) -> str | None:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
 
-    ``sha256=True`` returns the file's sha256, computed as it is written (no second read).
+    ``checksum=True`` returns the file's XXH3-128 (hex), computed as it is written (no second read),
+    and skips torch's per-record CRC32 (which ``torch.load`` never checks).
     ``sync_folder=False`` leaves the folder's fsync to the caller, who renames more files first.
     """
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with tmp.open("wb") as out:
-            hashing = _HashingWriter(out) if sha256 else None
-            torch.save(obj, hashing or out)
+            hashing = _HashingWriter(out) if checksum else None
+            if hashing is None:
+                torch.save(obj, out)
+            else:
+                with _no_torch_crc32():
+                    torch.save(obj, hashing)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)
@@ -54,12 +64,24 @@ def atomic_save(obj: Any, path: Path, *, sync_folder: bool = True, sha256: bool 
     return hashing.digest.hexdigest() if hashing is not None else None
 
 
+@contextmanager
+def _no_torch_crc32() -> Iterator[None]:
+    # torch keeps the flag in a process-wide config; a save in another thread meanwhile also skips
+    # its CRC32, which torch.load ignores anyway.
+    before = torch.serialization.get_crc32_options()
+    torch.serialization.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(before)
+
+
 class _HashingWriter:
     """A binary file for ``torch.save`` that hashes what passes through to ``out``."""
 
     def __init__(self, out: Any) -> None:
         self.out = out
-        self.digest = hashlib.sha256()
+        self.digest = xxhash.xxh3_128()
 
     def write(self, data: Any) -> int:
         self.digest.update(data)
@@ -145,11 +167,14 @@ def best_checkpoint(folder: Path, warn: Callable[[str], None]) -> tuple[Path, di
 
 # Full training-state checkpoints: numbered files beside a checksum each ------------------------
 
-CHECKSUM_SUFFIX = ".sha256"
+# Suffix of the checksum file beside each checkpoint -> the hash it holds. The first is written;
+# the others are read, so runs checkpointed by older versions still resume.
+CHECKSUMS: dict[str, Callable[[], Any]] = {".xxh3": xxhash.xxh3_128, ".sha256": hashlib.sha256}
+CHECKSUM_SUFFIX = next(iter(CHECKSUMS))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def _file_digest(path: Path, new_hash: Callable[[], Any]) -> str:
+    digest = new_hash()
     with path.open("rb") as data:
         for block in iter(lambda: data.read(1 << 20), b""):
             digest.update(block)
@@ -159,12 +184,12 @@ def _sha256(path: Path) -> str:
 def save_checkpoint(folder: Path, name: str, state: Mapping[str, Any]) -> Path:
     """Write ``state`` to ``folder/name`` atomically, then its checksum beside it.
 
-    The checksum is written last: a crash before it leaves a file that :func:`valid_checkpoints`
-    does not trust, and the previous checkpoint is used.
+    The checksum is written last: a crash before it leaves a file that :func:`verify` does not
+    trust, and the previous checkpoint is used.
     """
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
-    digest = atomic_save(dict(state), path, sync_folder=False, sha256=True)
+    digest = atomic_save(dict(state), path, sync_folder=False, checksum=True)
     checksum = path.with_name(path.name + CHECKSUM_SUFFIX)
     tmp = checksum.with_name(f".{checksum.name}.tmp{os.getpid()}")
     with tmp.open("w") as out:
@@ -192,11 +217,14 @@ def _iteration_of(path: Path) -> int:
 
 def verify(path: Path) -> str | None:
     """None when ``path`` matches its recorded checksum, else why it does not."""
-    checksum = path.with_name(path.name + CHECKSUM_SUFFIX)
-    if not checksum.is_file():
+    found = [(path.with_name(path.name + suffix), new_hash) for suffix, new_hash in CHECKSUMS.items()]
+    found = [(checksum, new_hash) for checksum, new_hash in found if checksum.is_file()]
+    if not found:
         return "no checksum beside it (the save did not finish)"
-    expected = checksum.read_text().split()[0] if checksum.read_text().strip() else ""
-    actual = _sha256(path)
+    checksum, new_hash = found[0]
+    text = checksum.read_text()
+    expected = text.split()[0] if text.strip() else ""
+    actual = _file_digest(path, new_hash)
     if actual != expected:
         return f"checksum mismatch (expected {expected[:12]}..., file has {actual[:12]}...)"
     return None
@@ -219,5 +247,6 @@ def prune(folder: Path, keep: set[Path]) -> None:
     """Delete checkpoint files (and their checksums) not in ``keep``."""
     for path in checkpoint_files(folder):
         if path not in keep:
-            path.with_name(path.name + CHECKSUM_SUFFIX).unlink(missing_ok=True)
+            for suffix in CHECKSUMS:
+                path.with_name(path.name + suffix).unlink(missing_ok=True)
             path.unlink(missing_ok=True)

@@ -58,7 +58,9 @@ def test_two_runs_are_listed_with_config_and_metrics_and_compared(cli, recipe):
     assert diff["config"] == {"epochs": [3, 2], "lr": [0.5, 0.1]}
     assert diff["metrics"]["valid/accuracy"] == [runs[0]["metrics"]["valid/accuracy"],
                                                  runs[1]["metrics"]["valid/accuracy"]]
-    text = cli("runs", "compare", runs[0]["id"][:17], runs[1]["id"], "--runs-dir", runs_dir)
+    # the shortest prefix that tells the two apart (runs started in the same second share 16 chars)
+    unique = next(n for n in range(1, len(runs[0]["id"]) + 1) if runs[0]["id"][:n] != runs[1]["id"][:n])
+    text = cli("runs", "compare", runs[0]["id"][:unique], runs[1]["id"], "--runs-dir", runs_dir)
     assert text.exit_code == 0 and "lr" in text.output and "0.5" in text.output and "valid/accuracy" in text.output
     shown = as_json(cli("runs", "show", "last", "--runs-dir", runs_dir, "--json"))
     assert shown["id"] == runs[0]["id"] and [row["epoch"] for row in shown["history"]] == [1, 2, 3]

@@ -211,7 +211,7 @@ def truncate(path: Path) -> None:
 
 
 @pytest.mark.parametrize(("damage", "reason"), [(flip_a_byte, "checksum mismatch"), (truncate, "checksum mismatch"),
-                                                (lambda p: p.with_name(p.name + ".sha256").unlink(), "no checksum")])
+                                                (lambda p: p.with_name(p.name + ".xxh3").unlink(), "no checksum")])
 def test_a_damaged_checkpoint_is_reported_and_the_previous_one_used(tmp_path, damage, reason):
     recipe, runs = killed_run(tmp_path, RECIPE, 20, "--checkpoint-every", "3")
     (state_dir,) = runs.glob("*/*/checkpoints/state")
@@ -229,6 +229,29 @@ def test_a_damaged_checkpoint_is_reported_and_the_previous_one_used(tmp_path, da
     assert divergences(final_state(runs), final_state(reference)) == []
 
 
+def test_checkpoints_with_sha256_files_of_earlier_versions_still_verify(tmp_path):
+    import hashlib
+
+    recipe, runs = killed_run(tmp_path, RECIPE, 20, "--checkpoint-every", "3")
+    (state_dir,) = runs.glob("*/*/checkpoints/state")
+    files = sorted(state_dir.glob("state-*.pt"))
+    for path in files:  # as engineflow wrote them before XXH3
+        path.with_name(path.name + ".xxh3").unlink()
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        path.with_name(path.name + ".sha256").write_text(f"{digest}  {path.name}\n")
+    flip_a_byte(files[-1])
+    resumed = engineflow("run", str(recipe), "--runs-dir", str(runs), "--resume", "last", "--checkpoint-every", "3",
+                         cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"checkpoint {files[-1]} is damaged (checksum mismatch" in resumed.stdout
+    assert f"from checkpoint {files[-2].name}" in resumed.stdout
+    assert not list(state_dir.glob("*.sha256")), "pruning leaves no checksum of a deleted checkpoint behind"
+    reference = tmp_path / "ref"
+    assert engineflow("run", str(recipe), "--runs-dir", str(reference), "--checkpoint-every", "3",
+                      cwd=tmp_path).returncode == 0
+    assert divergences(final_state(runs), final_state(reference)) == []
+
+
 def test_sigint_writes_a_checkpoint_and_resume_continues_exactly(tmp_path):
     import os
     import signal
@@ -241,7 +264,7 @@ def test_sigint_writes_a_checkpoint_and_resume_continues_exactly(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "engineflow", "run", str(recipe), "--runs-dir", str(runs)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))
     deadline = time.monotonic() + 120
-    while not list(runs.glob("*/*/checkpoints/state/state-*.pt.sha256")) and time.monotonic() < deadline:
+    while not list(runs.glob("*/*/checkpoints/state/state-*.pt.xxh3")) and time.monotonic() < deadline:
         time.sleep(0.05)
     time.sleep(0.2)  # somewhere inside the second epoch
     proc.send_signal(signal.SIGINT)
@@ -269,7 +292,7 @@ def test_recipe_policy_every_iterations_keeps_the_last_k(tmp_path):
     (state_dir,) = runs.glob("*/*/checkpoints/state")
     assert [p.name for p in sorted(state_dir.glob("state-*.pt"))] == ["state-000000025.pt", "state-000000030.pt"]
     for path in state_dir.glob("state-*.pt"):
-        assert path.with_name(path.name + ".sha256").read_text().split()[1] == path.name
+        assert path.with_name(path.name + ".xxh3").read_text().split()[1] == path.name
 
 
 def test_bad_policy_values_are_refused():
