@@ -225,6 +225,7 @@ def summarise(family: Family, samples: Mapping[str, list[Sample]], errors: Mappi
             entry["details"] = dict(runs[-1].details)
             numbers = [k for k, v in runs[-1].details.items() if isinstance(v, (int, float))]
             entry["details_median"] = {k: statistics.median(s.details[k] for s in runs) for k in numbers}
+            entry["details_rounds"] = {k: [s.details[k] for s in runs] for k in numbers}
         cases[case.name] = entry
     return {
         "title": family.title,
@@ -264,10 +265,19 @@ def format_table(name: str, summary: Mapping[str, Any], rounds: int) -> str:
     lines += [f"- FAILED `{case}`: {why.splitlines()[0]}" for case, why in summary["errors"].items()]
     lines += [f"- `{name}` wrote: {', '.join(case['details']['outputs'])}"
               for name, case in summary["cases"].items() if case.get("details", {}).get("outputs")]
-    lines += [f"- `{name}`: " + ", ".join(f"{k} {_number(v)}" for k, v in case["details_median"].items())
+    lines += [f"- `{name}`: " + ", ".join(f"{k} {_number(v)}{_spread(case, k)}"
+                                          for k, v in case["details_median"].items())
               for name, case in summary["cases"].items() if case.get("details_median")]
     lines += [f"- {note}" for note in summary["notes"]]
     return "\n".join(lines)
+
+
+def _spread(case: dict[str, Any], key: str) -> str:
+    """" (min-max)" over rounds for the ratios, which a single round can move by a few percent."""
+    rounds = case.get("details_rounds", {}).get(key, [])
+    if not key.endswith("_ratio") or len(rounds) < 2:
+        return ""
+    return f" ({min(rounds):.3f}-{max(rounds):.3f})"
 
 
 def _number(value: float) -> str:
