@@ -80,19 +80,20 @@ def engineflow(workload: Workload, loader: str = "dataloader", handlers: int = 0
     return clock.stop(engine.state.iteration)
 
 
-def _engineflow_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, handlers: int, every: int) -> Any:
+def _engineflow_engine(model: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None, handlers: int,
+                       every: int, step: Callable[..., dict[str, Any]] | None = None) -> Any:
     import engineflow as ef
     from engineflow.engine import attach_in_order, make_engine
     from engineflow.handlers import handler_specs
     from engineflow.steps import StepSpec
 
-    def step(batch: tuple[torch.Tensor, torch.Tensor], model: torch.nn.Module,
-             optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    def train_step(batch: tuple[torch.Tensor, torch.Tensor], model: torch.nn.Module,
+                   optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
         x, y = batch
         return {"loss": sgd_step(model, optimizer, x, y)}
 
     provided = {"model": model, "optimizer": optimizer}
-    engine = make_engine(StepSpec("train", step), provided)
+    engine = make_engine(StepSpec("train", step or train_step), provided)
     # Declared with the decorator and attached as the recipe loader attaches a recipe's handlers.
     specs = [spec for index in range(handlers) for spec in handler_specs(ef.every_n_iterations(every)(_no_op(index)))]
     attach_in_order(engine, specs, provided)
@@ -117,10 +118,34 @@ def paired(workload: Workload, *, variants: list[str], loader: str = "dataloader
     difference and ratio to the reference's epoch in the same block (``<v>_extra_ms_epoch``: the
     difference per epoch).
     """
-    import statistics
-
     model, optimizer, train = _parts(workload, loader)
     epochs = {name: _epoch_runner(name, model, optimizer, train, every, workload, loader) for name in variants}
+    return _alternate(epochs, variants, blocks)
+
+
+def dispatch(*, variants: list[str], iterations: int, blocks: int = 12, every: int = 100) -> Result:
+    """The handlers' own cost: ``paired`` on engineflow's engine with a step that does nothing.
+
+    ``variants`` are "engineflow" and "engineflow+N" (N no-op handlers due every ``every``
+    iterations). With no model and no data, what is left per iteration is Ignite's loop and the
+    dispatch of the handlers, a few microseconds that a training loop's noise would hide.
+    """
+    batches = [None] * iterations
+    epochs = {}
+    for name in variants:
+        engine = _engineflow_engine(None, None, int(name.partition("+")[2] or 0), every, step=_nothing)
+        epochs[name] = _timed(_engine_epoch(engine, batches))
+    return _alternate(epochs, variants, blocks)
+
+
+def _nothing(batch: Any) -> dict[str, Any]:
+    return {}
+
+
+def _alternate(epochs: dict[str, Callable[[], Result]], variants: list[str], blocks: int) -> Result:
+    """Run ``epochs`` in rotated blocks and compare each variant with the first (see :func:`paired`)."""
+    import statistics
+
     per_iteration: dict[str, list[float]] = {name: [] for name in variants}
     reference = {"seconds": 0.0, "cpu_seconds": 0.0, "iterations": 0}
     epoch_length = 0
@@ -172,11 +197,15 @@ def _epoch_runner(name: str, model: torch.nn.Module, optimizer: torch.optim.Opti
         raise ValueError(f"unknown loop {name!r}; use raw, raw_recorded, ignite, engineflow, engineflow+N or "
                          "engineflow_recipe")
 
-    def engine_epoch() -> int:
+    return _timed(_engine_epoch(engine, train))
+
+
+def _engine_epoch(engine: Any, train: Iterable[Any]) -> Callable[[], int]:
+    def epoch() -> int:
         engine.run(train, max_epochs=1)
         return engine.state.iteration
 
-    return _timed(engine_epoch)
+    return epoch
 
 
 def _raw_recorded_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, train: Iterable[Any],
@@ -302,6 +331,11 @@ LOOPS = {"raw": raw, "ignite": ignite, "engineflow": engineflow, "engineflow_rec
          "lightning": lightning, "paired": paired}
 
 
-def measure(loop: str, *, workload: dict[str, Any], **options: Any) -> Result:
-    """What :mod:`benchmarks.worker` calls: ``LOOPS[loop](workload, **options)``."""
+def measure(loop: str, *, workload: dict[str, Any] | None = None, **options: Any) -> Result:
+    """What :mod:`benchmarks.worker` calls: ``LOOPS[loop](workload, **options)``, or ``dispatch(**options)``
+    (no workload: no model, no data)."""
+    if loop == "dispatch":
+        return dispatch(**options)
+    if workload is None:
+        raise ValueError(f"loop {loop!r} needs a workload")
     return LOOPS[loop](Workload(**{**workload, "hidden": tuple(workload["hidden"])}), **options)

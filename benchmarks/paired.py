@@ -9,6 +9,9 @@ and reports medians of per-block differences and ratios (see :func:`benchmarks.l
 * ``handlers``: engineflow's engine with 0, 5 and 20 no-op handlers declared with
   ``ef.every_n_iterations(100)`` and attached with ``attach_in_order`` as the recipe loader does,
   on a ``TensorLoader`` (the cheapest loop, where a handler's share is largest);
+* ``dispatch``: the same engines and handlers around a step that does nothing, on no data: what
+  is left per iteration is Ignite's loop and engineflow's dispatch, whose few microseconds the
+  ``handlers`` case cannot resolve from its training's noise (a few percent per round);
 * ``compute``: the compute-bound MLP, one epoch each of the raw loop, plain Ignite and
   engineflow's engine (the loop's own cost);
 * ``recorded``: the compute-bound MLP on twice the samples (2-s epochs), one epoch each of the raw
@@ -34,6 +37,8 @@ RECORDED = ["raw", "engineflow_recipe", "raw_recorded"]
 # The per-epoch duties (validation, a 7.4 MB checkpoint, records: ~20 ms) are ~2% of MLP's 1-s
 # epoch of 8192 samples and ~1% of a 2-s epoch; the data is 65536 samples (8-s epochs).
 RECORDED_SAMPLES = 16384
+# ~3-6 us per iteration: 65536 iterations are a 0.2-0.4 s epoch, 12 blocks ~15 s per process.
+DISPATCH_ITERATIONS = 65536
 
 
 def balanced(blocks: int, variants: list[str]) -> int:
@@ -57,6 +62,9 @@ def family(quick: bool = False) -> Family:
         Case("handlers", "handlers: engineflow + TensorLoader, 0 handlers",
              worker_argv("loops", "paired", variants=HANDLERS, loader="tensor",
                          **{**params, "blocks": balanced(3 * blocks, HANDLERS)})),
+        Case("dispatch", "dispatch: engineflow, step doing nothing, 0 handlers",
+             worker_argv("loops", "dispatch", variants=HANDLERS, every=EVERY,
+                         iterations=4096 if quick else DISPATCH_ITERATIONS, blocks=balanced(3 * blocks, HANDLERS))),
         Case("compute", "compute: raw loop (DataLoader), the reference",
              worker_argv("loops", "paired", variants=COMPUTE, loader="dataloader",
                          **{**params, "workload": mlp.as_dict(), "blocks": balanced(blocks, COMPUTE)})),
@@ -68,12 +76,13 @@ def family(quick: bool = False) -> Family:
         name="paired",
         title=f"loops alternating by epoch inside one process, {blocks} or more epochs each (whole rotations): "
               f"{workload.samples // workload.batch_size} iterations per epoch (engine, handlers), "
+              f"{4096 if quick else DISPATCH_ITERATIONS} (dispatch), "
               f"{mlp.samples // mlp.batch_size} (compute), {longer.samples // longer.batch_size} (recorded)",
         unit="us/iteration",
         baseline=None,
         cases=cases,
         setup={"workload": workload.as_dict(), "blocks": blocks, "every": EVERY, "engine": ENGINES,
-               "handlers": HANDLERS,
+               "handlers": HANDLERS, "dispatch_iterations": 4096 if quick else DISPATCH_ITERATIONS,
                "compute": COMPUTE, "compute_workload": mlp.as_dict(), "recorded": RECORDED,
                "recorded_workload": longer.as_dict()},
         notes=["median etc.: the reference loop of each process. Below, medians over rounds: <loop>_us, and "

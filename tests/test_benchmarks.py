@@ -48,16 +48,23 @@ def assert_positive_cases(family: dict[str, Any], names: set[str]) -> None:
 
 
 def test_quick_run_writes_results(tmp_path: Path) -> None:
-    results = run_benchmarks(tmp_path, "--only", "overhead,paired", "--cases", "raw,engineflow_tensor,handlers")
+    results = run_benchmarks(tmp_path, "--only", "overhead,paired", "--cases",
+                             "raw,engineflow_tensor,handlers,dispatch")
     assert results["schema"] == 1
     assert results["settings"]["rounds"] == 1 and results["settings"]["quick"] is True
     assert results["machine"]["cores"] >= 1 and results["machine"]["packages"]["torch"]
     assert isinstance(results["unavailable"], dict)
     assert_positive_cases(results["families"]["overhead"], {"raw", "engineflow_tensor"})
-    assert_positive_cases(results["families"]["paired"], {"handlers"})
+    assert_positive_cases(results["families"]["paired"], {"handlers", "dispatch"})
     paired = results["families"]["paired"]["cases"]["handlers"]["details_median"]
     assert paired["engineflow_us"] > 0 and paired["engineflow+20_us"] > 0 and paired["engineflow+5_ratio"] > 0
     assert "engineflow+20_extra_us" in paired
+    dispatch = results["families"]["paired"]["cases"]["dispatch"]["details_median"]
+    # A step that does nothing still costs Ignite's loop; the handlers' cost is a difference to it.
+    assert dispatch["engineflow_us"] > 0 and "engineflow+20_extra_us" in dispatch
+    by_name = {t["target"]: t for t in results["targets"]}
+    share = next(t for name, t in by_name.items() if "dispatch cost" in name)
+    assert share["value"] == 1 + dispatch["engineflow+20_extra_us"] / paired["engineflow_us"]
     assert results["families"]["overhead"]["cases"]["raw"]["ratio"] == 1.0
     assert results["families"]["overhead"]["unit"] == "us/iteration"
     assert {t["target"] for t in results["targets"]} and all("met" in t for t in results["targets"])
@@ -121,3 +128,14 @@ def test_targets_not_checked_without_data() -> None:
     by_name = {r["target"]: r for r in check(summaries)}
     assert by_name["overhead: engineflow no handlers / raw <= 1.10"]["met"] is True
     assert "met" in format_targets(check(summaries))
+
+
+def test_handler_target_is_their_dispatch_cost_over_the_training_loop() -> None:
+    summaries = {"paired": {"cases": {
+        "dispatch": {"details_median": {"engineflow+20_extra_us": 6.0}},
+        "handlers": {"details_median": {"engineflow_us": 200.0, "engineflow+20_ratio": 1.06}}}}}
+    by_name = {r["target"]: r for r in check(summaries)}
+    share = next(r for name, r in by_name.items() if "dispatch cost" in name)
+    inside = next(r for name, r in by_name.items() if "inside that training" in name)
+    assert share["value"] == 1.03 and share["met"] is True
+    assert inside["value"] == 1.06 and inside["met"] is False
