@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -54,6 +55,7 @@ class StepEngine(Engine):
         self.logger.addHandler(logging.NullHandler())
         self.kind = kind
         self.batch_skipped = False
+        self._log_events = self.logger.isEnabledFor(logging.DEBUG)
         self._modules = [m for m in modules if isinstance(m, torch.nn.Module)]
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
@@ -62,6 +64,7 @@ class StepEngine(Engine):
         for module, _ in modes:
             module.eval()
         token = _running.set((*_running.get(), self))
+        self._log_events = self.logger.isEnabledFor(logging.DEBUG)
         try:
             return super().run(*args, **kwargs)
         finally:
@@ -91,7 +94,10 @@ class StepEngine(Engine):
             self.last_event_name = event_name  # Ignite's loop reads it
             return
         try:
-            super()._fire_event(event_name, *event_args, **event_kwargs)
+            if self._log_events:
+                super()._fire_event(event_name, *event_args, **event_kwargs)
+            else:
+                self._call_handlers(event_name, event_args, event_kwargs)
         except SkipBatch:
             self._control_in_batch(event_name, "SkipBatch")
         except EndEpoch:
@@ -101,6 +107,23 @@ class StepEngine(Engine):
             self.stop_fit()
         if event_name is Events.ITERATION_COMPLETED:
             self.batch_skipped = False
+
+    def _call_handlers(self, event_name: Any, event_args: tuple[Any, ...], event_kwargs: dict[str, Any]) -> None:
+        """Ignite's ``_fire_event`` without its debug line, which it formats (event, epoch, iteration)
+        whether or not DEBUG is on. Inside a training loop that line and its logging call cost ~5 us
+        per event that has a handler (measured: a no-op handler on ITERATION_COMPLETED added 8 us to
+        a 250 us iteration with the line, 3 us without). With DEBUG on for the engine's logger when
+        ``run`` starts, Ignite's own method runs and logs."""
+        self.last_event_name = event_name
+        for func, args, kwargs in self._event_handlers[event_name]:
+            kwargs.update(event_kwargs)  # as Ignite does: its stored kwargs take the event's
+            if args and isinstance(args[0], weakref.ref):  # handlers that take the engine hold a weak reference
+                engine = args[0]()
+                if engine is None:
+                    raise RuntimeError("Engine reference not resolved. Cannot execute event handler.")
+                func(engine, *event_args, *args[1:], **kwargs)
+            else:
+                func(*event_args, *args, **kwargs)
 
     def _control_in_batch(self, event_name: Any, what: str) -> None:
         if event_name not in _BATCH_EVENTS:

@@ -163,3 +163,36 @@ def test_engine_option_accepts_a_step_function():
     assert handler_specs(after_eval)[0].engine == "eval"
     with pytest.raises(ef.RecipeError, match="step function"):
         ef.on(ef.Events.COMPLETED, engine=print)
+
+
+def test_handlers_added_through_ignite_get_what_ignite_gives_them():
+    # engineflow calls Ignite's handlers itself (without Ignite's debug line): the same calls as Ignite.
+    from ignite.engine import Engine
+
+    def calls_of(engine):
+        calls = []
+        engine.add_event_handler(ef.Events.ITERATION_COMPLETED, lambda e, tag, scale=1: calls.append(
+            (type(e).__name__, tag, scale, e.state.iteration)), "x", scale=3)
+        engine.add_event_handler(ef.Events.EPOCH_COMPLETED, lambda: calls.append("no engine"))
+        engine.add_event_handler(ef.Events.EXCEPTION_RAISED, lambda e, err: calls.append(repr(err)))
+        engine.run([1.0, 2.0], max_epochs=1)
+        engine.add_event_handler(ef.Events.ITERATION_STARTED, lambda: 1 / 0)
+        engine.run([1.0], max_epochs=1)  # Ignite hands the error to EXCEPTION_RAISED handlers
+        return calls
+
+    ours = calls_of(engine_with())
+    assert ours[:3] == [("StepEngine", "x", 3, 1), ("StepEngine", "x", 3, 2), "no engine"]
+    assert "ZeroDivisionError('division by zero')" in ours
+    theirs = calls_of(Engine(lambda engine, batch: None))
+    assert [c if isinstance(c, str) else c[1:] for c in ours] == [c if isinstance(c, str) else c[1:] for c in theirs]
+
+
+def test_ignite_logs_each_event_when_its_logger_is_at_debug(caplog):
+    seen = []
+    engine = engine_with()
+    engine.add_event_handler(ef.Events.ITERATION_COMPLETED, lambda e: seen.append(e.state.iteration))
+    engine.logger.setLevel("DEBUG")
+    with caplog.at_level("DEBUG", logger=engine.logger.name):
+        engine.run([1.0, 2.0], max_epochs=1)
+    assert seen == [1, 2]
+    assert sum("Firing handlers for event Events.ITERATION_COMPLETED" in r.message for r in caplog.records) == 2
