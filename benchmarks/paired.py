@@ -37,7 +37,8 @@ RECORDED = ["raw", "engineflow_recipe", "raw_recorded"]
 # The per-epoch duties (validation, a 7.4 MB checkpoint, records: ~20 ms) are ~2% of MLP's 1-s
 # epoch of 8192 samples and ~1% of a 2-s epoch; the data is 65536 samples (8-s epochs).
 RECORDED_SAMPLES = 16384
-# ~3-6 us per iteration: 65536 iterations are a 0.2-0.4 s epoch, 12 blocks ~15 s per process.
+# A step that does nothing leaves ~3-7 us per iteration (Ignite's loop, the handlers): 65536
+# iterations are a 0.2-0.5 s epoch, 12 blocks ~15-20 s per process.
 DISPATCH_ITERATIONS = 65536
 
 

@@ -171,28 +171,43 @@ def test_handlers_added_through_ignite_get_what_ignite_gives_them():
 
     def calls_of(engine):
         calls = []
-        engine.add_event_handler(ef.Events.ITERATION_COMPLETED, lambda e, tag, scale=1: calls.append(
-            (type(e).__name__, tag, scale, e.state.iteration)), "x", scale=3)
+
+        def completed(e, tag, scale=1):
+            calls.append((tag, scale, e.state.iteration))
+            if e.state.iteration == 3:
+                e.terminate_epoch()
+
+        engine.add_event_handler(ef.Events.ITERATION_COMPLETED, completed, "x", scale=3)
         engine.add_event_handler(ef.Events.EPOCH_COMPLETED, lambda: calls.append("no engine"))
-        engine.add_event_handler(ef.Events.EXCEPTION_RAISED, lambda e, err: calls.append(repr(err)))
-        engine.run([1.0, 2.0], max_epochs=1)
+        # Events that carry arguments: the event's come before the handler's own, keywords merged.
+        engine.add_event_handler(ef.Events.TERMINATE_SINGLE_EPOCH, lambda e, tag, iter_counter: calls.append(
+            ("terminated", iter_counter, tag)), "t")
+        engine.add_event_handler(ef.Events.EXCEPTION_RAISED, lambda e, err, tag: calls.append((repr(err), tag)), "u")
+        engine.run([1.0, 2.0, 3.0, 4.0], max_epochs=1)
         engine.add_event_handler(ef.Events.ITERATION_STARTED, lambda: 1 / 0)
         engine.run([1.0], max_epochs=1)  # Ignite hands the error to EXCEPTION_RAISED handlers
         return calls
 
     ours = calls_of(engine_with())
-    assert ours[:3] == [("StepEngine", "x", 3, 1), ("StepEngine", "x", 3, 2), "no engine"]
-    assert "ZeroDivisionError('division by zero')" in ours
-    theirs = calls_of(Engine(lambda engine, batch: None))
-    assert [c if isinstance(c, str) else c[1:] for c in ours] == [c if isinstance(c, str) else c[1:] for c in theirs]
+    assert ours[:5] == [("x", 3, 1), ("x", 3, 2), ("x", 3, 3), ("terminated", 3, "t"), "no engine"]
+    assert ("ZeroDivisionError('division by zero')", "u") in ours
+    assert ours == calls_of(Engine(lambda engine, batch: None))
 
 
-def test_ignite_logs_each_event_when_its_logger_is_at_debug(caplog):
+def test_ignite_own_event_firing_is_bypassed_unless_its_logger_is_at_debug(monkeypatch, caplog):
+    from ignite.engine import Engine
+
     seen = []
     engine = engine_with()
     engine.add_event_handler(ef.Events.ITERATION_COMPLETED, lambda e: seen.append(e.state.iteration))
-    engine.logger.setLevel("DEBUG")
+    real_fire = Engine._fire_event
+    ignite_fired = []
+    monkeypatch.setattr(Engine, "_fire_event", lambda self, event, *a, **k: (
+        ignite_fired.append(event), real_fire(self, event, *a, **k)))
+    engine.run([1.0, 2.0], max_epochs=1)
+    assert seen == [1, 2] and ignite_fired == []
+
     with caplog.at_level("DEBUG", logger=engine.logger.name):
         engine.run([1.0, 2.0], max_epochs=1)
-    assert seen == [1, 2]
+    assert seen == [1, 2, 1, 2] and ignite_fired.count(ef.Events.ITERATION_COMPLETED) == 2
     assert sum("Firing handlers for event Events.ITERATION_COMPLETED" in r.message for r in caplog.records) == 2
