@@ -55,6 +55,7 @@ def family(quick: bool = False) -> Family:
     params = {"workload": workload.as_dict(), "blocks": blocks, "every": EVERY}
     mlp = MLP.scaled(samples=512 if quick else MLP.samples, epochs=1)
     longer = replace(mlp, samples=512 if quick else RECORDED_SAMPLES)
+    dispatch_iterations = 4096 if quick else DISPATCH_ITERATIONS
     cases = [
         Case("engine", "engine: raw loop (DataLoader), the reference",
              worker_argv("loops", "paired", variants=ENGINES, loader="dataloader",
@@ -65,7 +66,7 @@ def family(quick: bool = False) -> Family:
                          **{**params, "blocks": balanced(3 * blocks, HANDLERS)})),
         Case("dispatch", "dispatch: engineflow, step doing nothing, 0 handlers",
              worker_argv("loops", "dispatch", variants=HANDLERS, every=EVERY,
-                         iterations=4096 if quick else DISPATCH_ITERATIONS, blocks=balanced(3 * blocks, HANDLERS))),
+                         iterations=dispatch_iterations, blocks=balanced(3 * blocks, HANDLERS))),
         Case("compute", "compute: raw loop (DataLoader), the reference",
              worker_argv("loops", "paired", variants=COMPUTE, loader="dataloader",
                          **{**params, "workload": mlp.as_dict(), "blocks": balanced(blocks, COMPUTE)})),
@@ -77,13 +78,13 @@ def family(quick: bool = False) -> Family:
         name="paired",
         title=f"loops alternating by epoch inside one process, {blocks} or more epochs each (whole rotations): "
               f"{workload.samples // workload.batch_size} iterations per epoch (engine, handlers), "
-              f"{4096 if quick else DISPATCH_ITERATIONS} (dispatch), "
+              f"{dispatch_iterations} (dispatch), "
               f"{mlp.samples // mlp.batch_size} (compute), {longer.samples // longer.batch_size} (recorded)",
         unit="us/iteration",
         baseline=None,
         cases=cases,
         setup={"workload": workload.as_dict(), "blocks": blocks, "every": EVERY, "engine": ENGINES,
-               "handlers": HANDLERS, "dispatch_iterations": 4096 if quick else DISPATCH_ITERATIONS,
+               "handlers": HANDLERS, "dispatch_iterations": dispatch_iterations,
                "compute": COMPUTE, "compute_workload": mlp.as_dict(), "recorded": RECORDED,
                "recorded_workload": longer.as_dict()},
         notes=["median etc.: the reference loop of each process. Below, medians over rounds: <loop>_us, and "

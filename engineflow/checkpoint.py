@@ -81,7 +81,7 @@ class _HashingWriter:
 
     def __init__(self, out: Any) -> None:
         self.out = out
-        self.digest = xxhash.xxh3_128()
+        self.digest = CHECKSUMS[CHECKSUM_SUFFIX]()  # the hash that save_checkpoint records
 
     def write(self, data: Any) -> int:
         self.digest.update(data)
@@ -217,8 +217,8 @@ def _iteration_of(path: Path) -> int:
 
 def verify(path: Path) -> str | None:
     """None when ``path`` matches its recorded checksum, else why it does not."""
-    found = [(path.with_name(path.name + suffix), new_hash) for suffix, new_hash in CHECKSUMS.items()]
-    found = [(checksum, new_hash) for checksum, new_hash in found if checksum.is_file()]
+    found = [(checksum, new_hash) for suffix, new_hash in CHECKSUMS.items()
+             if (checksum := path.with_name(path.name + suffix)).is_file()]
     if not found:
         return "no checksum beside it (the save did not finish)"
     checksum, new_hash = found[0]

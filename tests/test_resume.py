@@ -242,7 +242,6 @@ def test_a_damaged_checkpoint_is_reported_and_the_previous_one_used(tmp_path, da
     assert divergences(final_state(runs), final_state(reference)) == []
 
 
-
 def test_sigint_writes_a_checkpoint_and_resume_continues_exactly(tmp_path):
     import os
     import signal
