@@ -84,7 +84,7 @@ def test_the_fast_exit_keeps_exit_codes_and_messages(tmp_path: Path) -> None:
     (tmp_path / "recipe.py").write_text(nan_loss)
     failed = run_engineflow("run", "recipe.py", "--runs-dir", "runs", cwd=tmp_path)
     assert failed.returncode == 1
-    assert "not finite" in failed.stderr or "nan" in failed.stderr.lower()
+    assert "error: the loss became nan at iteration 1 (epoch 1)" in failed.stderr, failed.stderr
     (tmp_path / "bad.py").write_text("config = 3\n")
     bad = run_engineflow("run", "bad.py", "--runs-dir", "runs", cwd=tmp_path)
     assert bad.returncode == 2
