@@ -16,8 +16,8 @@ One iteration, as :class:`StepEngine` runs it::
 from __future__ import annotations
 
 import contextvars
+import inspect
 import logging
-import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -28,6 +28,7 @@ from engineflow.checkpoint import modules_of
 from engineflow.control import ControlFlow, EndEpoch, SkipBatch, StopFit
 from engineflow.errors import EngineflowError, HandlerError, RecipeError
 from engineflow.handlers import HandlerSpec
+from engineflow.ignite_internals import HookedEngine
 from engineflow.injection import describe, make_caller
 from engineflow.steps import StepSpec
 
@@ -39,12 +40,14 @@ STEP_DYNAMIC = ("batch", "engine", "state")
 HANDLER_DYNAMIC = ("engine", "state", "output", "metrics", "batch")
 
 
-class StepEngine(Engine):
+class StepEngine(HookedEngine):
     """An Ignite ``Engine`` that honours engineflow's control-flow exceptions.
 
     Users never subclass it; :func:`make_engine` builds one around a step function.
     ``kind`` is "train", "eval" or "infer"; ``modules`` are put in eval mode (and back) around
-    each run of an eval or infer engine.
+    each run of an eval or infer engine. An eval or infer run starts with empty ``state.metrics``:
+    a run stopped before its epoch completed (StopFit in a handler) reports no metric rather than
+    the previous run's.
     """
 
     def __init__(self, process_function: Callable[[Engine, Any], Any], *, kind: str, modules: Iterable[Any] = ()):
@@ -55,6 +58,10 @@ class StepEngine(Engine):
         self.logger.addHandler(logging.NullHandler())
         self.kind = kind
         self.batch_skipped = False
+        # True once handlers declared with ef.on(Events.EXCEPTION_RAISED) are attached: they clean up,
+        # and the error still ends the run (Ignite would take a handler there as having dealt with it).
+        self.reraise_after_cleanup = False
+        self._cleaned_up: BaseException | None = None
         self._log_events = self.logger.isEnabledFor(logging.DEBUG)
         self._modules = [m for m in modules if isinstance(m, torch.nn.Module)]
 
@@ -63,7 +70,10 @@ class StepEngine(Engine):
         modes = [(m, m.training) for m in self._modules] if self.kind != "train" else []
         for module, _ in modes:
             module.eval()
+        if self.kind != "train":
+            self.state.metrics = {}
         token = _running.set((*_running.get(), self))
+        self._cleaned_up = None
         self._log_events = self.logger.isEnabledFor(logging.DEBUG)
         try:
             return super().run(*args, **kwargs)
@@ -81,49 +91,49 @@ class StepEngine(Engine):
         for engine in (*_running.get(), self):
             engine.terminate()
 
-    def _fire_event(self, event_name: Any, *event_args: Any, **event_kwargs: Any) -> None:
-        if event_name is Events.EPOCH_STARTED:
+    def fire(self, event: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+        """Run an event's handlers, honouring a skipped batch and the control exceptions."""
+        if event is Events.EPOCH_STARTED:
             # An EndEpoch before the step ends the epoch with no ITERATION_COMPLETED to clear this.
             self.batch_skipped = False
-        if self.batch_skipped and event_name in _BATCH_EVENTS:
-            if event_name is Events.ITERATION_COMPLETED:
+        if self.batch_skipped and event in _BATCH_EVENTS:
+            if event is Events.ITERATION_COMPLETED:
                 self.batch_skipped = False
             return
-        if not self._event_handlers[event_name]:
-            # Most events of an iteration have no handler; Ignite would still format a debug line.
-            self.last_event_name = event_name  # Ignite's loop reads it
+        if not self.has_handlers(event):
+            self.note_event(event)  # most events of an iteration have no handler
             return
         try:
             if self._log_events:
-                super()._fire_event(event_name, *event_args, **event_kwargs)
+                super().fire(event, args, kwargs)  # Ignite's own, with its debug line per event
             else:
-                self._call_handlers(event_name, event_args, event_kwargs)
+                self.call_handlers(event, args, kwargs)
         except SkipBatch:
-            self._control_in_batch(event_name, "SkipBatch")
+            self._control_in_batch(event, "SkipBatch")
         except EndEpoch:
-            self._control_in_batch(event_name, "EndEpoch")
+            self._control_in_batch(event, "EndEpoch")
             self.terminate_epoch()
         except StopFit:
             self.stop_fit()
-        if event_name is Events.ITERATION_COMPLETED:
+        if event is Events.ITERATION_COMPLETED:
             self.batch_skipped = False
 
-    def _call_handlers(self, event_name: Any, event_args: tuple[Any, ...], event_kwargs: dict[str, Any]) -> None:
-        """Ignite's ``_fire_event`` without its debug line, which it formats (event, epoch, iteration)
-        whether or not DEBUG is on. Inside a training loop that line and its logging call cost ~5 us
-        per event that has a handler (measured: a no-op handler on ITERATION_COMPLETED added 8 us to
-        a 250 us iteration with the line, 3 us without). With DEBUG on for the engine's logger when
-        ``run`` starts, Ignite's own method runs and logs the events that have handlers."""
-        self.last_event_name = event_name
-        for func, args, kwargs in self._event_handlers[event_name]:
-            kwargs.update(event_kwargs)  # as Ignite does: its stored kwargs take the event's
-            if args and isinstance(args[0], weakref.ref):  # handlers that take the engine hold a weak reference
-                engine = args[0]()
-                if engine is None:
-                    raise RuntimeError("Engine reference not resolved. Cannot execute event handler.")
-                func(engine, *event_args, *args[1:], **kwargs)
-            else:
-                func(*event_args, *args, **kwargs)
+    def handle_exception(self, error: BaseException) -> None:
+        """Ignite's handling, except that with engineflow's cleanup handlers attached the original error
+        always ends the run; a cleanup handler's own failure is added to it as a note."""
+        if not self.reraise_after_cleanup:
+            super().handle_exception(error)
+            return
+        if error is self._cleaned_up:  # Ignite hands an error from the batch loop over twice: clean up once
+            raise error
+        self._cleaned_up = error
+        try:
+            super().handle_exception(error)
+        except BaseException as failed:  # a failing cleanup must not hide the error it cleans up
+            if failed is not error:
+                add_note(error, f"while handling it, a handler of EXCEPTION_RAISED on the {self.kind} engine "
+                                f"raised {type(failed).__name__}: {failed}")
+        raise error
 
     def _control_in_batch(self, event_name: Any, what: str) -> None:
         if event_name not in _BATCH_EVENTS:
@@ -133,6 +143,14 @@ class StepEngine(Engine):
             )
         if event_name is not Events.ITERATION_COMPLETED:
             self.batch_skipped = True
+
+
+def add_note(error: BaseException, note: str) -> None:
+    """Attach ``note`` to ``error`` (shown under its traceback); Python < 3.11 keeps it in ``__notes__``."""
+    if hasattr(error, "add_note"):
+        error.add_note(note)
+    else:
+        error.__notes__ = [*getattr(error, "__notes__", []), note]  # type: ignore[attr-defined]
 
 
 def normalize_output(out: Any, step: Callable[..., Any]) -> dict[str, Any]:
@@ -198,23 +216,51 @@ def make_engine(spec: StepSpec, provided: Mapping[str, Any]) -> StepEngine:
     return StepEngine(process, kind=spec.kind, modules=modules_of(provided).values())
 
 
-def wrap_handler(spec: HandlerSpec, provided: Mapping[str, Any]) -> Callable[[StepEngine], None]:
-    """``fn(engine)`` for one handler spec; its parameters are checked now, not at the event.
+# What Ignite passes to the handlers of its events that carry arguments, after the engine: positional
+# values (named here for injection) and keyword values.
+EVENT_ARGUMENTS: dict[Any, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    Events.EXCEPTION_RAISED: (("exception",), ()),
+    Events.TERMINATE_SINGLE_EPOCH: ((), ("iter_counter",)),
+}
+
+
+def wrap_handler(spec: HandlerSpec, provided: Mapping[str, Any], base: Any = None) -> Callable[..., None]:
+    """``fn(engine, *event_args, **event_kwargs)`` for one handler spec; its parameters are checked now.
+
+    ``base`` is the unfiltered event the handler runs on. Besides the names every handler may ask for,
+    a handler of an event with arguments gets them as Ignite gives them: by the names of
+    :data:`EVENT_ARGUMENTS` (``exception``, ``iter_counter``), and the event's positional values also fill,
+    in order, parameters nothing else provides (an Ignite-style ``def cleanup(engine, e)``). On events
+    of the recipe's own (``register_events``), every such parameter takes the event's values.
 
     StopFit lets the other handlers of the event run; any other error is re-raised as a
     :class:`HandlerError` naming the handler, the event and where the fit stood.
     """
     if spec.raw:
         return spec.fn
-    call = make_caller(spec.fn, provided=provided, dynamic=HANDLER_DYNAMIC, what="handler")
+    positional, keywords = EVENT_ARGUMENTS.get(base, ((), ()))
+    known = {*provided, *HANDLER_DYNAMIC, *positional, *keywords}
+    unnamed = [p.name for p in _parameters(spec.fn) if p.name not in known and p.default is p.empty]
+    slots = tuple(unnamed if base is not None and not isinstance(base, Events) else unnamed[:len(positional)])
+    call = make_caller(spec.fn, provided=provided, dynamic=(*HANDLER_DYNAMIC, *positional, *keywords, *slots),
+                       what="handler")
     label = f"{spec.event} of the {spec.engine} engine"
     fn = spec.fn
 
-    def handler(engine: StepEngine) -> None:
+    def handler(engine: StepEngine, *args: Any, **kwargs: Any) -> None:
         state = engine.state
+        values = {"engine": engine, "state": state, "output": state.output, "metrics": state.metrics,
+                  "batch": state.batch}
+        if args or kwargs:
+            values.update(kwargs)
+            values.update(zip(positional, args, strict=False))
+            values.update(zip([slot for slot in slots if slot not in kwargs], args, strict=False))
+        missing = [slot for slot in slots if slot not in values]
+        if missing:
+            raise RecipeError(f"handler {describe(fn)} asks for {', '.join(map(repr, missing))} on {label}, "
+                              f"which fired with {len(args)} value(s) and keywords {sorted(kwargs)}")
         try:
-            call({"engine": engine, "state": state, "output": state.output, "metrics": state.metrics,
-                  "batch": state.batch})
+            call(values)
         except StopFit:
             engine.stop_fit()  # the other handlers of this event still run
         except (ControlFlow, EngineflowError):
@@ -228,22 +274,34 @@ def wrap_handler(spec: HandlerSpec, provided: Mapping[str, Any]) -> Callable[[St
     return handler
 
 
+def _parameters(fn: Callable[..., Any]) -> list[inspect.Parameter]:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return []  # make_caller reports an unreadable signature
+    return [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
 def attach_in_order(engine: StepEngine, specs: Iterable[HandlerSpec], provided: Mapping[str, Any]) -> None:
     """Attach handlers so that each event runs them by (order, declaration).
 
     One Ignite handler per event dispatches to all of that event's specs and checks their
     filters inline: a handler that is not due costs a modulo, not a call through Ignite's filter
-    wrapper (20 not-due handlers cost about 1 µs per iteration instead of about 40).
+    wrapper. Handlers of ``EXCEPTION_RAISED`` are cleanup: each runs even if an earlier one
+    failed, and the error that ended the run is still raised afterwards (see
+    :meth:`StepEngine.handle_exception`).
     """
-    by_event: dict[Any, list[tuple[Callable[[StepEngine], None], Any, int | None]]] = {}
+    by_event: dict[Any, list[tuple[Callable[..., None], Any, int | None]]] = {}
     for spec in sorted(specs, key=lambda s: (s.order, s.seq)):
-        handler = wrap_handler(spec, provided)
         base, event_filter = _split(engine, spec.event)
+        handler = wrap_handler(spec, provided, base)
         by_event.setdefault(base, []).append((handler, None if spec.every else event_filter, spec.every))
         if spec.at_start:
             by_event.setdefault(Events.STARTED, []).append(
                 (lambda e, h=handler: h(e) if e.state.epoch == 0 else None, None, None))
     for base, entries in by_event.items():
+        if base == Events.EXCEPTION_RAISED:
+            engine.reraise_after_cleanup = True
         engine.add_event_handler(base, _dispatcher(base, entries))
 
 
@@ -252,16 +310,34 @@ def _split(engine: StepEngine, event: Any) -> tuple[Any, Callable[[Any, int], bo
     from ignite.engine.events import CallableEventWithFilter
 
     event_filter = event.filter if isinstance(event, CallableEventWithFilter) else None
-    for allowed in engine._allowed_events:  # Ignite keeps no public list of an engine's events
+    for allowed in engine.allowed_events():
         if allowed == event:  # Ignite's events compare equal to their filtered forms
             return allowed, event_filter
     raise RecipeError(f"event {event} is not one the {engine.kind} engine fires")
 
 
-def _dispatcher(base: Any, entries: list[tuple[Callable[[StepEngine], None], Any, int | None]]
-                ) -> Callable[[StepEngine], None]:
+def _dispatcher(base: Any, entries: list[tuple[Callable[..., None], Any, int | None]]) -> Callable[..., None]:
+    if base == Events.EXCEPTION_RAISED:
+        handlers = [h for h, _, _ in entries]
+
+        def clean_up(engine: StepEngine, error: BaseException, *args: Any, **kwargs: Any) -> None:
+            for handler in handlers:
+                try:
+                    handler(engine, error, *args, **kwargs)
+                except Exception as failed:  # the next cleanup still runs; the run's error stays the error
+                    add_note(error, f"while handling it: {failed}")
+
+        return clean_up
+    takes_values = base in EVENT_ARGUMENTS or not isinstance(base, Events)
     if all(event_filter is None and every is None for _, event_filter, every in entries):
         handlers = [h for h, _, _ in entries]
+        if takes_values:
+
+            def run_all_with_values(engine: StepEngine, *args: Any, **kwargs: Any) -> None:
+                for handler in handlers:
+                    handler(engine, *args, **kwargs)
+
+            return run_all_with_values
 
         def run_all(engine: StepEngine) -> None:
             for handler in handlers:
@@ -269,7 +345,7 @@ def _dispatcher(base: Any, entries: list[tuple[Callable[[StepEngine], None], Any
 
         return run_all
 
-    def dispatch(engine: StepEngine) -> None:
+    def dispatch(engine: StepEngine, *args: Any, **kwargs: Any) -> None:
         value = engine.state.get_event_attrib_value(base)
         for handler, event_filter, every in entries:
             if every is not None:
@@ -277,6 +353,6 @@ def _dispatcher(base: Any, entries: list[tuple[Callable[[StepEngine], None], Any
                     continue
             elif event_filter is not None and not event_filter(engine, value):
                 continue
-            handler(engine)
+            handler(engine, *args, **kwargs)
 
     return dispatch

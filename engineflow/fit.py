@@ -67,6 +67,9 @@ class Fit:
     def evaluate(self, loader: str = "valid") -> dict[str, float]:
         """Run the eval step and its metrics over one loader; returns ``{"<loader>/<metric>": value}``.
 
+        A run stopped before the end of the loader (StopFit raised by an eval handler) returns ``{}``:
+        its metrics would describe part of the data, and the previous run's are not this one's.
+
         Example::
 
             fit, cfg, ctx = ef.build("recipes/digits.py")
@@ -214,6 +217,8 @@ def _own_handlers(fit: Fit, eval_spec: StepSpec | None) -> list[HandlerSpec]:
 
     def validate(engine: StepEngine) -> None:
         for name in fit.eval_loaders:
+            if engine.should_terminate:
+                break  # StopFit in an earlier loader's validation: the fit is ending
             engine.state.metrics.update(fit.evaluate(name))
 
     def record(engine: StepEngine) -> None:

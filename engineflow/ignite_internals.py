@@ -1,0 +1,119 @@
+"""Every use of Ignite's private API, in one module, checked against the Ignite versions it was read in.
+
+engineflow needs five things Ignite keeps private:
+
+* ``Engine._fire_event``: overridden, so that :class:`~engineflow.engine.StepEngine` decides how an
+  event's handlers run (skipped batches, control exceptions, no debug line formatted per event);
+* ``Engine._event_handlers``: the ``(handler, args, kwargs)`` entries of an event, called as Ignite
+  calls them (a leading weak reference means "pass the engine first");
+* ``Engine._handle_exception``: overridden, so that a failed fit's cleanup handlers do not swallow
+  the error (Ignite re-raises only when no ``EXCEPTION_RAISED`` handler exists);
+* ``Engine._allowed_events``: the events an engine fires (Ignite keeps no public list);
+* ``Engine._init_iter``: how Ignite itself starts a resumed epoch after the batches already done.
+
+Their layout was read in the Ignite releases of :data:`VERIFIED`; on any other release importing this
+module raises :class:`UntestedIgniteError` instead of running with a layout it may not have.
+"""
+
+from __future__ import annotations
+
+import re
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+import ignite
+from ignite.engine import Engine
+
+from engineflow.errors import EXIT_USAGE, EngineflowError
+
+# [lowest, first untested): the releases whose private layout this module was checked against
+VERIFIED = ((0, 5, 1), (0, 6, 0))
+
+
+class UntestedIgniteError(EngineflowError):
+    """The installed pytorch-ignite is outside the releases engineflow was verified with."""
+
+    exit_code = EXIT_USAGE
+
+
+def release(version: str) -> tuple[int, ...]:
+    """``"0.5.5"`` -> ``(0, 5, 5)``; suffixes such as ``.post2`` or ``rc1`` are ignored.
+
+    Example:
+        >>> release("0.5.0.post2"), release("0.6.0rc1")
+        ((0, 5, 0), (0, 6, 0))
+    """
+    match = re.match(r"(\d+)(?:\.(\d+))?(?:\.(\d+))?", version)
+    return tuple(int(part) for part in match.groups() if part is not None) if match else ()
+
+
+def check_version(version: str) -> None:
+    """Raise :class:`UntestedIgniteError` unless ``version`` lies in :data:`VERIFIED`."""
+    low, high = VERIFIED
+    if not low <= release(version) < high:
+        raise UntestedIgniteError(
+            f"engineflow was verified with pytorch-ignite {'.'.join(map(str, low))} up to, not including, "
+            f"{'.'.join(map(str, high))}, and it relies on Ignite internals those releases share; "
+            f"pytorch-ignite {version} is installed. "
+            f"Install a verified release: pip install 'pytorch-ignite>={'.'.join(map(str, low))},"
+            f"<{'.'.join(map(str, high))}'"
+        )
+
+
+check_version(ignite.__version__)
+
+
+class HookedEngine(Engine):
+    """An Ignite ``Engine`` whose event firing and exception handling subclasses replace.
+
+    By default both do exactly what Ignite does; :class:`~engineflow.engine.StepEngine` overrides
+    :meth:`fire` and :meth:`handle_exception`.
+    """
+
+    def _fire_event(self, event_name: Any, *event_args: Any, **event_kwargs: Any) -> None:
+        self.fire(event_name, event_args, event_kwargs)
+
+    def _handle_exception(self, e: BaseException) -> None:
+        self.handle_exception(e)
+
+    def fire(self, event: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+        """Run the handlers of ``event``: Ignite's own method, with its debug line."""
+        Engine._fire_event(self, event, *args, **kwargs)
+
+    def handle_exception(self, error: BaseException) -> None:
+        """What Ignite does with an error that ends a run: hand it to ``EXCEPTION_RAISED`` handlers if
+        there are any (and then not raise it), else raise it."""
+        Engine._handle_exception(self, error)
+
+    def has_handlers(self, event: Any) -> bool:
+        """Whether any handler is attached to ``event`` (unfiltered form)."""
+        handlers = self._event_handlers.get(event)
+        return bool(handlers)
+
+    def call_handlers(self, event: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
+        """Ignite's ``_fire_event`` without the debug line it formats for every event, whatever the log
+        level: the same calls, in the same order, with the same arguments."""
+        self.last_event_name = event
+        for func, stored_args, stored_kwargs in self._event_handlers[event]:
+            stored_kwargs.update(kwargs)  # as Ignite does: the event's keywords replace the stored ones
+            if stored_args and isinstance(stored_args[0], weakref.ref):
+                engine = stored_args[0]()
+                if engine is None:
+                    raise RuntimeError("Engine reference not resolved. Cannot execute event handler.")
+                func(engine, *args, *stored_args[1:], **stored_kwargs)
+            else:
+                func(*args, *stored_args, **stored_kwargs)
+
+    def note_event(self, event: Any) -> None:
+        """Record ``event`` as the last fired, as Ignite's loop expects, without calling anything."""
+        self.last_event_name = event
+
+    def allowed_events(self) -> list[Any]:
+        """The events this engine fires: Ignite's and any registered with ``register_events``."""
+        return list(self._allowed_events)
+
+    def start_epoch_after(self, batches_done: int) -> None:
+        """Make the next ``run`` start its first epoch after ``batches_done`` batches, as Ignite's own
+        resume from a mid-epoch state does."""
+        self._init_iter = batches_done
