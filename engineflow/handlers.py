@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from engineflow.errors import RecipeError
@@ -63,8 +63,13 @@ class HandlerSpec:
 
 
 def handler_specs(fn: Any) -> tuple[HandlerSpec, ...]:
-    """Every :class:`HandlerSpec` the decorators attached to ``fn`` (empty for plain functions)."""
-    return getattr(fn, HANDLERS_ATTR, ())
+    """Every :class:`HandlerSpec` the decorators attached to ``fn`` (empty for plain functions).
+
+    On a wrapper that copied a decorated function's attributes (``functools.wraps``) the specs name
+    the wrapper, which is what runs.
+    """
+    specs = getattr(fn, HANDLERS_ATTR, ())
+    return tuple(spec if spec.fn is fn else replace(spec, fn=fn) for spec in specs)
 
 
 def _engine_kind(engine: Any, where: str) -> str:

@@ -19,7 +19,7 @@ from typing import Any
 from engineflow.configuration import Config
 from engineflow.errors import RecipeError
 from engineflow.handlers import HandlerSpec, handler_specs
-from engineflow.steps import STEP_KINDS, StepSpec, step_spec
+from engineflow.steps import STEP_KINDS, StepSpec, step_spec, wraps_around
 
 
 @dataclass(frozen=True)
@@ -64,18 +64,22 @@ def load_recipe(path: str | Path) -> Recipe:
 def collect(module: ModuleType, file: Path) -> Recipe:
     """Read a recipe's declarations from an imported module."""
     steps: dict[str, StepSpec] = {}
-    handlers: dict[int, HandlerSpec] = {}
+    handlers: dict[int, HandlerSpec] = {}  # by declaration: a function and its wrapper share one
     for attr, value in vars(module).items():
         spec = step_spec(value)
         if spec is not None:
             other = steps.get(spec.kind)
-            if other is not None and other.fn is not spec.fn:
+            if other is not None and other.fn is not spec.fn and not wraps_around(spec.fn, other.fn):
+                if wraps_around(other.fn, spec.fn):
+                    continue  # the inner function of a wrapper already found: the wrapper runs
                 raise RecipeError(
                     f"{file}: two {spec.kind} steps, {other.fn.__name__!r} and {attr!r}; a recipe has one of each"
                 )
             steps[spec.kind] = spec
         for handler in handler_specs(value):
-            handlers[id(handler)] = handler
+            known = handlers.get(handler.seq)
+            if known is None or wraps_around(handler.fn, known.fn):
+                handlers[handler.seq] = handler
     return Recipe(
         path=file,
         name=_experiment_name(module, file),

@@ -8,7 +8,7 @@ that the recipe loader finds; nothing runs at decoration time.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 from engineflow.errors import RecipeError
@@ -46,8 +46,40 @@ class StepSpec:
 
 
 def step_spec(fn: Any) -> StepSpec | None:
-    """The :class:`StepSpec` a decorator attached to ``fn``, or None for a plain function."""
-    return getattr(fn, STEP_ATTR, None)
+    """The :class:`StepSpec` a decorator attached to ``fn``, or None for a plain function.
+
+    A wrapper made around a marked step with ``functools.wraps`` (or anything that copies the
+    function's ``__dict__``) carries the inner function's spec; it is the wrapper that must run, so
+    the spec is returned with ``fn`` set to the wrapper, options unchanged.
+
+    Example:
+        >>> import functools
+        >>> import engineflow as ef
+        >>> @ef.train_step
+        ... def train(batch):
+        ...     return {"loss": batch}
+        >>> @functools.wraps(train)
+        ... def doubled(batch):
+        ...     return {"loss": 2 * train(batch)["loss"]}
+        >>> step_spec(doubled).fn is doubled
+        True
+    """
+    spec = getattr(fn, STEP_ATTR, None)
+    if spec is None or spec.fn is fn or not isinstance(spec, StepSpec):
+        return spec
+    return replace(spec, fn=fn)
+
+
+def wraps_around(outer: Any, inner: Any) -> bool:
+    """Whether ``outer`` wraps ``inner`` through a chain of ``__wrapped__`` attributes."""
+    seen = set()
+    current = getattr(outer, "__wrapped__", None)
+    while current is not None and id(current) not in seen:
+        if current is inner:
+            return True
+        seen.add(id(current))
+        current = getattr(current, "__wrapped__", None)
+    return False
 
 
 def _mark(fn: F, spec: StepSpec) -> F:

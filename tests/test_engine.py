@@ -174,7 +174,8 @@ def stop(state):
     assert "valid/accuracy" not in by_epoch[3], "epoch 3's validation was stopped: no value may stand for it"
     assert "valid/accuracy" not in result.history[2] and "valid/accuracy" not in result.metrics
     assert result.best["epoch"] in (1, 2)
-    lines = [json.loads(line) for line in (next((tmp_path / "runs").glob("*/*/metrics.jsonl"))).read_text().splitlines()]
+    jsonl = next((tmp_path / "runs").glob("*/*/metrics.jsonl"))
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
     assert not [row for row in lines if row["epoch"] == 3 and row["name"].startswith("valid/")]
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import engineflow as ef
 from engineflow.engine import make_engine
 from engineflow.steps import step_spec
-from tests.conftest import tiny_data
+from tests.conftest import BASE_RECIPE, tiny_data
 
 
 def _train(batch, model, optimizer):
@@ -129,3 +129,69 @@ def test_supervised_default_step_pieces_are_replaceable():
     assert calls == ["forward"]
     assert out["y_pred"].shape == (6, 2) and out["loss"].ndim == 0
     assert all(p.grad is None for p in model.parameters()), "the default update zeroes gradients"
+
+
+WRAPPED_RECIPE = BASE_RECIPE + '''
+import functools
+
+CALLS = {"wrapper": 0, "inner": 0, "handler_wrapper": 0}
+
+
+def counted(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        CALLS["wrapper"] += 1
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+def counted_handler(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        CALLS["handler_wrapper"] += 1
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+@counted
+@ef.train_step
+def train(batch, model, optimizer):
+    CALLS["inner"] += 1
+    x, y = batch
+    loss = torch.nn.functional.cross_entropy(model(x), y)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return {"loss": loss}
+
+
+@counted_handler
+@ef.every_n_epochs(1)
+def each_epoch(state):
+    pass
+'''
+
+
+def test_a_step_wrapped_after_decoration_runs_through_its_wrapper(write_recipe):
+    # functools.wraps copies engineflow's marker onto the wrapper; the wrapper is what must run.
+    recipe = ef.load_recipe(write_recipe(_without_base_train(WRAPPED_RECIPE)))
+    fit, _, _ = ef.build(recipe)
+    fit.run(epochs=2)
+    calls = recipe.module.CALLS
+    assert calls["wrapper"] == calls["inner"] == 6, calls  # 3 batches x 2 epochs, each through the wrapper
+    assert calls["handler_wrapper"] == 2
+
+
+def test_a_wrapper_and_its_inner_step_both_at_top_level_are_one_step(write_recipe):
+    source = _without_base_train(WRAPPED_RECIPE).replace("@counted\n@ef.train_step\ndef train(",
+                                                         "@ef.train_step\ndef inner(")
+    source += "\ntrain = counted(inner)\n"
+    recipe = ef.load_recipe(write_recipe(source))
+    assert recipe.steps["train"].fn is recipe.module.train
+
+
+def _without_base_train(source: str) -> str:
+    """BASE_RECIPE's own train step removed, so the recipe's wrapped one is its only train step."""
+    start = source.index("@ef.train_step\ndef train(batch, model, optimizer):")
+    end = source.index("@ef.eval_step", start)
+    return source[:start] + source[end:]
