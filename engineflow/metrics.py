@@ -1,37 +1,82 @@
-"""Metrics: Ignite's, ready for steps that return ``{"y_pred": ..., "y": ...}`` dicts.
+"""Metrics for steps that return ``{"y_pred": ..., "y": ...}`` dicts: Ignite's, and three of engineflow's.
 
-Any ``ignite.metrics.Metric`` works in ``@ef.eval_step(metrics={...})``. Ignite's metrics
-accumulate sums and counts per batch, so a loader's value weighs every sample equally, whatever
-the batch sizes (an uneven last batch counts for what it holds).
+Any ``ignite.metrics.Metric`` works in ``@ef.eval_step(metrics={...})``. Every metric here keeps
+sums and counts across batches and divides once at the end of the loader, so an uneven last batch
+counts for what it holds. What each name means, over all the batches of one loader (``N``
+samples; ``y_pred`` and ``y`` as the step returns them):
+
+========================  ==============================================  ===============================
+name                      value                                           torch equivalent
+========================  ==============================================  ===============================
+MeanSquaredError          mean of ``(y_pred - y) ** 2`` over every         ``F.mse_loss(y_pred, y)``
+                          element (samples and features)
+MeanAbsoluteError         mean of ``abs(y_pred - y)`` over every element   ``F.l1_loss(y_pred, y)``
+RootMeanSquaredError      square root of MeanSquaredError                  ``F.mse_loss(y_pred, y).sqrt()``
+Loss(loss_fn)             mean of ``loss_fn(y_pred, y)`` per batch,        ``loss_fn`` on the whole loader
+                          weighted by batch size                           when it is a ``reduction="mean"``
+                                                                           loss with the same number of
+                                                                           terms per sample (not with class
+                                                                           weights or ``ignore_index``)
+Accuracy                  fraction of samples predicted right: argmax      ``(y_pred.argmax(1) == y)``
+                          of ``(N, C)`` scores; a binary ``y_pred`` must   ``.float().mean()``
+                          hold 0/1; multilabel counts a sample right
+                          only if all its labels are
+TopKCategoricalAccuracy   fraction of samples whose class is among the     none
+                          ``k`` (default 5) highest scores
+Precision, Recall         per class, TP / (TP + FP) and TP / (TP + FN):    none
+                          a tensor per class unless ``average=``
+                          (``"macro"``, ``"micro"``, ``"weighted"``);
+                          the positive class's float for binary
+Fbeta(beta)               F-beta from Precision and Recall, averaged       none
+                          over classes by default (``average=True``)
+ConfusionMatrix(C)        ``C x C`` counts, row = true class, column =     none
+                          predicted class (``average=`` normalises)
+Average                   mean of a value the step returns; give it        ``values.mean(0)`` only if each
+                          ``output_transform=lambda out: out["key"]``.     batch gives an ``(n, k)`` tensor,
+                          Rows of a 2-D+ tensor count one each; a number   one row per sample
+                          or a 0-d or 1-D tensor counts as one, so
+                          per-batch means are averaged unweighted
+========================  ==============================================  ===============================
+
+The first three are engineflow's own, so that they mean what torch's functional losses with
+``reduction="mean"`` mean. Ignite's metrics of the same names sum over the features of each sample
+and divide by ``N``: on ``(N, 64)`` outputs Ignite's ``MeanSquaredError`` is 64 times
+``F.mse_loss``. They are still there as ``ignite.metrics.MeanSquaredError``,
+``ignite.metrics.MeanAbsoluteError`` and ``ignite.metrics.RootMeanSquaredError``. On ``(N,)`` or
+``(N, 1)`` outputs both agree.
+
+The main metric's mode comes from its name (:func:`engineflow.best.infer_mode`): names containing
+``loss``, ``error``, ``mse``, ``mae`` or ``rmse`` are minimised, other names maximised.
 
 Example:
     >>> import torch, torch.nn.functional as F
     >>> import engineflow as ef
-    >>> loss = ef.metrics.Loss(F.mse_loss)
-    >>> loss.update((torch.zeros(3), torch.ones(3))); loss.update((torch.zeros(1), torch.zeros(1)))
-    >>> loss.compute()  # (3 * 1.0 + 1 * 0.0) / 4
+    >>> mse = ef.metrics.MeanSquaredError()
+    >>> mse.update((torch.zeros(3, 2), torch.ones(3, 2))); mse.update((torch.zeros(1, 2), torch.zeros(1, 2)))
+    >>> mse.compute()  # (6 * 1.0 + 2 * 0.0) / 8 elements
     0.75
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 
 import ignite.metrics as _im
+import torch
 from ignite.engine import Engine
+from ignite.exceptions import NotComputableError
 from ignite.metrics import (
     Accuracy,
     Average,
     ConfusionMatrix,
     Fbeta,
-    MeanAbsoluteError,
-    MeanSquaredError,
     Metric,
     Precision,
     Recall,
-    RootMeanSquaredError,
     TopKCategoricalAccuracy,
 )
+from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
 __all__ = [
     "Accuracy",
@@ -48,6 +93,75 @@ __all__ = [
     "TopKCategoricalAccuracy",
     "attach_metrics",
 ]
+
+
+class _ElementwiseMean(Metric):
+    """Mean of ``_error(y_pred - y)`` over every element of every batch: sum of errors / elements.
+
+    The sum is kept in float64 (float32 on MPS, which has no float64) on the metric's ``device``;
+    each batch is summed on its own device first, so only one number moves per batch.
+    """
+
+    _state_dict_all_req_keys = ("_sum_of_errors", "_num_elements")
+
+    @staticmethod
+    def _error(diff: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    @reinit__is_reduced
+    def reset(self) -> None:
+        dtype = torch.float32 if self._device.type == "mps" else torch.float64
+        self._sum_of_errors = torch.tensor(0.0, dtype=dtype, device=self._device)
+        self._num_elements = 0
+
+    @reinit__is_reduced
+    def update(self, output: Sequence[torch.Tensor]) -> None:
+        y_pred, y = output[0].detach(), output[1].detach()
+        if y.shape != y_pred.shape:
+            # (N, 1) against (N,) is the common case: compare element by element, as Ignite does,
+            # where F.mse_loss would broadcast to (N, N) and warn
+            if y.numel() != y_pred.numel():
+                raise ValueError(f"{type(self).__name__}: y_pred has shape {tuple(y_pred.shape)} "
+                                 f"but y has shape {tuple(y.shape)}; they need the same number of elements")
+            y = y.reshape(y_pred.shape)
+        total = self._error(y_pred - y).sum(dtype=self._sum_of_errors.dtype)
+        self._sum_of_errors += total.to(self._device)
+        self._num_elements += y_pred.numel()
+
+    @sync_all_reduce("_sum_of_errors", "_num_elements")
+    def compute(self) -> float:
+        if self._num_elements == 0:
+            raise NotComputableError(f"{type(self).__name__} must have at least one example before it can be computed.")
+        return self._sum_of_errors.item() / self._num_elements
+
+
+class MeanSquaredError(_ElementwiseMean):
+    """Mean of ``(y_pred - y) ** 2`` over every element: ``F.mse_loss`` on the whole loader.
+
+    Ignite's own (``ignite.metrics.MeanSquaredError``) sums over each sample's features instead.
+    """
+
+    @staticmethod
+    def _error(diff: torch.Tensor) -> torch.Tensor:
+        return diff.square()
+
+
+class MeanAbsoluteError(_ElementwiseMean):
+    """Mean of ``abs(y_pred - y)`` over every element: ``F.l1_loss`` on the whole loader.
+
+    Ignite's own (``ignite.metrics.MeanAbsoluteError``) sums over each sample's features instead.
+    """
+
+    @staticmethod
+    def _error(diff: torch.Tensor) -> torch.Tensor:
+        return diff.abs()
+
+
+class RootMeanSquaredError(MeanSquaredError):
+    """Square root of :class:`MeanSquaredError`: ``F.mse_loss(...).sqrt()`` on the whole loader."""
+
+    def compute(self) -> float:
+        return math.sqrt(super().compute())
 
 
 class Loss(_im.Loss):

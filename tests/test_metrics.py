@@ -6,6 +6,7 @@ import io
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import engineflow as ef
 
@@ -97,6 +98,92 @@ def test_loss_metric_weights_by_batch_size():
     loss.update((torch.zeros(3), torch.ones(3)))  # mean 1 over 3 samples
     loss.update((torch.zeros(1), torch.full((1,), 3.0)))  # mean 9 over 1 sample
     assert loss.compute() == pytest.approx((3 * 1 + 1 * 9) / 4)
+
+
+# 64 features, batches of 4, 4 and 2: Ignite's own error metrics sum over the features (64x here).
+ERRORS = [
+    ("MeanSquaredError", lambda p, y: F.mse_loss(p, y)),
+    ("MeanAbsoluteError", lambda p, y: F.l1_loss(p, y)),
+    ("RootMeanSquaredError", lambda p, y: F.mse_loss(p, y).sqrt()),
+]
+
+
+def uneven_batches(features: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(0)
+    return [(torch.randn(n, features, generator=gen), torch.randn(n, features, generator=gen)) for n in (4, 4, 2)]
+
+
+def joined(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.cat([y_pred for y_pred, _ in batches]), torch.cat([y for _, y in batches])
+
+
+@pytest.mark.parametrize(("name", "torch_fn"), ERRORS, ids=[name for name, _ in ERRORS])
+def test_error_metrics_equal_torch_losses_over_features_and_uneven_batches(name, torch_fn):
+    batches = uneven_batches()
+    metric = getattr(ef.metrics, name)()
+    for batch in batches:
+        metric.update(batch)
+    y_pred, y = joined(batches)
+    assert metric.compute() == pytest.approx(torch_fn(y_pred, y).item(), rel=1e-6)
+    # the uneven last batch is weighed by its elements: the mean of the three batch values is not it
+    assert metric.compute() != pytest.approx(sum(torch_fn(*b).item() for b in batches) / 3, rel=1e-6)
+
+
+def test_error_metrics_compare_n_by_1_with_n_element_by_element():
+    mse = ef.metrics.MeanSquaredError()
+    mse.update((torch.tensor([[1.0], [2.0]]), torch.tensor([0.0, 0.0])))  # broadcasting would give (2, 2)
+    assert mse.compute() == pytest.approx((1 + 4) / 2)
+    with pytest.raises(ValueError, match=r"y_pred has shape \(2, 1\) but y has shape \(3,\)"):
+        mse.update((torch.zeros(2, 1), torch.zeros(3)))
+
+
+def test_error_metric_state_survives_state_dict_mid_loader():
+    batches = uneven_batches()
+    first, *rest = batches
+    saved = ef.metrics.MeanSquaredError()
+    saved.update(first)
+    restored = ef.metrics.MeanSquaredError()
+    restored.load_state_dict(saved.state_dict())
+    for batch in rest:
+        restored.update(batch)
+    y_pred, y = joined(batches)
+    assert restored.compute() == pytest.approx(F.mse_loss(y_pred, y).item(), rel=1e-6)
+
+
+MULTI_FEATURE_RECIPE = '''
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+import engineflow as ef
+
+config = ef.config(epochs=1)
+
+def setup(cfg):
+    gen = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(10, 64, generator=gen), torch.randn(10, 64, generator=gen))
+    return dict(data=data, scale=torch.nn.Parameter(torch.ones(())),
+                loaders={"train": DataLoader(data, batch_size=4), "valid": DataLoader(data, batch_size=4)})
+
+@ef.train_step
+def train(batch):
+    return {"loss": torch.zeros(())}
+
+@ef.eval_step(metrics={"mse": ef.metrics.MeanSquaredError(), "mae": ef.metrics.MeanAbsoluteError(),
+                       "rmse": ef.metrics.RootMeanSquaredError(),
+                       "loss": ef.metrics.Loss(torch.nn.functional.mse_loss)})
+def evaluate(batch):
+    y_pred, y = batch
+    return {"y_pred": y_pred, "y": y}
+'''
+
+
+def test_eval_run_error_metrics_equal_torch_losses_on_the_whole_loader(write_recipe):
+    fit, _, _ = ef.build(write_recipe(MULTI_FEATURE_RECIPE))
+    y_pred, y = fit.components["data"].tensors  # 10 samples in batches of 4, 4, 2
+    mse = F.mse_loss(y_pred, y).item()
+    assert fit.evaluate("valid") == pytest.approx({
+        "valid/mse": mse, "valid/mae": F.l1_loss(y_pred, y).item(), "valid/rmse": mse ** 0.5, "valid/loss": mse,
+    }, rel=1e-6)
+    assert fit.best.metric == "valid/mse" and fit.best.mode == "min"
 
 
 def test_best_tracker_min_and_max_and_state_dict():
