@@ -4,7 +4,8 @@ A recipe declares a config, a ``setup(cfg)`` that builds the components, and ste
 decorators attach handlers. ``engineflow run recipe.py`` (or :func:`engineflow.run`) trains it.
 
 Public names are imported on first use, so ``import engineflow`` and ``engineflow --help`` stay
-fast; the table below is the whole public API.
+fast; the table below is the whole public API. Importing engineflow changes nothing else in the
+process: no import hook, signal handler, logging set-up or seeding.
 """
 
 from __future__ import annotations
@@ -12,11 +13,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from engineflow import ignite_import
-
 __version__ = "0.1.0"
-
-ignite_import.install()  # Ignite's first import skips torch.distributed.optim: ~1 s of every run's start
 
 # public name -> module that defines it
 _EXPORTS = {

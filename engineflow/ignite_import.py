@@ -2,10 +2,11 @@
 
 ``ignite/handlers/checkpoint.py`` runs ``from torch.distributed.optim import ZeroRedundancyOptimizer``
 when Ignite is imported, only to test ``isinstance(obj, ZeroRedundancyOptimizer)`` when a ``Checkpoint``
-saves. That import loads FSDP, DTensor and sympy: about 1 s on a 2-core machine, as long as
-``import torch`` itself (pytorch/ignite#2642), paid by every ``engineflow run`` however short.
+saves. That import loads FSDP, DTensor and sympy, which takes about as long as ``import torch`` itself
+(pytorch/ignite#2642), paid by every ``engineflow run`` however short.
 
-:func:`install` (called by ``import engineflow``) puts a one-shot finder on ``sys.meta_path``. When Ignite
+:func:`install` (called by the ``engineflow`` command, never by ``import engineflow``: a library changes
+nothing global in its user's process) puts a one-shot finder on ``sys.meta_path``. When Ignite
 is first imported, and only while its package runs, ``torch.distributed.optim`` resolves to a stand-in
 whose ``ZeroRedundancyOptimizer`` is a class that answers ``isinstance`` through the real class once the
 real module is loaded; a program holding a ``ZeroRedundancyOptimizer`` has loaded it, so Ignite's check
@@ -96,8 +97,12 @@ class _IgniteFinder:
 
 
 def install() -> None:
-    """Make the first ``import ignite`` of this process skip ``torch.distributed.optim`` (see the module)."""
-    if "ignite" in sys.modules or os.environ.get(OPT_OUT) == "1" or is_installed():
+    """Make the first ``import ignite`` of this process skip ``torch.distributed.optim`` (see the module).
+
+    Nothing is installed where ``torch.distributed`` is already in use: a process that trains on
+    several processes needs the real module, and pays its import anyway.
+    """
+    if "ignite" in sys.modules or os.environ.get(OPT_OUT) == "1" or is_installed() or _distributed_in_use():
         return
     sys.meta_path.insert(0, _IgniteFinder())
 
@@ -108,3 +113,10 @@ def is_installed() -> bool:
 
 def uninstall() -> None:
     sys.meta_path[:] = [finder for finder in sys.meta_path if not isinstance(finder, _IgniteFinder)]
+
+
+def _distributed_in_use() -> bool:
+    if any(name in os.environ for name in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK")):  # started by torchrun
+        return True
+    dist = sys.modules.get("torch.distributed")
+    return dist is not None and dist.is_available() and dist.is_initialized()

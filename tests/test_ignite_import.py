@@ -1,4 +1,5 @@
-"""Ignite's first import after ``import engineflow`` skips torch.distributed.optim, and nothing else changes.
+"""The ``engineflow`` command's first import of Ignite skips torch.distributed.optim; ``import engineflow`` alone
+changes nothing.
 
 Each case runs in a fresh interpreter: this test process has imported Ignite long ago.
 """
@@ -27,7 +28,8 @@ def run_python(code: str, **env: str) -> dict:
 def test_engineflow_imports_ignite_without_torch_distributed_optim() -> None:
     out = run_python("""
         import json, sys
-        import engineflow
+        import engineflow.ignite_import
+        engineflow.ignite_import.install()  # what the engineflow command does first
         from engineflow.engine import make_engine
         import ignite.handlers.checkpoint as checkpoint
         loaded_during = "torch.distributed.optim" in sys.modules
@@ -48,6 +50,8 @@ def test_ignite_checkpoint_still_recognises_a_zero_redundancy_optimizer(tmp_path
     """Ignite's Checkpoint consolidates a ZeroRedundancyOptimizer's state before saving, as without engineflow."""
     out = run_python(f"""
         import json
+        import engineflow.ignite_import
+        engineflow.ignite_import.install()
         import engineflow.engine
         import torch
         import torch.distributed as dist
@@ -77,7 +81,8 @@ def test_ignite_checkpoint_still_recognises_a_zero_redundancy_optimizer(tmp_path
 def test_opt_out_imports_ignite_the_plain_way() -> None:
     out = run_python("""
         import json, sys
-        import engineflow
+        import engineflow.ignite_import
+        engineflow.ignite_import.install()
         import ignite.handlers.checkpoint as checkpoint
         print(json.dumps({"loaded": "torch.distributed.optim" in sys.modules,
                           "real_class": checkpoint.ZeroRedundancyOptimizer.__module__}))
@@ -91,6 +96,7 @@ def test_an_ignite_that_needs_more_of_the_module_is_imported_again_the_plain_way
         import json, sys, types
         import engineflow.ignite_import as ignite_import
         ignite_import.stand_in_module = lambda: types.ModuleType("torch.distributed.optim")  # no ZeRO class
+        ignite_import.install()
         import ignite.engine
         import ignite.handlers.checkpoint as checkpoint
         print(json.dumps({"real_class": checkpoint.ZeroRedundancyOptimizer.__module__,
@@ -103,7 +109,36 @@ def test_nothing_is_installed_when_ignite_came_first() -> None:
     out = run_python("""
         import json, sys
         import ignite
-        import engineflow
+        import engineflow.ignite_import
+        engineflow.ignite_import.install()
         print(json.dumps({"installed": engineflow.ignite_import.is_installed()}))
     """)
     assert out == {"installed": False}
+
+
+def test_importing_engineflow_changes_nothing_global() -> None:
+    out = run_python("""
+        import json, sys, signal, logging
+        before = (list(sys.meta_path), signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM),
+                  list(logging.getLogger().handlers))
+        import engineflow
+        from engineflow import engine, fit, runner, metrics  # the modules a notebook uses
+        after = (list(sys.meta_path), signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM),
+                 list(logging.getLogger().handlers))
+        import ignite.handlers.checkpoint
+        print(json.dumps({"same": before == after, "real_optim": "torch.distributed.optim" in sys.modules}))
+    """)
+    assert out == {"same": True, "real_optim": True}
+
+
+def test_the_command_opts_in_and_a_torchrun_process_does_not() -> None:
+    code = """
+        import json, sys
+        import engineflow.cli, engineflow.fast_exit
+        engineflow.fast_exit.exit_process = lambda code: None  # keep the process to report
+        sys.argv = ["engineflow", "--version"]
+        engineflow.cli.entry()
+        print(json.dumps({"installed": engineflow.ignite_import.is_installed()}))
+    """
+    assert run_python(code) == {"installed": True}
+    assert run_python(code, LOCAL_RANK="0", TORCHELASTIC_RUN_ID="x") == {"installed": False}
