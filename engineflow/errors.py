@@ -3,6 +3,9 @@
 * :class:`RecipeError` (exit 2): the recipe or the command line is wrong; the message says
   which file, which function, what was expected and what to do.
 * :class:`TrainingError` (exit 1): the recipe is fine but training itself failed (loss became NaN).
+* :class:`StoreError` (exit 1): the run index could not be read or written (locked too long, disk
+  full); the run folders still hold every run. Its :class:`StoreUsageError` branch (exit 2) is a
+  request the index cannot serve: an unknown or ambiguous run id, a damaged or newer index file.
 """
 
 from __future__ import annotations
@@ -33,6 +36,26 @@ class TrainingError(EngineflowError):
     """Training started but could not go on (for example the loss became NaN or inf)."""
 
     exit_code = EXIT_TRAINING_FAILED
+
+
+class StoreError(EngineflowError):
+    """The run index (``<runs_dir>/engineflow.db``) failed to read or write; the message says what to do."""
+
+    exit_code = EXIT_TRAINING_FAILED
+
+
+class StoreUsageError(StoreError, RecipeError):
+    """The run index cannot serve the request as asked (an unknown run id, a damaged index file)."""
+
+    exit_code = EXIT_USAGE
+
+
+class UnknownRunError(StoreUsageError):
+    """No run matches the id, prefix or ``last`` that was asked for."""
+
+
+class AmbiguousRunError(StoreUsageError):
+    """An id prefix matches more than one run."""
 
 
 class NonFiniteLossError(TrainingError):

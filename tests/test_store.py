@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -380,8 +381,9 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
 def test_rebuild_moves_an_unusable_file_aside(tmp_path: Path) -> None:
     write_folder(tmp_path, record("r1"), [(1, "loss", 0.5)])
     (tmp_path / DB_NAME).write_text("junk")
-    runs, moved = rebuild(tmp_path)
-    assert runs == 1 and moved is not None and moved.read_text() == "junk"
+    rebuilt = rebuild(tmp_path)
+    assert rebuilt.runs == 1 and rebuilt.problems == () and rebuilt.moved_aside is not None
+    assert rebuilt.moved_aside.read_text() == "junk"
     with RunStore.open(tmp_path) as store:
         assert store.get_run("r1")["history"] == [{"epoch": 1, "loss": 0.5}]
     assert reindex(tmp_path) == 1  # a healthy index is rebuilt in place
@@ -441,12 +443,12 @@ def test_delete_db_then_reindex_restores_every_run(tmp_path: Path) -> None:
         Path(f"{runs / DB_NAME}{suffix}").unlink(missing_ok=True)
     with RunStore.open(runs) as store:
         assert store.list_runs() == []
-        assert store.reindex() == 3
+        assert store.reindex() == (3, None, (), ())
         after = (store.list_runs(), [store.get_run(r["id"]) for r in store.list_runs()])
     assert after == before
 
 
-def test_reindex_replaces_the_index_and_skips_unreadable_folders(tmp_path: Path, store: RunStore) -> None:
+def test_reindex_replaces_the_index_and_lists_damaged_folders(tmp_path: Path, store: RunStore) -> None:
     runs = tmp_path / "elsewhere"
     store.upsert_run(record("gone"))  # in the index only: reindex drops it
     folder = write_folder(runs, record("ok"), [(1, "loss", 0.5)])
@@ -456,11 +458,17 @@ def test_reindex_replaces_the_index_and_skips_unreadable_folders(tmp_path: Path,
     (runs / "digits" / "broken" / "run.json").write_text("{not json")
     (runs / "digits" / "nostatus").mkdir()
     (runs / "digits" / "nostatus" / "run.json").write_text('{"id": "nostatus", "experiment": "digits"}')
-    with pytest.warns(UserWarning) as caught:
-        assert store.reindex(runs) == 1
-    messages = " ".join(str(w.message) for w in caught)
-    assert "broken" in messages and "nostatus" in messages and "1 unreadable line" in messages
-    assert [r["id"] for r in store.list_runs()] == ["ok"]
+    (runs / "digits" / "notes").mkdir()  # no run file in it: not a run
+    (runs / "digits" / "notes" / "todo.txt").write_text("-")
+    write_folder(runs, record("ok", "zcopy"), [])  # a copy of run "ok" elsewhere
+    rebuilt = store.reindex(runs)
+    assert rebuilt.runs == 3 and sorted(rebuilt.damaged) == ["broken", "nostatus"]
+    assert [line.split(": ")[0] for line in rebuilt.problems] == [
+        str(runs / "digits" / "broken" / "run.json"), str(runs / "digits" / "nostatus" / "run.json"),
+        str(folder / "metrics.jsonl"), str(runs / "zcopy" / "ok")]
+    assert "line 2: cut short" in rebuilt.problems[2] and f"also the id of {folder}" in rebuilt.problems[3]
+    assert {r["id"]: r["status"] for r in store.list_runs()} == {"ok": "completed", "broken": "damaged",
+                                                                 "nostatus": "damaged"}
     assert store.get_run("ok")["history"] == [{"epoch": 1, "loss": 0.5}]
 
 
@@ -471,3 +479,304 @@ def test_reindex_points_run_dir_at_a_moved_folder(tmp_path: Path, store: RunStor
     folder.rename(moved)
     store.reindex(tmp_path / "b")
     assert store.get_run("r1")["run_dir"] == str(moved.resolve())
+
+
+# ------------------------------------------------------------------------------------------ field-level writes
+FIELD_WRITER = """
+import json, sys, time
+from datetime import datetime, timedelta
+from pathlib import Path
+from engineflow.registry.recorder import RunRecorder
+from engineflow.registry.store import RunStore
+runs, folder, role, start = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], datetime.fromisoformat(sys.argv[4])
+record = json.loads((folder / "run.json").read_text())
+print("ready", flush=True)
+while not (runs / "go").exists():
+    time.sleep(0.005)
+with RunStore.open(runs) as store:
+    recorder = RunRecorder(store, folder, record)  # as a run's process and a second process hold it
+    for i in range(1, 101):
+        if role == "trainer":
+            recorder.update(epochs=i, metrics={"loss": 1 / i})
+        else:
+            recorder.update(resumes=[{"n": i}], tested_at=str(i))
+            store.heartbeat(record["id"], at=start + timedelta(seconds=i))
+"""
+
+
+def test_processes_updating_different_fields_of_one_run_lose_nothing(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    folder = write_folder(runs, record("r1", status="running", epochs=0, metrics={}), [])
+    with RunStore.open(runs) as store:
+        store.upsert_run(json.loads((folder / "run.json").read_text()))
+    start = datetime.now(timezone.utc).replace(microsecond=0)
+    procs = [python(FIELD_WRITER, str(runs), str(folder), role, start.isoformat()) for role in ("trainer", "tester")]
+    assert [p.stdout.readline() for p in procs] == ["ready\n"] * 2  # type: ignore[union-attr]
+    (runs / "go").touch()
+    assert [(p.wait(timeout=60), p.stderr.read()) for p in procs] == [(0, "")] * 2  # type: ignore[union-attr]
+    with RunStore.open(runs) as store:
+        indexed = store.get_run("r1")
+    on_disk = json.loads((folder / "run.json").read_text())
+    for got in (indexed, on_disk):  # each process's last value of each of its fields, in the file and the row
+        assert (got["epochs"], got["metrics"], got["resumes"], got["tested_at"]) == (100, {"loss": 0.01},
+                                                                                     [{"n": 100}], "100")
+        assert got["status"] == "running" and got["config"] == record("r1")["config"]
+    assert indexed["heartbeat_at"] == (start + timedelta(seconds=100)).isoformat()
+
+
+def test_runs_list_racing_a_resume_leaves_the_live_run_running(tmp_path: Path, monkeypatch: Any) -> None:
+    from engineflow.registry.recorder import RunRecorder
+    from engineflow.registry.runs import list_runs
+
+    runs = tmp_path / "runs"
+    dead = dead_pid()
+    folders = {name: write_folder(runs, record(name, status="running", pid=dead), []) for name in ("r1", "r2")}
+    with RunStore.open(runs) as store:
+        for folder in folders.values():
+            store.upsert_run(json.loads((folder / "run.json").read_text()))
+        assert sorted(r["id"] for r in store.stale_runs()) == ["r1", "r2"]
+    judge = RunStore.stale_runs
+    resumed = []
+
+    def judge_then_resume(self: RunStore, *args: Any, **kwargs: Any) -> list[dict[str, Any]]:
+        judged = judge(self, *args, **kwargs)
+        # between the judgement and the write, `engineflow run --resume` takes the run over
+        with RunStore.open(runs) as other:
+            for rec in judged:
+                recorder = RunRecorder.reopen(other, folders[rec["id"]], other.get_run(rec["id"]), changed=[])
+                recorder._stop_beating.set()
+                resumed.append(rec["id"])
+        return judged
+
+    monkeypatch.setattr(RunStore, "stale_runs", judge_then_resume)
+    listed = {r["id"]: r for r in list_runs(runs)}
+    assert sorted(resumed) == ["r1", "r2"]
+    for name, folder in folders.items():
+        on_disk = json.loads((folder / "run.json").read_text())
+        for got in (listed[name], on_disk):
+            assert (got["status"], got["pid"], len(got["resumes"])) == ("running", os.getpid(), 1), name
+    # the index-only marking re-checks under the lock the same way
+    store = RunStore.open(runs)
+    try:
+        store.update_run("r1", pid=dead)  # dead again
+        resumed.clear()
+        assert store.mark_stale() == [] and resumed == ["r1"]
+        assert store.get_run("r1")["status"] == "running"
+    finally:
+        store.close()
+
+
+def test_two_resumes_of_one_run_cannot_both_start(tmp_path: Path) -> None:
+    from engineflow.registry.recorder import RunRecorder
+
+    runs = tmp_path / "runs"
+    folder = write_folder(runs, record("r1", status="interrupted"), [])
+    with RunStore.open(runs) as store:
+        store.upsert_run(json.loads((folder / "run.json").read_text()))
+        read_by_both = store.get_run("r1")
+        first = RunRecorder.reopen(store, folder, dict(read_by_both), changed=[])
+        first._stop_beating.set()
+        with pytest.raises(RecipeError, match=r"changed while this process was about to resume it: it is now running"):
+            RunRecorder.reopen(store, folder, dict(read_by_both), changed=[])
+        assert len(store.get_run("r1")["resumes"]) == 1
+    assert len(json.loads((folder / "run.json").read_text())["resumes"]) == 1
+
+
+def test_reindex_reads_again_a_folder_written_while_it_read(tmp_path: Path, monkeypatch: Any) -> None:
+    runs = tmp_path / "runs"
+    folder = write_folder(runs, record("r1", status="running", epochs=1), [(1, "loss", 0.5)])
+    writing = RunStore._writing
+
+    @contextmanager
+    def epoch_then_writing(self: RunStore) -> Any:
+        # a live run records epoch 2 after reindex read the folders, before reindex takes the write lock
+        if not (folder / "epoch2").exists():
+            (folder / "epoch2").touch()
+            with (folder / "metrics.jsonl").open("a") as out:
+                out.write(json.dumps({"epoch": 2, "name": "loss", "value": 0.25}) + "\n")
+            (folder / "run.json").write_text(json.dumps({**json.loads((folder / "run.json").read_text()),
+                                                         "epochs": 2}))
+        with writing(self) as conn:
+            yield conn
+
+    monkeypatch.setattr(RunStore, "_writing", epoch_then_writing)
+    assert reindex(runs) == 1
+    with RunStore.open(runs) as store:
+        run = store.get_run("r1")
+    assert run["epochs"] == 2 and run["history"] == [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 0.25}]
+
+
+# ------------------------------------------------------------------------------------------ store failures
+def test_store_failures_exit_1_and_requests_it_cannot_serve_exit_2(tmp_path: Path) -> None:
+    from engineflow.errors import EXIT_TRAINING_FAILED, EXIT_USAGE
+
+    for usage in (UnknownRunError, AmbiguousRunError, UnusableStoreError, NewerStoreError):
+        assert issubclass(usage, StoreError) and issubclass(usage, RecipeError) and usage.exit_code == EXIT_USAGE
+    with RunStore.open(tmp_path) as store:
+        store.upsert_run(record("r1"))
+        store._connection().execute("PRAGMA busy_timeout = 100")
+        holder = sqlite3.connect(tmp_path / DB_NAME, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")  # another process holding the write lock too long
+        try:
+            with pytest.raises(StoreError, match="stayed locked") as caught:
+                store.update_run("r1", status="failed")
+        finally:
+            holder.rollback()
+            holder.close()
+    assert caught.value.exit_code == EXIT_TRAINING_FAILED and not isinstance(caught.value, RecipeError)
+
+
+def fill_up(store: RunStore) -> None:
+    """The index can grow no more: as on a full disk, the next write that needs a page fails."""
+    conn = store._connection()
+    conn.execute(f"PRAGMA max_page_count = {conn.execute('PRAGMA page_count').fetchone()[0]}")
+
+
+def hold_write_lock(store: RunStore) -> sqlite3.Connection:
+    """Another process holds the write lock for longer than this store waits."""
+    store._connection().execute("PRAGMA busy_timeout = 100")
+    holder = sqlite3.connect(store.path, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    return holder
+
+
+@pytest.mark.parametrize("failure", ["disk full", "locked"])
+def test_a_failing_index_stops_the_run_with_exit_1_and_its_folder_keeps_the_change(tmp_path: Path,
+                                                                                   failure: str) -> None:
+    from engineflow.errors import EXIT_TRAINING_FAILED
+    from engineflow.registry.recorder import RunRecorder
+
+    runs = tmp_path / "runs"
+    folder = write_folder(runs, record("r1", status="running", epochs=1), [])
+    with RunStore.open(runs) as store:
+        store.upsert_run(json.loads((folder / "run.json").read_text()))
+        recorder = RunRecorder(store, folder, json.loads((folder / "run.json").read_text()))
+        holder = hold_write_lock(store) if failure == "locked" else fill_up(store)
+        try:
+            with pytest.raises(StoreError) as caught:
+                recorder.update(epochs=2, notes="n" * 100_000)
+        finally:
+            if holder is not None:
+                holder.rollback()
+                holder.close()
+        assert caught.value.exit_code == EXIT_TRAINING_FAILED and not isinstance(caught.value, RecipeError)
+        assert str(folder / "run.json") in str(caught.value) and "engineflow runs reindex" in str(caught.value)
+        assert store.get_run("r1")["epochs"] == 1  # the index missed it ...
+    on_disk = json.loads((folder / "run.json").read_text())
+    assert on_disk["epochs"] == 2 and len(on_disk["notes"]) == 100_000  # ... the folder has it
+    assert reindex(runs) == 1
+    with RunStore.open(runs) as store:
+        assert store.get_run("r1")["epochs"] == 2
+
+
+def test_an_index_deleted_while_a_run_records_gets_its_next_write(tmp_path: Path) -> None:
+    from engineflow.registry.recorder import RunRecorder
+
+    runs = tmp_path / "runs"
+    folder = write_folder(runs, record("r1", status="running", epochs=1), [(1, "loss", 0.5)])
+    with RunStore.open(runs) as store:
+        store.upsert_run(json.loads((folder / "run.json").read_text()))
+        recorder = RunRecorder(store, folder, json.loads((folder / "run.json").read_text()))
+        for suffix in ("", "-wal", "-shm"):  # as `runs reindex` moves an unusable index aside, or `rm` does
+            Path(f"{store.path}{suffix}").unlink(missing_ok=True)
+        recorder.update(epochs=2)
+        with RunStore.open(runs) as reader:  # whatever opens the path now sees the write
+            assert [(r["id"], r["epochs"], r["config"]) for r in reader.list_runs()] == [
+                ("r1", 2, record("r1")["config"])]
+
+
+# ------------------------------------------------------------------------------------------ reindex salvage
+def damage(folder: Path, kind: str) -> None:
+    run_json, metrics = folder / "run.json", folder / "metrics.jsonl"
+    text = run_json.read_text()
+    if kind == "run.json cut short":
+        run_json.write_text(text[: len(text) // 2])
+    elif kind == "run.json not JSON":
+        run_json.write_text("{status: completed}\n")
+    elif kind == "run.json not UTF-8":
+        run_json.write_bytes(text.encode().replace(b'"completed"', b'"compl\xff\xfeted"'))
+    elif kind == "run.json empty":
+        run_json.write_bytes(b"")
+    elif kind == "run.json a list":
+        run_json.write_text("[1, 2]")
+    elif kind == "run.json missing":
+        run_json.unlink()
+    elif kind == "run.json a folder":
+        run_json.unlink()
+        run_json.mkdir()
+    elif kind == "run.json unknown status":
+        run_json.write_text(json.dumps({**json.loads(text), "status": "done"}))
+    elif kind == "run.json wrong types":
+        run_json.write_text(json.dumps({**json.loads(text), "id": 7, "best": "great", "started_at": {"t": 1},
+                                        "pid": "x"}))
+    elif kind == "metrics.jsonl not UTF-8":
+        metrics.write_bytes(metrics.read_bytes().replace(b'"loss"', b'"lo\xffss"', 1))
+    elif kind == "metrics.jsonl cut short":
+        metrics.write_bytes(metrics.read_bytes() + b'{"epoch": 3, "name": "lo')
+    elif kind == "metrics.jsonl garbage":
+        data = metrics.read_bytes().splitlines(keepends=True)
+        metrics.write_bytes(b"".join([data[0], b"\x00\x01garbage\n", b'{"epoch": "3", "name": "x", "value": 1}\n',
+                                      b'[1, 2]\n', b'{"epoch": 3, "name": "loss", "value": "high"}\n', *data[1:]]))
+    elif kind == "metrics.jsonl missing":
+        metrics.unlink()
+    else:  # pragma: no cover
+        raise AssertionError(kind)
+
+
+# kind -> (status the run is indexed with, what its problem line says, its history)
+FULL = [{"epoch": 1, "loss": 0.5}, {"epoch": 2, "loss": 0.25}]
+DAMAGES = {
+    "run.json cut short": ("damaged", "cut short", FULL),
+    "run.json not JSON": ("damaged", "not valid JSON (Expecting property name", FULL),
+    "run.json not UTF-8": ("damaged", "not UTF-8 text (byte 0xff at offset", FULL),
+    "run.json empty": ("damaged", "empty", FULL),
+    "run.json a list": ("damaged", "holds a JSON list, not a run record object", FULL),
+    "run.json missing": ("damaged", "missing", FULL),
+    "run.json a folder": ("damaged", "is a folder, not a file", FULL),
+    "run.json unknown status": ("damaged", "'status' is 'done', not one of", FULL),
+    "run.json wrong types": ("completed", "'id' is 7, not a string: the folder name is used", FULL),
+    "metrics.jsonl not UTF-8": ("completed", "1 unreadable line(s) skipped (line 1: not UTF-8); 1 metric", FULL[1:]),
+    "metrics.jsonl cut short": ("completed", "1 unreadable line(s) skipped (line 3: cut short); 2 metric", FULL),
+    "metrics.jsonl garbage": ("completed", "4 unreadable line(s) skipped (line 2: not JSON, line 3: not an "
+                              "epoch/name/value record, line 4: not an epoch/name/value record and 1 more)", FULL),
+    "metrics.jsonl missing": ("completed", "missing; the run's per-epoch history is not indexed", []),
+}
+
+
+@pytest.mark.parametrize("kind", list(DAMAGES))
+def test_reindex_salvages_a_damaged_file_and_rebuilds_every_other_run(tmp_path: Path, kind: str) -> None:
+    import warnings
+
+    runs = tmp_path / "runs"
+    healthy = [record(f"20261123-08{i}000-aaa{i}", experiment, minute=i, epochs=2)
+               for i, experiment in enumerate(["digits", "sine"])]
+    for rec in healthy:
+        write_folder(runs, rec, [(1, "loss", 0.5), (2, "loss", 0.25)])
+    victim = write_folder(runs, record("20261123-083000-bbbb", config={"lr": 0.3}, epochs=2, metrics={"loss": 0.25}),
+                          [(1, "loss", 0.5), (2, "loss", 0.25)])
+    (victim / "config.json").write_text(json.dumps({"lr": 0.3}))
+    (victim / "code").mkdir()
+    damage(victim, kind)
+    status, said, history = DAMAGES[kind]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rebuilt = rebuild(runs)
+    assert caught == [] and rebuilt.runs == 3
+    damaged_file = victim / kind.split()[0]
+    assert len(rebuilt.problems) == 1, rebuilt.problems  # one line for the one damaged file
+    [line] = rebuilt.problems
+    assert line.startswith(f"{damaged_file}: ") and said in line and "\n" not in line and "Traceback" not in line
+    assert rebuilt.damaged == (("20261123-083000-bbbb",) if status == "damaged" else ())
+    with RunStore.open(runs) as store:
+        for rec in healthy:  # every other run as it was
+            got = store.get_run(rec["id"])
+            assert got["history"] == FULL and {**got, "history": None} == {**rec, "history": None}
+        salvaged = store.get_run("20261123-083000-bbbb")
+        assert {r["id"]: r["status"] for r in store.list_runs()} == {
+            **{rec["id"]: "completed" for rec in healthy}, "20261123-083000-bbbb": status}
+    assert (salvaged["id"], salvaged["experiment"], salvaged["status"]) == ("20261123-083000-bbbb", "digits", status)
+    assert salvaged["history"] == history and salvaged["run_dir"] == str(victim.resolve())
+    if status == "damaged":  # rebuilt from the folder: its name, its config.json and its metrics.jsonl
+        assert salvaged["config"] == {"lr": 0.3} and salvaged["metrics"] == {"loss": 0.25}
+        assert salvaged["epochs"] == 2 and kind.split()[0] in salvaged["error"]
+        assert salvaged["started_at"] is not None and salvaged["started_at"].endswith("+00:00")

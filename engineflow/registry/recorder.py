@@ -11,7 +11,10 @@ Folder ``<runs_dir>/<experiment>/<run_id>/``::
     log.txt         what the run printed
 
 Every write to the folder comes before the matching write to the store, so ``runs reindex``
-can always rebuild the store from the folders.
+can always rebuild the store from the folders. Record changes are field-level
+(:func:`engineflow.registry.runs.update_record`): ``run.json`` and the index row each get only the
+fields this process changes, so another process's changes to the run are kept. When the index
+cannot be written the folder still is, and the run stops with a :class:`StoreError` (exit 1).
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from engineflow.checkpoint import export_weights, modules_of, save_weights
+from engineflow.errors import RecipeError, StoreError
 from engineflow.files import write_json
 from engineflow.handlers import HandlerSpec
-from engineflow.registry.runs import save_record
+from engineflow.registry.runs import update_record
+from engineflow.registry.schema import Row
 from engineflow.registry.snapshot import CodeState, save
-from engineflow.registry.store import HEARTBEAT_INTERVAL_S, RunStore
+from engineflow.registry.staleness import HEARTBEAT_INTERVAL_S, is_stale
+from engineflow.registry.store import RunStore
 from engineflow.tblog import TensorBoardLog
 
 TB_EVERY_ITERATIONS = 50  # the loss per iteration for TensorBoard; epochs log every metric
@@ -75,37 +80,70 @@ class RunRecorder:
 
     @classmethod
     def start(cls, store: RunStore, run_dir: Path, record: dict[str, Any], code: CodeState) -> RunRecorder:
-        """Create the folder with its snapshot and record, then index it (status "running")."""
-        run_dir.mkdir(parents=True, exist_ok=False)
-        save(code, run_dir / "code")
-        write_json(run_dir / "config.json", record["config"])
-        (run_dir / "metrics.jsonl").touch()
+        """A recorder of a new run, begun (see :meth:`begin_new`)."""
         recorder = cls(store, run_dir, record)
-        recorder.update(status="running", pid=os.getpid(), hostname=socket.gethostname(), heartbeat_at=now_iso())
-        recorder._start_heartbeat()
-        recorder.tb.open()
+        recorder.begin_new(code)
         return recorder
 
     @classmethod
     def reopen(cls, store: RunStore, run_dir: Path, record: dict[str, Any], *, changed: list[str]) -> RunRecorder:
-        """Continue recording an earlier run in its folder; the resume is logged in ``resumes``."""
-        record = {k: v for k, v in record.items() if k != "history"}
-        resumes = [*record.get("resumes", []), {"at": now_iso(), "pid": os.getpid(), "changes": changed}]
-        recorder = cls(store, run_dir, record)
-        recorder.update(status="running", ended_at=None, error=None, pid=os.getpid(), hostname=socket.gethostname(),
-                        heartbeat_at=now_iso(), resumes=resumes)
-        recorder._start_heartbeat()
+        """A recorder of an earlier run, resumed (see :meth:`begin_resumed`)."""
+        recorder = cls(store, run_dir, {k: v for k, v in record.items() if k != "history"})
+        recorder.begin_resumed(changed=changed)
         return recorder
+
+    def begin_new(self, code: CodeState) -> None:
+        """Create the folder with its snapshot and record, then index it (status "running")."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)  # the runner may have made it for setup()
+        save(code, self.run_dir / "code")
+        write_json(self.run_dir / "config.json", self.record["config"])
+        (self.run_dir / "metrics.jsonl").touch()
+        self.update(status="running", pid=os.getpid(), hostname=socket.gethostname(), heartbeat_at=now_iso())
+        self._start_heartbeat()
+        self.tb.open()
+
+    def begin_resumed(self, *, changed: list[str]) -> None:
+        """Continue recording this earlier run in its folder; the resume is logged in ``resumes``.
+
+        Raises:
+            RecipeError: another process resumed the run (or it finished) since its record was read.
+        """
+        run_id = self.record["id"]
+        earlier = list(self.record.get("resumes") or [])
+        resumes = [*earlier, {"at": now_iso(), "pid": os.getpid(), "changes": changed}]
+        seen: dict[str, Any] = {}
+
+        def still_free(current: dict[str, Any] | None) -> bool:
+            # under the index's write lock: two resumes of one run must not both start
+            seen.update(current or {})
+            return current is None or ((current.get("resumes") or []) == earlier
+                                       and (current.get("status") != "running" or is_stale(current)))
+
+        written = update_record(self.store, self.record, {
+            "status": "running", "ended_at": None, "error": None, "pid": os.getpid(),
+            "hostname": socket.gethostname(), "heartbeat_at": now_iso(), "resumes": resumes}, check=still_free)
+        if written is None:
+            raise RecipeError(f"run {run_id} changed while this process was about to resume it: it is now "
+                              f"{seen.get('status')} (pid {seen.get('pid')} on {seen.get('hostname')}), "
+                              f"resumed {len(seen.get('resumes') or [])} time(s). See `engineflow runs show "
+                              f"{run_id}`; resume it again once no other process is running it.")
+        self.record.update(written)
+        self._start_heartbeat()
 
     def resumed_from(self, checkpoint: Path, iteration: int, epochs_completed: int) -> None:
         """Note which checkpoint the latest resume continued from; epochs after it will be recorded
-        again, so their earlier lines leave ``metrics.jsonl``."""
+        again, so their earlier lines (and unreadable ones) leave ``metrics.jsonl``."""
         path = self.run_dir / "metrics.jsonl"
-        lines = path.read_text(encoding="utf-8").splitlines(keepends=True) if path.exists() else []
-        kept = [line for line in lines if line.strip() and json.loads(line)["epoch"] <= epochs_completed]
+        kept = [line for line, epoch in _metric_lines(path) if epoch <= epochs_completed]
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(kept), encoding="utf-8")
+        tmp.write_bytes(b"".join(kept))
         tmp.replace(path)
+        try:
+            with self.store.transaction() as tx:
+                tx.delete_metrics(self.record["id"], after_epoch=epochs_completed)
+        except StoreError as err:
+            raise StoreError(f"{err} The run's metrics.jsonl is up to date; `engineflow runs reindex` brings the "
+                             "index up to date.") from err
         resumes = list(self.record.get("resumes", []))
         if resumes:
             resumes[-1] = {**resumes[-1], "checkpoint": checkpoint.name, "iteration": iteration}
@@ -124,9 +162,22 @@ class RunRecorder:
         self._beater.start()
 
     def update(self, **fields: Any) -> None:
-        """Merge ``fields`` into the record, rewrite ``run.json``, then the store row."""
-        self.record.update(fields)
-        save_record(self.store, self.record)
+        """Set ``fields`` of the run: in ``run.json``, then in its index row (only these fields).
+
+        Raises:
+            StoreError: the index could not be written (exit 1); run.json has the change.
+        """
+        self._save(fields)
+
+    def _save(self, fields: dict[str, Any], rows: list[Row] | None = None) -> None:
+        try:
+            written = update_record(self.store, self.record, fields, rows=rows or ())
+        except StoreError as err:
+            self.record.update(fields)
+            raise StoreError(f"{err} The run's own record is safe in {self.run_dir / 'run.json'} (and its metrics "
+                             "in metrics.jsonl); `engineflow runs reindex` brings the index up to date.") from err
+        if written is not None:
+            self.record.update(written)
 
     def handlers(self, fit: Any) -> list[HandlerSpec]:
         """Handlers on the train engine: per-iteration TensorBoard and heartbeat, per-epoch records."""
@@ -144,12 +195,13 @@ class RunRecorder:
                 HandlerSpec(epoch, Events.EPOCH_COMPLETED, "train", 900, -1, raw=True)]
 
     def epoch_completed(self, fit: Any) -> None:
+        from engineflow.checkpoint import modules_of, save_weights
+
         row = fit.history[-1]
         epoch = row["epoch"]
         values = {k: v for k, v in row.items() if k != "epoch"}
         with (self.run_dir / "metrics.jsonl").open("a", encoding="utf-8") as out:
             out.writelines(json.dumps({"epoch": epoch, "name": k, "value": v}) + "\n" for k, v in values.items())
-        self.store.log_metrics(self.record["id"], [(epoch, k, v) for k, v in values.items()])
         self.tb.epoch(epoch, values)
         artifacts = dict(self.record.get("artifacts") or {})
         # The weights files are written when the run ends (finish); until then the full-state
@@ -158,8 +210,10 @@ class RunRecorder:
         if modules and fit.best.epoch == epoch and not self.best_in_checkpoints:
             save_weights(self.run_dir / "checkpoints" / "best.pt", modules, {"epoch": epoch, "metrics": values})
             artifacts["weights_best"] = "checkpoints/best.pt"
-        self.update(metrics={**self.record.get("metrics", {}), **values}, best=fit.best.as_dict(),
-                    epochs=epoch, artifacts=artifacts, heartbeat_at=now_iso())
+        # the epoch's metric rows go to the index in the same transaction as its record fields
+        self._save({"metrics": {**(self.record.get("metrics") or {}), **values}, "best": fit.best.as_dict(),
+                    "epochs": epoch, "artifacts": artifacts, "heartbeat_at": now_iso()},
+                   [(epoch, k, v) for k, v in values.items()])
 
     def finish(self, status: str, *, error: str | None = None, final: Mapping[str, float] | None = None,
                fit: Any = None, best_checkpoint: Path | None = None) -> None:
@@ -169,6 +223,8 @@ class RunRecorder:
         ``best.pt``: exported from ``best_checkpoint`` (the best epoch's full state), when the
         checkpointer keeps one (then :meth:`epoch_completed` did not write it).
         """
+        from engineflow.checkpoint import export_weights, modules_of, save_weights
+
         self._stop_beating.set()
         artifacts = dict(self.record.get("artifacts") or {})
         try:
@@ -191,3 +247,19 @@ def _best_meta(fit: Any) -> dict[str, Any]:
     row = next((row for row in fit.history if row["epoch"] == fit.best.epoch), {})
     return {"epoch": fit.best.epoch, "metrics": {k: v for k, v in row.items() if k != "epoch"}}
 
+
+def _metric_lines(path: Path) -> list[tuple[bytes, int]]:
+    """The readable lines of a metrics.jsonl with their epochs; a damaged line is left out."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    found = []
+    for line in data.splitlines(keepends=True):
+        try:
+            epoch = json.loads(line.decode("utf-8"))["epoch"]
+        except (ValueError, TypeError, KeyError, IndexError):  # UnicodeDecodeError is a ValueError
+            continue
+        if isinstance(epoch, int):
+            found.append((line if line.endswith(b"\n") else line + b"\n", epoch))
+    return found

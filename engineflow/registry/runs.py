@@ -1,12 +1,27 @@
-"""Queries over recorded runs for the CLI and scripts; imports no torch, so ``runs list`` is quick."""
+"""Recorded runs for the CLI and scripts: queries, and the writes that change a run's record.
+
+A run's folder is the source of truth, so a change to a run record goes to its ``run.json``
+first and then to its index row, both inside one write transaction of the index: writers of one
+run take turns, and each changes only the fields it names, in the file and in the row.
+
+Imports no torch, so ``runs list`` is quick.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from engineflow.errors import StoreError
 from engineflow.files import write_json
-from engineflow.registry.store import RunStore
+from engineflow.registry.folders import read_record
+from engineflow.registry.schema import Row
+from engineflow.registry.staleness import interrupted, still_stale
+from engineflow.registry.store import Rebuilt, RunStore, RunTransaction
+from engineflow.registry.store import rebuild as rebuild_index
+
+__all__ = ["get_run", "list_runs", "rebuild", "reindex", "save_record", "settle_stale", "update_record"]
 
 
 def list_runs(
@@ -14,38 +29,130 @@ def list_runs(
 ) -> list[dict[str, Any]]:
     """Runs newest first. A "running" run whose process is gone is marked interrupted first."""
     with RunStore.open(Path(runs_dir)) as store:
-        _settle_stale(store)
+        settle_stale(store)
         return store.list_runs(experiment=experiment, status=status)
 
 
 def get_run(runs_dir: str | Path, ref: str) -> dict[str, Any]:
     """One run by id, unique id prefix or "last", with its per-epoch ``history``."""
     with RunStore.open(Path(runs_dir)) as store:
-        _settle_stale(store)
+        settle_stale(store)
         return store.get_run(store.resolve(ref)["id"])
 
 
 def reindex(runs_dir: str | Path) -> int:
-    """Rebuild the store from the run folders; returns how many runs it indexed."""
-    from engineflow.registry.store import reindex as rebuild
+    """Rebuild the store from the run folders; returns how many runs it indexed (see :func:`rebuild`)."""
+    return rebuild(runs_dir).runs
 
-    return rebuild(Path(runs_dir))
+
+def rebuild(runs_dir: str | Path) -> Rebuilt:
+    """Rebuild the store from the run folders (``engineflow runs reindex``); prints and warns nothing.
+
+    Returns:
+        :class:`~engineflow.registry.store.Rebuilt`: ``runs`` (how many were indexed),
+        ``moved_aside`` (where an unusable database file went, or None), ``problems`` (one line per
+        damaged file, ``"<path>: <what is wrong>; <what was done>"``) and ``damaged`` (the ids of
+        runs indexed with status "damaged" because their run.json could not be read).
+    """
+    return rebuild_index(Path(runs_dir))
+
+
+def update_record(store: RunStore, record: Mapping[str, Any], fields: Mapping[str, Any], *, rows: Iterable[Row] = (),
+                  check: Callable[[dict[str, Any] | None], bool] | None = None) -> dict[str, Any] | None:
+    """Set ``fields`` of run ``record["id"]``, and only those, in its ``run.json`` and then in the index.
+
+    Args:
+        store: the index.
+        record: the run's whole record as the caller knows it. It names the run (``id``) and its
+            folder (``run_dir``), and is what run.json or the index row start from where they are
+            missing or unreadable (a deleted index, a damaged file).
+        fields: the top-level fields to set.
+        rows: ``(epoch, name, value)`` metric rows for the index, in the same transaction
+            (``metrics.jsonl`` is the caller's to write first).
+        check: called under the write lock with the stored record (None if the index has none);
+            when it returns False nothing is written and the result is None.
+
+    Returns:
+        the record as run.json now holds it.
+
+    Raises:
+        StoreError: the index could not be written; run.json has the change all the same
+            (unless ``check`` was given: then nothing is written).
+    """
+    run_id = record["id"]
+    folder = _folder(record)
+    written: dict[str, Any] | None = None
+
+    def write_folder() -> None:
+        nonlocal written
+        on_disk = read_record(folder) if folder is not None else None
+        base = on_disk if on_disk is not None and on_disk.get("id") == run_id else record
+        written = {k: v for k, v in {**base, **fields}.items() if k != "history"}
+        if folder is not None:  # a folder deleted by hand: the index still learns the change
+            write_json(folder / "run.json", written)
+
+    try:
+        with store.transaction() as tx:
+            if check is not None and not check(tx.get(run_id)):
+                return None
+            write_folder()
+            tx.update(run_id, fields, insert=written)
+            tx.log_metrics(run_id, rows)
+    except StoreError:
+        if written is None and check is None:
+            write_folder()
+        raise
+    return written
 
 
 def save_record(store: RunStore, record: dict[str, Any]) -> None:
-    """Write a run record to its folder's ``run.json`` (the source of truth), then to the store.
+    """Write every field of a run record to its ``run.json`` (the source of truth), then to the index.
 
-    ``history`` (which the store adds on reads) is not part of the record: metrics.jsonl holds it.
+    Fields the record lacks keep their stored values. ``history`` (which the store adds on reads)
+    is not part of the record: metrics.jsonl holds it. To change some fields, prefer
+    :func:`update_record` with just those: a whole record read earlier would undo the changes
+    other writers made since.
     """
-    record = {k: v for k, v in record.items() if k != "history"}
-    folder = Path(record["run_dir"])
-    if folder.is_dir():  # a folder deleted by hand: the store still learns the new status
-        write_json(folder / "run.json", record)
-    store.upsert_run(record)
+    update_record(store, record, {k: v for k, v in record.items() if k not in ("id", "history")})
 
 
-def _settle_stale(store: RunStore) -> None:
-    # The folder is the source of truth: its run.json says "interrupted" too, so a reindex agrees.
-    for record in store.stale_runs():
-        save_record(store, {**record, "status": "interrupted", "pid": None,
-                            "error": record.get("error") or "the process died (killed?)"})
+def settle_stale(store: RunStore) -> list[dict[str, Any]]:
+    """Mark interrupted, in run.json and then the index, each run whose process is gone; returns them.
+
+    Each run judged stale is checked again under the write lock, and left alone if it was resumed,
+    finished or beat since (:func:`~engineflow.registry.staleness.still_stale`). When its run.json
+    tells of another life than the index (a process whose index write failed), the folder is the
+    truth: the index takes run.json as it is.
+    """
+    settled = []
+    for judged in store.stale_runs():
+        with store.transaction() as tx:
+            current = tx.get(judged["id"])
+            if current is not None and still_stale(current, judged):
+                marked = _settle(tx, current)
+                if marked is not None:
+                    settled.append(marked)
+    return settled
+
+
+def _settle(tx: RunTransaction, current: dict[str, Any]) -> dict[str, Any] | None:
+    folder = _folder(current)
+    on_disk = read_record(folder) if folder is not None else None
+    if on_disk is not None and on_disk.get("id") == current["id"] and any(
+            on_disk.get(key) != current.get(key) for key in ("status", "pid", "hostname")):
+        try:
+            tx.upsert(on_disk)
+            return None
+        except ValueError:
+            pass  # a run.json the index cannot hold: the index's record is the better one
+    fields = interrupted(current)
+    if folder is not None:
+        base = on_disk if on_disk is not None and on_disk.get("id") == current["id"] else current
+        write_json(folder / "run.json", {**base, **fields})
+    return tx.update(current["id"], fields)
+
+
+def _folder(record: Mapping[str, Any]) -> Path | None:
+    """The run's folder, when the record names one that exists."""
+    run_dir = record.get("run_dir")
+    return Path(run_dir) if isinstance(run_dir, str) and run_dir and Path(run_dir).is_dir() else None

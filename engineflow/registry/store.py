@@ -7,9 +7,16 @@ reindex``) can recreate it at any time and a lost or damaged database loses noth
 
 Concurrency: WAL mode (readers never wait for the writer), a 30 s busy timeout, and every write
 is one short ``BEGIN IMMEDIATE`` transaction, which takes the write lock up front so that two
-writers queue on the busy timeout instead of failing with "database is locked". Migrations run
-under ``BEGIN EXCLUSIVE`` and re-read the version once they hold it, so concurrent openers of a
-new or old database apply each migration exactly once.
+writers queue on the busy timeout instead of failing with "database is locked". Writes are
+field-level: :meth:`RunStore.update_run` reads the stored record and changes only the fields it
+is given, inside that transaction, so two processes updating different fields of one run never
+undo each other. :meth:`RunStore.transaction` holds the lock across several steps, which is how a
+run's folder and its row change together (:mod:`engineflow.registry.runs`).
+
+Errors: :class:`~engineflow.errors.StoreError` (exit 1) when the file cannot be read or written
+(locked too long, disk full); its :class:`~engineflow.errors.StoreUsageError` branch (exit 2) for
+requests it cannot serve: :class:`UnknownRunError`, :class:`AmbiguousRunError`,
+:class:`UnusableStoreError` (damaged or foreign file), :class:`NewerStoreError`.
 
 Example:
     >>> import tempfile
@@ -27,171 +34,127 @@ Example:
 from __future__ import annotations
 
 import json
-import math
 import os
-import socket
 import sqlite3
 import threading
-import time
-import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from engineflow.errors import RecipeError
+from engineflow.errors import AmbiguousRunError, StoreError, StoreUsageError, UnknownRunError
+from engineflow.registry.folders import FolderRun, read_folder, scan
+from engineflow.registry.schema import (
+    BUSY_TIMEOUT_S,
+    COLUMNS,
+    REINDEX_HINT,
+    SCHEMA_VERSION,
+    STATUSES,
+    NewerStoreError,
+    Row,
+    UnusableStoreError,
+    connect,
+    metric,
+    row,
+)
+from engineflow.registry.staleness import (
+    HEARTBEAT_INTERVAL_S,
+    HEARTBEAT_TIMEOUT_S,
+    interrupted,
+    is_stale,
+    still_stale,
+)
 
 __all__ = [
     "DB_NAME", "HEARTBEAT_INTERVAL_S", "HEARTBEAT_TIMEOUT_S", "SCHEMA_VERSION", "STATUSES", "AmbiguousRunError",
-    "NewerStoreError", "Rebuilt", "RunStore", "StoreError", "UnknownRunError", "UnusableStoreError", "is_stale",
-    "rebuild", "reindex",
+    "NewerStoreError", "Rebuilt", "RunStore", "RunTransaction", "StoreError", "StoreUsageError", "UnknownRunError",
+    "UnusableStoreError", "is_stale", "rebuild", "reindex",
 ]
 
 DB_NAME = "engineflow.db"
-SCHEMA_VERSION = 2
-STATUSES = ("running", "completed", "failed", "interrupted")
-BUSY_TIMEOUT_S = 30.0
-# A live runner refreshes ``heartbeat_at`` every HEARTBEAT_INTERVAL_S; ten missed beats mean it is gone.
-HEARTBEAT_INTERVAL_S = 30.0
-HEARTBEAT_TIMEOUT_S = 300.0
-# Written to the file header (PRAGMA application_id, "EFLW") so another program's database is told apart.
-APPLICATION_ID = 0x45464C57
-
-_REINDEX_HINT = ("Run `engineflow runs reindex` to rebuild the index from the run folders, which hold every run "
-                 "(it renames this file to engineflow.db.unusable-<time> first), or move the file away yourself.")
-
-
-class StoreError(RecipeError):
-    """The run index cannot be used as asked; the message names the file and what to do."""
-
-
-class UnusableStoreError(StoreError):
-    """The file at the store path is damaged or is not an engineflow run index."""
-
-
-class NewerStoreError(StoreError):
-    """The run index was written by a newer engineflow whose schema this version does not know."""
-
-
-class UnknownRunError(StoreError):
-    """No run matches the id, prefix or ``last`` that was asked for."""
-
-
-class AmbiguousRunError(StoreError):
-    """An id prefix matches more than one run."""
+# Connections this process never closes: one inherited through fork (closing it in the child
+# could checkpoint or drop locks on files the parent still uses), or one whose file was deleted or
+# replaced (closing it would checkpoint into, then delete, the -wal and -shm files at the path,
+# which may by then belong to the new file).
+_UNCLOSED: list[sqlite3.Connection] = []
 
 
 class Rebuilt(NamedTuple):
-    """What :func:`rebuild` did: how many runs it indexed, and where an unusable file went."""
+    """What a reindex did.
+
+    Attributes:
+        runs: how many runs it indexed (damaged ones included).
+        moved_aside: where an unusable database file went (:func:`rebuild`), else None.
+        problems: one line per damaged file or unlistable folder, ``"<path>: <what is wrong>; <what was done>"``.
+        damaged: the ids of the runs indexed with status "damaged" (their run.json was unreadable).
+    """
 
     runs: int
-    moved_aside: Path | None
+    moved_aside: Path | None = None
+    problems: tuple[str, ...] = ()
+    damaged: tuple[str, ...] = ()
 
 
-# ----------------------------------------------------------------------------------------------- schema
-def _v1(conn: sqlite3.Connection) -> None:
-    conn.execute("CREATE TABLE runs (id TEXT PRIMARY KEY, experiment TEXT NOT NULL, status TEXT NOT NULL, "
-                 "started_at TEXT, ended_at TEXT, fingerprint TEXT, pid INTEGER, hostname TEXT, record TEXT NOT NULL)")
-    # NULL values stand for NaN: SQLite cannot store NaN in a REAL column
-    conn.execute("CREATE TABLE metrics (run_id TEXT NOT NULL, epoch INTEGER NOT NULL, name TEXT NOT NULL, value REAL, "
-                 "PRIMARY KEY (run_id, epoch, name)) WITHOUT ROWID")
-    conn.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+class RunTransaction:
+    """Reads and field-level writes inside one write transaction of a :class:`RunStore`.
 
-
-def _v2(conn: sqlite3.Connection) -> None:
-    # heartbeats tell dead runs on other hosts (where a pid means nothing) from live ones
-    conn.execute("ALTER TABLE runs ADD COLUMN heartbeat_at TEXT")
-    for run_id, text in conn.execute("SELECT id, record FROM runs").fetchall():
-        record = json.loads(text)
-        # started_at becomes UTC in the column (as _row now writes it), so runs sort by time across offsets
-        conn.execute("UPDATE runs SET heartbeat_at = ?, started_at = ? WHERE id = ?",
-                     (record.get("heartbeat_at"), _utc(record.get("started_at")), run_id))
-    # list_runs sorts by start within an experiment; stale checks scan "running"; run refuses repeats by fingerprint
-    conn.execute("CREATE INDEX runs_by_experiment ON runs (experiment, started_at)")
-    conn.execute("CREATE INDEX runs_by_started ON runs (started_at)")
-    conn.execute("CREATE INDEX runs_by_status ON runs (status)")
-    conn.execute("CREATE INDEX runs_by_fingerprint ON runs (fingerprint, status)")
-
-
-# MIGRATIONS[i] takes a database from version i to i + 1. Released entries never change: add a new one.
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2)
-_COLUMNS = ("id", "experiment", "status", "started_at", "ended_at", "fingerprint", "pid", "hostname", "heartbeat_at",
-            "record")
-# Connections inherited through fork are kept referenced, never closed: closing one in the child
-# could checkpoint or drop locks on files that the parent is still using.
-_INHERITED: list[sqlite3.Connection] = []
-
-
-# ----------------------------------------------------------------------------------------------- staleness
-def is_stale(record: dict[str, Any], now: datetime | None = None, *, heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S,
-             hostname: str | None = None) -> bool:
-    """True when a run says "running" but its process is gone, so it counts as interrupted.
-
-    On this host (``hostname``, default this machine's) a dead ``pid`` decides. Anywhere, a
-    ``heartbeat_at`` older than ``heartbeat_timeout_s`` does too (it also catches a pid reused by
-    another process). A run from another host that never wrote a heartbeat is never stale.
-
-    Example:
-        >>> is_stale({"status": "running", "pid": os.getpid(), "hostname": socket.gethostname()})
-        False
-        >>> is_stale({"status": "running", "pid": 1, "hostname": "elsewhere",
-        ...           "heartbeat_at": "2020-01-01T00:00:00+00:00"})
-        True
+    Everything done through it commits together when the ``with store.transaction()`` block ends,
+    and nothing does if the block raises. Other writers wait until then.
     """
-    if record.get("status") != "running":
-        return False
-    now = now or datetime.now(timezone.utc)
-    now = now if now.tzinfo else now.replace(tzinfo=timezone.utc)
-    pid = record.get("pid")
-    local = record.get("hostname") == (hostname or socket.gethostname())
-    if local and isinstance(pid, int) and not isinstance(pid, bool) and not _pid_alive(pid):
-        return True
-    beat = _parse_time(record.get("heartbeat_at"))
-    return beat is not None and (now - beat).total_seconds() > heartbeat_timeout_s
 
+    def __init__(self, store: RunStore, conn: sqlite3.Connection) -> None:
+        self._store = store
+        self._conn = conn
 
-def _interrupted(record: dict[str, Any]) -> dict[str, Any]:
-    """A stale run's record as it reads once marked: "interrupted", with an ``error`` saying why."""
-    error = record.get("error")
-    if error is None:
-        error = (f"no sign of life from the run's process (pid {record.get('pid')} on {record.get('hostname')}, "
-                 f"last heartbeat {record.get('heartbeat_at')}): it ended without recording an outcome")
-    return {**record, "status": "interrupted", "error": error}
+    def get(self, run_id: str) -> dict[str, Any] | None:
+        """The record of ``run_id`` as stored ("running" even when stale), or None."""
+        found = self._conn.execute("SELECT record FROM runs WHERE id = ?", (run_id,)).fetchone()
+        return json.loads(found[0]) if found is not None else None
 
+    def update(self, run_id: str, fields: Mapping[str, Any], *,
+               insert: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Set ``fields`` (top-level keys) of the stored record and leave every other field as stored.
 
-def _as_seen(record: dict[str, Any]) -> dict[str, Any]:
-    return _interrupted(record) if is_stale(record) else record
+        ``insert``: the whole record to store, with ``fields`` over it, when the index has no row
+        for ``run_id`` (it was deleted or rebuilt meanwhile); without it a missing run raises
+        :class:`UnknownRunError`. Returns the record as now stored.
+        """
+        if "id" in fields or "history" in fields:
+            raise ValueError("a run's fields cannot include 'id' or 'history'; use upsert_run or log_metrics")
+        current = self.get(run_id)
+        if current is None:
+            if insert is None:
+                raise UnknownRunError(f"no run {run_id!r} in {self._store.path}")
+            record = {**{k: v for k, v in insert.items() if k != "history"}, **fields, "id": run_id}
+            self.upsert(record)
+            return record
+        record = {**current, **fields}
+        values = row(record)
+        self._conn.execute(f"UPDATE runs SET {', '.join(f'{c} = ?' for c in COLUMNS[1:])} WHERE id = ?",
+                           (*values[1:], run_id))
+        return record
 
+    def upsert(self, record: Mapping[str, Any]) -> None:
+        """Store ``record`` whole (see :meth:`RunStore.upsert_run`)."""
+        values = row({k: v for k, v in record.items() if k != "history"})
+        self._conn.execute(f"INSERT OR REPLACE INTO runs ({', '.join(COLUMNS)}) "
+                           f"VALUES ({', '.join('?' * len(values))})", values)
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    if pid <= 0 or os.name == "nt":  # os.kill(pid, 0) would terminate the process on Windows
-        return pid > 0
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, owned by another user
-        return True
-    return True
+    def log_metrics(self, run_id: str, rows: Iterable[Row]) -> None:
+        """Store metric rows (see :meth:`RunStore.log_metrics`)."""
+        batch = [metric(item) for item in rows]
+        if not batch:
+            return
+        if self.get(run_id) is None:
+            raise UnknownRunError(f"no run {run_id!r} in {self._store.path}")
+        self._conn.executemany("INSERT INTO metrics (run_id, epoch, name, value) VALUES (?, ?, ?, ?) "
+                               "ON CONFLICT (run_id, epoch, name) DO UPDATE SET value = excluded.value",
+                               [(run_id, *item) for item in batch])
 
-
-def _parse_time(text: Any) -> datetime | None:
-    if not isinstance(text, str):
-        return None
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
-
-
-def _utc(text: Any) -> Any:
-    """``text`` as a UTC ISO string, so that the column sorts by time whatever offset was written."""
-    moment = _parse_time(text)
-    return moment.astimezone(timezone.utc).isoformat(timespec="microseconds") if moment else text
+    def delete_metrics(self, run_id: str, *, after_epoch: int) -> None:
+        """Remove the metric rows of ``run_id`` past ``after_epoch`` (a resume records them again)."""
+        self._conn.execute("DELETE FROM metrics WHERE run_id = ? AND epoch > ?", (run_id, after_epoch))
 
 
 # ----------------------------------------------------------------------------------------------- the store
@@ -199,24 +162,30 @@ class RunStore:
     """The SQLite index of run records and their per-epoch metrics.
 
     One connection per process, opened on first use in that process, so a store may be shared
-    with forked workers; calls from several threads are serialized by a lock.
+    with forked workers; calls from several threads are serialized by a lock. When the file is
+    deleted or replaced (a rebuilt index) while open, the next call opens whatever is at the path
+    now, so writes never go to a file nobody reads.
 
     Reads (``list_runs``, ``get_run``, ``resolve``) report a "running" run whose process is gone
     (:func:`is_stale`) as "interrupted" without writing anything: the change belongs in its
-    ``run.json`` first. The caller takes :meth:`stale_runs`, writes their folders, then
-    ``upsert_run``; or calls :meth:`mark_stale` to persist in the index alone.
+    ``run.json`` first (:func:`engineflow.registry.runs.list_runs` does both), or in the index
+    alone with :meth:`mark_stale`.
 
     Args:
         db_path: the database file; created (with its folder) when missing.
+        busy_timeout_s: how long a write waits for another process's write lock before failing.
 
     Raises:
         UnusableStoreError: the file is corrupt or not an engineflow index.
         NewerStoreError: a newer engineflow wrote the file.
     """
 
-    def __init__(self, db_path: Path) -> None:
+    def __init__(self, db_path: Path, *, busy_timeout_s: float = BUSY_TIMEOUT_S) -> None:
         self.path = Path(db_path)
+        self.busy_timeout_s = busy_timeout_s
+        self._where = self.path.absolute()  # the same file even if the process changes directory
         self._conn: sqlite3.Connection | None = None
+        self._file: tuple[int, int] | None = None
         self._pid = 0
         self._lock = threading.RLock()
         self._closed = False
@@ -225,17 +194,17 @@ class RunStore:
             pass
 
     @classmethod
-    def open(cls, runs_dir: Path) -> RunStore:
+    def open(cls, runs_dir: Path, *, busy_timeout_s: float = BUSY_TIMEOUT_S) -> RunStore:
         """The store of ``runs_dir``: ``<runs_dir>/engineflow.db``."""
-        return cls(Path(runs_dir) / DB_NAME)
+        return cls(Path(runs_dir) / DB_NAME, busy_timeout_s=busy_timeout_s)
 
     def close(self) -> None:
         """Close this process's connection; the store cannot be used afterwards."""
         with self._lock:
-            if self._conn is not None and self._pid == os.getpid():
+            if self._conn is not None and self._pid == os.getpid() and _identity(self._where) == self._file:
                 self._conn.close()
             elif self._conn is not None:
-                _INHERITED.append(self._conn)
+                _UNCLOSED.append(self._conn)
             self._conn, self._closed = None, True
 
     def __enter__(self) -> RunStore:
@@ -248,38 +217,42 @@ class RunStore:
         return f"RunStore({str(self.path)!r})"
 
     # -------------------------------------------------------------------------------------- writes
+    @contextmanager
+    def transaction(self) -> Iterator[RunTransaction]:
+        """One write transaction: the write lock is held from the start of the block to its end.
+
+        Keep the block short (other writers wait up to the busy timeout); it commits when the
+        block ends and rolls back if it raises.
+        """
+        with self._writing() as conn:
+            yield RunTransaction(self, conn)
+
     def upsert_run(self, record: dict[str, Any]) -> None:
         """Insert ``record``, or replace the whole stored record of its ``id``.
 
-        The record must be JSON-able (other values are stored as ``str``, as ``run.json`` does) and
-        have ``id``, ``experiment`` and a ``status`` among :data:`STATUSES`. A ``history`` key is
+        For a record read whole from its source (a run folder); to change some fields of a stored
+        run use :meth:`update_run`, which keeps the fields other writers set meanwhile. The record
+        must be JSON-able (other values are stored as ``str``, as ``run.json`` does) and have
+        ``id``, ``experiment`` and a ``status`` among :data:`STATUSES`. A ``history`` key is
         dropped: histories come from the metrics table.
         """
-        row = _row({k: v for k, v in record.items() if k != "history"})
-        with self._writing() as conn:
-            conn.execute(f"INSERT OR REPLACE INTO runs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(row))})",
-                         row)
+        with self.transaction() as tx:
+            tx.upsert(record)
 
     def update_run(self, run_id: str, **fields: Any) -> dict[str, Any]:
-        """Merge ``fields`` into the top level of a stored record; returns the new record.
+        """Set ``fields`` of a stored record, leaving its other fields as stored; returns the new record.
 
         Raises:
             UnknownRunError: no run has this id.
         """
-        if "id" in fields or "history" in fields:
-            raise ValueError("update_run cannot change 'id' or 'history'; use upsert_run or log_metrics")
-        with self._writing() as conn:
-            record = {**self._record(conn, run_id), **fields}
-            row = _row(record)
-            conn.execute(f"UPDATE runs SET {', '.join(f'{c} = ?' for c in _COLUMNS[1:])} WHERE id = ?",
-                         (*row[1:], run_id))
-        return record
+        with self.transaction() as tx:
+            return tx.update(run_id, fields)
 
     def heartbeat(self, run_id: str, at: datetime | None = None) -> None:
         """Record that the run's process is alive (``heartbeat_at``), now or ``at``."""
         self.update_run(run_id, heartbeat_at=(at or datetime.now(timezone.utc)).isoformat())
 
-    def log_metrics(self, run_id: str, rows: Iterable[tuple[int, str, float | None]]) -> None:
+    def log_metrics(self, run_id: str, rows: Iterable[Row]) -> None:
         """Store ``(epoch, name, value)`` rows in one transaction; a repeated (epoch, name) replaces.
 
         NaN and None are stored as NULL and read back as None.
@@ -287,14 +260,10 @@ class RunStore:
         Raises:
             UnknownRunError: no run has this id (upsert the run first).
         """
-        batch = [_metric(row) for row in rows]  # checked before the lock, which is then held briefly
-        if not batch:
-            return
-        with self._writing() as conn:
-            self._record(conn, run_id)
-            conn.executemany("INSERT INTO metrics (run_id, epoch, name, value) VALUES (?, ?, ?, ?) "
-                             "ON CONFLICT (run_id, epoch, name) DO UPDATE SET value = excluded.value",
-                             [(run_id, *row) for row in batch])
+        batch = [metric(item) for item in rows]  # checked before the lock, which is then held briefly
+        if batch:
+            with self.transaction() as tx:
+                tx.log_metrics(run_id, batch)
 
     def delete_run(self, run_id: str) -> None:
         """Remove a run and its metrics from the index (its folder is left alone).
@@ -311,8 +280,9 @@ class RunStore:
                    heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S) -> list[dict[str, Any]]:
         """The runs stored as "running" whose process is gone (see :func:`is_stale`), as stored.
 
-        Nothing is written: the caller marks each one interrupted in its ``run.json`` and then
-        :meth:`upsert_run`, so that the folder and the index agree.
+        Nothing is written, and the answer can be out of date at once (a run resumed meanwhile):
+        whoever marks one interrupted re-checks it with
+        :func:`~engineflow.registry.staleness.still_stale` inside a :meth:`transaction`.
         """
         with self._session() as conn:
             found = conn.execute("SELECT record FROM runs WHERE status = 'running'").fetchall()
@@ -323,46 +293,41 @@ class RunStore:
                    heartbeat_timeout_s: float = HEARTBEAT_TIMEOUT_S) -> list[dict[str, Any]]:
         """Persist "interrupted" (and an ``error``) for :meth:`stale_runs` in the index; returns them.
 
-        The run folders are not touched: write the returned records to their ``run.json``, or a
-        later ``reindex`` brings back "running" (which reads report as interrupted again).
+        Each run is re-checked under the write lock: one resumed, finished or beating since it
+        was judged stale is left alone. The run folders are not touched (see
+        :func:`engineflow.registry.runs.list_runs` for both).
         """
-        if not self.stale_runs(now, heartbeat_timeout_s=heartbeat_timeout_s):  # the common case: no write lock
-            return []
         changed = []
-        with self._writing() as conn:
-            for (text,) in conn.execute("SELECT record FROM runs WHERE status = 'running'").fetchall():
-                record = json.loads(text)  # read again under the lock: the run may have finished meanwhile
-                if is_stale(record, now, heartbeat_timeout_s=heartbeat_timeout_s):
-                    record = _interrupted(record)
-                    conn.execute("UPDATE runs SET status = ?, record = ? WHERE id = ?",
-                                 (record["status"], _dumps(record), record["id"]))
-                    changed.append(record)
+        for judged in self.stale_runs(now, heartbeat_timeout_s=heartbeat_timeout_s):
+            with self.transaction() as tx:
+                current = tx.get(judged["id"])
+                if current is not None and still_stale(current, judged, now, heartbeat_timeout_s=heartbeat_timeout_s):
+                    changed.append(tx.update(judged["id"], interrupted(current)))
         return changed
 
-    def reindex(self, runs_dir: Path | None = None) -> int:
+    def reindex(self, runs_dir: Path | None = None) -> Rebuilt:
         """Replace the whole index with the run folders ``<runs_dir>/*/*/`` (default: the db's folder).
 
-        A folder whose ``run.json`` cannot be read, or unreadable lines of a ``metrics.jsonl``,
-        are skipped with a warning. Returns the number of runs indexed.
+        Damaged files cost only what they lost (see :mod:`engineflow.registry.folders`): a run
+        whose run.json is unreadable is indexed as "damaged" from what its folder still holds, and
+        each damaged file is one line of :attr:`Rebuilt.problems`. Nothing is printed or warned.
         """
-        runs_dir = Path(runs_dir) if runs_dir is not None else self.path.parent
-        runs: dict[str, tuple[dict[str, Any], list[tuple[int, str, float | None]]]] = {}
-        for path in sorted(runs_dir.glob("*/*/run.json")):  # files are read before the write lock is taken
-            loaded = _read_folder(path.parent)
-            if loaded is not None:
-                if loaded[0]["id"] in runs:
-                    warnings.warn(f"{path}: run id {loaded[0]['id']} is also in another folder; this one is kept",
-                                  stacklevel=2)
-                runs[loaded[0]["id"]] = loaded
+        runs_dir = Path(runs_dir) if runs_dir is not None else self._where.parent
+        found, problems = scan(runs_dir)  # read before the write lock, so writers wait only for the writing
         with self._writing() as conn:
+            # A live run writes its folder under this lock: one that wrote while we read is read again.
+            found = [r for r in (read_folder(r.folder) if r.changed() else r for r in found) if r is not None]
+            runs = _unique(found, problems)
             conn.execute("DELETE FROM metrics")
             conn.execute("DELETE FROM runs")
-            for record, metrics in runs.values():
-                row = _row(record)
-                conn.execute(f"INSERT INTO runs ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(row))})", row)
+            for run in runs:
+                values = row(run.record)
+                conn.execute(f"INSERT INTO runs ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(values))})",
+                             values)
                 conn.executemany("INSERT OR REPLACE INTO metrics (run_id, epoch, name, value) VALUES (?, ?, ?, ?)",
-                                 [(record["id"], *m) for m in metrics])
-        return len(runs)
+                                 [(run.record["id"], *item) for item in run.rows])
+        problems = [line for run in found for line in run.problems] + problems
+        return Rebuilt(len(runs), None, tuple(problems), tuple(r.record["id"] for r in runs if r.damaged))
 
     # -------------------------------------------------------------------------------------- reads
     def get_run(self, run_id: str) -> dict[str, Any]:
@@ -474,23 +439,28 @@ class RunStore:
     def _connection(self) -> sqlite3.Connection:
         if self._closed:
             raise ValueError(f"{self!r} is closed")
-        if self._conn is None or self._pid != os.getpid():
-            if self._conn is not None:
-                _INHERITED.append(self._conn)
-            self._conn, self._pid = None, os.getpid()
-            self._conn = _connect(self.path)
+        if self._conn is not None and (self._pid != os.getpid() or _identity(self._where) != self._file):
+            _UNCLOSED.append(self._conn)
+            self._conn = None
+        if self._conn is None:
+            self._pid = os.getpid()
+            self._conn = connect(self._where, self.busy_timeout_s)
+            self._file = _identity(self._where)
         return self._conn
 
     def _explain(self, err: sqlite3.DatabaseError) -> StoreError:
         text = str(err)
         code = getattr(err, "sqlite_errorname", "")
         if code.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")) or "locked" in text:
-            return StoreError(f"the run index {self.path} stayed locked for over {BUSY_TIMEOUT_S:.0f} s ({text}): "
+            return StoreError(f"the run index {self.path} stayed locked for over {self.busy_timeout_s:g} s ({text}): "
                               "another process holds a long write transaction. Try again.")
         damaged = ("malformed", "not a database", "no such table", "no such column", "encrypted")
         if code.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) or any(word in text for word in damaged):
             return UnusableStoreError(f"the run index {self.path} is damaged or is not an engineflow database "
-                                      f"({text}). {_REINDEX_HINT}")
+                                      f"({text}). {REINDEX_HINT}")
+        if code.startswith("SQLITE_FULL") or "is full" in text:
+            return StoreError(f"the run index {self.path} cannot grow: the disk (or its quota) is full ({text}). "
+                              "Free some space; the run folders hold every run.")
         return StoreError(f"the run index {self.path} cannot be used: {text}")
 
 
@@ -504,7 +474,8 @@ def rebuild(runs_dir: Path) -> Rebuilt:
 
     A database that is damaged or foreign is first renamed to ``engineflow.db.unusable-<time>``
     (with its -wal and -shm files) and a new one created; a newer engineflow's database is left
-    alone (:class:`NewerStoreError`).
+    alone (:class:`NewerStoreError`). Damaged run folders are salvaged (see
+    :meth:`RunStore.reindex`); :attr:`Rebuilt.problems` says what was found.
     """
     db = Path(runs_dir) / DB_NAME
     moved = None
@@ -517,131 +488,32 @@ def rebuild(runs_dir: Path) -> Rebuilt:
                 os.replace(f"{db}{suffix}", f"{moved}{suffix}")
         store = RunStore(db)
     with store:
-        return Rebuilt(store.reindex(runs_dir), moved)
+        return store.reindex(runs_dir)._replace(moved_aside=moved)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
-def _connect(path: Path) -> sqlite3.Connection:
-    """Open, check that the file is ours, switch to WAL and migrate; closes the connection on failure."""
-    # isolation_level=None: the sqlite3 module opens no transactions itself, ours are explicit
-    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False)
+def _as_seen(record: dict[str, Any]) -> dict[str, Any]:
+    return {**record, **interrupted(record)} if is_stale(record) else record
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """Which file is at ``path`` (device, inode); None when there is none."""
     try:
-        _check_identity(conn, path)  # before WAL: switching would write to another program's file
-        _enable_wal(conn)
-        conn.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL survives a killed process; the folders back it up
-        _migrate(conn, path)
-    except BaseException:
-        conn.close()
-        raise
-    return conn
-
-
-def _check_identity(conn: sqlite3.Connection, path: Path) -> None:
-    # one statement, so one snapshot: separate reads could straddle another opener's migration
-    # and see its tables without its application id
-    app_id, version, names = conn.execute(
-        "SELECT (SELECT application_id FROM pragma_application_id), (SELECT user_version FROM pragma_user_version), "
-        "(SELECT group_concat(name, char(10)) FROM sqlite_master WHERE type = 'table')").fetchone()
-    tables = sorted(names.split("\n")) if names else []
-    if app_id == 0 and version == 0 and not tables:
-        return  # a new, empty database
-    if app_id != APPLICATION_ID:
-        raise UnusableStoreError(f"{path} is a SQLite database of another application (tables: "
-                                 f"{', '.join(tables) or 'none'}), not an engineflow run index. {_REINDEX_HINT}")
-    if version > SCHEMA_VERSION:
-        raise NewerStoreError(f"the run index {path} was created by a newer engineflow (schema version {version}; "
-                              f"this engineflow knows up to {SCHEMA_VERSION}). Upgrade engineflow "
-                              "(pip install -U engineflow), or move the file away and run `engineflow runs reindex` "
-                              "to build an index this version can read.")
-
-
-def _enable_wal(conn: sqlite3.Connection) -> None:
-    # Switching a new database to WAL needs a moment alone with the file, and SQLite reports
-    # "locked" at once instead of waiting; concurrent first openers retry until the timeout.
-    deadline = time.monotonic() + BUSY_TIMEOUT_S
-    while True:
-        try:
-            if conn.execute("PRAGMA journal_mode = WAL").fetchone()[0] == "wal" or time.monotonic() > deadline:
-                return  # a filesystem without WAL support keeps the rollback journal: slower, still correct
-        except sqlite3.OperationalError:
-            if time.monotonic() > deadline:
-                raise
-        time.sleep(0.02)
-
-
-def _migrate(conn: sqlite3.Connection, path: Path) -> None:
-    if conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION:
-        return
-    conn.execute("BEGIN EXCLUSIVE")
-    try:
-        _check_identity(conn, path)  # another opener may have created or migrated it while we waited
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
-        for migration in MIGRATIONS[version:]:
-            migration(conn)
-        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.rollback()
-        raise
-
-
-def _row(record: dict[str, Any]) -> tuple[Any, ...]:
-    """The column values of a record, in :data:`_COLUMNS` order; checks the keys the index needs."""
-    if not isinstance(record.get("id"), str) or not record["id"]:
-        raise ValueError(f"a run record needs a non-empty string 'id', got {record.get('id')!r}")
-    if not isinstance(record.get("experiment"), str):
-        raise ValueError(f"run {record['id']}: 'experiment' must be a string, got {record.get('experiment')!r}")
-    if record.get("status") not in STATUSES:
-        raise ValueError(f"run {record['id']}: 'status' must be one of {', '.join(STATUSES)}, "
-                         f"got {record.get('status')!r}")
-    code = record.get("code")
-    fingerprint = code.get("fingerprint") if isinstance(code, dict) else None
-    pid = record.get("pid") if isinstance(record.get("pid"), int) else None
-    return (record["id"], record["experiment"], record["status"], _utc(record.get("started_at")),
-            record.get("ended_at"), fingerprint, pid, record.get("hostname"), record.get("heartbeat_at"),
-            _dumps(record))
-
-
-def _dumps(record: dict[str, Any]) -> str:
-    # default=str as engineflow.files.write_json: the index holds what run.json holds
-    return json.dumps(record, default=str, ensure_ascii=False)
-
-
-def _metric(row: tuple[int, str, float | None]) -> tuple[int, str, float | None]:
-    epoch, name, value = row
-    if not isinstance(epoch, int) or isinstance(epoch, bool):
-        raise TypeError(f"metric row {row!r}: epoch must be an int")
-    if not isinstance(name, str) or not name:
-        raise TypeError(f"metric row {row!r}: name must be a non-empty string")
-    value = None if value is None else float(value)
-    return epoch, name, None if value is None or math.isnan(value) else value
-
-
-def _read_folder(folder: Path) -> tuple[dict[str, Any], list[tuple[int, str, float | None]]] | None:
-    """The record and metric rows of one run folder, or None (with a warning) when run.json is unusable."""
-    try:
-        record = json.loads((folder / "run.json").read_text(encoding="utf-8"))
-        _row(record)
-    except (OSError, ValueError, AttributeError) as err:
-        warnings.warn(f"{folder / 'run.json'} skipped, it cannot be read as a run record: {err}", stacklevel=3)
+        stat = os.stat(path)
+    except OSError:
         return None
-    if str(Path(str(record.get("run_dir"))).resolve()) != str(folder.resolve()):
-        record["run_dir"] = str(folder.resolve())  # the runs folder was moved: point at where the run is now
-    rows, bad = [], 0
-    metrics = folder / "metrics.jsonl"
-    lines = metrics.read_text(encoding="utf-8").splitlines() if metrics.exists() else []
-    for line in lines:
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-            rows.append(_metric((item["epoch"], item["name"], item["value"])))
-        except (ValueError, TypeError, KeyError):
-            bad += 1  # typically the last line, torn by a killed process
-    if bad:
-        warnings.warn(f"{metrics}: {bad} unreadable line(s) skipped", stacklevel=3)
-    return record, rows
+    return stat.st_dev, stat.st_ino
+
+
+def _unique(found: list[FolderRun], problems: list[str]) -> list[FolderRun]:
+    """One folder per run id: the first (in path order); each later one is a problem line."""
+    seen: dict[str, FolderRun] = {}
+    for run in found:
+        first = seen.setdefault(run.record["id"], run)
+        if first is not run:
+            problems.append(f"{run.folder}: run id {run.record['id']} is also the id of {first.folder}, which is "
+                            "indexed; this folder is not")
+    return list(seen.values())
 
 
 def _few(ids: list[str], limit: int = 5) -> str:

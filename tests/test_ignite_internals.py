@@ -1,0 +1,61 @@
+"""The one module that reaches into Ignite's private API: its version check and its defaults."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import ignite
+import pytest
+from ignite.engine import Engine, Events
+
+from engineflow.ignite_internals import VERIFIED, HookedEngine, UntestedIgniteError, check_version, release
+
+
+@pytest.mark.parametrize(("version", "ok"), [
+    ("0.5.1", True), ("0.5.5", True), ("0.5.9.post1", True), ("0.5.0.post2", False), ("0.4.13", False),
+    ("0.6.0", False), ("0.6.0rc1", False), ("1.0.0", False),
+])
+def test_only_verified_ignite_releases_are_accepted(version, ok):
+    if ok:
+        check_version(version)
+    else:
+        with pytest.raises(UntestedIgniteError, match=rf"pytorch-ignite {version} is installed.*pip install"):
+            check_version(version)
+
+
+def test_the_installed_ignite_is_verified():
+    low, high = VERIFIED
+    assert low <= release(ignite.__version__) < high
+
+
+def test_an_untested_ignite_fails_at_import_with_one_clear_message():
+    code = "import ignite; ignite.__version__ = '0.6.1'; import engineflow.engine"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "UntestedIgniteError" in done.stderr and "pytorch-ignite 0.6.1 is installed" in done.stderr
+
+
+def test_a_hooked_engine_by_default_behaves_as_ignite():
+    def calls_of(engine):
+        calls = []
+        engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e, tag: calls.append((tag, e.state.iteration)), "x")
+        engine.add_event_handler(Events.EXCEPTION_RAISED, lambda e, err: calls.append(repr(err)))
+        engine.run([1, 2], max_epochs=1)
+        engine.add_event_handler(Events.ITERATION_STARTED, lambda: 1 / 0)
+        engine.run([1], max_epochs=1)  # Ignite hands the error to the EXCEPTION_RAISED handler, which keeps it
+        return calls
+
+    hooked = calls_of(HookedEngine(lambda e, b: None))
+    assert hooked == calls_of(Engine(lambda e, b: None))
+    assert hooked[-1] == "ZeroDivisionError('division by zero')"
+
+
+def test_start_epoch_after_resumes_mid_epoch_as_ignite_does():
+    seen = []
+    engine = HookedEngine(lambda e, b: seen.append(b))
+    engine.load_state_dict({"iteration": 2, "epoch_length": 4, "max_epochs": 1})
+    engine.start_epoch_after(2)
+    engine.run([10, 11, 12, 13])
+    assert seen == [10, 11]  # the data restarts, the epoch ends after its 4 - 2 remaining batches
+    assert Events.EPOCH_COMPLETED in engine.allowed_events()
