@@ -13,6 +13,11 @@ Two kinds of file:
   tensor loads silently), so the checksum is the only check; torch's per-record CRC32 is therefore
   not computed for these files (it cost as much as the save's copy of the data).
 
+Loading never runs code from a file: both kinds are read with ``torch.load(weights_only=True)``,
+which builds tensors and plain values only. A file that holds anything else (a pickle crafted to run
+code, copied into a run folder; a checksum beside it proves nothing, anyone can compute one) raises
+:class:`UnsafeCheckpointError` naming it; it is never skipped silently for an older checkpoint.
+
 Every file goes to a temporary name in the same folder, is fsynced, renamed over the target, and
 the folder is fsynced (Ignite's ``DiskSaver(atomic=True)`` renames without the fsyncs).
 """
@@ -21,6 +26,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +38,80 @@ import xxhash
 
 from engineflow.errors import RecipeError
 from engineflow.state import find_components
+
+_USE_ANOTHER_CHECKPOINT = ("Delete it and its checksum file (a checksum proves nothing here: anyone can compute "
+                           "one) to use the previous checkpoint, or use a checkpoint from a run you trust.")
+
+
+class UnsafeCheckpointError(RecipeError):
+    """A checkpoint holds objects other than tensors and plain values; engineflow does not load it.
+
+    Attributes:
+        path: the file.
+        found: what was refused, e.g. "a reference to posix.system".
+    """
+
+    def __init__(self, path: Path, found: str, instead: str = _USE_ANOTHER_CHECKPOINT) -> None:
+        super().__init__(
+            f"{path} holds objects engineflow does not load ({found}): loading them could run code, so the "
+            f"file may have been crafted. Nothing in it was run. {instead}"
+        )
+        self.path = path
+        self.found = found
+
+
+def _earlier_numpy_globals() -> list[Any]:
+    """What unpickling the NumPy RNG state of earlier versions needs: a uint32 array and its dtype.
+
+    Earlier versions saved ``np.random.get_state()`` as it is; these rebuild that array and nothing
+    else. NumPy 2 moved ``numpy.core`` to ``numpy._core``, so the array-building function is
+    allowed under both names a file may use, whichever NumPy wrote it.
+    """
+    try:
+        import numpy as np
+    except ImportError:
+        return []
+    reconstruct = np.zeros(0, np.uint32).__reduce__()[0]  # found this way: its module differs by version
+    return [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+            (reconstruct, "numpy.core.multiarray._reconstruct"), (reconstruct, "numpy._core.multiarray._reconstruct")]
+
+
+@contextmanager
+def _allowing(extra: list[Any]) -> Iterator[None]:
+    """Allow ``extra`` for ``weights_only`` loads inside the block only.
+
+    torch keeps the allowlist process-wide, and its context manager removes on exit what it added:
+    entries the caller had allowed already are left out, so they stay allowed afterwards.
+    """
+    before = torch.serialization.get_safe_globals()
+    with torch.serialization.safe_globals([item for item in extra if item not in before]):
+        yield
+
+
+def _load(path: Path, extra: list[Any], *, mmap: bool = False, instead: str = _USE_ANOTHER_CHECKPOINT) -> Any:
+    """``torch.load(weights_only=True)`` of ``path``; a refused object raises :class:`UnsafeCheckpointError`
+    (``instead``: what to do about it)."""
+    try:
+        with _allowing(extra):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        text = str(err)
+        if "WeightsUnpickler" not in text and "Weights only load failed" not in text:
+            raise
+        detail = text.split("WeightsUnpickler error:", 1)[-1].strip()
+        name = re.search(r"GLOBAL (\S+)", detail)
+        found = f"a reference to {name.group(1)}" if name else detail.split(". ")[0]
+        raise UnsafeCheckpointError(path, found, instead) from None
+
+
+def load_state(path: Path, *, mmap: bool = False) -> dict[str, Any]:
+    """Read the full-state checkpoint ``path`` (on CPU) without running any code it may hold.
+
+    Only tensors and plain values are built, plus the uint32 NumPy array in which earlier versions
+    saved the NumPy RNG state; anything else raises :class:`UnsafeCheckpointError`. ``mmap=True``
+    maps the tensor data instead of reading it: a cheap check that the file loads.
+    """
+    return _load(path, _earlier_numpy_globals(), mmap=mmap)
 
 
 def modules_of(components: Mapping[str, Any]) -> dict[str, torch.nn.Module]:
@@ -112,7 +193,9 @@ def load_weights(path: Path, modules: Mapping[str, torch.nn.Module]) -> dict[str
     if not path.is_file():
         raise RecipeError(f"no weights at {path}; the run may have stopped before its first epoch ended")
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = _load(path, [], instead="Delete it, or use weights from a run you trust.")
+    except UnsafeCheckpointError:
+        raise
     except Exception as err:
         raise RecipeError(f"cannot read weights {path}: {type(err).__name__}: {err}") from None
     _load_states(modules, _module_states(saved["weights"], modules, path))
@@ -127,7 +210,7 @@ def load_checkpoint_weights(state: Mapping[str, Any], modules: Mapping[str, torc
 def export_weights(checkpoint: Path, path: Path, names: list[str], meta: Mapping[str, Any]) -> None:
     """Write the weights file ``path`` (as :func:`save_weights` does) from the modules ``names`` of the
     full-state ``checkpoint``: the best epoch's weights, taken from its checkpoint when a run ends."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = load_state(checkpoint)
     atomic_save({"weights": _module_states(state["components"], names, checkpoint), "meta": dict(meta)}, path)
 
 
@@ -161,7 +244,7 @@ def best_checkpoint(folder: Path, warn: Callable[[str], None]) -> tuple[Path, di
         if path == newest[0]:
             return newest
         if path.is_file() and verify(path) is None:
-            return path, torch.load(path, map_location="cpu", weights_only=False)
+            return path, load_state(path)
     return None
 
 
@@ -231,12 +314,19 @@ def verify(path: Path) -> str | None:
 
 
 def load_latest(folder: Path, warn: Callable[[str], None]) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint that passes its checksum and loads; damaged ones are reported via ``warn``."""
+    """The newest checkpoint that passes its checksum and loads; damaged ones are reported via ``warn``.
+
+    A file that passes its checksum but holds objects engineflow does not load raises
+    :class:`UnsafeCheckpointError` instead of falling back: an intact file with such content was
+    put there on purpose, and training on from an older file of the same folder would hide that.
+    """
     for path in reversed(checkpoint_files(folder)):
         problem = verify(path)
         if problem is None:
             try:
-                return path, torch.load(path, map_location="cpu", weights_only=False)
+                return path, load_state(path)
+            except UnsafeCheckpointError:
+                raise
             except Exception as err:
                 problem = f"{type(err).__name__}: {err}"
         warn(f"checkpoint {path} is damaged ({problem}); trying the previous one")

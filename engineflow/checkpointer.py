@@ -21,7 +21,15 @@ from typing import Any
 
 from ignite.engine import Events
 
-from engineflow.checkpoint import checkpoint_files, load_latest, prune, ranked_by_score, save_checkpoint
+from engineflow.checkpoint import (
+    UnsafeCheckpointError,
+    checkpoint_files,
+    load_latest,
+    load_state,
+    prune,
+    ranked_by_score,
+    save_checkpoint,
+)
 from engineflow.errors import RecipeError
 from engineflow.handlers import HandlerSpec
 from engineflow.state import rng_state, set_rng_state, stateful_components
@@ -114,6 +122,7 @@ class Checkpointer:
         self._epoch_start = 0  # the iteration count when the epoch in progress started
         self._in_epoch_completed = False
         self._restored = False
+        self._load_checked = False
 
     # what goes in -------------------------------------------------------------------------------
     def position(self) -> dict[str, Any]:
@@ -153,9 +162,29 @@ class Checkpointer:
             self._scores[path] = best.value
         # The scores travel in every file, so keep_best survives a resume.
         save_checkpoint(self.folder, path.name, self.state(reason, {p.name: v for p, v in self._scores.items()}))
+        if not self._load_checked:
+            self._check_loads(path)
         self._last_time = time.monotonic()
         self._prune()
         return path
+
+    def _check_loads(self, path: Path) -> None:
+        """Stop at the first checkpoint if a resume could not read it back.
+
+        Checkpoints are loaded with ``weights_only=True``: a component whose ``state_dict`` holds
+        an object of its own class would otherwise be found out only when the run resumes, or when
+        it ends and exports best.pt. The tensor data is mapped, not read, so this costs little.
+        """
+        self._load_checked = True
+        try:
+            load_state(path, mmap=True)
+        except UnsafeCheckpointError as err:
+            raise RecipeError(
+                f"the checkpoint {path.name} holds {err.found}, which engineflow does not load back (it loads "
+                "tensors, numbers, strings, and lists, tuples and dicts of them): a resume would refuse it. Make "
+                "every component's state_dict() return only such values, or, if the type is yours and safe, "
+                "allow it with torch.serialization.add_safe_globals before the run."
+            ) from None
 
     def _prune(self) -> None:
         files = checkpoint_files(self.folder)

@@ -41,14 +41,17 @@ def rng_state() -> dict[str, Any]:
     except ImportError:
         pass
     else:
-        state["numpy"] = np.random.get_state()
+        # Its key as a list of ints, not the uint32 array get_state returns: a checkpoint then holds
+        # only values that torch.load(weights_only=True) builds without allowing any NumPy type.
+        name, key, *rest = np.random.get_state()
+        state["numpy"] = (name, key.tolist(), *rest)
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore what :func:`rng_state` captured."""
+    """Restore what :func:`rng_state` captured (also the NumPy key as an array, as earlier versions saved it)."""
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     if "numpy" in state:
