@@ -1,26 +1,101 @@
 """What a run prints: a progress bar on a terminal, plain lines otherwise, a summary at the end.
 
-Every line also goes to the run's ``log.txt``. The reporter is a pair of handlers on the train
-engine (order 1000, after the user's), so turning it off changes nothing else.
+Every line also goes to the run's ``log.txt``. The reporter is a set of handlers on the train
+engine (order 1000, after the user's), so turning it off changes nothing else. The bar is tqdm's
+(rate and time left included); the lines are plain text, printed above the bar.
+
+Numbers are printed with :func:`format_value` (significant digits, so a loss of 5e-06 does not read
+``0.0000``), times with :func:`format_duration` and counts with :func:`plural`.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+import numbers
 import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from ignite.engine import Events
+if TYPE_CHECKING:
+    from engineflow.engine import StepEngine
+    from engineflow.handlers import HandlerSpec
 
-from engineflow.engine import StepEngine
-from engineflow.handlers import HandlerSpec
+SIGNIFICANT_DIGITS = 4
+
+
+def format_value(value: Any, digits: int = SIGNIFICANT_DIGITS) -> str:
+    """A number as people read it: ``digits`` significant digits for floats, integers as they are.
+
+    Small and large floats keep their digits (an exponent replaces leading or trailing zeros);
+    anything that is not a number is ``str(value)``.
+
+    Example:
+        >>> [format_value(v) for v in (0.98512, 5e-06, 123.456, 0.5, 42, 1e6, 1.0, float("nan"))]
+        ['0.9851', '5e-06', '123.5', '0.5', '42', '1e+06', '1', 'nan']
+        >>> format_value(2/3, digits=2), format_value(True), format_value(None)
+        ('0.67', 'True', 'None')
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return str(value)
+    if isinstance(value, numbers.Integral):
+        return str(int(value))
+    return f"{float(value):.{digits}g}"
+
+
+def format_duration(seconds: float) -> str:
+    """A duration short enough for a status line: ``60ms``, ``1.2s``, ``2m05s``, ``1h02m``.
+
+    Example:
+        >>> [format_duration(s) for s in (0.0004, 0.06, 0.9996, 1.23, 59.99, 125, 3725)]
+        ['0.4ms', '60ms', '1.0s', '1.2s', '1m00s', '2m05s', '1h02m']
+    """
+    seconds = max(float(seconds), 0.0)
+    if not math.isfinite(seconds):
+        return str(seconds)
+    ms = seconds * 1000
+    if round(ms, 1) < 10:
+        return f"{ms:.1f}ms"
+    if round(ms) < 1000:
+        return f"{ms:.0f}ms"
+    if round(seconds, 1) < 60:
+        return f"{seconds:.1f}s"
+    whole = round(seconds)
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    minutes = round(seconds / 60)
+    return f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def plural(count: int, noun: str, many: str | None = None) -> str:
+    """``count`` and ``noun``, in the plural unless ``count`` is 1.
+
+    The plural adds "s", or "es" after s, x, z, sh and tch (epochs, batches); ``many`` gives any other.
+
+    Example:
+        >>> plural(1, "epoch"), plural(2, "epoch"), plural(0, "input"), plural(3, "batch")
+        ('1 epoch', '2 epochs', '0 inputs', '3 batches')
+        >>> plural(2, "child", "children")
+        '2 children'
+    """
+    if count == 1:
+        return f"{count} {noun}"
+    if many is None:
+        many = noun + ("es" if noun.endswith(("s", "x", "z", "sh", "tch")) else "s")
+    return f"{count} {many}"
 
 
 def format_metrics(metrics: Mapping[str, Any]) -> str:
-    """``train/loss 0.1234  valid/accuracy 0.9700`` (scalars only, 4 decimals)."""
-    return "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, (int, float)) and k != "epoch")
+    """``train/loss 0.1234  valid/accuracy 0.97`` (scalars only, see :func:`format_value`).
+
+    Example:
+        >>> format_metrics({"epoch": 3, "train/loss": 0.123456, "valid/mse": 5e-06, "note": "x"})
+        'train/loss 0.1235  valid/mse 5e-06'
+    """
+    return "  ".join(f"{k} {format_value(v)}" for k, v in metrics.items()
+                     if isinstance(v, numbers.Real) and not isinstance(v, bool) and k != "epoch")
 
 
 class Reporter:
@@ -30,59 +105,122 @@ class Reporter:
         stream: where to print (stdout by default).
         progress: draw a live bar; default: only when ``stream`` is a terminal.
         log_path: a text log that gets every line, or None.
+
+    The bar lives for one epoch and is cleared when the epoch's line is printed; a line printed
+    while it shows (a checkpoint message) goes above it. :meth:`close` leaves a bar that an error
+    or an interrupt cut short on the screen, ended by a newline, so what follows starts on a line
+    of its own; the reporter is also a context manager that closes itself.
     """
 
     def __init__(self, stream: IO[str] | None = None, *, progress: bool | None = None, log_path: Path | None = None):
         self.stream = stream if stream is not None else sys.stdout
-        self.progress = self.stream.isatty() if progress is None else progress
+        if progress is None:
+            isatty = getattr(self.stream, "isatty", None)
+            progress = bool(isatty()) if isatty is not None else False
+        self.progress = progress
         self.log_path = log_path
-        self._last_draw = 0.0
         self._epoch_start = time.monotonic()
+        self._bar: Any = None
         self.max_epochs = 0
 
     def line(self, text: str) -> None:
-        """Print a line (and log it)."""
-        if self.progress:
-            self.stream.write("\r\033[K")
+        """Print a line (and log it), above the bar if one is showing."""
+        bar = self._bar
+        if bar is not None:
+            bar.clear()
         print(text, file=self.stream, flush=True)
+        if bar is not None:
+            bar.refresh()
         if self.log_path is not None:
             with self.log_path.open("a", encoding="utf-8") as log:
                 log.write(text + "\n")
 
+    def close(self) -> None:
+        """End the bar if one is showing: it stays on screen with a newline after it (idempotent)."""
+        bar, self._bar = self._bar, None
+        if bar is not None:
+            bar.leave = True
+            bar.close()
+
+    def __enter__(self) -> Reporter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _discard_bar(self) -> None:
+        bar, self._bar = self._bar, None
+        if bar is not None:
+            bar.close()  # leave=False: tqdm erases it
+
     def handlers(self, fit: Any) -> list[HandlerSpec]:
         """The reporter's handlers on the train engine of ``fit``."""
+        from ignite.engine import Events
+
+        from engineflow.handlers import HandlerSpec
 
         def epoch_started(engine: StepEngine) -> None:
             self._epoch_start = time.monotonic()
+            if self.progress:
+                self._discard_bar()
+                self._bar = _epoch_bar(engine, self.stream, fit)
 
         def epoch_completed(engine: StepEngine) -> None:
             state = engine.state
             seconds = time.monotonic() - self._epoch_start
             best = "  *" if fit.best.epoch == state.epoch else ""
             metrics = format_metrics(fit.history[-1])
-            self.line(f"epoch {state.epoch}/{state.max_epochs}  {metrics}  {seconds:.1f}s{best}")
+            self._discard_bar()
+            self.line(f"epoch {state.epoch}/{state.max_epochs}  {metrics}  {format_duration(seconds)}{best}")
 
-        def draw(engine: StepEngine) -> None:
-            now = time.monotonic()
-            if now - self._last_draw < 0.1:
-                return
-            self._last_draw = now
-            state = engine.state
-            length = state.epoch_length or 0
-            done = (state.iteration - 1) % length + 1 if length else state.iteration
-            filled = int(20 * done / length) if length else 0
-            loss = fit.loss.running
-            loss_text = f"  loss {loss:.4f}" if loss is not None else ""
-            self.stream.write(
-                f"\r\033[Kepoch {state.epoch}/{state.max_epochs} [{'#' * filled}{'.' * (20 - filled)}] "
-                f"{done}/{length}{loss_text}"
-            )
-            self.stream.flush()
+        def advance(engine: StepEngine) -> None:
+            bar = self._bar
+            if bar is not None:
+                bar.update()  # tqdm draws at most every mininterval (0.1 s), so an update is cheap
+
+        def completed(engine: StepEngine) -> None:
+            self._discard_bar()  # a fit stopped mid-epoch (StopFit) has no epoch line to clear it
 
         specs = [
             HandlerSpec(epoch_started, Events.EPOCH_STARTED, "train", 1000, -1, raw=True),
             HandlerSpec(epoch_completed, Events.EPOCH_COMPLETED, "train", 1000, -1, raw=True),
         ]
         if self.progress:
-            specs.append(HandlerSpec(draw, Events.ITERATION_COMPLETED, "train", 1000, -1, raw=True))
+            specs += [
+                HandlerSpec(advance, Events.ITERATION_COMPLETED, "train", 1000, -1, raw=True),
+                HandlerSpec(completed, Events.COMPLETED, "train", 1000, -1, raw=True),
+            ]
         return specs
+
+
+def _epoch_bar(engine: StepEngine, stream: IO[str], fit: Any) -> Any:
+    """A tqdm bar for the epoch that starts, from the batch it starts at (a resumed run's is not 0)."""
+    state = engine.state
+    length = state.epoch_length
+    done = min(max(state.iteration - (state.epoch - 1) * length, 0), length) if length else 0
+    bar = _bar_class()(total=length, initial=done, desc=f"epoch {state.epoch}/{state.max_epochs}", file=stream,
+                       leave=False, unit="batch", mininterval=0.1, miniters=1, dynamic_ncols=True)
+    bar.fit = fit
+    return bar
+
+
+@functools.cache
+def _bar_class() -> type:
+    from tqdm import tqdm  # only a run that draws a bar imports it
+
+    class EpochBar(tqdm):  # type: ignore[misc]
+        """tqdm's bar with the fit's running loss, read when the bar is drawn, not at every iteration."""
+
+        # tqdm's monitor thread would redraw from another thread, between the reporter's own writes
+        monitor_interval = 0
+        fit: Any = None
+
+        @property
+        def format_dict(self) -> dict[str, Any]:
+            values = super().format_dict
+            loss = self.fit.loss.running if self.fit is not None else None
+            if loss is not None:
+                values["postfix"] = f"loss {format_value(loss)}"
+            return values
+
+    return EpochBar

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from engineflow.configuration import flatten
+from engineflow.report import format_value
 
 SUMMARY_KEYS = ("id", "experiment", "status", "config", "metrics", "best", "run_dir", "started_at", "ended_at",
                 "code", "seed", "epochs", "error", "env", "artifacts", "resumes")
@@ -40,18 +41,14 @@ def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
 
 
 def _cell(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return str(value)
+    return "-" if value is None else format_value(value)
 
 
 def list_table(records: Sequence[Mapping[str, Any]]) -> str:
     rows = []
     for r in records:
         best = r.get("best") or {}
-        main = f"{best.get('metric')}={best['value']:.4f}" if best.get("value") is not None else "-"
+        main = f"{best.get('metric')}={format_value(best['value'])}" if best.get("value") is not None else "-"
         rows.append([r["id"], r["experiment"], r["status"], (r.get("started_at") or "")[:19].replace("T", " "),
                      r.get("epochs"), main])
     return table(rows, ["id", "experiment", "status", "started", "epochs", "best"]) if rows else "no runs yet"
@@ -69,14 +66,14 @@ def show_text(record: Mapping[str, Any]) -> str:
         f"  seed    {record.get('seed')}   device {(record.get('env') or {}).get('device')}",
     ]
     if best.get("epoch") is not None:
-        lines.append(f"  best    epoch {best['epoch']}: {best['metric']} = {best['value']:.4f} ({best['mode']})")
+        lines.append(f"  best    epoch {best['epoch']}: {best['metric']} = {format_value(best['value'])} "
+                     f"({best['mode']})")
     if record.get("error"):
         lines.append(f"  error   {record['error']}")
     lines.append("config:")
     lines += [f"  {k} = {v!r}" for k, v in flatten(record.get("config") or {}).items()]
     lines.append("metrics (last epoch):")
-    lines += [f"  {k} = {v:.4f}" if isinstance(v, float) else f"  {k} = {v}"
-              for k, v in (record.get("metrics") or {}).items()]
+    lines += [f"  {k} = {format_value(v)}" for k, v in (record.get("metrics") or {}).items()]
     return "\n".join(lines)
 
 
