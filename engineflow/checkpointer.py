@@ -270,10 +270,10 @@ class Checkpointer:
         fit.train.load_state_dict({"iteration": engine["iteration"], "epoch_length": engine["epoch_length"],
                                    "max_epochs": engine["max_epochs"]})
         # Ignite derives the epoch and the batches done from iteration // epoch_length, which an
-        # EndEpoch makes wrong; set both from the counts the checkpoint kept. (_init_iter is how
-        # Ignite itself resumes mid-epoch: the first epoch then runs only the remaining batches.)
+        # EndEpoch makes wrong; set both from the counts the checkpoint kept (the first epoch then
+        # runs only the remaining batches, as in Ignite's own mid-epoch resume).
         fit.train.state.epoch = engine["epochs_completed"]
-        fit.train._init_iter = engine["batches_in_epoch"]
+        fit.train.start_epoch_after(engine["batches_in_epoch"])
         self._epoch_start = engine["iteration"] - engine["batches_in_epoch"]
         self._restored = True
         self._scores = {self.folder / name: value for name, value in state.get("best_checkpoints", {}).items()}

@@ -13,7 +13,8 @@ from typing import Any
 
 import click
 
-from engineflow.errors import EXIT_INTERRUPTED, EXIT_TRAINING_FAILED, EngineflowError
+from engineflow.errors import EXIT_INTERRUPTED, EXIT_TRAINING_FAILED, EngineflowError, HandlerError, SetupError
+from engineflow.naming import command_line
 
 runs_dir_option = click.option(
     "--runs-dir", type=click.Path(file_okay=False, path_type=str), default="runs", show_default=True,
@@ -56,9 +57,12 @@ def main() -> None:
 @click.option("--progress/--no-progress", default=None,
               help="Live progress bar (default: only when printing to a terminal).")
 @click.option("--force", is_flag=True, help="Train even if a completed run has the same code and config.")
-@click.option("--retrain", is_flag=True, help="Reset the completed run with the same code and config, train it again.")
-@click.option("--resume", default=None, metavar="RUN|last",
-              help="Continue a run from its latest valid checkpoint (same run id, mid-epoch included).")
+@click.option("--retrain", is_flag=True,
+              help="Train the completed run with the same code and config again; the new run replaces it once it "
+                   "completes.")
+@click.option("--resume", default=None, metavar="RUN|last|auto",
+              help="Continue a run from its latest valid checkpoint (same run id, mid-epoch included). "
+                   "auto: the latest unfinished run of this recipe and config, else a new run.")
 @click.option("--ignore-changes", is_flag=True, help="With --resume: continue even if code or config changed.")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=None, metavar="N",
               help="Checkpoint every N iterations (replaces the recipe's policy).")
@@ -86,7 +90,7 @@ def run_command(recipe: str, assignments: tuple[str, ...], check: bool, device: 
             runs_dir=runs_dir, progress=progress, force=force, retrain=retrain, resume=resume,
             ignore_changes=ignore_changes, checkpoint_every=checkpoint_every)
 
-    _guarded(go, debug)
+    _guarded(go, debug, "training failed")
 
 
 @main.command("test")
@@ -108,14 +112,15 @@ def test_command(recipe: str, run_ref: str | None, ignore_changes: bool, device:
     def go() -> None:
         from engineflow.evaluation import evaluate_test
         from engineflow.registry.views import to_json
+        from engineflow.report import format_metrics
 
         result = evaluate_test(recipe, ref=run_ref, ignore_changes=ignore_changes, runs_dir=runs_dir, device=device)
         if as_json:
             click.echo(to_json(result))
         else:
-            click.echo(f"run {result['run']}: " + "  ".join(f"{k} {v:.4f}" for k, v in result["metrics"].items()))
+            click.echo(f"run {result['run']}: {format_metrics(result['metrics'])}")
 
-    _guarded(go, debug)
+    _guarded(go, debug, "test failed")
 
 
 @main.command("eval")
@@ -139,12 +144,13 @@ def eval_command(recipe: str, input_path: str, output_path: str, run_ref: str | 
 
     def go() -> None:
         from engineflow.evaluation import predict_files
+        from engineflow.report import plural
 
         result = predict_files(recipe, input_path, output_path, ref=run_ref, ignore_changes=ignore_changes,
                             runs_dir=runs_dir, device=device, batch_size=batch_size)
-        click.echo(f"run {result['run']}: {result['inputs']} inputs -> {result['output']}")
+        click.echo(f"run {result['run']}: {plural(result['inputs'], 'input')} -> {result['output']}")
 
-    _guarded(go, debug)
+    _guarded(go, debug, "eval failed")
 
 
 @main.group("runs")
@@ -154,7 +160,8 @@ def runs_group() -> None:
 
 @runs_group.command("list")
 @click.option("--experiment", default=None, help="Only runs of this experiment.")
-@click.option("--status", type=click.Choice(["running", "completed", "failed", "interrupted"]), default=None)
+@click.option("--status", type=click.Choice(["running", "completed", "failed", "interrupted", "damaged"]),
+              default=None)
 @runs_dir_option
 @json_option
 @debug_option
@@ -168,7 +175,7 @@ def runs_list(experiment: str | None, status: str | None, runs_dir: str, as_json
         records = list_runs(runs_dir, experiment=experiment, status=status)
         click.echo(to_json([public(r) for r in records]) if as_json else list_table(records))
 
-    _guarded(go, debug)
+    _guarded(go, debug, "runs list failed")
 
 
 @runs_group.command("show")
@@ -186,7 +193,7 @@ def runs_show(run_ref: str, runs_dir: str, as_json: bool, debug: bool) -> None:
         record = get_run(runs_dir, run_ref)
         click.echo(to_json(public(record)) if as_json else show_text(record))
 
-    _guarded(go, debug)
+    _guarded(go, debug, "runs show failed")
 
 
 @runs_group.command("compare")
@@ -205,7 +212,7 @@ def runs_compare(first: str, second: str, runs_dir: str, as_json: bool, debug: b
         diff = compare(get_run(runs_dir, first), get_run(runs_dir, second))
         click.echo(to_json(diff) if as_json else compare_text(diff))
 
-    _guarded(go, debug)
+    _guarded(go, debug, "runs compare failed")
 
 
 @runs_group.command("plot")
@@ -226,7 +233,7 @@ def runs_plot(run_refs: tuple[str, ...], out: str, runs_dir: str, debug: bool) -
         plot([get_run(runs_dir, ref) for ref in run_refs], Path(out))
         click.echo(f"wrote {out}")
 
-    _guarded(go, debug)
+    _guarded(go, debug, "runs plot failed")
 
 
 @runs_group.command("reindex")
@@ -236,29 +243,70 @@ def runs_reindex(runs_dir: str, debug: bool) -> None:
     """Rebuild the store from the run folders (the folders are the source of truth)."""
 
     def go() -> None:
-        from engineflow.registry.runs import reindex
+        from engineflow.registry.runs import rebuild
+        from engineflow.report import plural
 
-        click.echo(f"indexed {reindex(runs_dir)} runs into {runs_dir}/engineflow.db")
+        done = rebuild(runs_dir)
+        if done.moved_aside is not None:
+            click.echo(f"the unusable index was moved aside to {done.moved_aside}")
+        for problem in done.problems:
+            click.echo(f"damaged: {problem}")
+        damaged = f" ({len(done.damaged)} damaged: {', '.join(done.damaged)})" if done.damaged else ""
+        click.echo(f"indexed {plural(done.runs, 'run')}{damaged} into {runs_dir}/engineflow.db")
 
-    _guarded(go, debug)
+    _guarded(go, debug, "runs reindex failed")
 
 
-def _guarded(action: Callable[[], Any], debug: bool) -> None:
-    """Run ``action``; turn engineflow's errors into one message and an exit code."""
+def _guarded(action: Callable[[], Any], debug: bool, failed: str) -> None:
+    """Run ``action``; turn engineflow's errors into one message and an exit code.
+
+    ``failed`` names what failed when an unexpected exception escapes ("training failed" for ``run``
+    only). Tracebacks show the recipe's frames; engineflow's, Ignite's and click's only with --debug.
+    """
     try:
-        action()
+        with command_line():
+            action()
     except EngineflowError as err:
-        if debug or (err.exit_code == EXIT_TRAINING_FAILED and err.__cause__ is not None):
+        if debug:
             traceback.print_exc()
+        elif isinstance(err, (SetupError, HandlerError)) and err.__cause__ is not None:
+            _print_user_traceback(err.__cause__)  # the recipe's own error: its frames say where
         click.echo(f"error: {err}", err=True)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
-    except Exception:
-        traceback.print_exc()
-        click.echo("error: training failed with the exception above", err=True)
+    except Exception as err:
+        if debug:
+            traceback.print_exc()
+        else:
+            _print_user_traceback(err)
+        click.echo(f"error: {failed} with the exception above", err=True)
         sys.exit(EXIT_TRAINING_FAILED)
+
+
+def _print_user_traceback(err: BaseException) -> None:
+    """``err``'s traceback without the frames of engineflow and the libraries that call the recipe."""
+    frames = traceback.extract_tb(err.__traceback__)
+    hidden_dirs = _package_dirs("engineflow", "ignite", "click")
+    mine = [f for f in frames if not f.filename.startswith(hidden_dirs)]
+    hidden = len(frames) - len(mine)
+    note = f" ({hidden} frames of engineflow and Ignite hidden; --debug shows them)" if hidden and mine else ""
+    lines = [f"Traceback (most recent call last){note}:\n", *traceback.format_list(mine or frames),
+             *traceback.format_exception_only(type(err), err)]
+    click.echo("".join(lines).rstrip("\n"), err=True)
+
+
+def _package_dirs(*names: str) -> tuple[str, ...]:
+    import importlib.util
+    import os
+
+    dirs = []
+    for name in names:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.submodule_search_locations:
+            dirs.extend(os.path.join(location, "") for location in spec.submodule_search_locations)
+    return tuple(dirs)
 
 
 def entry() -> None:

@@ -17,6 +17,25 @@ _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
 
+class MissingKeyError(ConfigError, AttributeError, KeyError):
+    """The recipe reads a config key its ``config`` does not declare (``cfg.batch_size``).
+
+    Also an ``AttributeError`` and a ``KeyError``, so ``getattr(cfg, key, default)`` and
+    ``cfg.get(key, default)`` work as for any object and mapping.
+    """
+
+    def __init__(self, key: str, keys: list[str]) -> None:
+        declared = ", ".join(keys) if keys else "nothing (the recipe has no config)"
+        super().__init__(
+            f"the recipe reads config key {key!r}, which its config does not declare (it declares {declared}). "
+            f"Add it to the recipe's defaults, e.g. config = ef.config({key}=...), or read it with "
+            f"cfg.get({key!r}, default)"
+        )
+
+    def __str__(self) -> str:  # KeyError would print the message in quotes
+        return str(self.args[0])
+
+
 class Config(Mapping[str, Any]):
     """Read-only mapping of config values, also readable as attributes (``cfg.lr``).
 
@@ -38,15 +57,18 @@ class Config(Mapping[str, Any]):
         try:
             return self._values[name]
         except KeyError:
-            raise AttributeError(
-                f"config has no key {name!r}; keys: {', '.join(self._values) or '(none)'}"
-            ) from None
+            if name.startswith("__"):  # copy, pickle and friends probe for optional dunders
+                raise AttributeError(name) from None
+            raise MissingKeyError(name, list(self._values)) from None
 
     def __setattr__(self, name: str, value: Any) -> None:
         raise AttributeError("config is read-only; use --set on the command line or cfg.override({...})")
 
     def __getitem__(self, key: str) -> Any:
-        return self._values[key]
+        try:
+            return self._values[key]
+        except KeyError:
+            raise MissingKeyError(key, list(self._values)) from None
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._values)
@@ -175,7 +197,7 @@ def coerce(key: str, raw: Any, default: Any) -> Any:
     except ValueError:
         raise _type_error(key, raw, default) from None
     raise ConfigError(
-        f"config key {key!r} has a default of type {expected.__name__}, which --set cannot parse; "
+        f"config key {key!r} has a default of type {expected.__name__}, which engineflow cannot parse from text; "
         "use int, float, bool, str, list or None defaults for settable keys"
     )
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 import contextvars
 import inspect
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -64,21 +65,38 @@ class StepEngine(HookedEngine):
         self._cleaned_up: BaseException | None = None
         self._log_events = self.logger.isEnabledFor(logging.DEBUG)
         self._modules = [m for m in modules if isinstance(m, torch.nn.Module)]
+        self._step_process = process_function
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
         """Ignite's ``Engine.run``; eval/infer engines run their modules in eval mode, then restore."""
-        modes = [(m, m.training) for m in self._modules] if self.kind != "train" else []
-        for module, _ in modes:
-            module.eval()
         if self.kind != "train":
             self.state.metrics = {}
         token = _running.set((*_running.get(), self))
         self._cleaned_up = None
         self._log_events = self.logger.isEnabledFor(logging.DEBUG)
         try:
-            return super().run(*args, **kwargs)
+            with self._modules_mode():
+                return super().run(*args, **kwargs)
         finally:
             _running.reset(token)
+
+    def process_batch(self, batch: Any) -> Any:
+        """The step's output for one batch, outside any run: no event fires, no handler runs.
+
+        Modules are in eval mode for an eval or infer engine, as during its runs. Used to check a
+        step's outputs before training starts.
+        """
+        with self._modules_mode():
+            return self._step_process(self, batch)
+
+    @contextmanager
+    def _modules_mode(self) -> Iterator[None]:
+        modes = [(m, m.training) for m in self._modules] if self.kind != "train" else []
+        for module, _ in modes:
+            module.eval()
+        try:
+            yield
+        finally:
             for module, was_training in modes:
                 module.train(was_training)
 

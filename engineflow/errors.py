@@ -58,6 +58,10 @@ class AmbiguousRunError(StoreUsageError):
     """An id prefix matches more than one run."""
 
 
+class SetupError(TrainingError):
+    """The recipe's ``setup()`` raised: the recipe's own error is chained, its frames shown first."""
+
+
 class NonFiniteLossError(TrainingError):
     """The loss became NaN or infinite at a known iteration."""
 

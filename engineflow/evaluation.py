@@ -77,14 +77,13 @@ def evaluate_test(recipe: str | Path, *, ref: str | None = None, ignore_changes:
 
 def _store_test_metrics(past: Any, metrics: dict[str, float]) -> None:
     from engineflow.registry.recorder import now_iso
-    from engineflow.registry.runs import save_record
+    from engineflow.registry.runs import update_record
     from engineflow.registry.store import RunStore
 
     record = past.record
-    record["metrics"] = {**record.get("metrics", {}), **metrics}
-    record["tested_at"] = now_iso()
+    fields = {"metrics": {**record.get("metrics", {}), **metrics}, "tested_at": now_iso()}
     with RunStore.open(past.run_dir.parent.parent) as store:
-        save_record(store, record)
+        update_record(store, record, fields)
 
 
 def predict_files(recipe: str | Path, source: str | Path, output: str | Path, *, ref: str | None = None,

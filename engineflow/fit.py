@@ -27,7 +27,8 @@ from engineflow.best import Best, infer_mode
 from engineflow.engine import StepEngine, attach_in_order, make_engine
 from engineflow.errors import NonFiniteLossError, RecipeError
 from engineflow.handlers import HandlerSpec
-from engineflow.metrics import attach_metrics
+from engineflow.injection import describe
+from engineflow.metrics import attach_metrics, check_metric_takes
 from engineflow.recipe import Recipe
 from engineflow.state import EpochData
 from engineflow.steps import StepSpec
@@ -51,6 +52,7 @@ class Fit:
         components: what ``setup`` returned (model, optimizer, loaders...).
         train_metrics: the train step's metrics by name (reported as ``train/<name>``).
         seed: the run's seed; each epoch's RNGs start from ``(seed, epoch)``.
+        eval_spec: the eval step, or None.
     """
 
     train: StepEngine
@@ -63,6 +65,7 @@ class Fit:
     history: list[dict[str, Any]] = field(default_factory=list)
     train_metrics: Mapping[str, Any] = field(default_factory=dict)
     seed: int = 0
+    eval_spec: StepSpec | None = None
 
     def evaluate(self, loader: str = "valid") -> dict[str, float]:
         """Run the eval step and its metrics over one loader; returns ``{"<loader>/<metric>": value}``.
@@ -81,6 +84,26 @@ class Fit:
             raise RecipeError(f"no loader named {loader!r}; setup() returned loaders {', '.join(self.loaders)}")
         state = self.eval.run(self.loaders[loader], max_epochs=1)
         return {f"{loader}/{name}": value for name, value in state.metrics.items()}
+
+    def check_eval_outputs(self) -> None:
+        """Run the eval step on the first batch of the first validation loader and feed its output to
+        a copy of each metric, so that a mistake (no ``"y"``, a shape a metric cannot take) is a
+        :class:`RecipeError` naming the step and the metric before training, not after an epoch.
+
+        Nothing is recorded: the metrics attached to the engine, the RNG states and the modules'
+        modes are as they were. A recipe without an eval step or validation loader has nothing to check.
+        """
+        if self.eval is None or not self.eval_loaders or not self.eval_spec.metrics:
+            return
+        loader = self.eval_loaders[0]
+        with torch.random.fork_rng(devices=[]):
+            batch = next(iter(self.loaders[loader]), None)
+            if batch is None:
+                raise RecipeError(f"the {loader!r} loader is empty; the eval step has nothing to evaluate")
+            output = self.eval.process_batch(batch)
+            step = describe(self.eval_spec.fn)
+            for name, metric in self.eval_spec.metrics.items():
+                check_metric_takes(metric, name, output, step)
 
     def run(self, epochs: int, *, resume: Callable[[EpochData], None] | None = None) -> State:
         """Train for ``epochs`` epochs (validating as the eval step asks); returns the train state.
@@ -196,7 +219,7 @@ def build_fit(
         evaluator = make_engine(eval_spec, provided)
         attach_metrics(evaluator, eval_spec.metrics)
     fit = Fit(train, evaluator, components, loaders, eval_loaders, best, monitor, history,
-              {f"train/{name}": m for name, m in train_spec.metrics.items()}, seed)
+              {f"train/{name}": m for name, m in train_spec.metrics.items()}, seed, eval_spec)
     holder["fit"] = fit
 
     everything = [*_own_handlers(fit, eval_spec), *recipe.handlers, *(s for make in extras for s in make(fit))]

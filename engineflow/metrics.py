@@ -59,8 +59,11 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Mapping, Sequence
+from types import SimpleNamespace
+from typing import Any
 
 import ignite.metrics as _im
 import torch
@@ -77,6 +80,8 @@ from ignite.metrics import (
     TopKCategoricalAccuracy,
 )
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
+
+from engineflow.errors import RecipeError
 
 __all__ = [
     "Accuracy",
@@ -178,3 +183,47 @@ def attach_metrics(engine: Engine, metrics: Mapping[str, Metric], prefix: str = 
     """Attach each metric to ``engine`` as ``prefix + name`` in ``engine.state.metrics``."""
     for name, metric in metrics.items():
         metric.attach(engine, prefix + name)
+
+
+def check_metric_takes(metric: Metric, name: str, output: Any, step: str) -> None:
+    """Feed ``output`` (one batch of a step) to a copy of ``metric``; a failure is a RecipeError that
+    names the step, the metric, what the step returned and what the metric reads. The metric itself
+    is untouched.
+
+    Example:
+        >>> check_metric_takes(Accuracy(), "accuracy", {"y_pred": torch.zeros(2, 3)}, "'evaluate'")
+        Traceback (most recent call last):
+        ...
+        engineflow.errors.RecipeError: metric 'accuracy' (Accuracy) cannot take what eval step 'evaluate' returned ...
+    """
+    probe = copy.deepcopy(metric)
+    probe.reset()
+    try:
+        probe.iteration_completed(SimpleNamespace(state=SimpleNamespace(output=output)))  # type: ignore[arg-type]
+        probe.compute()
+    except Exception as err:
+        keys = metric.required_output_keys
+        reads = f"reads {' and '.join(map(repr, keys))} from the step's dict" if keys else "reads the step's output"
+        raise RecipeError(
+            f"metric {name!r} ({type(metric).__name__}) cannot take what eval step {step} returned "
+            f"({describe_output(output)}): {type(err).__name__}: {err}. The metric {reads}; for "
+            f"{type(metric).__name__}, y_pred and y are typically (batch, classes) scores and (batch,) labels, "
+            "or tensors of one shape for regression metrics"
+        ) from None
+
+
+def describe_output(output: Any) -> str:
+    """``{'y_pred': float32[4, 10], 'y': int64[4]}``: what a step returned, shapes instead of values.
+
+    Example:
+        >>> describe_output({"y_pred": torch.zeros(4, 10), "y": torch.zeros(4, dtype=torch.long), "n": 3})
+        "{'y_pred': float32[4, 10], 'y': int64[4], 'n': int}"
+    """
+    if isinstance(output, torch.Tensor):
+        return f"{str(output.dtype).removeprefix('torch.')}[{', '.join(map(str, output.shape))}]"
+    if isinstance(output, Mapping):
+        return "{" + ", ".join(f"{k!r}: {describe_output(v)}" for k, v in output.items()) + "}"
+    if isinstance(output, (tuple, list)):
+        inner = ", ".join(describe_output(v) for v in output)
+        return f"({inner})" if isinstance(output, tuple) else f"[{inner}]"
+    return type(output).__name__

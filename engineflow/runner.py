@@ -8,6 +8,7 @@ run folder holds is described in :mod:`engineflow.registry.recorder`.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -17,13 +18,14 @@ from typing import IO, Any
 import torch
 
 from engineflow.configuration import Config
-from engineflow.errors import RecipeError
+from engineflow.errors import EngineflowError, RecipeError, SetupError
 from engineflow.fit import Fit, build_fit, take
 from engineflow.handlers import HandlerSpec
 from engineflow.injection import describe, make_caller
+from engineflow.naming import option
 from engineflow.recipe import Recipe, load_recipe
-from engineflow.report import Reporter, format_metrics
-from engineflow.runtime import RunContext, resolve_device, seed_everything
+from engineflow.report import Reporter, format_duration, format_metrics, format_value, plural
+from engineflow.runtime import RunContext, resolve_device, seed_everything, using_run
 from engineflow.session import Session, new_session, resume_session
 
 CHECK_BATCHES = 2
@@ -124,7 +126,12 @@ def _setup(recipe: Recipe, cfg: Config, context: RunContext) -> dict[str, Any]:
             "loaders=dict(train=..., valid=...)"
         )
     call = make_caller(recipe.setup, provided={"cfg": cfg, "device": context.device, "run": context}, what="setup")
-    components = call({})
+    try:
+        components = call({})
+    except EngineflowError:
+        raise  # already says what is wrong (a config key the recipe does not declare, a nested load_run)
+    except Exception as err:
+        raise SetupError(f"setup {describe(recipe.setup)} failed: {type(err).__name__}: {err}") from err
     if not isinstance(components, Mapping):
         raise RecipeError(
             f"setup {describe(recipe.setup)} returned {type(components).__name__}; it must return a dict "
@@ -197,78 +204,108 @@ def run(
         result.best  # {'metric': 'valid/accuracy', 'mode': 'max', 'epoch': 5, 'value': 0.94...}
     """
     from engineflow.registry.store import RunStore
+    from engineflow.session import find_resumable
 
-    if resume is not None:
-        clashing = [flag for flag, given in (("--seed", seed is not None), ("--check", check), ("--force", force),
-                                             ("--retrain", retrain)) if given]
-        if clashing:
-            raise RecipeError(f"--resume continues a run with its own settings; {', '.join(clashing)} "
-                              "cannot change them (start a new run instead)")
+    if resume is not None and (force or retrain):
+        given = option("force") if force else option("retrain")
+        raise RecipeError(f"{option('resume', resume)} continues a recorded run; {given} is for starting a new one. "
+                          "Drop one of them")
     loaded = load_recipe(recipe)
-    if resume is None:  # a bad override is reported before anything is written
-        cfg, seed = resolve_config(loaded, overrides, seed)
+    cfg, seed_used = resolve_config(loaded, overrides, seed)  # a bad override is reported before anything else
     with RunStore.open(resolve_runs_dir(runs_dir)) as store:
+        start: Session | None = None
+        note = None
         if resume is not None:
-            start = resume_session(loaded, store, resume, overrides, ignore_changes=ignore_changes, device=device)
-        else:
-            start = new_session(loaded, store, cfg, seed=seed, check=check, device=device, force=force,
+            record = find_resumable(loaded, store, resume, cfg, check=check)
+            if record is None:
+                note = f"no run of {loaded.name} to resume: starting a new one"
+            else:
+                start = resume_session(loaded, store, record, overrides, seed=seed, check=check or None,
+                                       ignore_changes=ignore_changes, device=device)
+                if start is None:
+                    return _completed_result(record, stream)
+        if start is None:
+            start = new_session(loaded, store, cfg, seed=seed_used, check=check, device=device, force=force,
                                 retrain=retrain)
-        if start is None:  # resuming a completed run
-            return _completed_result(store.resolve(resume or "last", loaded.name), stream)
-        return _train(loaded, start, stream=stream, progress=progress, checkpoint_every=checkpoint_every)
+        return _train(loaded, start, stream=stream, progress=progress, checkpoint_every=checkpoint_every, note=note)
 
 
 def _train(loaded: Recipe, start: Session, *, stream: IO[str] | None, progress: bool | None,
-           checkpoint_every: int | None) -> RunResult:
+           checkpoint_every: int | None, note: str | None = None) -> RunResult:
+    """Build and check the recipe, then record the run and train it.
+
+    Nothing is recorded until the engines are built and the eval step's outputs fit its metrics: a
+    recipe that cannot start (a bad setup(), a missing component, a metric that cannot read the eval
+    output) leaves no run behind. A new run's folder exists during setup() (``run.run_dir``) and is
+    removed again when the run does not start.
+    """
     from engineflow.checkpointer import Checkpointer, every_iterations_policy, policy_of
     from engineflow.interrupts import Interrupts
 
     context, recorder = start.context, start.recorder
-    reporter = Reporter(stream, progress=progress, log_path=context.run_dir / "log.txt")
     policy = policy_of(loaded)
     if checkpoint_every is not None:
         policy = every_iterations_policy(policy, checkpoint_every)
-    holder: dict[str, Any] = {}
     recorder.best_in_checkpoints = policy.keep_best > 0
+    reporter = Reporter(stream, progress=progress, log_path=context.run_dir / "log.txt")
+    checkpointers: list[Checkpointer] = []
 
     def checkpointing(fit: Fit) -> list[HandlerSpec]:
-        holder["checkpointer"] = Checkpointer(context.run_dir / "checkpoints" / "state", policy, fit,
-                                              context.run_id, reporter.line)
-        return holder["checkpointer"].handlers(fit)
+        checkpointer = Checkpointer(context.run_dir / "checkpoints" / "state", policy, fit, context.run_id,
+                                    reporter.line)
+        checkpointers.append(checkpointer)
+        return checkpointer.handlers(fit)
 
-    verb = "resuming" if start.resumed else "run"
-    reporter.line(f"{verb} {context.run_id} ({loaded.name}) on {context.device}, seed {context.seed}, "
-                  f"{start.epochs} epochs" + (" [check]" if context.check else ""))
-    result = RunResult(context.run_id, loaded.name, "running", context.run_dir, start.cfg.to_dict(), context.seed,
-                       str(context.device))
-    fit: Fit | None = None
-    started = time.monotonic()
-    try:
-        with Interrupts() as interrupts:
-            fit, _, _ = build(loaded, start.cfg, seed=context.seed, check=context.check, context=context,
-                              extras=(reporter.handlers, recorder.handlers, checkpointing))
-            checkpointer = holder["checkpointer"]
-            interrupts.target = checkpointer
-            _fit(fit, checkpointer, start, reporter)
-        result.status = "completed"
-    except KeyboardInterrupt:
-        result.status = "interrupted"
-        raise
-    except BaseException as err:
-        result.status, result.error = "failed", f"{type(err).__name__}: {err}"
-        raise
-    finally:
-        result.duration_s = time.monotonic() - started
-        if fit is not None:
+    with using_run(context.run_id):
+        fit = _prepare(loaded, start, extras=(reporter.handlers, recorder.handlers, checkpointing))
+        (checkpointer,) = checkpointers
+        start.begin()
+        if note is not None:
+            reporter.line(note)
+        verb = "resuming" if start.resumed else "run"
+        reporter.line(f"{verb} {context.run_id} ({loaded.name}) on {context.device}, seed {context.seed}, "
+                      f"{plural(start.epochs, 'epoch')}" + (" [check]" if context.check else ""))
+        result = RunResult(context.run_id, loaded.name, "running", context.run_dir, start.cfg.to_dict(),
+                           context.seed, str(context.device))
+        started = time.monotonic()
+        try:
+            with reporter, Interrupts() as interrupts:
+                interrupts.target = checkpointer
+                _fit(fit, checkpointer, start, reporter)
+            result.status = "completed"
+        except KeyboardInterrupt:
+            result.status = "interrupted"
+            raise
+        except BaseException as err:
+            result.status, result.error = "failed", f"{type(err).__name__}: {err}"
+            raise
+        finally:
+            result.duration_s = time.monotonic() - started
             result.history = fit.history
             result.epochs = len(fit.history)
             result.metrics = dict(fit.history[-1]) if fit.history else {}
             result.best = fit.best.as_dict()
-        checkpointer = holder.get("checkpointer")
-        recorder.finish(result.status, error=result.error, final=result.metrics, fit=fit,
-                        best_checkpoint=checkpointer.best_file() if checkpointer is not None else None)
+            recorder.finish(result.status, error=result.error, final=result.metrics, fit=fit,
+                            best_checkpoint=checkpointer.best_file())
+        start.completed()
     _summarise(reporter, result)
     return result
+
+
+def _prepare(loaded: Recipe, start: Session, *, extras: tuple[Callable[[Fit], Iterable[HandlerSpec]], ...]) -> Fit:
+    """The built and checked fit of a session that is about to start; nothing recorded yet."""
+    context = start.context
+    made_folder = not start.resumed and not context.run_dir.exists()
+    if made_folder:
+        context.run_dir.mkdir(parents=True)
+    try:
+        fit, _, _ = build(loaded, start.cfg, seed=context.seed, check=context.check, context=context, extras=extras)
+        fit.check_eval_outputs()
+    except BaseException:
+        if made_folder:
+            shutil.rmtree(context.run_dir, ignore_errors=True)
+        raise
+    return fit
 
 
 def _fit(fit: Fit, checkpointer: Any, start: Session, reporter: Reporter) -> None:
@@ -304,9 +341,9 @@ def resolve_runs_dir(runs_dir: str | Path | None) -> Path:
 
 def _summarise(reporter: Reporter, result: RunResult) -> None:
     best = result.best
-    reporter.line(f"completed {result.epochs} epochs in {result.duration_s:.1f}s")
+    reporter.line(f"completed {plural(result.epochs, 'epoch')} in {format_duration(result.duration_s)}")
     if best.get("epoch") is not None:
-        reporter.line(f"best epoch {best['epoch']}: {best['metric']} = {best['value']:.4f} ({best['mode']})")
+        reporter.line(f"best epoch {best['epoch']}: {best['metric']} = {format_value(best['value'])} ({best['mode']})")
     if result.metrics:
         reporter.line(f"last epoch: {format_metrics(result.metrics)}")
     reporter.line(f"outputs: {result.run_dir}")

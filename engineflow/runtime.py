@@ -6,16 +6,20 @@ the rank and the stage so that distributed runs and pipelines fit in later witho
 
 from __future__ import annotations
 
+import contextvars
 import os
 import random
 import secrets
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from engineflow.errors import RecipeError
+from engineflow.naming import option
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -34,6 +38,8 @@ class RunContext:
         stage: the stage of a pipeline ("fit" for a single recipe).
         rank: this process's rank (0 when not distributed).
         world_size: how many processes train together.
+        runs_dir: the runs folder the run is recorded in (None for an unrecorded build), e.g. for
+            ``ef.load_run("last", runs_dir=run.runs_dir, experiment="pretrain")`` in ``setup``.
     """
 
     run_id: str
@@ -45,6 +51,27 @@ class RunContext:
     stage: str = "fit"
     rank: int = 0
     world_size: int = 1
+    runs_dir: Path | None = None
+
+
+# Runs this process is training or loading now: ef.load_run never resolves to one of them (a setup()
+# that loads "last" must not load the run it is building, nor recurse into itself).
+_in_use: contextvars.ContextVar[tuple[str, ...]] = contextvars.ContextVar("engineflow_runs_in_use", default=())
+
+
+@contextmanager
+def using_run(run_id: str) -> Iterator[None]:
+    """Mark ``run_id`` as being trained or loaded by this process while the block runs."""
+    token = _in_use.set((*_in_use.get(), run_id))
+    try:
+        yield
+    finally:
+        _in_use.reset(token)
+
+
+def runs_in_use() -> tuple[str, ...]:
+    """The ids of the runs this process is training or loading now (see :func:`using_run`)."""
+    return _in_use.get()
 
 
 def new_run_id() -> str:
@@ -61,7 +88,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise RecipeError(
-                f"--device {device} was asked for, but no CUDA device is visible; use --device cpu or auto"
+                f"{option('device', device)} was asked for, but no CUDA device is visible; use "
+                f"{option('device', 'cpu')} or {option('device', 'auto')}"
             )
         return torch.device(device)
     if device == "cpu":

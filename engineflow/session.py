@@ -1,26 +1,30 @@
 """Starting a recorded run: a new one (with the history semantics) or a resumed one.
 
-Either way the result is a :class:`Session`: the run's context, its recorder (folder and store
-row already written, status "running") and the config it trains with.
+Either way the result is a :class:`Session`: the run's context, its recorder and the config it
+trains with. Nothing is written until :meth:`Session.begin`, which the runner calls once the
+recipe is built and checked, so a recipe that cannot start leaves no run behind.
 """
 
 from __future__ import annotations
 
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from engineflow.configuration import Config, flatten
-from engineflow.errors import RecipeError
+from engineflow.errors import RecipeError, UnknownRunError
+from engineflow.naming import option
 from engineflow.recipe import Recipe
 from engineflow.registry.recorder import RunRecorder, environment, now_iso
-from engineflow.registry.snapshot import capture
+from engineflow.registry.snapshot import CodeState, capture
 from engineflow.registry.store import RunStore
 from engineflow.runtime import RunContext, new_run_id, resolve_device
 
 CHECK_EPOCHS = 2  # --check: 2 epochs (of engineflow.runner.CHECK_BATCHES batches)
+RESUME_LATEST = "last"
+RESUME_AUTO = "auto"
 
 
 @dataclass(frozen=True)
@@ -29,10 +33,13 @@ class Session:
 
     Attributes:
         context: the run's identity and placement.
-        recorder: writes its folder and store row.
+        recorder: writes its folder and store row (nothing written before :meth:`begin`).
         cfg: the resolved config.
         epochs: how many epochs the fit has in all.
         resumed: True when it continues an earlier process's run.
+        code: the code snapshot a new run records.
+        changed: what differs from the run being resumed (with ``ignore_changes``).
+        replaces: the completed run a ``retrain`` replaces once this one completes.
     """
 
     context: RunContext
@@ -40,16 +47,35 @@ class Session:
     cfg: Config
     epochs: int
     resumed: bool = False
+    code: CodeState | None = None
+    changed: list[str] = field(default_factory=list)
+    replaces: dict[str, Any] | None = None
+
+    def begin(self) -> None:
+        """Record the run: a new run's folder and row (status "running"), or a resumed run's reopening."""
+        if self.resumed:
+            self.recorder.begin_resumed(changed=self.changed)
+        else:
+            assert self.code is not None  # new_session always sets it
+            self.recorder.begin_new(self.code)
+
+    def completed(self) -> None:
+        """After the run completed: the run a ``retrain`` replaces is removed (folder and row)."""
+        if self.replaces is not None:
+            self.recorder.store.delete_run(self.replaces["id"])
+            shutil.rmtree(self.replaces["run_dir"], ignore_errors=True)
 
 
 def new_session(recipe: Recipe, store: RunStore, cfg: Config, *, seed: int, check: bool, device: str,
                 force: bool, retrain: bool) -> Session:
-    """Record a new run (status "running"); refuses to repeat a completed run (see ``claim_run_id``)."""
+    """Plan a new run; refuses to repeat a completed run (see :func:`claim_run_id`). Writes nothing."""
     epochs = CHECK_EPOCHS if check else cfg.get("epochs", 1)
     code = capture(recipe.path)
-    run_id = claim_run_id(store, code.fingerprint(cfg.to_dict()), check=check, force=force, retrain=retrain)
+    run_id, replaces = claim_run_id(store, code.fingerprint(cfg.to_dict()), check=check, force=force,
+                                    retrain=retrain)
     runs_root = store.path.parent
-    context = RunContext(run_id, recipe.name, runs_root / recipe.name / run_id, resolve_device(device), seed, check)
+    context = RunContext(run_id, recipe.name, runs_root / recipe.name / run_id, resolve_device(device), seed, check,
+                         runs_dir=runs_root)
     record = {
         "id": run_id, "experiment": recipe.name, "status": "running", "started_at": now_iso(), "ended_at": None,
         "config": cfg.to_dict(), "seed": seed, "check": check, "epochs": 0, "max_epochs": epochs,
@@ -57,7 +83,9 @@ def new_session(recipe: Recipe, store: RunStore, cfg: Config, *, seed: int, chec
         "code": code.record(cfg.to_dict()), "env": environment(str(context.device)), "error": None,
         "artifacts": {}, "resumes": [], "exact_resume": exact_resume(context.device),
     }
-    return Session(context, RunRecorder.start(store, context.run_dir, record, code), cfg, epochs)
+    if replaces is not None:
+        record["replaces"] = replaces["id"]
+    return Session(context, RunRecorder(store, context.run_dir, record), cfg, epochs, code=code, replaces=replaces)
 
 
 def exact_resume(device: Any) -> bool:
@@ -69,53 +97,88 @@ def exact_resume(device: Any) -> bool:
     return getattr(device, "type", str(device)) == "cpu" or torch.are_deterministic_algorithms_enabled()
 
 
-def claim_run_id(store: RunStore, fingerprint: str, *, check: bool, force: bool, retrain: bool) -> str:
-    """A new run id, or the id of the completed run that ``retrain`` resets.
+def claim_run_id(store: RunStore, fingerprint: str, *, check: bool, force: bool,
+                 retrain: bool) -> tuple[str, dict[str, Any] | None]:
+    """A new run id, and the completed run it replaces when ``retrain``.
 
     A completed (non-check) run with the same code and config means this run would repeat it:
-    refuse unless ``force`` (a new run anyway) or ``retrain`` (reset the latest such run).
+    refuse unless ``force`` (a new run anyway) or ``retrain`` (a new run that replaces the latest
+    such run once it completes; until then that run stays whole and listed).
     """
     if force and retrain:
-        raise RecipeError("--force and --retrain exclude each other: --force makes a new run, --retrain resets the old")
+        raise RecipeError(f"{option('force')} and {option('retrain')} exclude each other: {option('force')} makes "
+                          f"a new run beside the old, {option('retrain')} replaces the old")
     done = [] if check else [r for r in store.find_completed(fingerprint) if not r.get("check")]
     if not done or force:
-        return new_run_id()
+        return new_run_id(), None
     previous = done[0]
     if not retrain:
         raise RecipeError(
             f"run {previous['id']} ({previous['run_dir']}) already completed with this code and config. "
-            "Use --force to train a new run anyway, or --retrain to reset that run and train it again."
+            f"Use {option('force')} to train a new run anyway, or {option('retrain')} to train it again and "
+            "replace that run."
         )
-    shutil.rmtree(previous["run_dir"], ignore_errors=True)
-    store.delete_run(previous["id"])
-    return str(previous["id"])
+    return new_run_id(), previous
 
 
-def resume_session(recipe: Recipe, store: RunStore, ref: str, overrides: Mapping[str, Any] | None, *,
-                   ignore_changes: bool, device: str) -> Session | None:
-    """Reopen run ``ref`` of this recipe to continue it; None when it already completed.
+def find_resumable(recipe: Recipe, store: RunStore, ref: str, cfg: Config | None, *,
+                   check: bool) -> dict[str, Any] | None:
+    """The record of the run ``ref`` names, or None when a new run should start instead.
 
-    Refuses (RecipeError) when the recipe's code or the config differs from the run's, unless
-    ``ignore_changes``.
+    ``ref`` is a run id (or unique prefix), ``"last"`` (the recipe's newest run) or ``"auto"`` (the newest
+    run of this recipe with this code and config, ``cfg``): a completed one is returned (nothing to
+    resume), an unfinished one (interrupted, failed) is continued. "last" and "auto" give None when
+    there is no such run, e.g. a job killed before its run was recorded: it starts afresh.
     """
-    record = store.resolve(ref, recipe.name)
+    if ref == RESUME_AUTO:
+        assert cfg is not None
+        fingerprint = capture(recipe.path).fingerprint(cfg.to_dict())
+        for record in store.list_runs(experiment=recipe.name):
+            if record["code"].get("fingerprint") == fingerprint and bool(record.get("check")) == check:
+                return store.get_run(record["id"])
+        return None
+    try:
+        return store.resolve(ref, recipe.name)
+    except UnknownRunError:
+        if ref == RESUME_LATEST and not store.list_runs(experiment=recipe.name):
+            return None
+        raise
+
+
+def resume_session(recipe: Recipe, store: RunStore, record: dict[str, Any], overrides: Mapping[str, Any] | None,
+                   *, seed: int | None, check: bool | None, ignore_changes: bool, device: str) -> Session | None:
+    """Plan the continuation of run ``record``; None when it already completed. Writes nothing.
+
+    A seed or check flag given again must equal the run's. Refuses (RecipeError) when the recipe's
+    code or the config differs from the run's, unless ``ignore_changes``.
+    """
     if record["status"] == "completed":
         return None
+    if record["status"] == "damaged":
+        raise RecipeError(f"run {record['id']} is damaged ({record.get('error')}); it cannot be resumed. "
+                          f"See engineflow runs show {record['id']}, or start a new run")
     if record["status"] == "running":
         raise RecipeError(f"run {record['id']} is still running (pid {record.get('pid')} on "
                           f"{record.get('hostname')}); stop it before resuming it")
+    if seed is not None and seed != record["seed"]:
+        raise RecipeError(f"run {record['id']} was started with seed {record['seed']}; resuming it with seed {seed} "
+                          "would not continue the same run. Drop the seed or give the same one, or start a new run")
+    if check is not None and check != bool(record.get("check")):
+        what = "a --check smoke run" if record.get("check") else "a full run, not a --check smoke run"
+        raise RecipeError(f"run {record['id']} is {what}; resume it the way it was started")
     cfg = recipe.config.override(flatten(record["config"])).override(overrides or {})
     changes = _changes(record, recipe, cfg)
     if changes and not ignore_changes:
         raise RecipeError(
             f"run {record['id']} was trained with other {' and '.join(changes)}; resuming would mix them. "
-            "Resume with the same recipe and config, or pass --ignore-changes to continue anyway."
+            f"Resume with the same recipe and config, or pass {option('ignore_changes')} to continue anyway."
         )
     run_dir = Path(record["run_dir"])
     context = RunContext(record["id"], record["experiment"], run_dir, resolve_device(device), record["seed"],
-                         bool(record.get("check")))
-    recorder = RunRecorder.reopen(store, run_dir, record, changed=changes)
-    return Session(context, recorder, cfg, int(record.get("max_epochs") or cfg.get("epochs", 1)), resumed=True)
+                         bool(record.get("check")), runs_dir=store.path.parent)
+    recorder = RunRecorder(store, run_dir, {k: v for k, v in record.items() if k != "history"})
+    return Session(context, recorder, cfg, int(record.get("max_epochs") or cfg.get("epochs", 1)), resumed=True,
+                   changed=changes)
 
 
 def _changes(record: Mapping[str, Any], recipe: Recipe, cfg: Config) -> list[str]:

@@ -154,7 +154,7 @@ def test_progress_bar_when_asked_and_plain_lines_otherwise(write_recipe, tmp_pat
     bar, plain = io.StringIO(), io.StringIO()
     ef.run(recipe, runs_dir=tmp_path / "a", device="cpu", progress=True, stream=bar)
     ef.run(recipe, runs_dir=tmp_path / "b", device="cpu", progress=False, stream=plain)
-    assert "\r\033[K" in bar.getvalue() and "epoch 2/2" in bar.getvalue()
+    assert "batch/s" in bar.getvalue() and "\r" in bar.getvalue() and "epoch 2/2" in bar.getvalue()
     assert "\r" not in plain.getvalue() and "\033" not in plain.getvalue()
     assert "epoch 1/2  train/loss" in plain.getvalue()
 

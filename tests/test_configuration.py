@@ -69,7 +69,7 @@ def test_config_is_read_only_and_a_mapping():
         CFG.lr = 1.0
     assert dict(CFG)["lr"] == 0.1
     assert CFG.to_dict()["optim"] == {"momentum": 0.9, "nesterov": True}
-    with pytest.raises(AttributeError, match="no key 'nope'"):
+    with pytest.raises(AttributeError, match="config key 'nope'"):
         _ = CFG.nope
     assert CFG.lr == 0.1, "override returns a new config"
 

@@ -84,9 +84,10 @@ def test_same_code_and_config_refuses_then_force_and_retrain(cli, recipe):
     retrained = cli("run", str(recipe), "--retrain")
     assert retrained.exit_code == 0, retrained.output
     runs = {r["id"]: r for r in as_json(cli("runs", "list", "--runs-dir", runs_dir, "--json"))}
-    assert len(runs) == 3, "retrain resets a run, it does not add one"
-    assert runs[forced["id"]]["started_at"] > forced["ended_at"], "the latest of the twins was trained again"
-    assert runs[forced["id"]]["status"] == "completed"
+    assert len(runs) == 3, "a retrain replaces a run, it does not add one"
+    assert forced["id"] not in runs, "the latest of the twins was replaced"
+    (new,) = [r for r in runs.values() if r["id"] not in (first["id"], forced["id"]) and r["config"] == first["config"]]
+    assert new["status"] == "completed" and new["started_at"] > forced["ended_at"]
     assert runs[first["id"]]["started_at"] == first["started_at"], "the older twin is untouched"
 
 

@@ -349,6 +349,7 @@ def test_keep_best_survives_a_resume_and_metrics_are_not_repeated(tmp_path):
 def test_resume_refuses_settings_of_a_new_run(tmp_path):
     recipe = tmp_path / "resumable.py"
     recipe.write_text(RECIPE)
-    proc = engineflow("run", str(recipe), "--runs-dir", str(tmp_path / "runs"), "--resume", "last", "--seed", "4",
+    proc = engineflow("run", str(recipe), "--runs-dir", str(tmp_path / "runs"), "--resume", "last", "--retrain",
                       cwd=tmp_path)
-    assert proc.returncode == 2 and "--seed cannot change them" in proc.stderr
+    assert proc.returncode == 2 and "--retrain is for starting a new one" in proc.stderr
+    assert not (tmp_path / "runs" / "resumable").exists()

@@ -20,9 +20,11 @@ from engineflow.checkpoint import best_checkpoint, load_checkpoint_weights, load
 from engineflow.configuration import Config
 from engineflow.errors import RecipeError
 from engineflow.fit import Fit
+from engineflow.naming import option
 from engineflow.recipe import Recipe, load_recipe
 from engineflow.registry.snapshot import capture
 from engineflow.registry.store import RunStore
+from engineflow.runtime import runs_in_use, using_run
 
 
 @dataclass
@@ -83,16 +85,39 @@ def load_run(
         raise RecipeError(f"which= expects 'best' or 'last', got {which!r}")
     root = resolve_runs_dir(runs_dir)
     with RunStore.open(root) as store:
-        record = store.resolve(ref, experiment)
+        record = _resolve_not_in_use(store, ref, experiment)
     run_dir = Path(record["run_dir"])
     loaded = load_recipe(recipe) if recipe is not None else _snapshot_recipe(record, run_dir)
-    context = RunContext(record["id"], record["experiment"], run_dir, resolve_device(device), record["seed"])
-    fit, cfg, _ = build(loaded, record["config"], seed=record["seed"], context=context)
+    context = RunContext(record["id"], record["experiment"], run_dir, resolve_device(device), record["seed"],
+                         runs_dir=root)
+    with using_run(record["id"]):
+        fit, cfg, _ = build(loaded, record["config"], seed=record["seed"], context=context)
     modules = modules_of(fit.components)
     if modules:
         _load_chosen_weights(record, run_dir, which, modules)
     model = fit.components.get("model")
     return LoadedRun(record, loaded.module, loaded, cfg, model, dict(fit.components), fit, run_dir)
+
+
+def _resolve_not_in_use(store: RunStore, ref: str, experiment: str | None) -> dict[str, Any]:
+    """``store.resolve``, except that "last" skips, and an id refuses, a run this process is training
+    or loading now: ``setup()`` loading "last" gets the run before its own, never itself."""
+    in_use = runs_in_use()
+    if ref == "last" and in_use:
+        for candidate in store.list_runs(experiment=experiment):
+            if candidate["id"] not in in_use:
+                return store.get_run(candidate["id"])
+        where = f" of experiment {experiment!r}" if experiment else ""
+        raise RecipeError(f"load_run('last'): no run{where} other than the one being trained or loaded now "
+                          f"({', '.join(in_use)}); train the run to load first, or name it by id")
+    record = store.resolve(ref, experiment)
+    if record["id"] in in_use:
+        raise RecipeError(
+            f"load_run({ref!r}) resolves to run {record['id']}, which this process is training or loading now "
+            "(a setup() that loads its own run would never finish); name another run, e.g. "
+            "ef.load_run('last', runs_dir=run.runs_dir, experiment='pretrain')"
+        )
+    return record
 
 
 def _load_chosen_weights(record: dict[str, Any], run_dir: Path, which: str,
@@ -135,7 +160,7 @@ def _latest_trained(store: RunStore, recipe: Recipe) -> dict[str, Any]:
             return store.get_run(record["id"])
     raise RecipeError(
         f"no completed run of {recipe.name!r} yet; train it with 'engineflow run {recipe.path}', "
-        "or pick a run with --run ID (--check runs are not used unless named)"
+        f"or pick a run with {option('run', 'ID')} ({option('check')} runs are not used unless named)"
     )
 
 
@@ -164,7 +189,7 @@ def select_run(
     if today != record["code"]["source"] and not ignore_changes:
         raise RecipeError(
             f"the code of {recipe.path.name} changed since run {record['id']} ({record['run_dir']}). "
-            "Train it again with 'engineflow run', pass --ignore-changes to use today's code with that "
-            "run's weights, or --run ID to use that run's own code."
+            f"Train it again with 'engineflow run', pass {option('ignore_changes')} to use today's code with that "
+            f"run's weights, or {option('run', 'ID')} to use that run's own code."
         )
     return load_run(record["id"], runs_dir=root, which=which, device=device, recipe=recipe.path)

@@ -1,0 +1,110 @@
+"""Which run a command continues or starts: --resume RUN|last|auto, repeated flags, --retrain."""
+
+from __future__ import annotations
+
+import json
+
+from tests.conftest import BASE_RECIPE
+from tests.test_cli import assert_clean_error
+
+# Interrupted in epoch 2 when INTERRUPT is set in the environment (as Ctrl-C would: exit 130,
+# checkpoint written, run "interrupted"); the code and config stay the same either way.
+INTERRUPTIBLE = BASE_RECIPE.replace("config = ef.config(epochs=2,", "config = ef.config(epochs=3,") + '''
+import os
+
+@ef.on(ef.Events.ITERATION_COMPLETED)
+def maybe_interrupt(state):
+    if os.environ.get("INTERRUPT") == "1" and state.epoch == 2:
+        raise KeyboardInterrupt
+
+@ef.on(ef.Events.ITERATION_COMPLETED)
+def maybe_fail(state):
+    if os.environ.get("FAIL") == "1" and state.epoch == 2:
+        raise RuntimeError("retrain failed")
+'''
+
+
+def runs(cli, tmp_path) -> list:
+    result = cli("runs", "list", "--json", "--runs-dir", str(tmp_path / "runs"))
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def test_resume_accepts_the_flags_the_run_was_started_with(cli, write_recipe, tmp_path, monkeypatch):
+    recipe = write_recipe(INTERRUPTIBLE)
+    monkeypatch.setenv("INTERRUPT", "1")
+    assert cli("run", str(recipe), "--seed", "7").exit_code == 130
+    monkeypatch.delenv("INTERRUPT")
+    (started,) = runs(cli, tmp_path)
+    differs = cli("run", str(recipe), "--seed", "8", "--resume", "last")
+    assert_clean_error(differs, "seed 7", "seed 8")
+    same = cli("run", str(recipe), "--seed", "7", "--resume", "last")
+    assert same.exit_code == 0, same.output
+    (done,) = runs(cli, tmp_path)
+    assert done["id"] == started["id"] and done["status"] == "completed" and done["seed"] == 7
+
+
+def test_resume_refuses_flags_that_start_a_new_run(cli, write_recipe):
+    recipe = write_recipe(INTERRUPTIBLE)
+    assert_clean_error(cli("run", str(recipe), "--resume", "last", "--force"), "--resume last", "--force")
+
+
+def test_resume_auto_starts_continues_and_then_does_nothing(cli, write_recipe, tmp_path, monkeypatch):
+    recipe = write_recipe(INTERRUPTIBLE)
+    monkeypatch.setenv("INTERRUPT", "1")
+    first = cli("run", str(recipe), "--resume", "auto")  # nothing to resume: a new run, interrupted in epoch 2
+    monkeypatch.delenv("INTERRUPT")
+    assert first.exit_code == 130, first.output
+    assert "starting a new one" in first.output
+    (interrupted,) = runs(cli, tmp_path)
+    assert interrupted["status"] == "interrupted"
+
+    again = cli("run", str(recipe), "--resume", "auto")  # the same command continues it
+    assert again.exit_code == 0, again.output
+    assert "resuming" in again.output
+    (done,) = runs(cli, tmp_path)
+    assert done["id"] == interrupted["id"] and done["status"] == "completed" and done["epochs"] == 3
+
+    finished = cli("run", str(recipe), "--resume", "auto")  # and once it completed, does nothing
+    assert finished.exit_code == 0 and "already completed" in finished.output
+    assert len(runs(cli, tmp_path)) == 1
+
+    other = cli("run", str(recipe), "--resume", "auto", "--set", "lr=0.2")  # another config: its own run
+    assert other.exit_code == 0, other.output
+    assert len(runs(cli, tmp_path)) == 2
+
+
+def test_resume_last_with_nothing_recorded_starts_a_new_run(cli, write_recipe, tmp_path):
+    result = cli("run", str(write_recipe(INTERRUPTIBLE)), "--resume", "last")
+    assert result.exit_code == 0, result.output
+    (done,) = runs(cli, tmp_path)
+    assert done["status"] == "completed"
+
+
+def test_retrain_keeps_the_old_run_whole_until_the_new_one_completes(cli, write_recipe, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    recipe = write_recipe(INTERRUPTIBLE)
+    assert cli("run", str(recipe)).exit_code == 0
+    (old,) = runs(cli, tmp_path)
+    old_files = sorted(p.relative_to(old["run_dir"]) for p in Path(old["run_dir"]).rglob("*") if p.is_file())
+
+    monkeypatch.setenv("FAIL", "1")
+    failed = cli("run", str(recipe), "--retrain")
+    monkeypatch.delenv("FAIL")
+    assert failed.exit_code == 1
+    listed = {r["id"]: r["status"] for r in runs(cli, tmp_path)}
+    assert listed[old["id"]] == "completed" and sorted(listed.values()) == ["completed", "failed"]
+    assert sorted(p.relative_to(old["run_dir"]) for p in Path(old["run_dir"]).rglob("*") if p.is_file()) == old_files
+
+    monkeypatch.setenv("INTERRUPT", "1")
+    assert cli("run", str(recipe), "--retrain").exit_code == 130
+    monkeypatch.delenv("INTERRUPT")
+    assert old["id"] in {r["id"] for r in runs(cli, tmp_path)}
+
+    done = cli("run", str(recipe), "--retrain")
+    assert done.exit_code == 0, done.output
+    after = runs(cli, tmp_path)
+    assert old["id"] not in {r["id"] for r in after} and not Path(old["run_dir"]).exists()
+    (new,) = [r for r in after if r["status"] == "completed"]
+    assert json.loads((Path(new["run_dir"]) / "run.json").read_text())["replaces"] == old["id"]
