@@ -11,7 +11,7 @@ Two kinds of file:
   file; earlier versions wrote ``.sha256``, which is still read). A file that fails its checksum is
   reported and the previous one is used. ``torch.load`` checks nothing itself (a flipped byte in a
   tensor loads silently), so the checksum is the only check; torch's per-record CRC32 is therefore
-  not computed for these files (it cost as much as the save's copy of the data).
+  not computed for these files (it would cost as much as the save's copy of the data, for nothing).
 
 Loading never runs code from a file: both kinds are read with ``torch.load(weights_only=True)``,
 which builds tensors and plain values only. A file that holds anything else (a pickle crafted to run

@@ -1,8 +1,8 @@
 """End the ``engineflow`` command without CPython's teardown of every module.
 
 Once torch, its compiler stack (torch._dynamo and sympy, which creating any optimizer imports) and
-the recipe's libraries are loaded, a Python process spends about 1 s after its last line freeing
-thousands of modules one object at a time; on a short run that is a fifth of the wall time, and it
+the recipe's libraries are loaded, a Python process spends a noticeable time after its last line
+freeing thousands of modules one object at a time (``benchmarks/README.md`` has the figure), and it
 buys nothing: the operating system frees the memory at once.
 
 :func:`exit_process` first does what that teardown would still do that matters, in the same order

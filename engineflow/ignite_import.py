@@ -1,4 +1,4 @@
-"""Import Ignite without the second its checkpoint module spends loading FSDP.
+"""Import Ignite without the FSDP import of its checkpoint module.
 
 ``ignite/handlers/checkpoint.py`` runs ``from torch.distributed.optim import ZeroRedundancyOptimizer``
 when Ignite is imported, only to test ``isinstance(obj, ZeroRedundancyOptimizer)`` when a ``Checkpoint``

@@ -90,7 +90,7 @@ def seed_epoch(seed: int, epoch: int, loader: Any) -> None:
 
 def _seed_torch(value: int) -> None:
     """``torch.manual_seed`` (CPU and every accelerator), without its cost on machines with none:
-    there it queues a seeding call per device type, each with a captured stack (~1 ms an epoch)."""
+    there it queues a seeding call per device type, each with a captured stack, for nothing."""
     if torch.accelerator.is_available() if hasattr(torch, "accelerator") else torch.cuda.is_available():
         torch.manual_seed(value)
     else:
