@@ -47,6 +47,7 @@ def assert_positive_cases(family: dict[str, Any], names: set[str]) -> None:
             assert case["cpu"]["ratio"] > 0 and case["wall"]["ratio"] > 0, name
 
 
+@pytest.mark.slow
 def test_quick_run_writes_results(tmp_path: Path) -> None:
     results = run_benchmarks(tmp_path, "--only", "overhead,paired", "--cases",
                              "raw,engineflow_tensor,handlers,dispatch")

@@ -394,6 +394,7 @@ def test_eval_on_a_folder_of_digit_images_agrees_with_test(cli, tmp_path):
         assert not bad.exists() and not list(tmp_path.glob(".bad*"))
 
 
+@pytest.mark.slow
 def test_four_runs_at_once_on_one_store_all_complete(write_recipe, tmp_path):
     recipe = write_recipe(RECIPE.replace("config = ef.config(epochs=2,", "config = ef.config(epochs=15,"))
     runs_dir = tmp_path / "runs"

@@ -168,6 +168,7 @@ def test_sigkill_and_resume_is_bit_identical(recipe_dir, reference, tmp_path, na
     assert divergences(resumed, reference[workers]) == [], f"{name}: tensors differ after resume"
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_its_id_and_records_the_resume(recipe_dir, tmp_path):
     recipe, runs = killed_run(tmp_path, RECIPE, 10, "--checkpoint-every", "3")
     listed = json.loads(engineflow("runs", "list", "--runs-dir", str(runs), "--json", cwd=tmp_path).stdout)
@@ -185,6 +186,7 @@ def test_a_resumed_run_keeps_its_id_and_records_the_resume(recipe_dir, tmp_path)
     assert again.returncode == 0 and "already completed; nothing to resume" in again.stdout
 
 
+@pytest.mark.slow
 def test_resume_refuses_changed_code_or_config(tmp_path):
     recipe, runs = killed_run(tmp_path, RECIPE, 12)
     changed_config = engineflow("run", str(recipe), "--runs-dir", str(runs), "--resume", "last", "--set", "lr=0.5",
@@ -220,6 +222,7 @@ def sha256_files_of_earlier_versions_then_flip_a_byte(path):
     flip_a_byte(path)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("damage", "reason"), [(flip_a_byte, "checksum mismatch"), (truncate, "checksum mismatch"),
                                                 (lambda p: p.with_name(p.name + ".xxh3").unlink(), "no checksum"),
                                                 (sha256_files_of_earlier_versions_then_flip_a_byte,
@@ -242,6 +245,7 @@ def test_a_damaged_checkpoint_is_reported_and_the_previous_one_used(tmp_path, da
     assert divergences(final_state(runs), final_state(reference)) == []
 
 
+@pytest.mark.slow
 def test_sigint_writes_a_checkpoint_and_resume_continues_exactly(tmp_path):
     import os
     import signal
@@ -273,6 +277,7 @@ def test_sigint_writes_a_checkpoint_and_resume_continues_exactly(tmp_path):
     assert divergences(final_state(runs), final_state(reference)) == []
 
 
+@pytest.mark.slow
 def test_recipe_policy_every_iterations_keeps_the_last_k(tmp_path):
     recipe = tmp_path / "resumable.py"
     recipe.write_text(RECIPE + "\ncheckpoints = ef.checkpoints(every_epochs=None, every_iterations=5, keep_last=2, "
@@ -294,6 +299,7 @@ def test_bad_policy_values_are_refused():
         ef.checkpoints(every_iterations=0)
 
 
+@pytest.mark.slow
 def test_end_epoch_then_kill_then_resume_is_bit_identical(tmp_path):
     """EndEpoch shortens epochs, so epoch boundaries are no longer multiples of the epoch length."""
     recipe = tmp_path / "resumable.py"
@@ -312,6 +318,7 @@ def test_end_epoch_then_kill_then_resume_is_bit_identical(tmp_path):
         assert record["epochs"] == 4
 
 
+@pytest.mark.slow
 def test_sigint_on_an_epochs_last_batch_keeps_that_epoch(tmp_path):
     recipe = tmp_path / "resumable.py"
     recipe.write_text(RECIPE)
@@ -329,6 +336,7 @@ def test_sigint_on_an_epochs_last_batch_keeps_that_epoch(tmp_path):
     assert divergences(final_state(runs), final_state(reference)) == []
 
 
+@pytest.mark.slow
 def test_keep_best_survives_a_resume_and_metrics_are_not_repeated(tmp_path):
     # mode="min" on accuracy: epoch 1 (the least accurate) stays the best, so its checkpoint must stay.
     recipe, runs = killed_run(
