@@ -2,10 +2,10 @@
 
 Two files, each with the engineflow API that writes it, when this version has it:
 
-* ``weights``: the model's weights, :func:`engineflow.checkpoint.save_weights` (atomic: a
+* ``weights``: the model's weights, :func:`engineflow.state.checkpoint_files.save_weights` (atomic: a
   temporary file, fsync, rename, fsync of the folder) and ``load_weights``;
 * ``full_state``: everything a resume needs (weights, optimizer, engine position, RNG states,
-  history...), ``engineflow.checkpointer.Checkpointer.save`` / ``latest`` + ``restore``, after
+  history...), ``engineflow.state.checkpointer.Checkpointer.save`` / ``latest`` + ``restore``, after
   one epoch of training so that the optimizer has its state.
 
 Each process times several saves and loads; a plain ``torch.save`` of the same object (no fsync,
@@ -86,8 +86,9 @@ Actions = tuple[Callable[[], Any], Callable[[], Any], Callable[[], Any], Callabl
 def _weights() -> Actions:
     import torch
 
-    from engineflow.checkpoint import load_weights, modules_of, save_weights
-    from engineflow.recipe import load_recipe
+    from engineflow.declare.recipe import load_recipe
+    from engineflow.state.checkpoint_files import load_weights, save_weights
+    from engineflow.state.components import modules_of
 
     recipe = load_recipe(RECIPE)
     modules = modules_of(recipe.setup(recipe.config))
@@ -105,8 +106,8 @@ def _weights() -> Actions:
 def _full_state() -> Actions:
     import torch
 
-    from engineflow.checkpointer import Checkpointer, checkpoints
-    from engineflow.runner import build
+    from engineflow.execute.build import build
+    from engineflow.state.checkpointer import Checkpointer, checkpoints
 
     fit, _, _ = build(RECIPE, {"epochs": 1}, device="cpu")
     fit.run(1)  # the optimizer's momentum buffers, a history row and a best epoch are part of the state

@@ -43,7 +43,7 @@ def family(quick: bool = False) -> Family:
         setup={"epochs": epochs, "commands": {c.name: " ".join(c.argv[1:]) for c in cases}},
         notes=["engineflow run also records the run (its folder of outputs and the runs index); the raw script "
                "prints its epoch lines only. Both train identically (same seed, split, batches and final metrics).",
-               "The engineflow command ends without CPython's teardown of every module (engineflow/fast_exit.py), "
+               "The engineflow command ends without CPython's teardown of every module (engineflow/app/fast_exit.py), "
                "which a plain script pays: about 1 s once torch, torch._dynamo (any optimizer loads it) and "
                "scikit-learn are imported."],
     )

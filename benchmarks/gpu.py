@@ -2,7 +2,7 @@
 
 A raw loop and engineflow's engine run the same step (bf16 autocast; no GradScaler needed for
 bf16), fed three ways: a ``DataLoader`` with ``pin_memory=True`` and ``non_blocking`` copies
-(engineflow's step copies with :func:`engineflow.supervised.prepare_batch`), a ``TensorLoader``
+(engineflow's step copies with :func:`engineflow.declare.supervised.prepare_batch`), a ``TensorLoader``
 holding the data on the GPU, and the latter with ``torch.compile``. Each process first runs a
 few untimed steps (compilation, cuDNN/cuBLAS warm-up), then times the loop between two
 ``torch.cuda.synchronize()``. Skipped, with a note, when ``torch.cuda.is_available()`` is False.
@@ -95,7 +95,7 @@ def measure(
         def prepare(batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
             return batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
     else:
-        from engineflow.supervised import prepare_batch
+        from engineflow.declare.supervised import prepare_batch
 
         prepare = functools.partial(prepare_batch, device=device)  # the same non_blocking copies
 
@@ -128,8 +128,8 @@ def _raw(step: Any, train: Iterable[Any], epochs: int, device: str) -> dict[str,
 
 
 def _engineflow(step: Any, train: Iterable[Any], epochs: int, device: str) -> dict[str, float]:
-    from engineflow.engine import make_engine
-    from engineflow.steps import StepSpec
+    from engineflow.declare.steps import StepSpec
+    from engineflow.execute.engine import make_engine
 
     engine = make_engine(StepSpec("train", lambda batch: {"loss": step(batch)}), {})
     clock = Clock()

@@ -3,8 +3,8 @@
 Every function trains ``workload`` from the same seed and returns ``{"seconds", "cpu_seconds",
 "iterations"}`` (wall and process CPU time of the loop).
 They import what they measure inside the function, so a raw loop's process never loads Ignite.
-engineflow is used through its real code paths: :func:`engineflow.engine.make_engine`, the
-handler decorators with :func:`engineflow.engine.attach_in_order`, and :func:`engineflow.run`.
+engineflow is used through its real code paths: :func:`engineflow.execute.engine.make_engine`, the
+handler decorators with :func:`engineflow.execute.engine.attach_in_order`, and :func:`engineflow.run`.
 """
 
 from __future__ import annotations
@@ -83,9 +83,9 @@ def engineflow(workload: Workload, loader: str = "dataloader", handlers: int = 0
 def _engineflow_engine(model: torch.nn.Module | None, optimizer: torch.optim.Optimizer | None, handlers: int,
                        every: int, step: Callable[..., dict[str, Any]] | None = None) -> Any:
     import engineflow as ef
-    from engineflow.engine import attach_in_order, make_engine
-    from engineflow.handlers import handler_specs
-    from engineflow.steps import StepSpec
+    from engineflow.declare.handlers import handler_specs
+    from engineflow.declare.steps import StepSpec
+    from engineflow.execute.engine import attach_in_order, make_engine
 
     def train_step(batch: tuple[torch.Tensor, torch.Tensor], model: torch.nn.Module,
                    optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:

@@ -54,5 +54,5 @@ def family(quick: bool = False) -> Family:
         skipped=skipped,
         notes=["import engineflow is lazy (public names load on first use). `engineflow run` loads Ignite after "
                "engineflow, without the torch.distributed.optim import of Ignite's checkpoint module "
-               "(engineflow/ignite_import.py): the `import engineflow, then ignite.engine` row."],
+               "(engineflow/app/ignite_import.py): the `import engineflow, then ignite.engine` row."],
     )

@@ -17,42 +17,42 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
-    "Config": "engineflow.configuration",
-    "config": "engineflow.configuration",
-    "train_step": "engineflow.steps",
-    "eval_step": "engineflow.steps",
-    "infer_step": "engineflow.steps",
-    "StepSpec": "engineflow.steps",
-    "on": "engineflow.handlers",
-    "every_n_epochs": "engineflow.handlers",
-    "every_n_iterations": "engineflow.handlers",
-    "SkipBatch": "engineflow.control",
-    "EndEpoch": "engineflow.control",
-    "StopFit": "engineflow.control",
+    "Config": "engineflow.declare.configuration",
+    "config": "engineflow.declare.configuration",
+    "train_step": "engineflow.declare.steps",
+    "eval_step": "engineflow.declare.steps",
+    "infer_step": "engineflow.declare.steps",
+    "StepSpec": "engineflow.declare.steps",
+    "on": "engineflow.declare.handlers",
+    "every_n_epochs": "engineflow.declare.handlers",
+    "every_n_iterations": "engineflow.declare.handlers",
+    "SkipBatch": "engineflow.declare.control",
+    "EndEpoch": "engineflow.declare.control",
+    "StopFit": "engineflow.declare.control",
     "EngineflowError": "engineflow.errors",
     "RecipeError": "engineflow.errors",
     "ConfigError": "engineflow.errors",
     "TrainingError": "engineflow.errors",
     "NonFiniteLossError": "engineflow.errors",
     "HandlerError": "engineflow.errors",
-    "supervised_train_step": "engineflow.supervised",
-    "supervised_eval_step": "engineflow.supervised",
-    "prepare_batch": "engineflow.supervised",
-    "Best": "engineflow.best",
-    "Fit": "engineflow.fit",
+    "supervised_train_step": "engineflow.declare.supervised",
+    "supervised_eval_step": "engineflow.declare.supervised",
+    "prepare_batch": "engineflow.declare.supervised",
+    "Best": "engineflow.execute.best",
+    "Fit": "engineflow.execute.fit",
     "RunContext": "engineflow.runtime",
-    "RunResult": "engineflow.runner",
-    "build": "engineflow.runner",
-    "run": "engineflow.runner",
-    "load_recipe": "engineflow.recipe",
-    "make_engine": "engineflow.engine",
-    "checkpoints": "engineflow.checkpointer",
-    "CheckpointPolicy": "engineflow.checkpointer",
+    "RunResult": "engineflow.app.runner",
+    "build": "engineflow.execute.build",
+    "run": "engineflow.app.runner",
+    "load_recipe": "engineflow.declare.recipe",
+    "make_engine": "engineflow.execute.engine",
+    "checkpoints": "engineflow.state.checkpointer",
+    "CheckpointPolicy": "engineflow.state.checkpointer",
     "TensorLoader": "engineflow.data",
-    "LoadedRun": "engineflow.registry.load",
-    "load_run": "engineflow.registry.load",
-    "evaluate_test": "engineflow.evaluation",
-    "predict_files": "engineflow.evaluation",
+    "LoadedRun": "engineflow.record.load",
+    "load_run": "engineflow.record.load",
+    "evaluate_test": "engineflow.app.evaluation",
+    "predict_files": "engineflow.app.evaluation",
     "Events": "ignite.engine",
 }
 _SUBMODULES = {"metrics", "data"}
@@ -79,12 +79,15 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the same names as _EXPORTS
     from ignite.engine import Events
 
     from engineflow import data, metrics
-    from engineflow.best import Best
-    from engineflow.checkpointer import CheckpointPolicy, checkpoints
-    from engineflow.configuration import Config, config
-    from engineflow.control import EndEpoch, SkipBatch, StopFit
+    from engineflow.app.evaluation import evaluate_test, predict_files
+    from engineflow.app.runner import RunResult, run
     from engineflow.data import TensorLoader
-    from engineflow.engine import make_engine
+    from engineflow.declare.configuration import Config, config
+    from engineflow.declare.control import EndEpoch, SkipBatch, StopFit
+    from engineflow.declare.handlers import every_n_epochs, every_n_iterations, on
+    from engineflow.declare.recipe import load_recipe
+    from engineflow.declare.steps import StepSpec, eval_step, infer_step, train_step
+    from engineflow.declare.supervised import prepare_batch, supervised_eval_step, supervised_train_step
     from engineflow.errors import (
         ConfigError,
         EngineflowError,
@@ -93,12 +96,10 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the same names as _EXPORTS
         RecipeError,
         TrainingError,
     )
-    from engineflow.evaluation import evaluate_test, predict_files
-    from engineflow.fit import Fit
-    from engineflow.handlers import every_n_epochs, every_n_iterations, on
-    from engineflow.recipe import load_recipe
-    from engineflow.registry.load import LoadedRun, load_run
-    from engineflow.runner import RunResult, build, run
+    from engineflow.execute.best import Best
+    from engineflow.execute.build import build
+    from engineflow.execute.engine import make_engine
+    from engineflow.execute.fit import Fit
+    from engineflow.record.load import LoadedRun, load_run
     from engineflow.runtime import RunContext
-    from engineflow.steps import StepSpec, eval_step, infer_step, train_step
-    from engineflow.supervised import prepare_batch, supervised_eval_step, supervised_train_step
+    from engineflow.state.checkpointer import CheckpointPolicy, checkpoints

@@ -1,5 +1,5 @@
 """``python -m engineflow`` is the ``engineflow`` command."""
 
-from engineflow.cli import entry
+from engineflow.app.cli import entry
 
 entry()

@@ -7,8 +7,6 @@ the rank and the stage so that distributed runs and pipelines fit in later witho
 from __future__ import annotations
 
 import contextvars
-import os
-import random
 import secrets
 import time
 from collections.abc import Iterator
@@ -95,16 +93,3 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if device == "cpu":
         return torch.device("cpu")
     raise RecipeError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's (when installed) and torch's RNGs (CPU and every CUDA device)."""
-    random.seed(seed)
-    os.environ["PYTHONHASHSEED"] = str(seed)
-    try:
-        import numpy as np
-    except ImportError:  # numpy is optional for engineflow itself
-        pass
-    else:
-        np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner, Result
 
-from engineflow.cli import main
+from engineflow.app.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 

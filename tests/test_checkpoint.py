@@ -13,7 +13,9 @@ import pytest
 import torch
 import xxhash
 
-from engineflow.checkpoint import (
+from engineflow.data import TensorLoader
+from engineflow.errors import RecipeError
+from engineflow.state.checkpoint_files import (
     UnsafeCheckpointError,
     atomic_save,
     best_checkpoint,
@@ -27,9 +29,7 @@ from engineflow.checkpoint import (
     save_weights,
     verify,
 )
-from engineflow.data import TensorLoader
-from engineflow.errors import RecipeError
-from engineflow.state import rng_state, set_rng_state
+from engineflow.state.rng import rng_state, set_rng_state
 from tests.conftest import BASE_RECIPE
 
 # Written by engineflow at commit 1ddb4e4, before loads were weights_only (see its README.md): a

@@ -163,7 +163,7 @@ def test_runs_commands_do_not_import_torch(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys; from click.testing import CliRunner; from engineflow.cli import main; "
+    code = ("import sys; from click.testing import CliRunner; from engineflow.app.cli import main; "
             f"r = CliRunner().invoke(main, ['runs', 'list', '--runs-dir', {str(tmp_path)!r}]); "
             "print(r.exit_code, 'torch' in sys.modules, 'ignite' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()

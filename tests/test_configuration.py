@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import engineflow as ef
-from engineflow.configuration import parse_assignments
+from engineflow.declare.configuration import parse_assignments
 
 CFG = ef.config(epochs=3, lr=0.1, name="mlp", amp=False, layers=[64, 32], optim={"momentum": 0.9, "nesterov": True},
                 tag=None)

@@ -7,8 +7,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from engineflow.data import TensorLoader
-from engineflow.engine import make_engine
-from engineflow.steps import StepSpec
+from engineflow.declare.steps import StepSpec
+from engineflow.execute.engine import make_engine
 
 
 def ids(n: int = 10) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,9 +8,9 @@ import pytest
 from ignite.engine import Engine, EventEnum
 
 import engineflow as ef
-from engineflow.engine import attach_in_order, make_engine
-from engineflow.handlers import handler_specs
-from engineflow.steps import StepSpec
+from engineflow.declare.handlers import handler_specs
+from engineflow.declare.steps import StepSpec
+from engineflow.execute.engine import attach_in_order, make_engine
 from tests.conftest import BASE_RECIPE, read_run
 
 

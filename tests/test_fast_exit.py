@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from engineflow.fast_exit import OPT_OUT, exit_code_of
+from engineflow.app.fast_exit import OPT_OUT, exit_code_of
 from tests.conftest import BASE_RECIPE, run_engineflow
 
 LEAVES_OPEN = BASE_RECIPE + '''

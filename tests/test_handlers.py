@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 import engineflow as ef
-from engineflow.engine import attach_in_order, make_engine
-from engineflow.handlers import handler_specs
-from engineflow.steps import StepSpec
+from engineflow.declare.handlers import handler_specs
+from engineflow.declare.steps import StepSpec
+from engineflow.execute.engine import attach_in_order, make_engine
 
 
 def engine_with(*handlers, step=None):

@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 
-from engineflow.ignite_import import OPT_OUT
+from engineflow.app.ignite_import import OPT_OUT
 
 
 def run_python(code: str, **env: str) -> dict:
@@ -28,12 +28,12 @@ def run_python(code: str, **env: str) -> dict:
 def test_engineflow_imports_ignite_without_torch_distributed_optim() -> None:
     out = run_python("""
         import json, sys
-        import engineflow.ignite_import
-        engineflow.ignite_import.install()  # what the engineflow command does first
-        from engineflow.engine import make_engine
+        import engineflow.app.ignite_import
+        engineflow.app.ignite_import.install()  # what the engineflow command does first
+        from engineflow.execute.engine import make_engine
         import ignite.handlers.checkpoint as checkpoint
         loaded_during = "torch.distributed.optim" in sys.modules
-        finder_left = engineflow.ignite_import.is_installed()
+        finder_left = engineflow.app.ignite_import.is_installed()
         import torch
         import torch.distributed.optim as real
         print(json.dumps({"loaded_during": loaded_during, "finder_left": finder_left,
@@ -50,9 +50,9 @@ def test_ignite_checkpoint_still_recognises_a_zero_redundancy_optimizer(tmp_path
     """Ignite's Checkpoint consolidates a ZeroRedundancyOptimizer's state before saving, as without engineflow."""
     out = run_python(f"""
         import json
-        import engineflow.ignite_import
-        engineflow.ignite_import.install()
-        import engineflow.engine
+        import engineflow.app.ignite_import
+        engineflow.app.ignite_import.install()
+        import engineflow.execute.engine
         import torch
         import torch.distributed as dist
         from ignite.engine import Engine
@@ -81,8 +81,8 @@ def test_ignite_checkpoint_still_recognises_a_zero_redundancy_optimizer(tmp_path
 def test_opt_out_imports_ignite_the_plain_way() -> None:
     out = run_python("""
         import json, sys
-        import engineflow.ignite_import
-        engineflow.ignite_import.install()
+        import engineflow.app.ignite_import
+        engineflow.app.ignite_import.install()
         import ignite.handlers.checkpoint as checkpoint
         print(json.dumps({"loaded": "torch.distributed.optim" in sys.modules,
                           "real_class": checkpoint.ZeroRedundancyOptimizer.__module__}))
@@ -94,7 +94,7 @@ def test_an_ignite_that_needs_more_of_the_module_is_imported_again_the_plain_way
     """If the stand-in lacks what Ignite imports (a future version), the import retries without it."""
     out = run_python("""
         import json, sys, types
-        import engineflow.ignite_import as ignite_import
+        import engineflow.app.ignite_import as ignite_import
         ignite_import.stand_in_module = lambda: types.ModuleType("torch.distributed.optim")  # no ZeRO class
         ignite_import.install()
         import ignite.engine
@@ -109,9 +109,9 @@ def test_nothing_is_installed_when_ignite_came_first() -> None:
     out = run_python("""
         import json, sys
         import ignite
-        import engineflow.ignite_import
-        engineflow.ignite_import.install()
-        print(json.dumps({"installed": engineflow.ignite_import.is_installed()}))
+        import engineflow.app.ignite_import
+        engineflow.app.ignite_import.install()
+        print(json.dumps({"installed": engineflow.app.ignite_import.is_installed()}))
     """)
     assert out == {"installed": False}
 
@@ -122,7 +122,9 @@ def test_importing_engineflow_changes_nothing_global() -> None:
         before = (list(sys.meta_path), signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM),
                   list(logging.getLogger().handlers))
         import engineflow
-        from engineflow import engine, fit, runner, metrics  # the modules a notebook uses
+        from engineflow import metrics
+        from engineflow.app import runner
+        from engineflow.execute import engine, fit  # the modules a notebook uses
         after = (list(sys.meta_path), signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM),
                  list(logging.getLogger().handlers))
         import ignite.handlers.checkpoint
@@ -134,11 +136,11 @@ def test_importing_engineflow_changes_nothing_global() -> None:
 def test_the_command_opts_in_and_a_torchrun_process_does_not() -> None:
     code = """
         import json, sys
-        import engineflow.cli, engineflow.fast_exit
-        engineflow.fast_exit.exit_process = lambda code: None  # keep the process to report
+        import engineflow.app.cli, engineflow.app.fast_exit
+        engineflow.app.fast_exit.exit_process = lambda code: None  # keep the process to report
         sys.argv = ["engineflow", "--version"]
-        engineflow.cli.entry()
-        print(json.dumps({"installed": engineflow.ignite_import.is_installed()}))
+        engineflow.app.cli.entry()
+        print(json.dumps({"installed": engineflow.app.ignite_import.is_installed()}))
     """
     assert run_python(code) == {"installed": True}
     assert run_python(code, LOCAL_RANK="0", TORCHELASTIC_RUN_ID="x") == {"installed": False}

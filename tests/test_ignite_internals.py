@@ -9,7 +9,7 @@ import ignite
 import pytest
 from ignite.engine import Engine, Events
 
-from engineflow.ignite_internals import VERIFIED, HookedEngine, UntestedIgniteError, check_version, release
+from engineflow.execute.ignite_internals import VERIFIED, HookedEngine, UntestedIgniteError, check_version, release
 
 
 @pytest.mark.parametrize(("version", "ok"), [
@@ -30,7 +30,7 @@ def test_the_installed_ignite_is_verified():
 
 
 def test_an_untested_ignite_fails_at_import_with_one_clear_message():
-    code = "import ignite; ignite.__version__ = '0.6.1'; import engineflow.engine"
+    code = "import ignite; ignite.__version__ = '0.6.1'; import engineflow.execute.engine"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "UntestedIgniteError" in done.stderr and "pytorch-ignite 0.6.1 is installed" in done.stderr

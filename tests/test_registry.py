@@ -158,7 +158,7 @@ def test_load_run_returns_the_old_codes_behaviour(cli, recipe):
 def test_last_weights_are_written_at_the_end_and_read_from_the_newest_checkpoint_before(cli, write_recipe):
     """last.pt is written once, when the run ends; a run that failed (or was killed) has none, and
     ``which="last"`` then loads the newest full-state checkpoint: the last epoch that completed."""
-    from engineflow.checkpoint import checkpoint_files
+    from engineflow.state.checkpoint_files import checkpoint_files
 
     fails_in_epoch_3 = BASE_RECIPE.replace("    return {\"loss\": loss}", """    if getattr(train, "epoch", 0) == 3:
         return {"loss": loss * float("nan")}
@@ -317,7 +317,7 @@ def test_sigint_and_sigterm_mark_the_run_interrupted(write_recipe, tmp_path, sig
     (run_json,) = runs_dir.glob("*/*/run.json")
     record = json.loads(run_json.read_text())
     assert record["status"] == "interrupted" and record["ended_at"]
-    from engineflow.registry.runs import list_runs
+    from engineflow.record.runs import list_runs
 
     assert list_runs(runs_dir)[0]["status"] == "interrupted"
 
@@ -335,7 +335,7 @@ def test_sigkill_leaves_a_store_that_lists_the_run_as_interrupted(write_recipe, 
     on_disk = json.loads((Path(record["run_dir"]) / "run.json").read_text())
     assert on_disk["status"] == "interrupted", "the folder agrees with the store"
     # No weights files yet (they are written when a run ends): both come from its checkpoints.
-    from engineflow.checkpoint import checkpoint_files
+    from engineflow.state.checkpoint_files import checkpoint_files
 
     folder = Path(record["run_dir"]) / "checkpoints"
     assert not (folder / "best.pt").exists()
@@ -405,7 +405,7 @@ def test_four_runs_at_once_on_one_store_all_complete(write_recipe, tmp_path):
     for proc, (out, err) in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, err
         assert "locked" not in err + out
-    from engineflow.registry.runs import get_run, list_runs
+    from engineflow.record.runs import get_run, list_runs
 
     runs = list_runs(runs_dir)
     assert sorted(r["seed"] for r in runs) == [0, 1, 2, 3]

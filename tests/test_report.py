@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from ignite.engine import Engine, Events
 
-from engineflow.report import Reporter, format_duration, format_metrics, format_value, plural
+from engineflow.app.report import Reporter, format_duration, format_metrics, format_value, plural
 
 
 @pytest.mark.parametrize(("value", "text"), [
@@ -177,7 +177,7 @@ def test_progress_defaults_to_whether_the_stream_is_a_terminal():
 
 
 def test_runs_tables_print_values_as_the_reporter_does():
-    from engineflow.registry import views
+    from engineflow.app import views
 
     record = {"id": "20261130-000000-abcd", "experiment": "sine", "status": "completed",
               "started_at": "2026-11-30T00:00:00", "epochs": 1, "config": {"lr": 0.001},

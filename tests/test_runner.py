@@ -55,7 +55,7 @@ def test_a_failing_setup_says_setup_failed_shows_the_recipes_frames_and_records_
     assert "/engineflow/" not in trace and "/ignite/" not in trace, trace
     assert_nothing_recorded(cli, tmp_path)
     debug = cli("run", str(recipe), "--debug")
-    assert debug.exit_code == 1 and "/engineflow/runner.py" in debug.output
+    assert debug.exit_code == 1 and "/engineflow/app/runner.py" in debug.output
 
 
 def test_a_missing_config_key_is_one_clear_line(cli, write_recipe, tmp_path):

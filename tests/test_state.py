@@ -9,14 +9,9 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from engineflow.data import TensorLoader
-from engineflow.state import (
-    EpochData,
-    epoch_seed,
-    rng_state,
-    seed_epoch,
-    set_rng_state,
-    stateful_components,
-)
+from engineflow.state.components import stateful_components
+from engineflow.state.position import EpochData
+from engineflow.state.rng import epoch_seed, rng_state, seed_epoch, set_rng_state
 
 
 def draws() -> tuple:

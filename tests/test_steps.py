@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 
 import engineflow as ef
-from engineflow.engine import make_engine
-from engineflow.steps import step_spec
+from engineflow.declare.steps import step_spec
+from engineflow.execute.engine import make_engine
 from tests.conftest import BASE_RECIPE, tiny_data
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from engineflow.errors import RecipeError
-from engineflow.registry.store import (
+from engineflow.record.store import (
     DB_NAME,
     SCHEMA_VERSION,
     AmbiguousRunError,
@@ -210,7 +210,7 @@ def test_stale_runs_are_reported_interrupted(store: RunStore) -> None:
 WRITER = """
 import os, sys, time
 from pathlib import Path
-from engineflow.registry.store import RunStore
+from engineflow.record.store import RunStore
 runs, name = Path(sys.argv[1]), sys.argv[2]
 print("ready", flush=True)
 while not (runs / "go").exists():
@@ -246,7 +246,7 @@ def test_four_processes_write_at_once(tmp_path: Path) -> None:
 KILLED = """
 import os, socket, sys, time
 from pathlib import Path
-from engineflow.registry.store import RunStore
+from engineflow.record.store import RunStore
 store = RunStore.open(Path(sys.argv[1]))
 store.upsert_run({"id": "victim", "experiment": "crash", "status": "running", "pid": os.getpid(),
                   "hostname": socket.gethostname(), "started_at": "2026-11-23T08:00:00+00:00"})
@@ -486,8 +486,8 @@ FIELD_WRITER = """
 import json, sys, time
 from datetime import datetime, timedelta
 from pathlib import Path
-from engineflow.registry.recorder import RunRecorder
-from engineflow.registry.store import RunStore
+from engineflow.record.recorder import RunRecorder
+from engineflow.record.store import RunStore
 runs, folder, role, start = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], datetime.fromisoformat(sys.argv[4])
 record = json.loads((folder / "run.json").read_text())
 print("ready", flush=True)
@@ -525,8 +525,8 @@ def test_processes_updating_different_fields_of_one_run_lose_nothing(tmp_path: P
 
 
 def test_runs_list_racing_a_resume_leaves_the_live_run_running(tmp_path: Path, monkeypatch: Any) -> None:
-    from engineflow.registry.recorder import RunRecorder
-    from engineflow.registry.runs import list_runs
+    from engineflow.record.recorder import RunRecorder
+    from engineflow.record.runs import list_runs
 
     runs = tmp_path / "runs"
     dead = dead_pid()
@@ -567,7 +567,7 @@ def test_runs_list_racing_a_resume_leaves_the_live_run_running(tmp_path: Path, m
 
 
 def test_two_resumes_of_one_run_cannot_both_start(tmp_path: Path) -> None:
-    from engineflow.registry.recorder import RunRecorder
+    from engineflow.record.recorder import RunRecorder
 
     runs = tmp_path / "runs"
     folder = write_folder(runs, record("r1", status="interrupted"), [])
@@ -644,7 +644,7 @@ def hold_write_lock(store: RunStore) -> sqlite3.Connection:
 def test_a_failing_index_stops_the_run_with_exit_1_and_its_folder_keeps_the_change(tmp_path: Path,
                                                                                    failure: str) -> None:
     from engineflow.errors import EXIT_TRAINING_FAILED
-    from engineflow.registry.recorder import RunRecorder
+    from engineflow.record.recorder import RunRecorder
 
     runs = tmp_path / "runs"
     folder = write_folder(runs, record("r1", status="running", epochs=1), [])
@@ -670,7 +670,7 @@ def test_a_failing_index_stops_the_run_with_exit_1_and_its_folder_keeps_the_chan
 
 
 def test_an_index_deleted_while_a_run_records_gets_its_next_write(tmp_path: Path) -> None:
-    from engineflow.registry.recorder import RunRecorder
+    from engineflow.record.recorder import RunRecorder
 
     runs = tmp_path / "runs"
     folder = write_folder(runs, record("r1", status="running", epochs=1), [(1, "loss", 0.5)])

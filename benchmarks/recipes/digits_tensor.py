@@ -9,7 +9,7 @@ Only the loaders differ: the recipe's own ``setup`` runs, then its ``DataLoader`
 from pathlib import Path
 
 from engineflow.data import TensorLoader
-from engineflow.recipe import load_recipe
+from engineflow.declare.recipe import load_recipe
 
 digits = load_recipe(Path(__file__).resolve().parents[2] / "recipes" / "digits.py").module
 

@@ -16,10 +16,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from engineflow.configuration import Config
+from engineflow.declare.configuration import Config
+from engineflow.declare.handlers import HandlerSpec, handler_specs
+from engineflow.declare.steps import STEP_KINDS, StepSpec, step_spec, wraps_around
 from engineflow.errors import RecipeError
-from engineflow.handlers import HandlerSpec, handler_specs
-from engineflow.steps import STEP_KINDS, StepSpec, step_spec, wraps_around
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from engineflow.configuration import flatten
+from engineflow.declare.configuration import flatten
 
 FLUSH_EVERY_S = 5.0
 

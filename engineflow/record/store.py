@@ -11,7 +11,7 @@ writers queue on the busy timeout instead of failing with "database is locked". 
 field-level: :meth:`RunStore.update_run` reads the stored record and changes only the fields it
 is given, inside that transaction, so two processes updating different fields of one run never
 undo each other. :meth:`RunStore.transaction` holds the lock across several steps, which is how a
-run's folder and its row change together (:mod:`engineflow.registry.runs`).
+run's folder and its row change together (:mod:`engineflow.record.runs`).
 
 Errors: :class:`~engineflow.errors.StoreError` (exit 1) when the file cannot be read or written
 (locked too long, disk full); its :class:`~engineflow.errors.StoreUsageError` branch (exit 2) for
@@ -44,8 +44,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from engineflow.errors import AmbiguousRunError, StoreError, StoreUsageError, UnknownRunError
-from engineflow.registry.folders import FolderRun, read_folder, scan
-from engineflow.registry.schema import (
+from engineflow.record.folders import FolderRun, read_folder, scan
+from engineflow.record.schema import (
     BUSY_TIMEOUT_S,
     COLUMNS,
     REINDEX_HINT,
@@ -58,7 +58,7 @@ from engineflow.registry.schema import (
     metric,
     row,
 )
-from engineflow.registry.staleness import (
+from engineflow.record.staleness import (
     HEARTBEAT_INTERVAL_S,
     HEARTBEAT_TIMEOUT_S,
     interrupted,
@@ -168,7 +168,7 @@ class RunStore:
 
     Reads (``list_runs``, ``get_run``, ``resolve``) report a "running" run whose process is gone
     (:func:`is_stale`) as "interrupted" without writing anything: the change belongs in its
-    ``run.json`` first (:func:`engineflow.registry.runs.list_runs` does both), or in the index
+    ``run.json`` first (:func:`engineflow.record.runs.list_runs` does both), or in the index
     alone with :meth:`mark_stale`.
 
     Args:
@@ -282,7 +282,7 @@ class RunStore:
 
         Nothing is written, and the answer can be out of date at once (a run resumed meanwhile):
         whoever marks one interrupted re-checks it with
-        :func:`~engineflow.registry.staleness.still_stale` inside a :meth:`transaction`.
+        :func:`~engineflow.record.staleness.still_stale` inside a :meth:`transaction`.
         """
         with self._session() as conn:
             found = conn.execute("SELECT record FROM runs WHERE status = 'running'").fetchall()
@@ -295,7 +295,7 @@ class RunStore:
 
         Each run is re-checked under the write lock: one resumed, finished or beating since it
         was judged stale is left alone. The run folders are not touched (see
-        :func:`engineflow.registry.runs.list_runs` for both).
+        :func:`engineflow.record.runs.list_runs` for both).
         """
         changed = []
         for judged in self.stale_runs(now, heartbeat_timeout_s=heartbeat_timeout_s):
@@ -308,7 +308,7 @@ class RunStore:
     def reindex(self, runs_dir: Path | None = None) -> Rebuilt:
         """Replace the whole index with the run folders ``<runs_dir>/*/*/`` (default: the db's folder).
 
-        Damaged files cost only what they lost (see :mod:`engineflow.registry.folders`): a run
+        Damaged files cost only what they lost (see :mod:`engineflow.record.folders`): a run
         whose run.json is unreadable is indexed as "damaged" from what its folder still holds, and
         each damaged file is one line of :attr:`Rebuilt.problems`. Nothing is printed or warned.
         """

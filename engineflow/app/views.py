@@ -7,8 +7,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from engineflow.configuration import flatten
-from engineflow.report import format_value
+from engineflow.app.report import format_value
+from engineflow.declare.configuration import flatten
 
 SUMMARY_KEYS = ("id", "experiment", "status", "config", "metrics", "best", "run_dir", "started_at", "ended_at",
                 "code", "seed", "epochs", "error", "env", "artifacts", "resumes")

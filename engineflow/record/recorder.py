@@ -12,7 +12,7 @@ Folder ``<runs_dir>/<experiment>/<run_id>/``::
 
 Every write to the folder comes before the matching write to the store, so ``runs reindex``
 can always rebuild the store from the folders. Record changes are field-level
-(:func:`engineflow.registry.runs.update_record`): ``run.json`` and the index row each get only the
+(:func:`engineflow.record.runs.update_record`): ``run.json`` and the index row each get only the
 fields this process changes, so another process's changes to the run are kept. When the index
 cannot be written the folder still is, and the run stops with a :class:`StoreError` (exit 1).
 """
@@ -29,15 +29,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from engineflow.declare.handlers import HandlerSpec
 from engineflow.errors import RecipeError, StoreError
 from engineflow.files import write_json
-from engineflow.handlers import HandlerSpec
-from engineflow.registry.runs import update_record
-from engineflow.registry.schema import Row
-from engineflow.registry.snapshot import CodeState, save
-from engineflow.registry.staleness import HEARTBEAT_INTERVAL_S, is_stale
-from engineflow.registry.store import RunStore
-from engineflow.tblog import TensorBoardLog
+from engineflow.record.runs import update_record
+from engineflow.record.schema import Row
+from engineflow.record.snapshot import CodeState, save
+from engineflow.record.staleness import HEARTBEAT_INTERVAL_S, is_stale
+from engineflow.record.store import RunStore
+from engineflow.record.tblog import TensorBoardLog
 
 TB_EVERY_ITERATIONS = 50  # the loss per iteration for TensorBoard; epochs log every metric
 
@@ -195,7 +195,8 @@ class RunRecorder:
                 HandlerSpec(epoch, Events.EPOCH_COMPLETED, "train", 900, -1, raw=True)]
 
     def epoch_completed(self, fit: Any) -> None:
-        from engineflow.checkpoint import modules_of, save_weights
+        from engineflow.state.checkpoint_files import save_weights
+        from engineflow.state.components import modules_of
 
         row = fit.history[-1]
         epoch = row["epoch"]
@@ -223,7 +224,8 @@ class RunRecorder:
         ``best.pt``: exported from ``best_checkpoint`` (the best epoch's full state), when the
         checkpointer keeps one (then :meth:`epoch_completed` did not write it).
         """
-        from engineflow.checkpoint import export_weights, modules_of, save_weights
+        from engineflow.state.checkpoint_files import export_weights, save_weights
+        from engineflow.state.components import modules_of
 
         self._stop_beating.set()
         artifacts = dict(self.record.get("artifacts") or {})

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from engineflow.engine import StepEngine
-    from engineflow.handlers import HandlerSpec
+    from engineflow.declare.handlers import HandlerSpec
+    from engineflow.execute.engine import StepEngine
 
 SIGNIFICANT_DIGITS = 4
 
@@ -157,7 +157,7 @@ class Reporter:
         """The reporter's handlers on the train engine of ``fit``."""
         from ignite.engine import Events
 
-        from engineflow.handlers import HandlerSpec
+        from engineflow.declare.handlers import HandlerSpec
 
         def epoch_started(engine: StepEngine) -> None:
             self._epoch_start = time.monotonic()

@@ -15,13 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from engineflow.errors import StoreUsageError
-from engineflow.registry.staleness import utc
+from engineflow.record.staleness import utc
 
 __all__ = ["APPLICATION_ID", "BUSY_TIMEOUT_S", "COLUMNS", "MIGRATIONS", "SCHEMA_VERSION", "STATUSES",
            "NewerStoreError", "Row", "UnusableStoreError", "connect", "dumps", "metric", "row"]
 
 SCHEMA_VERSION = 2
-# "damaged": rebuilt from a run folder whose run.json could not be read (see engineflow.registry.folders)
+# "damaged": rebuilt from a run folder whose run.json could not be read (see engineflow.record.folders)
 STATUSES = ("running", "completed", "failed", "interrupted", "damaged")
 BUSY_TIMEOUT_S = 30.0
 # Written to the file header (PRAGMA application_id, "EFLW") so another program's database is told apart.

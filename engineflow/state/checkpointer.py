@@ -21,7 +21,9 @@ from typing import Any
 
 from ignite.engine import Events
 
-from engineflow.checkpoint import (
+from engineflow.declare.handlers import HandlerSpec
+from engineflow.errors import RecipeError
+from engineflow.state.checkpoint_files import (
     UnsafeCheckpointError,
     checkpoint_files,
     load_latest,
@@ -30,9 +32,8 @@ from engineflow.checkpoint import (
     ranked_by_score,
     save_checkpoint,
 )
-from engineflow.errors import RecipeError
-from engineflow.handlers import HandlerSpec
-from engineflow.state import rng_state, set_rng_state, stateful_components
+from engineflow.state.components import stateful_components
+from engineflow.state.rng import rng_state, set_rng_state
 
 FORMAT = 1
 
@@ -99,7 +100,7 @@ def every_iterations_policy(base: CheckpointPolicy, n: int) -> CheckpointPolicy:
 
 
 class Checkpointer:
-    """Writes and restores the full state of a :class:`~engineflow.fit.Fit`.
+    """Writes and restores the full state of a :class:`~engineflow.execute.fit.Fit`.
 
     Args:
         folder: where ``state-<iteration>.pt`` files go.

@@ -1,9 +1,9 @@
-"""``ef.run`` and ``ef.build``: a recipe file in, a trained model and its record out.
+"""``ef.run``: a recipe file in, a trained model and its record out.
 
-``build`` loads a recipe, seeds every RNG, calls ``setup`` and wires the engines, without
-running anything. ``run`` starts a recorded session (:mod:`engineflow.session`), builds, trains
-with the reporter, the recorder and the checkpointer attached, and marks how it ended; what the
-run folder holds is described in :mod:`engineflow.registry.recorder`.
+``run`` plans a recorded session (:mod:`engineflow.app.session`), builds the recipe
+(:func:`engineflow.execute.build.build`), records the run once it can start, trains with the
+reporter, the recorder and the checkpointer attached, and marks how it ended; what the run folder
+holds is described in :mod:`engineflow.record.recorder`.
 """
 
 from __future__ import annotations
@@ -15,20 +15,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-import torch
-
-from engineflow.configuration import Config
-from engineflow.errors import EngineflowError, RecipeError, SetupError
-from engineflow.fit import Fit, build_fit, take
-from engineflow.handlers import HandlerSpec
-from engineflow.injection import describe, make_caller
+from engineflow.app.report import Reporter, format_duration, format_metrics, format_value, plural
+from engineflow.app.session import Session, new_session, resume_session
+from engineflow.declare.handlers import HandlerSpec
+from engineflow.declare.recipe import Recipe, load_recipe
+from engineflow.errors import RecipeError
+from engineflow.execute.build import build, resolve_config
+from engineflow.execute.fit import Fit
 from engineflow.naming import option
-from engineflow.recipe import Recipe, load_recipe
-from engineflow.report import Reporter, format_duration, format_metrics, format_value, plural
-from engineflow.runtime import RunContext, resolve_device, seed_everything, using_run
-from engineflow.session import Session, new_session, resume_session
-
-CHECK_BATCHES = 2
+from engineflow.record.runs import resolve_runs_dir
+from engineflow.runtime import using_run
 
 
 @dataclass
@@ -67,94 +63,6 @@ class RunResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {**self.__dict__, "run_dir": str(self.run_dir)}
-
-
-def resolve_config(recipe: Recipe, overrides: Mapping[str, Any] | None, seed: int | None) -> tuple[Config, int]:
-    """Apply overrides and the seed to the recipe's defaults; returns (config, seed)."""
-    # a Config is already resolved (a resumed run's); anything else overrides the defaults
-    cfg = overrides if isinstance(overrides, Config) else recipe.config.override(overrides or {})
-    if seed is not None and "seed" in cfg:
-        cfg = cfg.override({"seed": seed})
-    if seed is None:
-        seed = cfg.get("seed", 0)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise RecipeError(f"{recipe.path}: config 'seed' must be an int, got {seed!r}")
-    epochs = cfg.get("epochs", 1)
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise RecipeError(f"{recipe.path}: config 'epochs' must be an int >= 1, got {epochs!r}")
-    return cfg, seed
-
-
-def build(
-    recipe: str | Path | Recipe,
-    overrides: Mapping[str, Any] | None = None,
-    *,
-    device: str | torch.device = "cpu",
-    seed: int | None = None,
-    check: bool = False,
-    extras: tuple[Callable[[Fit], Iterable[HandlerSpec]], ...] = (),
-    context: RunContext | None = None,
-) -> tuple[Fit, Config, RunContext]:
-    """Load a recipe and build its engines without running them.
-
-    Returns:
-        ``(fit, cfg, context)``: the engines and records, the resolved config, the run's context.
-
-    Example::
-
-        fit, cfg, ctx = ef.build("recipes/digits.py", {"hidden": 32})
-        fit.evaluate("valid")        # the untrained model
-        fit.run(epochs=3)            # the train engine, with validation each epoch
-        fit.train.state.metrics      # plain Ignite underneath
-    """
-    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    cfg, seed = resolve_config(recipe, overrides, seed)
-    if context is None:
-        context = RunContext("interactive", recipe.name, Path("."), resolve_device(device), seed, check)
-    seed_everything(seed)
-    components = _setup(recipe, cfg, context)
-    if check:
-        components["loaders"] = {name: take(loader, CHECK_BATCHES) for name, loader in components["loaders"].items()}
-    provided = {**components, "cfg": cfg, "device": context.device, "run": context}
-    return build_fit(recipe, components, provided, seed=seed, extras=extras), cfg, context
-
-
-def _setup(recipe: Recipe, cfg: Config, context: RunContext) -> dict[str, Any]:
-    if recipe.setup is None:
-        raise RecipeError(
-            f"{recipe.path}: no setup(cfg) function; define one that returns the model, optimizer and "
-            "loaders=dict(train=..., valid=...)"
-        )
-    call = make_caller(recipe.setup, provided={"cfg": cfg, "device": context.device, "run": context}, what="setup")
-    try:
-        components = call({})
-    except EngineflowError:
-        raise  # already says what is wrong (a config key the recipe does not declare, a nested load_run)
-    except Exception as err:
-        raise SetupError(f"setup {describe(recipe.setup)} failed: {type(err).__name__}: {err}") from err
-    if not isinstance(components, Mapping):
-        raise RecipeError(
-            f"setup {describe(recipe.setup)} returned {type(components).__name__}; it must return a dict "
-            "such as dict(model=..., optimizer=..., loaders={'train': ..., 'valid': ...})"
-        )
-    components = dict(components)
-    if "loaders" not in components:
-        raise RecipeError(
-            f"setup {describe(recipe.setup)} returned no 'loaders'; return "
-            "loaders={'train': train_loader, 'valid': valid_loader} with the other components"
-        )
-    return {name: _to_device(value, context.device) if name != "loaders" else value
-            for name, value in components.items()}
-
-
-def _to_device(value: Any, device: torch.device) -> Any:
-    """Modules (alone or in a dict, e.g. a GAN's) move to the device; ``.to`` keeps their parameters,
-    so optimizers built in setup stay valid."""
-    if isinstance(value, torch.nn.Module):
-        return value.to(device)
-    if isinstance(value, Mapping):
-        return {k: v.to(device) if isinstance(v, torch.nn.Module) else v for k, v in value.items()}
-    return value
 
 
 def run(
@@ -203,8 +111,8 @@ def run(
         result = ef.run("recipes/digits.py", {"epochs": 5}, device="cpu")
         result.best  # {'metric': 'valid/accuracy', 'mode': 'max', 'epoch': 5, 'value': 0.94...}
     """
-    from engineflow.registry.store import RunStore
-    from engineflow.session import find_resumable
+    from engineflow.app.session import find_resumable
+    from engineflow.record.store import RunStore
 
     if resume is not None and (force or retrain):
         given = option("force") if force else option("retrain")
@@ -239,8 +147,8 @@ def _train(loaded: Recipe, start: Session, *, stream: IO[str] | None, progress: 
     output) leaves no run behind. A new run's folder exists during setup() (``run.run_dir``) and is
     removed again when the run does not start.
     """
-    from engineflow.checkpointer import Checkpointer, every_iterations_policy, policy_of
-    from engineflow.interrupts import Interrupts
+    from engineflow.app.interrupts import Interrupts
+    from engineflow.state.checkpointer import Checkpointer, every_iterations_policy, policy_of
 
     context, recorder = start.context, start.recorder
     policy = policy_of(loaded)
@@ -330,13 +238,6 @@ def _fit(fit: Fit, checkpointer: Any, start: Session, reporter: Reporter) -> Non
         fit.run(start.epochs, resume=lambda data: None)
     else:
         fit.run(start.epochs, resume=lambda data: data.resume_at(batches, within_epoch))
-
-
-def resolve_runs_dir(runs_dir: str | Path | None) -> Path:
-    """The runs folder: the argument, else ``$ENGINEFLOW_RUNS_DIR``, else ``./runs``."""
-    import os
-
-    return Path(runs_dir if runs_dir is not None else os.environ.get("ENGINEFLOW_RUNS_DIR", "runs"))
 
 
 def _summarise(reporter: Reporter, result: RunResult) -> None:

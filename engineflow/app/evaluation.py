@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from engineflow.errors import RecipeError
-from engineflow.injection import describe
+from engineflow.execute.injection import describe
 
 SUFFIXES = (".pt", ".npy", ".csv")
 
@@ -64,7 +64,7 @@ def evaluate_test(recipe: str | Path, *, ref: str | None = None, ignore_changes:
     Returns:
         ``{"run": id, "metrics": {"test/accuracy": ...}}``.
     """
-    from engineflow.registry.load import select_run
+    from engineflow.record.load import select_run
 
     past = select_run(recipe, ref=ref, ignore_changes=ignore_changes, runs_dir=runs_dir, device=device)
     if "test" not in past.fit.loaders:
@@ -76,9 +76,9 @@ def evaluate_test(recipe: str | Path, *, ref: str | None = None, ignore_changes:
 
 
 def _store_test_metrics(past: Any, metrics: dict[str, float]) -> None:
-    from engineflow.registry.recorder import now_iso
-    from engineflow.registry.runs import update_record
-    from engineflow.registry.store import RunStore
+    from engineflow.record.recorder import now_iso
+    from engineflow.record.runs import update_record
+    from engineflow.record.store import RunStore
 
     record = past.record
     fields = {"metrics": {**record.get("metrics", {}), **metrics}, "tested_at": now_iso()}
@@ -94,7 +94,7 @@ def predict_files(recipe: str | Path, source: str | Path, output: str | Path, *,
     Returns:
         ``{"run": id, "inputs": n, "output": path}``.
     """
-    from engineflow.registry.load import select_run
+    from engineflow.record.load import select_run
 
     source, output = Path(source), Path(output)
     files = _input_files(source)
@@ -144,7 +144,7 @@ def _predict(infer: Any, past: Any, samples: list[torch.Tensor], files: list[Pat
              device: torch.device) -> Any:
     from ignite.engine import Events
 
-    from engineflow.engine import make_engine
+    from engineflow.execute.engine import make_engine
 
     shape = samples[0].shape
     for path, sample in zip(files, samples, strict=True):

@@ -1,4 +1,6 @@
-"""The full training state of a fit, and the data order that makes a resume exact.
+"""Random number generators: their states, and the seeds each epoch starts from.
+
+Together with :mod:`engineflow.state.position` this is what makes a resume exact.
 
 Exactness rests on two rules:
 
@@ -18,8 +20,9 @@ exactly.
 from __future__ import annotations
 
 import hashlib
+import os
 import random
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -97,89 +100,14 @@ def _seed_torch(value: int) -> None:
         torch.default_generator.manual_seed(value)
 
 
-class EpochData:
-    """The train loader as the train engine sees it: reseeded per epoch, resumable mid-epoch.
-
-    Args:
-        loader: the recipe's train loader (any re-iterable with a length).
-        seed: the run's seed.
-        epoch: returns the epoch in progress (the engine's ``state.epoch``).
-    """
-
-    def __init__(self, loader: Iterable[Any], seed: int, epoch: Callable[[], int]) -> None:
-        self.loader = loader
-        self.seed = seed
-        self.epoch = epoch
-        self._skip = 0
-        self._after_skip: Callable[[], None] | None = None
-
-    def __len__(self) -> int:
-        return len(self.loader)  # type: ignore[arg-type]
-
-    @property
-    def positions_itself(self) -> bool:
-        """True for loaders that save their own position (their ``state_dict`` is in checkpoints)."""
-        return is_stateful(self.loader)
-
-    def resume_at(self, batches_done: int, after_skip: Callable[[], None]) -> None:
-        """Make the next pass skip ``batches_done`` batches, then call ``after_skip``."""
-        self._skip = 0 if self.positions_itself else batches_done
-        self._after_skip = after_skip
-
-    def __iter__(self) -> Iterator[Any]:
-        # Lazy: Ignite makes the next epoch's iterator early when an epoch ends by EndEpoch (inside
-        # the old epoch), so seeding happens at the first batch, inside the epoch it serves.
-        return _FirstBatchStarts(self._start)
-
-    def _start(self) -> Iterator[Any]:
-        seed_epoch(self.seed, self.epoch(), self.loader)
-        iterator = iter(self.loader)
-        for _ in range(self._skip):
-            next(iterator)
-        self._skip = 0
-        if self._after_skip is not None:
-            after, self._after_skip = self._after_skip, None
-            after()
-        return iterator
-
-
-class _FirstBatchStarts:
-    """An iterator that makes the real one when the first batch is asked for."""
-
-    def __init__(self, start: Callable[[], Iterator[Any]]) -> None:
-        self._start: Callable[[], Iterator[Any]] | None = start
-        self._iterator: Iterator[Any] | None = None
-
-    def __iter__(self) -> _FirstBatchStarts:
-        return self
-
-    def __next__(self) -> Any:
-        if self._iterator is None:
-            assert self._start is not None  # set until the first call
-            self._iterator, self._start = self._start(), None
-        return next(self._iterator)
-
-
-def find_components(components: Mapping[str, Any], keep: Callable[[Any], bool]) -> dict[str, Any]:
-    """The components ``keep`` accepts, by name; a dict of components (a GAN's models, the loaders)
-    gives ``name.key`` entries."""
-    found: dict[str, Any] = {}
-    for name, value in components.items():
-        if keep(value):
-            found[name] = value
-        elif isinstance(value, Mapping):
-            found.update({f"{name}.{k}": v for k, v in value.items() if keep(v)})
-    return found
-
-
-def stateful_components(components: Mapping[str, Any]) -> dict[str, Any]:
-    """Every component with ``state_dict``/``load_state_dict``, by name (``loaders.train``...).
-
-    That is how a recipe registers its own stateful objects: return them from ``setup``.
-    """
-    return find_components(components, is_stateful)
-
-
-def is_stateful(value: Any) -> bool:
-    """Whether ``value`` can be checkpointed: it has ``state_dict`` and ``load_state_dict``."""
-    return callable(getattr(value, "state_dict", None)) and callable(getattr(value, "load_state_dict", None))
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's (when installed) and torch's RNGs (CPU and every CUDA device)."""
+    random.seed(seed)
+    os.environ["PYTHONHASHSEED"] = str(seed)
+    try:
+        import numpy as np
+    except ImportError:  # numpy is optional for engineflow itself
+        pass
+    else:
+        np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

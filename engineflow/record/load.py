@@ -16,15 +16,16 @@ from typing import Any
 
 import torch
 
-from engineflow.checkpoint import best_checkpoint, load_checkpoint_weights, load_latest, load_weights, modules_of
-from engineflow.configuration import Config
+from engineflow.declare.configuration import Config
+from engineflow.declare.recipe import Recipe, load_recipe
 from engineflow.errors import RecipeError
-from engineflow.fit import Fit
+from engineflow.execute.fit import Fit
 from engineflow.naming import option
-from engineflow.recipe import Recipe, load_recipe
-from engineflow.registry.snapshot import capture
-from engineflow.registry.store import RunStore
+from engineflow.record.snapshot import capture
+from engineflow.record.store import RunStore
 from engineflow.runtime import runs_in_use, using_run
+from engineflow.state.checkpoint_files import best_checkpoint, load_checkpoint_weights, load_latest, load_weights
+from engineflow.state.components import modules_of
 
 
 @dataclass
@@ -78,7 +79,8 @@ def load_run(
         past.module.config                      # the recipe as it was at that run
         past.fit.evaluate("test")
     """
-    from engineflow.runner import build, resolve_runs_dir
+    from engineflow.execute.build import build
+    from engineflow.record.runs import resolve_runs_dir
     from engineflow.runtime import RunContext, resolve_device
 
     if which not in ("best", "last"):
@@ -174,7 +176,7 @@ def select_run(
     which: str = "best",
 ) -> LoadedRun:
     """The run ``test``/``eval`` use (see the module docstring); refuses when the code changed."""
-    from engineflow.runner import resolve_runs_dir
+    from engineflow.record.runs import resolve_runs_dir
 
     recipe = load_recipe(recipe_path)
     root = resolve_runs_dir(runs_dir)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from engineflow.steps import eval_step, train_step
+from engineflow.declare.steps import eval_step, train_step
 
 if TYPE_CHECKING:
     from ignite.metrics import Metric

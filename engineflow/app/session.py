@@ -13,16 +13,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engineflow.configuration import Config, flatten
+from engineflow.declare.configuration import Config, flatten
+from engineflow.declare.recipe import Recipe
 from engineflow.errors import RecipeError, UnknownRunError
 from engineflow.naming import option
-from engineflow.recipe import Recipe
-from engineflow.registry.recorder import RunRecorder, environment, now_iso
-from engineflow.registry.snapshot import CodeState, capture
-from engineflow.registry.store import RunStore
+from engineflow.record.recorder import RunRecorder, environment, now_iso
+from engineflow.record.snapshot import CodeState, capture
+from engineflow.record.store import RunStore
 from engineflow.runtime import RunContext, new_run_id, resolve_device
 
-CHECK_EPOCHS = 2  # --check: 2 epochs (of engineflow.runner.CHECK_BATCHES batches)
+CHECK_EPOCHS = 2  # --check: 2 epochs (of engineflow.execute.build.CHECK_BATCHES batches)
 RESUME_LATEST = "last"
 RESUME_AUTO = "auto"
 

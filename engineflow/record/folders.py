@@ -22,7 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from engineflow.registry.schema import STATUSES, Row, metric
+from engineflow.record.schema import STATUSES, Row, metric
 
 __all__ = ["RUN_FILES", "FolderRun", "read_folder", "read_record", "scan"]
 

@@ -26,8 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
+from engineflow.declare.steps import STEP_KINDS, step_spec
 from engineflow.errors import RecipeError
-from engineflow.steps import STEP_KINDS, step_spec
 
 HANDLERS_ATTR = "__engineflow_handlers__"
 F = TypeVar("F", bound=Callable[..., Any])

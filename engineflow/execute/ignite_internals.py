@@ -2,7 +2,7 @@
 
 engineflow needs five things Ignite keeps private:
 
-* ``Engine._fire_event``: overridden, so that :class:`~engineflow.engine.StepEngine` decides how an
+* ``Engine._fire_event``: overridden, so that :class:`~engineflow.execute.engine.StepEngine` decides how an
   event's handlers run (skipped batches, control exceptions, no debug line formatted per event);
 * ``Engine._event_handlers``: the ``(handler, args, kwargs)`` entries of an event, called as Ignite
   calls them (a leading weak reference means "pass the engine first");
@@ -67,7 +67,7 @@ check_version(ignite.__version__)
 class HookedEngine(Engine):
     """An Ignite ``Engine`` whose event firing and exception handling subclasses replace.
 
-    By default both do exactly what Ignite does; :class:`~engineflow.engine.StepEngine` overrides
+    By default both do exactly what Ignite does; :class:`~engineflow.execute.engine.StepEngine` overrides
     :meth:`fire` and :meth:`handle_exception`.
     """
 

@@ -15,11 +15,11 @@ from typing import Any
 
 from engineflow.errors import StoreError
 from engineflow.files import write_json
-from engineflow.registry.folders import read_record
-from engineflow.registry.schema import Row
-from engineflow.registry.staleness import interrupted, still_stale
-from engineflow.registry.store import Rebuilt, RunStore, RunTransaction
-from engineflow.registry.store import rebuild as rebuild_index
+from engineflow.record.folders import read_record
+from engineflow.record.schema import Row
+from engineflow.record.staleness import interrupted, still_stale
+from engineflow.record.store import Rebuilt, RunStore, RunTransaction
+from engineflow.record.store import rebuild as rebuild_index
 
 __all__ = ["get_run", "list_runs", "rebuild", "reindex", "save_record", "settle_stale", "update_record"]
 
@@ -49,7 +49,7 @@ def rebuild(runs_dir: str | Path) -> Rebuilt:
     """Rebuild the store from the run folders (``engineflow runs reindex``); prints and warns nothing.
 
     Returns:
-        :class:`~engineflow.registry.store.Rebuilt`: ``runs`` (how many were indexed),
+        :class:`~engineflow.record.store.Rebuilt`: ``runs`` (how many were indexed),
         ``moved_aside`` (where an unusable database file went, or None), ``problems`` (one line per
         damaged file, ``"<path>: <what is wrong>; <what was done>"``) and ``damaged`` (the ids of
         runs indexed with status "damaged" because their run.json could not be read).
@@ -120,7 +120,7 @@ def settle_stale(store: RunStore) -> list[dict[str, Any]]:
     """Mark interrupted, in run.json and then the index, each run whose process is gone; returns them.
 
     Each run judged stale is checked again under the write lock, and left alone if it was resumed,
-    finished or beat since (:func:`~engineflow.registry.staleness.still_stale`). When its run.json
+    finished or beat since (:func:`~engineflow.record.staleness.still_stale`). When its run.json
     tells of another life than the index (a process whose index write failed), the folder is the
     truth: the index takes run.json as it is.
     """
@@ -156,3 +156,10 @@ def _folder(record: Mapping[str, Any]) -> Path | None:
     """The run's folder, when the record names one that exists."""
     run_dir = record.get("run_dir")
     return Path(run_dir) if isinstance(run_dir, str) and run_dir and Path(run_dir).is_dir() else None
+
+
+def resolve_runs_dir(runs_dir: str | Path | None) -> Path:
+    """The runs folder: the argument, else ``$ENGINEFLOW_RUNS_DIR``, else ``./runs``."""
+    import os
+
+    return Path(runs_dir if runs_dir is not None else os.environ.get("ENGINEFLOW_RUNS_DIR", "runs"))

@@ -2,7 +2,7 @@
 
 :func:`make_engine` wraps a user step in a :class:`StepEngine`, an Ignite ``Engine`` that adds
 two things Ignite lacks: skipping the rest of a batch (Ignite issue #996) and the control-flow
-exceptions of :mod:`engineflow.control`. Everything else is Ignite's: events, filters,
+exceptions of :mod:`engineflow.declare.control`. Everything else is Ignite's: events, filters,
 ``state``, ``add_event_handler``, metrics.
 
 One iteration, as :class:`StepEngine` runs it::
@@ -25,13 +25,13 @@ from typing import Any
 import torch
 from ignite.engine import Engine, Events
 
-from engineflow.checkpoint import modules_of
-from engineflow.control import ControlFlow, EndEpoch, SkipBatch, StopFit
+from engineflow.declare.control import ControlFlow, EndEpoch, SkipBatch, StopFit
+from engineflow.declare.handlers import HandlerSpec
+from engineflow.declare.steps import StepSpec
 from engineflow.errors import EngineflowError, HandlerError, RecipeError
-from engineflow.handlers import HandlerSpec
-from engineflow.ignite_internals import HookedEngine
-from engineflow.injection import describe, make_caller
-from engineflow.steps import StepSpec
+from engineflow.execute.ignite_internals import HookedEngine
+from engineflow.execute.injection import describe, make_caller
+from engineflow.state.components import modules_of
 
 # Engines running now, outermost first: StopFit raised in a nested eval run stops the fit too.
 _running: contextvars.ContextVar[tuple[Engine, ...]] = contextvars.ContextVar("engineflow_running", default=())
@@ -193,7 +193,7 @@ def make_engine(spec: StepSpec, provided: Mapping[str, Any]) -> StepEngine:
         provided: components for the step by name (what ``setup`` returned, ``cfg``, ``device``...).
 
     Example:
-        >>> from engineflow.steps import StepSpec
+        >>> from engineflow.declare.steps import StepSpec
         >>> engine = make_engine(StepSpec("train", lambda batch, k: {"loss": batch * k}), {"k": 2})
         >>> engine.run([1, 2, 3], max_epochs=1).output
         {'loss': 6}

@@ -83,8 +83,8 @@ def run_command(recipe: str, assignments: tuple[str, ...], check: bool, device: 
     """
 
     def go() -> None:
-        from engineflow.configuration import parse_assignments
-        from engineflow.runner import run
+        from engineflow.app.runner import run
+        from engineflow.declare.configuration import parse_assignments
 
         run(recipe, parse_assignments(assignments), check=check, device=device, seed=seed,
             runs_dir=runs_dir, progress=progress, force=force, retrain=retrain, resume=resume,
@@ -110,9 +110,9 @@ def test_command(recipe: str, run_ref: str | None, ignore_changes: bool, device:
     """
 
     def go() -> None:
-        from engineflow.evaluation import evaluate_test
-        from engineflow.registry.views import to_json
-        from engineflow.report import format_metrics
+        from engineflow.app.evaluation import evaluate_test
+        from engineflow.app.report import format_metrics
+        from engineflow.app.views import to_json
 
         result = evaluate_test(recipe, ref=run_ref, ignore_changes=ignore_changes, runs_dir=runs_dir, device=device)
         if as_json:
@@ -143,8 +143,8 @@ def eval_command(recipe: str, input_path: str, output_path: str, run_ref: str | 
     """
 
     def go() -> None:
-        from engineflow.evaluation import predict_files
-        from engineflow.report import plural
+        from engineflow.app.evaluation import predict_files
+        from engineflow.app.report import plural
 
         result = predict_files(recipe, input_path, output_path, ref=run_ref, ignore_changes=ignore_changes,
                             runs_dir=runs_dir, device=device, batch_size=batch_size)
@@ -169,8 +169,8 @@ def runs_list(experiment: str | None, status: str | None, runs_dir: str, as_json
     """List runs, newest first."""
 
     def go() -> None:
-        from engineflow.registry.runs import list_runs
-        from engineflow.registry.views import list_table, public, to_json
+        from engineflow.app.views import list_table, public, to_json
+        from engineflow.record.runs import list_runs
 
         records = list_runs(runs_dir, experiment=experiment, status=status)
         click.echo(to_json([public(r) for r in records]) if as_json else list_table(records))
@@ -187,8 +187,8 @@ def runs_show(run_ref: str, runs_dir: str, as_json: bool, debug: bool) -> None:
     """Show one run (an id, a unique id prefix, or "last")."""
 
     def go() -> None:
-        from engineflow.registry.runs import get_run
-        from engineflow.registry.views import public, show_text, to_json
+        from engineflow.app.views import public, show_text, to_json
+        from engineflow.record.runs import get_run
 
         record = get_run(runs_dir, run_ref)
         click.echo(to_json(public(record)) if as_json else show_text(record))
@@ -206,8 +206,8 @@ def runs_compare(first: str, second: str, runs_dir: str, as_json: bool, debug: b
     """Config differences and metrics of two runs side by side."""
 
     def go() -> None:
-        from engineflow.registry.runs import get_run
-        from engineflow.registry.views import compare, compare_text, to_json
+        from engineflow.app.views import compare, compare_text, to_json
+        from engineflow.record.runs import get_run
 
         diff = compare(get_run(runs_dir, first), get_run(runs_dir, second))
         click.echo(to_json(diff) if as_json else compare_text(diff))
@@ -227,8 +227,8 @@ def runs_plot(run_refs: tuple[str, ...], out: str, runs_dir: str, debug: bool) -
     def go() -> None:
         from pathlib import Path
 
-        from engineflow.registry.runs import get_run
-        from engineflow.registry.views import plot
+        from engineflow.app.views import plot
+        from engineflow.record.runs import get_run
 
         plot([get_run(runs_dir, ref) for ref in run_refs], Path(out))
         click.echo(f"wrote {out}")
@@ -243,8 +243,8 @@ def runs_reindex(runs_dir: str, debug: bool) -> None:
     """Rebuild the store from the run folders (the folders are the source of truth)."""
 
     def go() -> None:
-        from engineflow.registry.runs import rebuild
-        from engineflow.report import plural
+        from engineflow.app.report import plural
+        from engineflow.record.runs import rebuild
 
         done = rebuild(runs_dir)
         if done.moved_aside is not None:
@@ -311,10 +311,10 @@ def _package_dirs(*names: str) -> tuple[str, ...]:
 
 def entry() -> None:
     """The ``engineflow`` console script: :func:`main`, then an exit without the module teardown
-    (see :mod:`engineflow.fast_exit`). The command, not the library, opts in to Ignite's shorter
-    first import (see :mod:`engineflow.ignite_import`)."""
-    from engineflow import ignite_import
-    from engineflow.fast_exit import exit_process
+    (see :mod:`engineflow.app.fast_exit`). The command, not the library, opts in to Ignite's shorter
+    first import (see :mod:`engineflow.app.ignite_import`)."""
+    from engineflow.app import ignite_import
+    from engineflow.app.fast_exit import exit_process
 
     ignite_import.install()
     try:

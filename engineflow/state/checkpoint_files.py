@@ -7,7 +7,7 @@ Two kinds of file:
   they exist (a run still going, or killed) the full-state files stand in: the newest for "last",
   the best epoch's for "best". (Without ``keep_best``, best.pt is written at each improvement.)
 * full state (``checkpoints/state-<iteration>.pt``): everything a resume needs (see
-  :mod:`engineflow.state`), each with a checksum file beside it (``.xxh3``: XXH3-128 of the whole
+  :mod:`engineflow.state.rng`), each with a checksum file beside it (``.xxh3``: XXH3-128 of the whole
   file; earlier versions wrote ``.sha256``, which is still read). A file that fails its checksum is
   reported and the previous one is used. ``torch.load`` checks nothing itself (a flipped byte in a
   tensor loads silently), so the checksum is the only check; torch's per-record CRC32 is therefore
@@ -37,7 +37,6 @@ import torch
 import xxhash
 
 from engineflow.errors import RecipeError
-from engineflow.state import find_components
 
 _USE_ANOTHER_CHECKPOINT = ("Delete it and its checksum file (a checksum proves nothing here: anyone can compute "
                            "one) to use the previous checkpoint, or use a checkpoint from a run you trust.")
@@ -112,11 +111,6 @@ def load_state(path: Path, *, mmap: bool = False) -> dict[str, Any]:
     maps the tensor data instead of reading it: a cheap check that the file loads.
     """
     return _load(path, _earlier_numpy_globals(), mmap=mmap)
-
-
-def modules_of(components: Mapping[str, Any]) -> dict[str, torch.nn.Module]:
-    """The ``nn.Module`` components by name; a dict of modules gives ``name.key`` entries."""
-    return find_components(components, lambda value: isinstance(value, torch.nn.Module))
 
 
 def atomic_save(obj: Any, path: Path, *, sync_folder: bool = True, checksum: bool = False) -> str | None:

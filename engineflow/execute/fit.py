@@ -23,16 +23,16 @@ from typing import Any
 import torch
 from ignite.engine import Events, State
 
-from engineflow.best import Best, infer_mode
-from engineflow.engine import StepEngine, attach_in_order, make_engine
+from engineflow.declare.handlers import HandlerSpec
+from engineflow.declare.recipe import Recipe
+from engineflow.declare.steps import StepSpec
+from engineflow.declare.supervised import supervised_eval_step, supervised_train_step
 from engineflow.errors import NonFiniteLossError, RecipeError
-from engineflow.handlers import HandlerSpec
-from engineflow.injection import describe
+from engineflow.execute.best import Best, infer_mode
+from engineflow.execute.engine import StepEngine, attach_in_order, make_engine
+from engineflow.execute.injection import describe
 from engineflow.metrics import attach_metrics, check_metric_takes
-from engineflow.recipe import Recipe
-from engineflow.state import EpochData
-from engineflow.steps import StepSpec
-from engineflow.supervised import supervised_eval_step, supervised_train_step
+from engineflow.state.position import EpochData
 
 HELD_OUT = ("train", "test")
 
@@ -108,7 +108,7 @@ class Fit:
     def run(self, epochs: int, *, resume: Callable[[EpochData], None] | None = None) -> State:
         """Train for ``epochs`` epochs (validating as the eval step asks); returns the train state.
 
-        Each epoch's RNGs start from ``(seed, epoch)`` (see :mod:`engineflow.state`). ``resume``
+        Each epoch's RNGs start from ``(seed, epoch)`` (see :mod:`engineflow.state.rng`). ``resume``
         positions a restored fit: it gets the train data and loads the rest of the state.
         """
         data = EpochData(self.loaders["train"], self.seed, lambda: self.train.state.epoch)
@@ -162,7 +162,7 @@ class LossMonitor:
 
 def resolve_steps(recipe: Recipe, components: Mapping[str, Any]) -> tuple[StepSpec, StepSpec | None]:
     """The recipe's train and eval steps, or the supervised defaults when it declares none."""
-    from engineflow.steps import step_spec
+    from engineflow.declare.steps import step_spec
 
     train = recipe.steps.get("train")
     evaluate = recipe.steps.get("eval")

@@ -1,0 +1,111 @@
+"""``ef.build``: a recipe and its config in, the engines of its fit out, nothing run.
+
+``build`` resolves the config, seeds every RNG, calls ``setup`` and wires the engines.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engineflow.declare.configuration import Config
+from engineflow.declare.handlers import HandlerSpec
+from engineflow.declare.recipe import Recipe, load_recipe
+from engineflow.errors import EngineflowError, RecipeError, SetupError
+from engineflow.execute.fit import Fit, build_fit, take
+from engineflow.execute.injection import describe, make_caller
+from engineflow.runtime import RunContext, resolve_device
+from engineflow.state.rng import seed_everything
+
+CHECK_BATCHES = 2
+
+
+def resolve_config(recipe: Recipe, overrides: Mapping[str, Any] | None, seed: int | None) -> tuple[Config, int]:
+    """Apply overrides and the seed to the recipe's defaults; returns (config, seed)."""
+    # a Config is already resolved (a resumed run's); anything else overrides the defaults
+    cfg = overrides if isinstance(overrides, Config) else recipe.config.override(overrides or {})
+    if seed is not None and "seed" in cfg:
+        cfg = cfg.override({"seed": seed})
+    if seed is None:
+        seed = cfg.get("seed", 0)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise RecipeError(f"{recipe.path}: config 'seed' must be an int, got {seed!r}")
+    epochs = cfg.get("epochs", 1)
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise RecipeError(f"{recipe.path}: config 'epochs' must be an int >= 1, got {epochs!r}")
+    return cfg, seed
+
+
+def build(
+    recipe: str | Path | Recipe,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    seed: int | None = None,
+    check: bool = False,
+    extras: tuple[Callable[[Fit], Iterable[HandlerSpec]], ...] = (),
+    context: RunContext | None = None,
+) -> tuple[Fit, Config, RunContext]:
+    """Load a recipe and build its engines without running them.
+
+    Returns:
+        ``(fit, cfg, context)``: the engines and records, the resolved config, the run's context.
+
+    Example::
+
+        fit, cfg, ctx = ef.build("recipes/digits.py", {"hidden": 32})
+        fit.evaluate("valid")        # the untrained model
+        fit.run(epochs=3)            # the train engine, with validation each epoch
+        fit.train.state.metrics      # plain Ignite underneath
+    """
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    cfg, seed = resolve_config(recipe, overrides, seed)
+    if context is None:
+        context = RunContext("interactive", recipe.name, Path("."), resolve_device(device), seed, check)
+    seed_everything(seed)
+    components = _setup(recipe, cfg, context)
+    if check:
+        components["loaders"] = {name: take(loader, CHECK_BATCHES) for name, loader in components["loaders"].items()}
+    provided = {**components, "cfg": cfg, "device": context.device, "run": context}
+    return build_fit(recipe, components, provided, seed=seed, extras=extras), cfg, context
+
+
+def _setup(recipe: Recipe, cfg: Config, context: RunContext) -> dict[str, Any]:
+    if recipe.setup is None:
+        raise RecipeError(
+            f"{recipe.path}: no setup(cfg) function; define one that returns the model, optimizer and "
+            "loaders=dict(train=..., valid=...)"
+        )
+    call = make_caller(recipe.setup, provided={"cfg": cfg, "device": context.device, "run": context}, what="setup")
+    try:
+        components = call({})
+    except EngineflowError:
+        raise  # already says what is wrong (a config key the recipe does not declare, a nested load_run)
+    except Exception as err:
+        raise SetupError(f"setup {describe(recipe.setup)} failed: {type(err).__name__}: {err}") from err
+    if not isinstance(components, Mapping):
+        raise RecipeError(
+            f"setup {describe(recipe.setup)} returned {type(components).__name__}; it must return a dict "
+            "such as dict(model=..., optimizer=..., loaders={'train': ..., 'valid': ...})"
+        )
+    components = dict(components)
+    if "loaders" not in components:
+        raise RecipeError(
+            f"setup {describe(recipe.setup)} returned no 'loaders'; return "
+            "loaders={'train': train_loader, 'valid': valid_loader} with the other components"
+        )
+    return {name: _to_device(value, context.device) if name != "loaders" else value
+            for name, value in components.items()}
+
+
+def _to_device(value: Any, device: torch.device) -> Any:
+    """Modules (alone or in a dict, e.g. a GAN's) move to the device; ``.to`` keeps their parameters,
+    so optimizers built in setup stay valid."""
+    if isinstance(value, torch.nn.Module):
+        return value.to(device)
+    if isinstance(value, Mapping):
+        return {k: v.to(device) if isinstance(v, torch.nn.Module) else v for k, v in value.items()}
+    return value

@@ -1,1 +1,0 @@
-"""The run registry: run folders (the source of truth) and the SQLite index over them."""
