@@ -62,6 +62,10 @@ class SetupError(TrainingError):
     """The recipe's ``setup()`` raised: the recipe's own error is chained, its frames shown first."""
 
 
+class StepCheckError(TrainingError):
+    """A step raised on the batch engineflow tries before training (nothing was recorded yet)."""
+
+
 class NonFiniteLossError(TrainingError):
     """The loss became NaN or infinite at a known iteration."""
 

@@ -13,8 +13,8 @@ from engineflow.execute.ignite_internals import VERIFIED, HookedEngine, Untested
 
 
 @pytest.mark.parametrize(("version", "ok"), [
-    ("0.5.1", True), ("0.5.5", True), ("0.5.9.post1", True), ("0.5.0.post2", False), ("0.4.13", False),
-    ("0.6.0", False), ("0.6.0rc1", False), ("1.0.0", False),
+    ("0.5.3", True), ("0.5.5", True), ("0.5.5.post1", True), ("0.5.2", False), ("0.5.0.post2", False),
+    ("0.4.13", False), ("0.5.6", False), ("0.6.0rc1", False), ("1.0.0", False),
 ])
 def test_only_verified_ignite_releases_are_accepted(version, ok):
     if ok:

@@ -19,7 +19,7 @@ def listed_runs(cli, tmp_path) -> list:
 def assert_nothing_recorded(cli, tmp_path) -> None:
     assert listed_runs(cli, tmp_path) == []
     runs = tmp_path / "runs"
-    folders = [p for p in runs.glob("*/*") if p.is_dir()] if runs.exists() else []
+    folders = [p for p in runs.glob("*") if p.is_dir()] if runs.exists() else []
     assert folders == [], folders
 
 
@@ -56,6 +56,19 @@ def test_a_failing_setup_says_setup_failed_shows_the_recipes_frames_and_records_
     assert_nothing_recorded(cli, tmp_path)
     debug = cli("run", str(recipe), "--debug")
     assert debug.exit_code == 1 and "/engineflow/app/runner.py" in debug.output
+
+
+def test_an_eval_step_failing_on_the_checked_batch_says_so_and_records_nothing(cli, write_recipe, tmp_path):
+    recipe = write_recipe(edit('    return {"y_pred": model(x), "y": y}',
+                               '    return {"y_pred": model(x[:, :3]), "y": y}'))
+    result = cli("run", str(recipe))
+    assert result.exit_code == 1, result.output
+    (error,) = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert "eval step 'evaluate'" in error and "first batch of the 'valid' loader" in error
+    assert "training failed" not in result.output
+    trace = result.output[result.output.index("Traceback"):result.output.index("error: ")]
+    assert f'File "{recipe}"' in trace and "/engineflow/" not in trace
+    assert_nothing_recorded(cli, tmp_path)
 
 
 def test_a_missing_config_key_is_one_clear_line(cli, write_recipe, tmp_path):
@@ -142,3 +155,24 @@ def test_setup_loading_last_gets_the_previous_run_never_its_own(write_recipe, tm
     refusals = [(who, what) for who, what in lines if what.startswith("refused")]
     assert [who for who, _ in refusals] == [first.run_id, second.run_id]
     assert all("training_or_loading_now" in what for _, what in refusals)
+
+
+def test_loading_a_run_in_setup_leaves_this_runs_seed_in_charge(write_recipe, tmp_path):
+    import torch
+
+    import engineflow as ef
+
+    recipe = write_recipe(LOADS_LAST + f"\nLOG = {str(tmp_path / 'log.txt')!r}\n")
+    ef.run(recipe, device="cpu", runs_dir=tmp_path / "runs", seed=5, stream=open(tmp_path / "1.txt", "w"))
+    load = f"    if cfg.load:\n        ef.load_run('last', runs_dir={str(tmp_path / 'runs')!r})\n"
+    head = BASE_RECIPE.replace("    model = torch.nn.Linear(4, 2)\n",
+                               "    model = torch.nn.Linear(4, 2)\n" + load + "    model.head = torch.nn.Linear(2, 2)\n"
+                               ).replace("seed=0)", "seed=0, load=True)")
+    path = write_recipe(head, "head.py")
+
+    def head_weights(load: bool, seed: int) -> torch.Tensor:
+        fit, _, _ = ef.build(path, {"load": load}, seed=seed)
+        return fit.components["model"].head.weight.detach().clone()
+
+    assert torch.equal(head_weights(True, 1), head_weights(False, 1)), "the loaded run's seed took over"
+    assert not torch.equal(head_weights(True, 1), head_weights(True, 2))

@@ -74,6 +74,18 @@ def test_resume_auto_starts_continues_and_then_does_nothing(cli, write_recipe, t
     assert len(runs(cli, tmp_path)) == 2
 
 
+def test_the_seed_picks_the_run_auto_continues_and_last_refuses_another(cli, write_recipe, tmp_path, monkeypatch):
+    # Without 'seed' in its config, a recipe's runs differ by seed alone; the fingerprint does not see it.
+    recipe = write_recipe(INTERRUPTIBLE.replace(", seed=0)", ")").replace("manual_seed(cfg.seed)", "manual_seed(0)"))
+    monkeypatch.setenv("INTERRUPT", "1")
+    assert cli("run", str(recipe), "--seed", "7").exit_code == 130
+    monkeypatch.delenv("INTERRUPT")
+    other_seed = cli("run", str(recipe), "--seed", "9", "--resume", "auto")
+    assert other_seed.exit_code == 0, other_seed.output
+    assert sorted((r["seed"], r["status"]) for r in runs(cli, tmp_path)) == [(7, "interrupted"), (9, "completed")]
+    assert_clean_error(cli("run", str(recipe), "--seed", "8", "--resume", "last"), "seed 9", "seed 8")
+
+
 def test_resume_last_with_nothing_recorded_starts_a_new_run(cli, write_recipe, tmp_path):
     result = cli("run", str(write_recipe(INTERRUPTIBLE)), "--resume", "last")
     assert result.exit_code == 0, result.output
@@ -102,7 +114,7 @@ def test_retrain_keeps_the_old_run_whole_until_the_new_one_completes(cli, write_
     monkeypatch.delenv("INTERRUPT")
     assert old["id"] in {r["id"] for r in runs(cli, tmp_path)}
 
-    done = cli("run", str(recipe), "--retrain")
+    done = cli("run", str(recipe), "--resume", "last")  # the interrupted retrain, continued, still replaces
     assert done.exit_code == 0, done.output
     after = runs(cli, tmp_path)
     assert old["id"] not in {r["id"] for r in after} and not Path(old["run_dir"]).exists()

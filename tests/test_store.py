@@ -525,7 +525,6 @@ def test_processes_updating_different_fields_of_one_run_lose_nothing(tmp_path: P
 
 
 def test_runs_list_racing_a_resume_leaves_the_live_run_running(tmp_path: Path, monkeypatch: Any) -> None:
-    from engineflow.record.recorder import RunRecorder
     from engineflow.record.runs import list_runs
 
     runs = tmp_path / "runs"
@@ -543,7 +542,7 @@ def test_runs_list_racing_a_resume_leaves_the_live_run_running(tmp_path: Path, m
         # between the judgement and the write, `engineflow run --resume` takes the run over
         with RunStore.open(runs) as other:
             for rec in judged:
-                recorder = RunRecorder.reopen(other, folders[rec["id"]], other.get_run(rec["id"]), changed=[])
+                recorder = _resumed(other, folders[rec["id"]], other.get_run(rec["id"]))
                 recorder._stop_beating.set()
                 resumed.append(rec["id"])
         return judged
@@ -567,17 +566,16 @@ def test_runs_list_racing_a_resume_leaves_the_live_run_running(tmp_path: Path, m
 
 
 def test_two_resumes_of_one_run_cannot_both_start(tmp_path: Path) -> None:
-    from engineflow.record.recorder import RunRecorder
 
     runs = tmp_path / "runs"
     folder = write_folder(runs, record("r1", status="interrupted"), [])
     with RunStore.open(runs) as store:
         store.upsert_run(json.loads((folder / "run.json").read_text()))
         read_by_both = store.get_run("r1")
-        first = RunRecorder.reopen(store, folder, dict(read_by_both), changed=[])
+        first = _resumed(store, folder, dict(read_by_both))
         first._stop_beating.set()
         with pytest.raises(RecipeError, match=r"changed while this process was about to resume it: it is now running"):
-            RunRecorder.reopen(store, folder, dict(read_by_both), changed=[])
+            _resumed(store, folder, dict(read_by_both))
         assert len(store.get_run("r1")["resumes"]) == 1
     assert len(json.loads((folder / "run.json").read_text())["resumes"]) == 1
 
@@ -709,6 +707,10 @@ def damage(folder: Path, kind: str) -> None:
     elif kind == "run.json wrong types":
         run_json.write_text(json.dumps({**json.loads(text), "id": 7, "best": "great", "started_at": {"t": 1},
                                         "pid": "x"}))
+    elif kind == "run.json huge numbers":
+        run_json.write_text(json.dumps({**json.loads(text), "pid": 10**30, "best": {"value": 0.5}}))
+    elif kind == "metrics.jsonl huge epoch":
+        metrics.write_bytes(metrics.read_bytes() + b'{"epoch": 99999999999999999999999, "name": "a", "value": 1}\n')
     elif kind == "metrics.jsonl not UTF-8":
         metrics.write_bytes(metrics.read_bytes().replace(b'"loss"', b'"lo\xffss"', 1))
     elif kind == "metrics.jsonl cut short":
@@ -735,6 +737,9 @@ DAMAGES = {
     "run.json a folder": ("damaged", "is a folder, not a file", FULL),
     "run.json unknown status": ("damaged", "'status' is 'done', not one of", FULL),
     "run.json wrong types": ("completed", "'id' is 7, not a string: the folder name is used", FULL),
+    "run.json huge numbers": ("completed", "'pid' is a number, expected", FULL),
+    "metrics.jsonl huge epoch": ("completed", "1 unreadable line(s) skipped (line 3: not an epoch/name/value record)",
+                                 FULL),
     "metrics.jsonl not UTF-8": ("completed", "1 unreadable line(s) skipped (line 1: not UTF-8); 1 metric", FULL[1:]),
     "metrics.jsonl cut short": ("completed", "1 unreadable line(s) skipped (line 3: cut short); 2 metric", FULL),
     "metrics.jsonl garbage": ("completed", "4 unreadable line(s) skipped (line 2: not JSON, line 3: not an "
@@ -780,3 +785,12 @@ def test_reindex_salvages_a_damaged_file_and_rebuilds_every_other_run(tmp_path: 
         assert salvaged["config"] == {"lr": 0.3} and salvaged["metrics"] == {"loss": 0.25}
         assert salvaged["epochs"] == 2 and kind.split()[0] in salvaged["error"]
         assert salvaged["started_at"] is not None and salvaged["started_at"].endswith("+00:00")
+
+
+def _resumed(store, folder, record):
+    """A recorder of an earlier run that has begun its resume, as the runner's session does."""
+    from engineflow.record.recorder import RunRecorder
+
+    recorder = RunRecorder(store, folder, {k: v for k, v in record.items() if k != "history"})
+    recorder.begin_resumed(changed=[])
+    return recorder

@@ -13,7 +13,14 @@ from typing import Any
 
 import click
 
-from engineflow.errors import EXIT_INTERRUPTED, EXIT_TRAINING_FAILED, EngineflowError, HandlerError, SetupError
+from engineflow.errors import (
+    EXIT_INTERRUPTED,
+    EXIT_TRAINING_FAILED,
+    EngineflowError,
+    HandlerError,
+    SetupError,
+    StepCheckError,
+)
 from engineflow.naming import command_line
 
 runs_dir_option = click.option(
@@ -73,8 +80,9 @@ def run_command(recipe: str, assignments: tuple[str, ...], check: bool, device: 
     """Train RECIPE (a .py file) and record the run under --runs-dir.
 
     A completed run with the same code and config is not repeated: --force makes a new run,
-    --retrain resets that one. --resume continues an interrupted run exactly where its latest
-    checkpoint left it; on CPU the final weights equal those of an uninterrupted run.
+    --retrain a new run that replaces it once it completes. --resume continues an interrupted run
+    exactly where its latest checkpoint left it (auto: this recipe's, config's and seed's latest
+    unfinished run, or a new run); on CPU the final weights equal those of an uninterrupted run.
 
     \b
     Examples:
@@ -269,7 +277,7 @@ def _guarded(action: Callable[[], Any], debug: bool, failed: str) -> None:
     except EngineflowError as err:
         if debug:
             traceback.print_exc()
-        elif isinstance(err, (SetupError, HandlerError)) and err.__cause__ is not None:
+        elif isinstance(err, (SetupError, StepCheckError, HandlerError)) and err.__cause__ is not None:
             _print_user_traceback(err.__cause__)  # the recipe's own error: its frames say where
         click.echo(f"error: {err}", err=True)
         sys.exit(err.exit_code)

@@ -8,6 +8,7 @@ holds is described in :mod:`engineflow.record.recorder`.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -93,8 +94,9 @@ def run(
         progress: live progress bar (default: when the output is a terminal).
         stream: where progress and the summary are printed (default: stdout).
         force: train even if a completed run already has this code and config.
-        retrain: reset that completed run and train it again under the same id.
-        resume: continue run "last" or an id from its latest valid checkpoint (same run id).
+        retrain: train that completed run again as a new run, which replaces it once it completes.
+        resume: continue run "last", "auto" or an id from its latest valid checkpoint (same run id); see
+            :func:`engineflow.app.session.find_resumable`.
         ignore_changes: with ``resume``, continue even if the recipe's code or config changed.
         checkpoint_every: write a checkpoint every N iterations instead of the recipe's policy.
 
@@ -124,7 +126,7 @@ def run(
         start: Session | None = None
         note = None
         if resume is not None:
-            record = find_resumable(loaded, store, resume, cfg, check=check)
+            record = find_resumable(loaded, store, resume, cfg, seed=seed_used, check=check)
             if record is None:
                 note = f"no run of {loaded.name} to resume: starting a new one"
             else:
@@ -203,15 +205,19 @@ def _train(loaded: Recipe, start: Session, *, stream: IO[str] | None, progress: 
 def _prepare(loaded: Recipe, start: Session, *, extras: tuple[Callable[[Fit], Iterable[HandlerSpec]], ...]) -> Fit:
     """The built and checked fit of a session that is about to start; nothing recorded yet."""
     context = start.context
-    made_folder = not start.resumed and not context.run_dir.exists()
-    if made_folder:
+    made_run_dir = not start.resumed and not context.run_dir.exists()
+    made_experiment_dir = made_run_dir and not context.run_dir.parent.exists()
+    if made_run_dir:
         context.run_dir.mkdir(parents=True)
     try:
         fit, _, _ = build(loaded, start.cfg, seed=context.seed, check=context.check, context=context, extras=extras)
         fit.check_eval_outputs()
     except BaseException:
-        if made_folder:
+        if made_run_dir:
             shutil.rmtree(context.run_dir, ignore_errors=True)
+        if made_experiment_dir:
+            with contextlib.suppress(OSError):  # another run of the experiment may have started in it meanwhile
+                context.run_dir.parent.rmdir()
         raise
     return fit
 

@@ -121,12 +121,12 @@ def claim_run_id(store: RunStore, fingerprint: str, *, check: bool, force: bool,
     return new_run_id(), previous
 
 
-def find_resumable(recipe: Recipe, store: RunStore, ref: str, cfg: Config | None, *,
+def find_resumable(recipe: Recipe, store: RunStore, ref: str, cfg: Config | None, *, seed: int | None = None,
                    check: bool) -> dict[str, Any] | None:
     """The record of the run ``ref`` names, or None when a new run should start instead.
 
     ``ref`` is a run id (or unique prefix), ``"last"`` (the recipe's newest run) or ``"auto"`` (the newest
-    run of this recipe with this code and config, ``cfg``): a completed one is returned (nothing to
+    run of this recipe with this code, config ``cfg`` and ``seed``): a completed one is returned (nothing to
     resume), an unfinished one (interrupted, failed) is continued. "last" and "auto" give None when
     there is no such run, e.g. a job killed before its run was recorded: it starts afresh.
     """
@@ -134,7 +134,8 @@ def find_resumable(recipe: Recipe, store: RunStore, ref: str, cfg: Config | None
         assert cfg is not None
         fingerprint = capture(recipe.path).fingerprint(cfg.to_dict())
         for record in store.list_runs(experiment=recipe.name):
-            if record["code"].get("fingerprint") == fingerprint and bool(record.get("check")) == check:
+            if (record["code"].get("fingerprint") == fingerprint and bool(record.get("check")) == check
+                    and (seed is None or record.get("seed") == seed)):
                 return store.get_run(record["id"])
         return None
     try:
@@ -152,6 +153,9 @@ def resume_session(recipe: Recipe, store: RunStore, record: dict[str, Any], over
     A seed or check flag given again must equal the run's. Refuses (RecipeError) when the recipe's
     code or the config differs from the run's, unless ``ignore_changes``.
     """
+    if seed is not None and seed != record["seed"]:
+        raise RecipeError(f"run {record['id']} was started with seed {record['seed']}; resuming it with seed {seed} "
+                          "would not continue the same run. Drop the seed or give the same one, or start a new run")
     if record["status"] == "completed":
         return None
     if record["status"] == "damaged":
@@ -160,9 +164,6 @@ def resume_session(recipe: Recipe, store: RunStore, record: dict[str, Any], over
     if record["status"] == "running":
         raise RecipeError(f"run {record['id']} is still running (pid {record.get('pid')} on "
                           f"{record.get('hostname')}); stop it before resuming it")
-    if seed is not None and seed != record["seed"]:
-        raise RecipeError(f"run {record['id']} was started with seed {record['seed']}; resuming it with seed {seed} "
-                          "would not continue the same run. Drop the seed or give the same one, or start a new run")
     if check is not None and check != bool(record.get("check")):
         what = "a --check smoke run" if record.get("check") else "a full run, not a --check smoke run"
         raise RecipeError(f"run {record['id']} is {what}; resume it the way it was started")
@@ -178,7 +179,19 @@ def resume_session(recipe: Recipe, store: RunStore, record: dict[str, Any], over
                          bool(record.get("check")), runs_dir=store.path.parent)
     recorder = RunRecorder(store, run_dir, {k: v for k, v in record.items() if k != "history"})
     return Session(context, recorder, cfg, int(record.get("max_epochs") or cfg.get("epochs", 1)), resumed=True,
-                   changed=changes)
+                   changed=changes, replaces=_still_replaced(store, record))
+
+
+def _still_replaced(store: RunStore, record: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The completed run that ``record`` (a ``retrain``) replaces once it completes, if it is still there."""
+    replaced = record.get("replaces")
+    if not replaced:
+        return None
+    try:
+        old = store.get_run(replaced)
+    except UnknownRunError:
+        return None
+    return old if old["status"] == "completed" else None
 
 
 def _changes(record: Mapping[str, Any], recipe: Recipe, cfg: Config) -> list[str]:

@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine, Events, State
 
 from engineflow.declare.control import ControlFlow, EndEpoch, SkipBatch, StopFit
 from engineflow.declare.handlers import HandlerSpec
@@ -262,7 +262,7 @@ def wrap_handler(spec: HandlerSpec, provided: Mapping[str, Any], base: Any = Non
     slots = tuple(unnamed if base is not None and not isinstance(base, Events) else unnamed[:len(positional)])
     call = make_caller(spec.fn, provided=provided, dynamic=(*HANDLER_DYNAMIC, *positional, *keywords, *slots),
                        what="handler")
-    label = f"{spec.event} of the {spec.engine} engine"
+    label = f"{spec.event if base is None else base} of the {spec.engine} engine"
     fn = spec.fn
 
     def handler(engine: StepEngine, *args: Any, **kwargs: Any) -> None:
@@ -312,6 +312,11 @@ def attach_in_order(engine: StepEngine, specs: Iterable[HandlerSpec], provided: 
     by_event: dict[Any, list[tuple[Callable[..., None], Any, int | None]]] = {}
     for spec in sorted(specs, key=lambda s: (s.order, s.seq)):
         base, event_filter = _split(engine, spec.event)
+        if (event_filter is not None or spec.every) and base not in State.event_to_attr:
+            raise RecipeError(
+                f"handler {describe(spec.fn)}: {base} keeps no count of its own, so it takes no filter "
+                "(every=, once=, before=, after=); attach it to the plain event and test the state inside"
+            )
         handler = wrap_handler(spec, provided, base)
         by_event.setdefault(base, []).append((handler, None if spec.every else event_filter, spec.every))
         if spec.at_start:
@@ -339,9 +344,12 @@ def _dispatcher(base: Any, entries: list[tuple[Callable[..., None], Any, int | N
         handlers = [h for h, _, _ in entries]
 
         def clean_up(engine: StepEngine, error: BaseException, *args: Any, **kwargs: Any) -> None:
+            # A handler's error reaches cleanups as the handler raised it (as in plain Ignite), not
+            # in the HandlerError that names the handler for the report.
+            delivered = error.__cause__ if isinstance(error, HandlerError) and error.__cause__ is not None else error
             for handler in handlers:
                 try:
-                    handler(engine, error, *args, **kwargs)
+                    handler(engine, delivered, *args, **kwargs)
                 except Exception as failed:  # the next cleanup still runs; the run's error stays the error
                     add_note(error, f"while handling it: {failed}")
 

@@ -27,7 +27,7 @@ from engineflow.declare.handlers import HandlerSpec
 from engineflow.declare.recipe import Recipe
 from engineflow.declare.steps import StepSpec
 from engineflow.declare.supervised import supervised_eval_step, supervised_train_step
-from engineflow.errors import NonFiniteLossError, RecipeError
+from engineflow.errors import EngineflowError, NonFiniteLossError, RecipeError, StepCheckError
 from engineflow.execute.best import Best, infer_mode
 from engineflow.execute.engine import StepEngine, attach_in_order, make_engine
 from engineflow.execute.injection import describe
@@ -100,8 +100,16 @@ class Fit:
             batch = next(iter(self.loaders[loader]), None)
             if batch is None:
                 raise RecipeError(f"the {loader!r} loader is empty; the eval step has nothing to evaluate")
-            output = self.eval.process_batch(batch)
             step = describe(self.eval_spec.fn)
+            try:
+                output = self.eval.process_batch(batch)
+            except EngineflowError:
+                raise
+            except Exception as err:
+                raise StepCheckError(
+                    f"eval step {step} failed on the first batch of the {loader!r} loader, which engineflow "
+                    f"evaluates before training (nothing was trained or recorded): {type(err).__name__}: {err}"
+                ) from err
             for name, metric in self.eval_spec.metrics.items():
                 check_metric_takes(metric, name, output, step)
 

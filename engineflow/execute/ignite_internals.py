@@ -27,8 +27,8 @@ from ignite.engine import Engine
 
 from engineflow.errors import EXIT_USAGE, EngineflowError
 
-# [lowest, first untested): the releases whose private layout this module was checked against
-VERIFIED = ((0, 5, 1), (0, 6, 0))
+# [lowest, first untested): the releases whose private layout this module was read in and tested with
+VERIFIED = ((0, 5, 3), (0, 5, 6))
 
 
 class UntestedIgniteError(EngineflowError):

@@ -148,12 +148,17 @@ def _checked(data: dict[str, Any], folder: Path) -> tuple[dict[str, Any], list[s
         record["status"] = "damaged"
     for key, kinds in _FIELDS.items():
         value = record.get(key)
-        if key in record and (not isinstance(value, kinds) or (isinstance(value, bool) and kinds == _INT)):
+        if key in record and (not isinstance(value, kinds) or (isinstance(value, bool) and kinds == _INT)
+                              or (kinds == _INT and isinstance(value, int) and not -(2**63) <= value < 2**63)):
             issues.append(f"'{key}' is {_article(_json_type(value))}, expected {_expected(kinds)}: reset")
             record[key] = {} if dict in kinds else [] if list in kinds else None
-    best_value = record.get("best", {}).get("value")
+    best = record.get("best") or {}
+    best_value = best.get("value")
     if best_value is not None and (isinstance(best_value, bool) or not isinstance(best_value, (int, float))):
         issues.append(f"'best' has the value {best_value!r}, not a number: reset")
+        record["best"] = {}
+    elif best and not all(isinstance(best.get(key), str) for key in ("metric", "mode")):
+        issues.append("'best' lacks its metric or mode: reset")
         record["best"] = {}
     return record, issues
 

@@ -26,6 +26,7 @@ from engineflow.record.store import RunStore
 from engineflow.runtime import runs_in_use, using_run
 from engineflow.state.checkpoint_files import best_checkpoint, load_checkpoint_weights, load_latest, load_weights
 from engineflow.state.components import modules_of
+from engineflow.state.rng import rng_state, set_rng_state
 
 
 @dataclass
@@ -92,8 +93,14 @@ def load_run(
     loaded = load_recipe(recipe) if recipe is not None else _snapshot_recipe(record, run_dir)
     context = RunContext(record["id"], record["experiment"], run_dir, resolve_device(device), record["seed"],
                          runs_dir=root)
-    with using_run(record["id"]):
-        fit, cfg, _ = build(loaded, record["config"], seed=record["seed"], context=context)
+    # build() seeds every RNG with the past run's seed; a setup() loading a run for fine-tuning must
+    # go on drawing from its own seed's RNGs afterwards.
+    caller_rngs = rng_state()
+    try:
+        with using_run(record["id"]):
+            fit, cfg, _ = build(loaded, record["config"], seed=record["seed"], context=context)
+    finally:
+        set_rng_state(caller_rngs)
     modules = modules_of(fit.components)
     if modules:
         _load_chosen_weights(record, run_dir, which, modules)

@@ -78,20 +78,6 @@ class RunRecorder:
         self._stop_beating = threading.Event()
         self._beater: threading.Thread | None = None
 
-    @classmethod
-    def start(cls, store: RunStore, run_dir: Path, record: dict[str, Any], code: CodeState) -> RunRecorder:
-        """A recorder of a new run, begun (see :meth:`begin_new`)."""
-        recorder = cls(store, run_dir, record)
-        recorder.begin_new(code)
-        return recorder
-
-    @classmethod
-    def reopen(cls, store: RunStore, run_dir: Path, record: dict[str, Any], *, changed: list[str]) -> RunRecorder:
-        """A recorder of an earlier run, resumed (see :meth:`begin_resumed`)."""
-        recorder = cls(store, run_dir, {k: v for k, v in record.items() if k != "history"})
-        recorder.begin_resumed(changed=changed)
-        return recorder
-
     def begin_new(self, code: CodeState) -> None:
         """Create the folder with its snapshot and record, then index it (status "running")."""
         self.run_dir.mkdir(parents=True, exist_ok=True)  # the runner may have made it for setup()

@@ -21,7 +21,7 @@ from engineflow.record.staleness import interrupted, still_stale
 from engineflow.record.store import Rebuilt, RunStore, RunTransaction
 from engineflow.record.store import rebuild as rebuild_index
 
-__all__ = ["get_run", "list_runs", "rebuild", "reindex", "save_record", "settle_stale", "update_record"]
+__all__ = ["get_run", "list_runs", "rebuild", "reindex", "settle_stale", "update_record"]
 
 
 def list_runs(
@@ -103,17 +103,6 @@ def update_record(store: RunStore, record: Mapping[str, Any], fields: Mapping[st
             write_folder()
         raise
     return written
-
-
-def save_record(store: RunStore, record: dict[str, Any]) -> None:
-    """Write every field of a run record to its ``run.json`` (the source of truth), then to the index.
-
-    Fields the record lacks keep their stored values. ``history`` (which the store adds on reads)
-    is not part of the record: metrics.jsonl holds it. To change some fields, prefer
-    :func:`update_record` with just those: a whole record read earlier would undo the changes
-    other writers made since.
-    """
-    update_record(store, record, {k: v for k, v in record.items() if k not in ("id", "history")})
 
 
 def settle_stale(store: RunStore) -> list[dict[str, Any]]:

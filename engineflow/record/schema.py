@@ -166,8 +166,8 @@ def dumps(record: dict[str, Any]) -> str:
 def metric(item: Row) -> Row:
     """A checked ``(epoch, name, value)`` row; NaN becomes None (NULL)."""
     epoch, name, value = item
-    if not isinstance(epoch, int) or isinstance(epoch, bool):
-        raise TypeError(f"metric row {item!r}: epoch must be an int")
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or not 0 <= epoch < 2**63:
+        raise TypeError(f"metric row {item!r}: epoch must be an int from 0 to 2**63 - 1")
     if not isinstance(name, str) or not name:
         raise TypeError(f"metric row {item!r}: name must be a non-empty string")
     value = None if value is None else float(value)
