@@ -69,11 +69,13 @@ class StepCheckError(TrainingError):
 class NonFiniteLossError(TrainingError):
     """The loss became NaN or infinite at a known iteration."""
 
-    def __init__(self, value: float, *, epoch: int, iteration: int) -> None:
+    def __init__(self, value: float, *, epoch: int, iteration: int, name: str = "loss") -> None:
+        what = "the loss" if name == "loss" else f"the loss {name!r}"
         super().__init__(
-            f"the loss became {value} at iteration {iteration} (epoch {epoch}); training stopped. "
+            f"{what} became {value} at iteration {iteration} (epoch {epoch}); training stopped. "
             "Lower the learning rate, check the inputs for NaN, or clip gradients."
         )
+        self.name = name
         self.value = value
         self.epoch = epoch
         self.iteration = iteration

@@ -15,7 +15,6 @@ What one epoch of :meth:`Fit.run` does, in order::
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,10 +26,11 @@ from engineflow.declare.handlers import HandlerSpec
 from engineflow.declare.recipe import Recipe
 from engineflow.declare.steps import StepSpec
 from engineflow.declare.supervised import supervised_eval_step, supervised_train_step
-from engineflow.errors import EngineflowError, NonFiniteLossError, RecipeError, StepCheckError
+from engineflow.errors import EngineflowError, RecipeError, StepCheckError
 from engineflow.execute.best import Best, infer_mode
 from engineflow.execute.engine import StepEngine, attach_in_order, make_engine
 from engineflow.execute.injection import describe
+from engineflow.execute.losses import LossMonitor, is_loss
 from engineflow.metrics import attach_metrics, check_metric_takes
 from engineflow.state.position import EpochData
 
@@ -124,48 +124,6 @@ class Fit:
             return self.train.run(data, max_epochs=epochs)
         resume(data)
         return self.train.run(data)
-
-
-class LossMonitor:
-    """Checks the step's ``loss`` output every iteration and averages it.
-
-    ``running`` is an exponential moving average (for the progress line); the epoch's
-    ``train/loss`` is the plain mean over its batches. A NaN or infinite loss raises
-    :class:`NonFiniteLossError` naming the iteration.
-    """
-
-    def __init__(self, alpha: float = 0.98) -> None:
-        self.alpha = alpha
-        self.running: float | None = None
-        self.last: float | None = None
-        self.total = 0.0
-        self.count = 0
-
-    def epoch_started(self, engine: StepEngine) -> None:
-        self.total, self.count = 0.0, 0
-
-    def iteration_completed(self, engine: StepEngine) -> None:
-        output = engine.state.output
-        loss = output.get("loss") if type(output) is dict else None
-        if loss is None:
-            return
-        value = loss.item() if isinstance(loss, torch.Tensor) else float(loss)
-        if not math.isfinite(value):
-            raise NonFiniteLossError(value, epoch=engine.state.epoch, iteration=engine.state.iteration)
-        self.last = value
-        self.running = value if self.running is None else self.alpha * self.running + (1 - self.alpha) * value
-        self.total += value
-        self.count += 1
-
-    def epoch_completed(self, engine: StepEngine) -> None:
-        if self.count:
-            engine.state.metrics["train/loss"] = self.total / self.count
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"running": self.running, "total": self.total, "count": self.count}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        self.running, self.total, self.count = state["running"], state["total"], state["count"]
 
 
 def resolve_steps(recipe: Recipe, components: Mapping[str, Any]) -> tuple[StepSpec, StepSpec | None]:
@@ -325,7 +283,7 @@ def _main_metric(
         name = f"{eval_loaders[0]}/{wanted}"
     else:
         name = wanted
-    if name not in available:
+    if name not in available and not (name.startswith("train/") and is_loss(name.removeprefix("train/"))):
         raise RecipeError(
             f"{recipe.path}: main_metric {wanted!r} is not reported; available: {', '.join(available)}"
         )

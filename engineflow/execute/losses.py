@@ -1,0 +1,92 @@
+"""The train step's losses: checked every iteration, averaged per epoch, each under its own name.
+
+A loss is an output named ``loss`` or ending in ``_loss`` (a GAN's ``g_loss`` and ``d_loss``). Each
+is checked for NaN and inf every iteration and reported per epoch as ``train/<name>``, the plain mean
+over the epoch's batches.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from engineflow.errors import NonFiniteLossError
+
+
+def is_loss(name: str) -> bool:
+    """Whether an output of the train step is a loss engineflow checks and averages.
+
+    Example:
+        >>> [is_loss(n) for n in ("loss", "g_loss", "lossy", "y_pred")]
+        [True, True, False, False]
+    """
+    return name == "loss" or name.endswith("_loss")
+
+
+class LossMonitor:
+    """Checks the step's losses every iteration and averages each over the epoch.
+
+    ``running`` is an exponential moving average of the main loss (``loss``, else the first loss the
+    step returned) for the progress line; ``last`` its latest value.
+
+    Example:
+        >>> monitor = LossMonitor()
+        >>> for out in ({"g_loss": 1.0, "d_loss": 3.0}, {"g_loss": 2.0, "d_loss": 5.0}):
+        ...     monitor.observe(out, epoch=1, iteration=1)
+        >>> monitor.epoch_means()
+        {'train/g_loss': 1.5, 'train/d_loss': 4.0}
+    """
+
+    def __init__(self, alpha: float = 0.98) -> None:
+        self.alpha = alpha
+        self.running: float | None = None
+        self.last: float | None = None
+        self.totals: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self._main: str | None = None
+
+    def epoch_started(self, engine: Any) -> None:
+        self.totals, self.counts = {}, {}
+
+    def iteration_completed(self, engine: Any) -> None:
+        output = engine.state.output
+        if type(output) is dict:
+            self.observe(output, epoch=engine.state.epoch, iteration=engine.state.iteration)
+
+    def observe(self, output: Mapping[str, Any], *, epoch: int, iteration: int) -> None:
+        """Check and count the losses of one step's output."""
+        for name, loss in output.items():
+            if loss is None or not is_loss(name):
+                continue
+            value = loss.item() if isinstance(loss, torch.Tensor) else float(loss)
+            if not math.isfinite(value):
+                raise NonFiniteLossError(value, epoch=epoch, iteration=iteration, name=name)
+            self.totals[name] = self.totals.get(name, 0.0) + value
+            self.counts[name] = self.counts.get(name, 0) + 1
+            if self._main is None or name == "loss":
+                self._main = name
+            if name == self._main:
+                self.last = value
+                self.running = value if self.running is None else self.alpha * self.running + (1 - self.alpha) * value
+
+    def epoch_means(self) -> dict[str, float]:
+        """``{"train/<name>": mean}`` of every loss seen this epoch."""
+        return {f"train/{name}": self.totals[name] / self.counts[name] for name in self.totals if self.counts[name]}
+
+    def epoch_completed(self, engine: Any) -> None:
+        engine.state.metrics.update(self.epoch_means())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"running": self.running, "totals": dict(self.totals), "counts": dict(self.counts), "main": self._main}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.running = state["running"]
+        if "totals" in state:
+            self.totals, self.counts, self._main = dict(state["totals"]), dict(state["counts"]), state["main"]
+        else:  # the single-loss layout (total, count) that older run folders' checkpoints hold
+            self.totals = {"loss": state["total"]} if state["count"] else {}
+            self.counts = {"loss": state["count"]} if state["count"] else {}
+            self._main = "loss" if state["running"] is not None else None
