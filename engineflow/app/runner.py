@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+from engineflow.app.interrupts import Interrupts
 from engineflow.app.report import Reporter, format_duration, format_metrics, format_value, plural
 from engineflow.app.session import Session, new_session, resume_session
 from engineflow.declare.handlers import HandlerSpec
@@ -26,6 +27,7 @@ from engineflow.execute.fit import Fit
 from engineflow.naming import option
 from engineflow.record.runs import resolve_runs_dir
 from engineflow.runtime import using_run
+from engineflow.state.checkpointer import Checkpointer, every_iterations_policy, policy_of
 
 
 @dataclass
@@ -149,26 +151,16 @@ def _train(loaded: Recipe, start: Session, *, stream: IO[str] | None, progress: 
     output) leaves no run behind. A new run's folder exists during setup() (``run.run_dir``) and is
     removed again when the run does not start.
     """
-    from engineflow.app.interrupts import Interrupts
-    from engineflow.state.checkpointer import Checkpointer, every_iterations_policy, policy_of
-
     context, recorder = start.context, start.recorder
     policy = policy_of(loaded)
     if checkpoint_every is not None:
         policy = every_iterations_policy(policy, checkpoint_every)
     recorder.best_in_checkpoints = policy.keep_best > 0
     reporter = Reporter(stream, progress=progress, log_path=context.run_dir / "log.txt")
-    checkpointers: list[Checkpointer] = []
-
-    def checkpointing(fit: Fit) -> list[HandlerSpec]:
-        checkpointer = Checkpointer(context.run_dir / "checkpoints" / "state", policy, fit, context.run_id,
-                                    reporter.line)
-        checkpointers.append(checkpointer)
-        return checkpointer.handlers(fit)
+    checkpointer = Checkpointer(context.run_dir / "checkpoints" / "state", policy, context.run_id, reporter.line)
 
     with using_run(context.run_id):
-        fit = _prepare(loaded, start, extras=(reporter.handlers, recorder.handlers, checkpointing))
-        (checkpointer,) = checkpointers
+        fit = _prepare(loaded, start, extras=(reporter.handlers, recorder.handlers, checkpointer.handlers))
         start.begin()
         if note is not None:
             reporter.line(note)
@@ -222,7 +214,7 @@ def _prepare(loaded: Recipe, start: Session, *, extras: tuple[Callable[[Fit], It
     return fit
 
 
-def _fit(fit: Fit, checkpointer: Any, start: Session, reporter: Reporter) -> None:
+def _fit(fit: Fit, checkpointer: Checkpointer, start: Session, reporter: Reporter) -> None:
     """Train from the start, or from the latest valid checkpoint of a resumed run."""
     found = checkpointer.latest() if start.resumed else None
     if found is None:
@@ -236,14 +228,11 @@ def _fit(fit: Fit, checkpointer: Any, start: Session, reporter: Reporter) -> Non
     reporter.line(f"from checkpoint {path.name}: epoch {epochs_done + 1}, batch {batches + 1} "
                   f"of {engine['epoch_length']}")
     start.recorder.resumed_from(path, engine["iteration"], epochs_done)
-    within_epoch = checkpointer.restore(state)
+    checkpointer.load_state_dict(state)
+    fit.load_state_dict(state)
     if epochs_done >= engine["max_epochs"]:
         return  # it had finished training; only its ending was lost
-    if batches == 0:
-        # At an epoch boundary the next epoch's seeding defines every RNG: restore nothing more.
-        fit.run(start.epochs, resume=lambda data: None)
-    else:
-        fit.run(start.epochs, resume=lambda data: data.resume_at(batches, within_epoch))
+    fit.run(start.epochs)
 
 
 def _summarise(reporter: Reporter, result: RunResult) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -32,7 +33,9 @@ from engineflow.execute.engine import StepEngine, attach_in_order, make_engine
 from engineflow.execute.injection import describe
 from engineflow.execute.losses import LossMonitor, is_loss
 from engineflow.metrics import attach_metrics, check_metric_takes
+from engineflow.state.components import stateful_components
 from engineflow.state.position import EpochData
+from engineflow.state.rng import rng_state, set_rng_state
 
 HELD_OUT = ("train", "test")
 
@@ -66,6 +69,12 @@ class Fit:
     train_metrics: Mapping[str, Any] = field(default_factory=dict)
     seed: int = 0
     eval_spec: StepSpec | None = None
+    # where the fit stands in its epochs, kept by its own handlers (see position())
+    _epoch_start: int = field(default=0, repr=False)
+    _epoch_done: bool = field(default=False, repr=False)
+    _restored: bool = field(default=False, repr=False)
+    _resume_within_epoch: Callable[[], None] | None = field(default=None, repr=False)
+    _resume_batches: int | None = field(default=None, repr=False)
 
     def evaluate(self, loader: str = "valid") -> dict[str, float]:
         """Run the eval step and its metrics over one loader; returns ``{"<loader>/<metric>": value}``.
@@ -78,12 +87,7 @@ class Fit:
             fit, cfg, ctx = ef.build("recipes/digits.py")
             fit.evaluate("valid")  # {'valid/accuracy': 0.1, 'valid/loss': 2.3} before training
         """
-        if self.eval is None:
-            raise RecipeError("the recipe has no eval step; decorate one with @ef.eval_step")
-        if loader not in self.loaders:
-            raise RecipeError(f"no loader named {loader!r}; setup() returned loaders {', '.join(self.loaders)}")
-        state = self.eval.run(self.loaders[loader], max_epochs=1)
-        return {f"{loader}/{name}": value for name, value in state.metrics.items()}
+        return evaluate_loader(self.eval, self.loaders, loader)
 
     def check_eval_outputs(self) -> None:
         """Run the eval step on the first batch of the first validation loader and feed its output to
@@ -113,17 +117,95 @@ class Fit:
             for name, metric in self.eval_spec.metrics.items():
                 check_metric_takes(metric, name, output, step)
 
-    def run(self, epochs: int, *, resume: Callable[[EpochData], None] | None = None) -> State:
+    def run(self, epochs: int) -> State:
         """Train for ``epochs`` epochs (validating as the eval step asks); returns the train state.
 
-        Each epoch's RNGs start from ``(seed, epoch)`` (see :mod:`engineflow.state.rng`). ``resume``
-        positions a restored fit: it gets the train data and loads the rest of the state.
+        Each epoch's RNGs start from ``(seed, epoch)`` (see :mod:`engineflow.state.rng`). After
+        :meth:`load_state_dict` the fit continues where that state stood: mid-epoch, the batches
+        already trained on are skipped, then the RNGs, the running loss and the train metrics are
+        restored as they were at that batch.
         """
         data = EpochData(self.loaders["train"], self.seed, lambda: self.train.state.epoch)
-        if resume is None:
+        if self._resume_batches is None:
             return self.train.run(data, max_epochs=epochs)
-        resume(data)
+        batches, within = self._resume_batches, self._resume_within_epoch
+        self._resume_batches = self._resume_within_epoch = None
+        if batches and within is not None:
+            # at an epoch boundary the next epoch's seeding defines every RNG: nothing more to restore
+            data.resume_at(batches, within)
         return self.train.run(data)
+
+    def position(self) -> dict[str, int]:
+        """Where the fit stands: epochs completed and batches done in the epoch in progress.
+
+        Counted from the events, not from ``iteration % epoch_length``: after an ``EndEpoch`` the
+        iteration is no longer a multiple of the epoch length at epoch boundaries.
+        """
+        state = self.train.state
+        if self._epoch_done:
+            return {"epochs_completed": state.epoch, "batches_in_epoch": 0}
+        return {"epochs_completed": max(state.epoch - 1, 0), "batches_in_epoch": state.iteration - self._epoch_start}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resume needs: the engine's counts and position, every stateful component
+        (models, optimizers, schedulers, a TensorLoader...), the train metrics, the losses, the best
+        epoch, the history, the RNG states and the seed. Tensors and plain values only."""
+        engine = self.train.state
+        metrics = {}
+        for name, metric in self.train_metrics.items():
+            try:
+                metrics[name] = metric.state_dict()
+            except (NotImplementedError, AttributeError):
+                metrics[name] = None
+        return {
+            "engine": {"iteration": engine.iteration, "epoch_length": engine.epoch_length,
+                       "max_epochs": engine.max_epochs, **self.position()},
+            "components": {name: obj.state_dict() for name, obj in stateful_components(self.components).items()},
+            "train_metrics": metrics, "loss": self.loss.state_dict(), "best": self.best.state_dict(),
+            "history": list(self.history), "rng": rng_state(), "seed": self.seed,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Load a :meth:`state_dict`; the next :meth:`run` continues from it."""
+        saved = state["components"]
+        for name, obj in stateful_components(self.components).items():
+            if name not in saved:
+                raise RecipeError(f"the checkpoint has no state for component {name!r} (it holds "
+                                  f"{', '.join(saved)}); did setup() change since the run started?")
+            obj.load_state_dict(saved[name])
+        self.best.load_state_dict(state["best"])
+        self.history[:] = state["history"]
+        engine = state["engine"]
+        self.train.load_state_dict({"iteration": engine["iteration"], "epoch_length": engine["epoch_length"],
+                                    "max_epochs": engine["max_epochs"]})
+        # Ignite derives the epoch and the batches done from iteration // epoch_length, which an
+        # EndEpoch makes wrong; set both from the counts the state kept (the first epoch then runs
+        # only the remaining batches, as in Ignite's own mid-epoch resume).
+        self.train.state.epoch = engine["epochs_completed"]
+        self.train.start_epoch_after(engine["batches_in_epoch"])
+        self._epoch_start = engine["iteration"] - engine["batches_in_epoch"]
+        self._epoch_done = engine["batches_in_epoch"] == 0
+        self._restored = True
+        self._resume_batches = engine["batches_in_epoch"]
+
+        def within_epoch() -> None:
+            self.loss.load_state_dict(state["loss"])
+            for name, metric_state in state["train_metrics"].items():
+                if metric_state is not None:
+                    self.train_metrics[name].load_state_dict(metric_state)
+            set_rng_state(state["rng"])
+
+        self._resume_within_epoch = within_epoch
+
+    def _epoch_started(self, engine: StepEngine) -> None:
+        self._epoch_done = False
+        if self._restored:  # the resumed epoch started before the kill, at the restored count
+            self._restored = False
+        else:
+            self._epoch_start = engine.state.iteration
+
+    def _epoch_completed(self, engine: StepEngine) -> None:
+        self._epoch_done = True
 
 
 def resolve_steps(recipe: Recipe, components: Mapping[str, Any]) -> tuple[StepSpec, StepSpec | None]:
@@ -172,21 +254,18 @@ def build_fit(
     best = Best(*_main_metric(eval_spec, eval_loaders, train_spec, recipe))
     monitor = LossMonitor()
     history: list[dict[str, Any]] = []
-    holder: dict[str, Fit] = {}
-
-    def evaluate(loader: str = "valid") -> dict[str, float]:
-        return holder["fit"].evaluate(loader)
-
-    provided = {**provided, "history": history, "best": best, "evaluate": evaluate}
-    train = make_engine(train_spec, provided)
-    attach_metrics(train, train_spec.metrics, prefix="train/")
+    # Two phases: the eval engine first, then the train engine, whose steps and handlers may ask for
+    # `evaluate` (a function of the eval engine and the loaders).
+    provided = {**provided, "history": history, "best": best}
     evaluator = None
     if eval_spec is not None:
         evaluator = make_engine(eval_spec, provided)
         attach_metrics(evaluator, eval_spec.metrics)
+    provided["evaluate"] = partial(evaluate_loader, evaluator, loaders)
+    train = make_engine(train_spec, provided)
+    attach_metrics(train, train_spec.metrics, prefix="train/")
     fit = Fit(train, evaluator, components, loaders, eval_loaders, best, monitor, history,
               {f"train/{name}": m for name, m in train_spec.metrics.items()}, seed, eval_spec)
-    holder["fit"] = fit
 
     everything = [*_own_handlers(fit, eval_spec), *recipe.handlers, *(s for make in extras for s in make(fit))]
     for kind, engine in (("train", train), ("eval", evaluator)):
@@ -198,6 +277,17 @@ def build_fit(
             continue
         attach_in_order(engine, specs, provided)
     return fit
+
+
+def evaluate_loader(evaluator: StepEngine | None, loaders: Mapping[str, Iterable[Any]],
+                    loader: str = "valid") -> dict[str, float]:
+    """The eval engine's metrics over one loader, ``{"<loader>/<metric>": value}`` (see :meth:`Fit.evaluate`)."""
+    if evaluator is None:
+        raise RecipeError("the recipe has no eval step; decorate one with @ef.eval_step")
+    if loader not in loaders:
+        raise RecipeError(f"no loader named {loader!r}; setup() returned loaders {', '.join(loaders)}")
+    state = evaluator.run(loaders[loader], max_epochs=1)
+    return {f"{loader}/{name}": value for name, value in state.metrics.items()}
 
 
 def _own_handlers(fit: Fit, eval_spec: StepSpec | None) -> list[HandlerSpec]:
@@ -222,6 +312,8 @@ def _own_handlers(fit: Fit, eval_spec: StepSpec | None) -> list[HandlerSpec]:
         return HandlerSpec(fn, event, "train", order, seq=-1, raw=True)
 
     own = [
+        spec(fit._epoch_started, Events.EPOCH_STARTED, -2000),
+        spec(fit._epoch_completed, Events.EPOCH_COMPLETED, -3000),
         spec(clear_metrics, Events.EPOCH_STARTED, -1000),
         spec(fit.loss.epoch_started, Events.EPOCH_STARTED, -900),
         spec(fit.loss.iteration_completed, Events.ITERATION_COMPLETED, -1000),

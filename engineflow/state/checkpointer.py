@@ -14,7 +14,7 @@ before the run exits with code 130; a second signal stops at once.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -32,8 +32,6 @@ from engineflow.state.checkpoint_files import (
     ranked_by_score,
     save_checkpoint,
 )
-from engineflow.state.components import stateful_components
-from engineflow.state.rng import rng_state, set_rng_state
 
 FORMAT = 1
 
@@ -100,69 +98,43 @@ def every_iterations_policy(base: CheckpointPolicy, n: int) -> CheckpointPolicy:
 
 
 class Checkpointer:
-    """Writes and restores the full state of a :class:`~engineflow.execute.fit.Fit`.
+    """Writes the full state of a fit (its ``state_dict``) as the policy asks, and keeps the best.
 
     Args:
         folder: where ``state-<iteration>.pt`` files go.
         policy: when to write them.
-        fit: the fit whose state they hold.
         run_id: recorded in each file.
         warn: how to report a damaged checkpoint (a line on the run's output).
+
+    :meth:`handlers` attaches it to a fit: anything with ``state_dict()``, ``position()``, ``train``
+    (its engine) and ``best`` (:class:`~engineflow.execute.fit.Fit`).
     """
 
-    def __init__(self, folder: Path, policy: CheckpointPolicy, fit: Any, run_id: str,
-                 warn: Callable[[str], None]) -> None:
+    def __init__(self, folder: Path, policy: CheckpointPolicy, run_id: str, warn: Callable[[str], None]) -> None:
         self.folder = folder
         self.policy = policy
-        self.fit = fit
         self.run_id = run_id
         self.warn = warn
+        self.fit: Any = None
         self.interrupt_requested = False
         self._last_time = time.monotonic()
         self._scores: dict[Path, float] = {}  # epoch-end checkpoints by main-metric value
-        self._epoch_start = 0  # the iteration count when the epoch in progress started
-        self._in_epoch_completed = False
-        self._restored = False
         self._load_checked = False
 
     # what goes in -------------------------------------------------------------------------------
-    def position(self) -> dict[str, Any]:
-        """Where the fit stands: epochs completed and batches done in the epoch in progress.
-
-        Counted from the events, not from ``iteration % epoch_length``: after an ``EndEpoch`` the
-        iteration is no longer a multiple of the epoch length at epoch boundaries.
-        """
-        state = self.fit.train.state
-        if self._in_epoch_completed:
-            return {"epochs_completed": state.epoch, "batches_in_epoch": 0}
-        return {"epochs_completed": state.epoch - 1, "batches_in_epoch": state.iteration - self._epoch_start}
-
-    def state(self, reason: str, best_files: dict[str, float]) -> dict[str, Any]:
-        fit, engine = self.fit, self.fit.train
-        components = {name: obj.state_dict() for name, obj in stateful_components(fit.components).items()}
-        metrics = {}
-        for name, metric in fit.train_metrics.items():
-            try:
-                metrics[name] = metric.state_dict()
-            except (NotImplementedError, AttributeError):
-                metrics[name] = None
-        return {
-            "format": FORMAT, "run_id": self.run_id, "reason": reason, "saved_at": time.time(),
-            "engine": {"iteration": engine.state.iteration, "epoch_length": engine.state.epoch_length,
-                       "max_epochs": engine.state.max_epochs, **self.position()},
-            "components": components, "train_metrics": metrics, "loss": fit.loss.state_dict(),
-            "best": fit.best.state_dict(), "history": list(fit.history), "rng": rng_state(), "seed": fit.seed,
-            "best_checkpoints": best_files,
-        }
+    def state(self, reason: str) -> dict[str, Any]:
+        """A checkpoint's content: the fit's state, and which files hold the best epochs (so that
+        ``keep_best`` survives a resume)."""
+        return {"format": FORMAT, "run_id": self.run_id, "reason": reason, "saved_at": time.time(),
+                **self.fit.state_dict(), "best_checkpoints": {p.name: v for p, v in self._scores.items()}}
 
     def save(self, reason: str) -> Path:
         engine = self.fit.train
         path = self.folder / f"state-{engine.state.iteration:09d}.pt"
         best = self.fit.best
-        if self._in_epoch_completed and best.value is not None and best.epoch == engine.state.epoch:
+        if self.fit.position()["batches_in_epoch"] == 0 and best.value is not None and best.epoch == engine.state.epoch:
             self._scores[path] = best.value
-        # The scores travel in every file, so keep_best survives a resume.
-        save_checkpoint(self.folder, path.name, self.state(reason, {p.name: v for p, v in self._scores.items()}))
+        save_checkpoint(self.folder, path.name, self.state(reason))
         if not self._load_checked:
             self._check_loads(path)
         self._last_time = time.monotonic()
@@ -203,19 +175,14 @@ class Checkpointer:
 
     # when ---------------------------------------------------------------------------------------
     def handlers(self, fit: Any) -> list[HandlerSpec]:
-        """Handlers on the train engine; order 950 puts them after the history and the records."""
-
-        def epoch_started(engine: Any) -> None:
-            if self._restored:  # the resumed epoch started before the kill, at the restored count
-                self._restored = False
-            else:
-                self._epoch_start = engine.state.iteration
+        """Attach to ``fit``: handlers on its train engine, at order 950, after the history and the records."""
+        self.fit = fit
 
         def iteration_completed(engine: Any) -> None:
             state = engine.state
             # At an epoch's last batch the checkpoint (and an interrupt) waits for EPOCH_COMPLETED,
             # so the epoch is validated and recorded first.
-            if state.epoch_length and state.iteration - self._epoch_start >= state.epoch_length:
+            if state.epoch_length and fit.position()["batches_in_epoch"] >= state.epoch_length:
                 return
             if self.interrupt_requested:
                 self.save("interrupt")
@@ -229,16 +196,11 @@ class Checkpointer:
             due = due or self._iterations_due(state.iteration) or self._time_due()
             improved = policy.keep_best > 0 and fit.best.epoch == state.epoch
             if due or improved or self.interrupt_requested:
-                self._in_epoch_completed = True
-                try:
-                    self.save("interrupt" if self.interrupt_requested else "epoch")
-                finally:
-                    self._in_epoch_completed = False
+                self.save("interrupt" if self.interrupt_requested else "epoch")
             if self.interrupt_requested:
                 raise KeyboardInterrupt("checkpoint written")
 
-        return [HandlerSpec(epoch_started, Events.EPOCH_STARTED, "train", -2000, -1, raw=True),
-                HandlerSpec(iteration_completed, Events.ITERATION_COMPLETED, "train", 950, -1, raw=True),
+        return [HandlerSpec(iteration_completed, Events.ITERATION_COMPLETED, "train", 950, -1, raw=True),
                 HandlerSpec(epoch_completed, Events.EPOCH_COMPLETED, "train", 950, -1, raw=True)]
 
     def _iterations_due(self, iteration: int) -> bool:
@@ -254,36 +216,11 @@ class Checkpointer:
         """The newest valid checkpoint (damaged ones are reported and skipped), or None."""
         return load_latest(self.folder, self.warn)
 
-    def restore(self, state: dict[str, Any]) -> Callable[[], None]:
-        """Load ``state`` into the fit; returns what to restore once the epoch's data is positioned."""
-        fit = self.fit
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue from a checkpoint's content: check its format, take its record of the best files.
+
+        The fit's own part is the fit's to load (``fit.load_state_dict(state)``).
+        """
         if state.get("format") != FORMAT:
             raise RecipeError(f"checkpoint format {state.get('format')!r} is not one this engineflow reads")
-        saved = state["components"]
-        for name, obj in stateful_components(fit.components).items():
-            if name not in saved:
-                raise RecipeError(f"the checkpoint has no state for component {name!r} (it holds "
-                                  f"{', '.join(saved)}); did setup() change since the run started?")
-            obj.load_state_dict(saved[name])
-        fit.best.load_state_dict(state["best"])
-        fit.history[:] = state["history"]
-        engine = state["engine"]
-        fit.train.load_state_dict({"iteration": engine["iteration"], "epoch_length": engine["epoch_length"],
-                                   "max_epochs": engine["max_epochs"]})
-        # Ignite derives the epoch and the batches done from iteration // epoch_length, which an
-        # EndEpoch makes wrong; set both from the counts the checkpoint kept (the first epoch then
-        # runs only the remaining batches, as in Ignite's own mid-epoch resume).
-        fit.train.state.epoch = engine["epochs_completed"]
-        fit.train.start_epoch_after(engine["batches_in_epoch"])
-        self._epoch_start = engine["iteration"] - engine["batches_in_epoch"]
-        self._restored = True
         self._scores = {self.folder / name: value for name, value in state.get("best_checkpoints", {}).items()}
-
-        def within_epoch() -> None:
-            fit.loss.load_state_dict(state["loss"])
-            for name, metric_state in state["train_metrics"].items():
-                if metric_state is not None:
-                    fit.train_metrics[name].load_state_dict(metric_state)
-            set_rng_state(state["rng"])
-
-        return within_epoch
