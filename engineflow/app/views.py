@@ -22,9 +22,24 @@ def public(record: Mapping[str, Any]) -> dict[str, Any]:
     code = record.get("code") or {}
     out["code"] = {"fingerprint": code.get("fingerprint"), "git_commit": code.get("git_commit"),
                    "dirty": code.get("dirty", False), "files": code.get("files", [])}
+    out["stages"] = stages_of(record, out)
     if "history" in record:
         out["history"] = record["history"]
     return out
+
+
+def stages_of(record: Mapping[str, Any], view: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The run's stages in order, each with ``name``, ``status``, ``epochs`` (completed), ``best`` and
+    ``metrics``; a run of one fit (every run today) is one stage named after its ``RunContext.stage``.
+
+    Example:
+        >>> stages_of({"status": "completed", "epochs": 3}, {"best": {"epoch": 2}, "metrics": {"loss": 0.1}})
+        [{'name': 'fit', 'status': 'completed', 'epochs': 3, 'best': {'epoch': 2}, 'metrics': {'loss': 0.1}}]
+    """
+    if isinstance(record.get("stages"), list):
+        return list(record["stages"])
+    return [{"name": record.get("stage") or "fit", "status": record.get("status"), "epochs": record.get("epochs") or 0,
+             "best": view["best"], "metrics": view["metrics"]}]
 
 
 def to_json(value: Any) -> str:
