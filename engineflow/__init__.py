@@ -46,6 +46,7 @@ _EXPORTS = {
     "run": "engineflow.app.runner",
     "load_recipe": "engineflow.declare.recipe",
     "make_engine": "engineflow.execute.engine",
+    "engine": "engineflow.execute.engine",
     "checkpoints": "engineflow.state.checkpointer",
     "CheckpointPolicy": "engineflow.state.checkpointer",
     "TensorLoader": "engineflow.data",
@@ -98,7 +99,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the same names as _EXPORTS
     )
     from engineflow.execute.best import Best
     from engineflow.execute.build import build
-    from engineflow.execute.engine import make_engine
+    from engineflow.execute.engine import engine, make_engine
     from engineflow.execute.fit import Fit
     from engineflow.record.load import LoadedRun, load_run
     from engineflow.runtime import RunContext

@@ -194,3 +194,44 @@ def test_a_stopped_eval_run_reports_no_metrics():
     assert evaluator.run(data, max_epochs=1).metrics == {"mae": 0.0}
     attach_in_order(evaluator, handler_specs(stop), {})
     assert evaluator.run(data, max_epochs=1).metrics == {}
+
+
+def test_an_engine_is_a_value_run_on_any_loader_and_from_another_engines_handler():
+    import torch
+
+    @ef.eval_step(metrics={"mae": ef.metrics.MeanAbsoluteError()})
+    def check(batch, scale):
+        return {"y_pred": batch * scale, "y": batch}
+
+    seen = []
+
+    @ef.on(ef.Events.COMPLETED, engine=check)
+    def report(metrics):
+        seen.append(dict(metrics))
+
+    evaluator = ef.engine(check, report, scale=2.0)
+    assert evaluator.run([torch.ones(3)]).metrics == {"mae": 1.0}
+    assert evaluator.run([torch.full((2,), 3.0)]).metrics == {"mae": 3.0}  # another loader, a fresh result
+
+    @ef.on(ef.Events.EPOCH_COMPLETED)
+    def validate(state):
+        state.metrics["checked"] = evaluator.run([torch.ones(1) * state.epoch]).metrics["mae"]
+
+    trainer = ef.engine(ef.train_step(lambda batch: {"loss": batch}), validate)
+    assert trainer.run([1.0, 2.0], max_epochs=2).metrics == {"checked": 2.0}
+    assert seen == [{"mae": 1.0}, {"mae": 3.0}, {"mae": 1.0}, {"mae": 2.0}]
+
+
+def test_an_engine_refuses_a_handler_of_another_kind_and_an_unmarked_step():
+    @ef.eval_step
+    def check(batch):
+        return {"y_pred": batch}
+
+    @ef.on(ef.Events.COMPLETED)  # the train engine's
+    def done():
+        pass
+
+    with pytest.raises(ef.RecipeError, match=r"is for the train engine.*engine='eval'"):
+        ef.engine(check, done)
+    with pytest.raises(ef.RecipeError, match="not marked"):
+        ef.engine(lambda batch: batch)

@@ -26,11 +26,12 @@ import torch
 from ignite.engine import Engine, Events, State
 
 from engineflow.declare.control import ControlFlow, EndEpoch, SkipBatch, StopFit
-from engineflow.declare.handlers import HandlerSpec
-from engineflow.declare.steps import StepSpec
+from engineflow.declare.handlers import HandlerSpec, handler_specs
+from engineflow.declare.steps import StepSpec, step_spec
 from engineflow.errors import EngineflowError, HandlerError, RecipeError
 from engineflow.execute.ignite_internals import HookedEngine
 from engineflow.execute.injection import describe, make_caller
+from engineflow.metrics import attach_metrics
 from engineflow.state.components import modules_of
 
 # Engines running now, outermost first: StopFit raised in a nested eval run stops the fit too.
@@ -193,7 +194,7 @@ def make_engine(spec: StepSpec, provided: Mapping[str, Any]) -> StepEngine:
         provided: components for the step by name (what ``setup`` returned, ``cfg``, ``device``...).
 
     Example:
-        >>> from engineflow.declare.steps import StepSpec
+        >>> from engineflow.declare.steps import StepSpec, step_spec
         >>> engine = make_engine(StepSpec("train", lambda batch, k: {"loss": batch * k}), {"k": 2})
         >>> engine.run([1, 2, 3], max_epochs=1).output
         {'loss': 6}
@@ -382,3 +383,40 @@ def _dispatcher(base: Any, entries: list[tuple[Callable[..., None], Any, int | N
             handler(engine, *args, **kwargs)
 
     return dispatch
+
+
+def engine(step: Callable[..., Any], *handlers: Callable[..., Any], **components: Any) -> StepEngine:
+    """A step and its handlers as an engine: a value to pass around and run on any loader, from plain
+    Python or from a handler of another engine.
+
+    Args:
+        step: a function marked with a step decorator; its metrics are attached.
+        handlers: functions marked with handler decorators for this step's kind of engine
+            (``engine="eval"`` or ``engine=step`` for an eval step).
+        components: what the step and the handlers ask for by name.
+
+    Example:
+        >>> import torch
+        >>> import engineflow as ef
+        >>> @ef.eval_step(metrics={"mae": ef.metrics.MeanAbsoluteError()})
+        ... def check(batch, scale):
+        ...     return {"y_pred": batch * scale, "y": batch}
+        >>> evaluator = ef.engine(check, scale=2.0)
+        >>> evaluator.run([torch.ones(2), torch.ones(2)]).metrics
+        {'mae': 1.0}
+    """
+    spec = step_spec(step)
+    if spec is None:
+        raise RecipeError(f"ef.engine() takes a step function marked with @ef.train_step, @ef.eval_step or "
+                          f"@ef.infer_step; {describe(step)} is not marked")
+    specs = [s for fn in handlers for s in handler_specs(fn)]
+    if not specs and handlers:
+        raise RecipeError(f"ef.engine(): {describe(handlers[0])} is not a handler; decorate it with ef.on(...)")
+    wrong = [s for s in specs if s.engine != spec.kind]
+    if wrong:
+        raise RecipeError(f"ef.engine(): handler {describe(wrong[0].fn)} is for the {wrong[0].engine} engine, but "
+                          f"{describe(step)} is the {spec.kind} step; attach it with engine={spec.kind!r}")
+    built = make_engine(spec, components)
+    attach_metrics(built, spec.metrics, prefix="train/" if spec.kind == "train" else "")
+    attach_in_order(built, specs, components)
+    return built
