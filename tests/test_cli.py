@@ -168,3 +168,36 @@ def test_runs_commands_do_not_import_torch(tmp_path):
             "print(r.exit_code, 'torch' in sys.modules, 'ignite' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["0", "False", "False"], "runs list stays fast by importing neither torch nor ignite"
+
+
+def test_reindex_names_each_damaged_file_and_lists_the_run_as_damaged(cli, write_recipe, tmp_path):
+    import json
+
+    recipe = write_recipe(BASE_RECIPE)
+    runs_dir = str(tmp_path / "runs")
+    assert cli("run", str(recipe)).exit_code == 0
+    assert cli("run", str(recipe), "--force").exit_code == 0
+    damaged, healthy = sorted((tmp_path / "runs" / "recipe").iterdir())
+    text = (damaged / "run.json").read_text()
+    (damaged / "run.json").write_text(text[: len(text) // 2])
+    (tmp_path / "runs" / "engineflow.db").unlink()
+    result = cli("runs", "reindex", "--runs-dir", runs_dir)
+    assert result.exit_code == 0 and "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("damaged:")]
+    assert len(lines) == 1 and "run.json" in lines[0] and "cut short" in lines[0]
+    assert "indexed 2 runs (1 damaged" in result.output
+    listed = {r["id"]: r["status"] for r in json.loads(cli("runs", "list", "--runs-dir", runs_dir, "--json").output)}
+    assert listed == {damaged.name: "damaged", healthy.name: "completed"}
+
+
+def test_only_run_reports_an_unexpected_error_as_training_failed(cli, tmp_path, monkeypatch):
+    import engineflow.record.runs as runs
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(runs, "list_runs", broken)
+    result = cli("runs", "list", "--runs-dir", str(tmp_path))
+    assert result.exit_code == 1
+    assert "error: runs list failed with the exception above" in result.output
+    assert "training failed" not in result.output and "RuntimeError: disk on fire" in result.output

@@ -176,3 +176,16 @@ def test_loading_a_run_in_setup_leaves_this_runs_seed_in_charge(write_recipe, tm
 
     assert torch.equal(head_weights(True, 1), head_weights(False, 1)), "the loaded run's seed took over"
     assert not torch.equal(head_weights(True, 1), head_weights(True, 2))
+
+
+def test_errors_through_the_python_api_name_python_arguments(write_recipe, tmp_path):
+    import engineflow as ef
+
+    recipe = write_recipe(BASE_RECIPE)
+    ef.run(recipe, device="cpu", runs_dir=tmp_path / "runs", stream=open(tmp_path / "out.txt", "w"))
+    with pytest.raises(ef.RecipeError) as repeat:
+        ef.run(recipe, device="cpu", runs_dir=tmp_path / "runs", stream=open(tmp_path / "out.txt", "w"))
+    assert "force=True" in str(repeat.value) and "retrain=True" in str(repeat.value)
+    assert "--force" not in str(repeat.value)
+    with pytest.raises(ef.RecipeError, match=r"resume='last' continues a recorded run; force=True"):
+        ef.run(recipe, device="cpu", runs_dir=tmp_path / "runs", resume="last", force=True)
