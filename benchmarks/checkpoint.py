@@ -5,7 +5,7 @@ Two files, each with the engineflow API that writes it, when this version has it
 * ``weights``: the model's weights, :func:`engineflow.state.checkpoint_files.save_weights` (atomic: a
   temporary file, fsync, rename, fsync of the folder) and ``load_weights``;
 * ``full_state``: everything a resume needs (weights, optimizer, engine position, RNG states,
-  history...), ``engineflow.state.checkpointer.Checkpointer.save`` / ``latest`` + ``restore``, after
+  history...), ``engineflow.state.checkpointer.Checkpointer.save`` / ``latest`` + ``load_state_dict``, after
   one epoch of training so that the optimizer has its state.
 
 Each process times several saves and loads; a plain ``torch.save`` of the same object (no fsync,
@@ -50,21 +50,19 @@ def family(quick: bool = False) -> Family:
     )
 
 
-# The functions each case calls, by file: found by reading the source, so that this runner imports nothing
-# heavy (see harness.run_once on peak RSS), and skipped cleanly in versions that lack them.
+# The definitions each case needs: found by reading the package's source (wherever a version keeps
+# them), so that this runner imports nothing heavy (see harness.run_once on peak RSS), and skipped
+# cleanly in versions that lack them.
 _APIS = {
-    "weights": ("checkpoint.py", ("def save_weights(", "def load_weights(", "def modules_of(")),
-    "full_state": ("checkpointer.py", ("class Checkpointer", "def save(", "def latest(", "def restore(",
-                                       "def checkpoints(")),
+    "weights": ("def save_weights(", "def load_weights(", "def modules_of("),
+    "full_state": ("class Checkpointer", "def save(", "def latest(", "def load_state_dict(", "def checkpoints("),
 }
 
 
 def _missing_api(case: str) -> str:
-    name, needles = _APIS[case]
-    source = REPO / "engineflow" / name
-    text = source.read_text() if source.is_file() else ""
-    missing = [needle for needle in needles if needle not in text]
-    return f"engineflow/{name} lacks {', '.join(missing)} in this version" if missing else ""
+    text = "".join(path.read_text() for path in sorted((REPO / "engineflow").rglob("*.py")))
+    missing = [needle for needle in _APIS[case] if needle not in text]
+    return f"engineflow lacks {', '.join(missing)} in this version" if missing else ""
 
 
 def measure(case: str, *, repeats: int) -> dict[str, Any]:
@@ -112,14 +110,16 @@ def _full_state() -> Actions:
     fit, _, _ = build(RECIPE, {"epochs": 1}, device="cpu")
     fit.run(1)  # the optimizer's momentum buffers, a history row and a best epoch are part of the state
     folder = _scratch()
-    checkpointer = Checkpointer(folder, checkpoints(keep_last=1, keep_best=0), fit, "benchmark", warn=print)
+    checkpointer = Checkpointer(folder, checkpoints(keep_last=1, keep_best=0), "benchmark", warn=print)
+    checkpointer.handlers(fit)  # attaches it to the fit, as engineflow.run does
     saved: list[Path] = []
 
     def load() -> None:
         found = checkpointer.latest()
         if found is None:
             raise RuntimeError(f"Checkpointer.latest() found nothing in {folder}")
-        checkpointer.restore(found[1])()  # the rest (loss, metrics, RNG) comes once the data is positioned
+        checkpointer.load_state_dict(found[1])
+        fit.load_state_dict(found[1])
 
     written: list[Any] = []
 
