@@ -7,7 +7,8 @@ import pytest
 import engineflow as ef
 from engineflow.declare.handlers import handler_specs
 from engineflow.declare.steps import StepSpec
-from engineflow.execute.engine import attach_in_order, make_engine
+from engineflow.execute.dispatch import attach_in_order
+from engineflow.execute.engine import make_engine
 
 
 class Log:

@@ -15,8 +15,9 @@ from engineflow.declare.configuration import Config
 from engineflow.declare.handlers import HandlerSpec
 from engineflow.declare.recipe import Recipe, load_recipe
 from engineflow.errors import EngineflowError, RecipeError, SetupError
-from engineflow.execute.fit import Fit, build_fit, take
+from engineflow.execute.fit import Fit, build_fit
 from engineflow.execute.injection import describe, make_caller
+from engineflow.execute.wiring import take
 from engineflow.runtime import RunContext, resolve_device
 from engineflow.state.rng import seed_everything
 

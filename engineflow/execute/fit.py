@@ -15,7 +15,7 @@ What one epoch of :meth:`Fit.run` does, in order::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -26,18 +26,17 @@ from ignite.engine import Events, State
 from engineflow.declare.handlers import HandlerSpec
 from engineflow.declare.recipe import Recipe
 from engineflow.declare.steps import StepSpec
-from engineflow.declare.supervised import supervised_eval_step, supervised_train_step
 from engineflow.errors import EngineflowError, RecipeError, StepCheckError
-from engineflow.execute.best import Best, infer_mode
-from engineflow.execute.engine import StepEngine, attach_in_order, make_engine
+from engineflow.execute.best import Best
+from engineflow.execute.dispatch import attach_in_order
+from engineflow.execute.engine import StepEngine, make_engine
 from engineflow.execute.injection import describe
-from engineflow.execute.losses import LossMonitor, is_loss
+from engineflow.execute.losses import LossMonitor
+from engineflow.execute.wiring import eval_loaders_of, loaders_of, main_metric, resolve_steps
 from engineflow.metrics import attach_metrics, check_metric_takes
 from engineflow.state.components import stateful_components
 from engineflow.state.position import EpochData
 from engineflow.state.rng import rng_state, set_rng_state
-
-HELD_OUT = ("train", "test")
 
 
 @dataclass
@@ -208,29 +207,6 @@ class Fit:
         self._epoch_done = True
 
 
-def resolve_steps(recipe: Recipe, components: Mapping[str, Any]) -> tuple[StepSpec, StepSpec | None]:
-    """The recipe's train and eval steps, or the supervised defaults when it declares none."""
-    from engineflow.declare.steps import step_spec
-
-    train = recipe.steps.get("train")
-    evaluate = recipe.steps.get("eval")
-    has_supervised = all(name in components for name in ("model", "optimizer", "loss_fn"))
-    if train is None:
-        if not has_supervised:
-            raise RecipeError(
-                f"{recipe.path}: no train step. Decorate a function with @ef.train_step, or return "
-                "'model', 'optimizer' and 'loss_fn' from setup() to use the default supervised step "
-                f"(setup returned: {', '.join(components) or 'nothing'})"
-            )
-        train = step_spec(supervised_train_step())
-    if evaluate is None and "model" in components and "loss_fn" in components:
-        from engineflow.metrics import Loss
-
-        evaluate = step_spec(supervised_eval_step(metrics={"loss": Loss(components["loss_fn"])}))
-    assert train is not None  # step_spec of a freshly decorated function
-    return train, evaluate
-
-
 def build_fit(
     recipe: Recipe,
     components: Mapping[str, Any],
@@ -248,10 +224,10 @@ def build_fit(
         extras: functions of the fit that return more handlers (progress, logging), attached with
             the recipe's by order.
     """
-    loaders = _loaders_of(components, recipe)
+    loaders = loaders_of(components, recipe)
     train_spec, eval_spec = resolve_steps(recipe, components)
-    eval_loaders = _eval_loaders(eval_spec, loaders, recipe)
-    best = Best(*_main_metric(eval_spec, eval_loaders, train_spec, recipe))
+    eval_loaders = eval_loaders_of(eval_spec, loaders, recipe)
+    best = Best(*main_metric(eval_spec, eval_loaders, train_spec, recipe))
     monitor = LossMonitor()
     history: list[dict[str, Any]] = []
     # Two phases: the eval engine first, then the train engine, whose steps and handlers may ask for
@@ -331,75 +307,3 @@ def _scalar(value: Any) -> float | None:
     if hasattr(value, "numel") and value.numel() == 1:
         return float(value)
     return None
-
-
-def _loaders_of(components: Mapping[str, Any], recipe: Recipe) -> dict[str, Iterable[Any]]:
-    loaders = components.get("loaders")
-    if not isinstance(loaders, Mapping) or "train" not in loaders:
-        got = "nothing" if loaders is None else repr(type(loaders).__name__)
-        if isinstance(loaders, Mapping):
-            got = f"loaders {', '.join(map(str, loaders)) or '(none)'}"
-        raise RecipeError(
-            f"{recipe.path}: setup() must return loaders={{'train': ..., 'valid': ...}} with at least a "
-            f"'train' loader; got {got}"
-        )
-    for name, loader in loaders.items():
-        if not isinstance(loader, Iterable):
-            raise RecipeError(f"{recipe.path}: loader {name!r} is {type(loader).__name__}, not iterable")
-    return dict(loaders)
-
-
-def _eval_loaders(spec: StepSpec | None, loaders: Mapping[str, Any], recipe: Recipe) -> tuple[str, ...]:
-    if spec is None:
-        return ()
-    if spec.loaders is None:
-        return tuple(name for name in loaders if name not in HELD_OUT)
-    missing = [name for name in spec.loaders if name not in loaders]
-    if missing:
-        raise RecipeError(
-            f"{recipe.path}: @eval_step(loaders=...) names {', '.join(missing)}, but setup() returned "
-            f"loaders {', '.join(loaders)}"
-        )
-    return spec.loaders
-
-
-def _main_metric(
-    eval_spec: StepSpec | None, eval_loaders: tuple[str, ...], train_spec: StepSpec, recipe: Recipe
-) -> tuple[str, str]:
-    available = ["train/loss", *(f"train/{n}" for n in train_spec.metrics)]
-    available += [f"{loader}/{n}" for loader in eval_loaders for n in (eval_spec.metrics if eval_spec else {})]
-    wanted = eval_spec.main_metric if eval_spec is not None else None
-    if wanted is None:
-        name = available[len(train_spec.metrics) + 1] if len(available) > len(train_spec.metrics) + 1 else "train/loss"
-    elif "/" not in wanted and eval_loaders:
-        name = f"{eval_loaders[0]}/{wanted}"
-    else:
-        name = wanted
-    if name not in available and not (name.startswith("train/") and is_loss(name.removeprefix("train/"))):
-        raise RecipeError(
-            f"{recipe.path}: main_metric {wanted!r} is not reported; available: {', '.join(available)}"
-        )
-    mode = (eval_spec.mode if eval_spec is not None else None) or infer_mode(name)
-    return name, mode
-
-
-def take(loader: Iterable[Any], n: int) -> Iterable[Any]:
-    """The first ``n`` batches of ``loader``, re-iterable, with a length (for ``--check``)."""
-    return _Take(loader, n)
-
-
-class _Take:
-    def __init__(self, loader: Iterable[Any], n: int) -> None:
-        self.loader, self.n = loader, n
-
-    def __iter__(self) -> Iterator[Any]:
-        for index, batch in enumerate(self.loader):
-            if index >= self.n:
-                return
-            yield batch
-
-    def __len__(self) -> int:
-        try:
-            return min(self.n, len(self.loader))  # type: ignore[arg-type]
-        except TypeError:
-            return self.n
