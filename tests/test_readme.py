@@ -50,3 +50,65 @@ def test_load_run_example_runs(tmp_path, monkeypatch):
     namespace: dict = {"ef": ef}
     exec(compile(python_block_after("A past run, as it was"), "README.md", "exec"), namespace)
     assert namespace["past"].module.SCALE == 1.0 and namespace["past"].model is not None
+
+
+def test_cleanup_example_runs_when_a_fit_fails_and_the_error_stays():
+    import torch
+
+    import engineflow as ef
+
+    model = torch.nn.Linear(2, 1)
+    namespace: dict = {"ef": ef, "HOOKS": [model.register_forward_hook(lambda *a: None)]}
+    exec(compile(python_block_after("**Cleanup when a fit fails**"), "README.md", "exec"), namespace)
+
+    @ef.train_step
+    def train(batch, model):
+        model(batch)
+        raise ValueError("diverged")
+
+    with pytest.raises(ValueError, match="diverged"):
+        ef.engine(train, namespace["remove_hooks"], model=model).run([torch.ones(1, 2)])
+    assert not model._forward_hooks, "the cleanup removed the hook"
+
+
+def test_engine_value_example_runs():
+    import torch
+
+    import engineflow as ef
+
+    logged = []
+
+    @ef.eval_step(metrics={"accuracy": ef.metrics.Accuracy()})
+    def evaluate(batch, model):
+        x, y = batch
+        return {"y_pred": model(x), "y": y}
+
+    @ef.on(ef.Events.COMPLETED, engine=evaluate)
+    def log_results(metrics):
+        logged.append(dict(metrics))
+
+    x = torch.randn(8, 3)
+    namespace = {"ef": ef, "evaluate": evaluate, "log_results": log_results, "model": torch.nn.Linear(3, 2),
+                 "test_loader": [(x, torch.zeros(8, dtype=torch.long))]}
+    exec(compile(python_block_after("A step with its handlers is also a value"), "README.md", "exec"), namespace)
+    assert set(namespace["evaluator"].state.metrics) == {"accuracy"} and logged and "accuracy" in logged[0]
+
+
+def test_fine_tuning_example_loads_the_pretrained_encoder(tmp_path, write_recipe):
+    import torch
+
+    import engineflow as ef
+    from engineflow.runtime import RunContext
+    from tests.conftest import BASE_RECIPE
+
+    pretrain = BASE_RECIPE.replace("    model = torch.nn.Linear(4, 2)\n",
+                                   "    model = torch.nn.Linear(4, 2)\n    encoder = torch.nn.Linear(4, 3)\n").replace(
+        "return dict(model=model,", "return dict(model=model, encoder=encoder,") + "\nexperiment = 'pretrain'\n"
+    ef.run(write_recipe(pretrain, "pretrain.py"), device="cpu", runs_dir=tmp_path / "runs", stream=io.StringIO())
+    encoder = torch.nn.Linear(4, 3)
+    namespace: dict = {"ef": ef, "make_encoder": lambda: encoder}
+    exec(compile(python_block_after("**Fine-tuning from another run**"), "README.md", "exec"), namespace)
+    run = RunContext("new", "finetune", tmp_path, torch.device("cpu"), 0, runs_dir=tmp_path / "runs")
+    namespace["setup"](ef.config(), run)  # the example's setup, up to its "..."
+    past = ef.load_run("last", runs_dir=tmp_path / "runs", experiment="pretrain")
+    assert torch.equal(encoder.weight, past.components["encoder"].weight)
