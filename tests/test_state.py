@@ -98,3 +98,17 @@ def test_stateful_components_are_found_by_name_and_inside_dicts():
     loader = TensorLoader(torch.arange(4), batch_size=2)
     found = stateful_components({"model": model, "loaders": {"train": loader, "valid": [1, 2]}, "cfg": 3})
     assert found == {"model": model, "loaders.train": loader}
+
+
+def test_a_fit_state_keeps_which_parameters_train(write_recipe):
+    import engineflow as ef
+    from tests.conftest import BASE_RECIPE
+
+    fit, _, _ = ef.build(write_recipe(BASE_RECIPE))
+    model = fit.components["model"]
+    model.weight.requires_grad_(False)  # frozen part-way, as a fine-tuning recipe does
+    state = fit.state_dict()
+    model.weight.requires_grad_(True)
+    model.bias.requires_grad_(False)
+    fit.load_state_dict(state)
+    assert [p.requires_grad for p in model.parameters()] == [False, True]

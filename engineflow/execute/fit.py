@@ -34,7 +34,7 @@ from engineflow.execute.injection import describe
 from engineflow.execute.losses import LossMonitor
 from engineflow.execute.wiring import eval_loaders_of, loaders_of, main_metric, resolve_steps
 from engineflow.metrics import attach_metrics, check_metric_takes
-from engineflow.state.components import stateful_components
+from engineflow.state.components import modules_of, stateful_components
 from engineflow.state.position import EpochData
 from engineflow.state.rng import rng_state, set_rng_state
 
@@ -147,8 +147,9 @@ class Fit:
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resume needs: the engine's counts and position, every stateful component
-        (models, optimizers, schedulers, a TensorLoader...), the train metrics, the losses, the best
-        epoch, the history, the RNG states and the seed. Tensors and plain values only."""
+        (models, optimizers with their param groups, schedulers, a TensorLoader...), which parameters
+        train (``requires_grad``), the train metrics, the losses, the best epoch, the history, the RNG
+        states and the seed. Tensors and plain values only."""
         engine = self.train.state
         metrics = {}
         for name, metric in self.train_metrics.items():
@@ -160,6 +161,9 @@ class Fit:
             "engine": {"iteration": engine.iteration, "epoch_length": engine.epoch_length,
                        "max_epochs": engine.max_epochs, **self.position()},
             "components": {name: obj.state_dict() for name, obj in stateful_components(self.components).items()},
+            # which parameters train: a model frozen or unfrozen part-way must resume the same
+            "requires_grad": {name: [p.requires_grad for p in module.parameters()]
+                              for name, module in modules_of(self.components).items()},
             "train_metrics": metrics, "loss": self.loss.state_dict(), "best": self.best.state_dict(),
             "history": list(self.history), "rng": rng_state(), "seed": self.seed,
         }
@@ -172,6 +176,11 @@ class Fit:
                 raise RecipeError(f"the checkpoint has no state for component {name!r} (it holds "
                                   f"{', '.join(saved)}); did setup() change since the run started?")
             obj.load_state_dict(saved[name])
+        for name, flags in state.get("requires_grad", {}).items():  # absent from older checkpoints
+            module = modules_of(self.components).get(name)
+            if module is not None:
+                for param, flag in zip(module.parameters(), flags, strict=True):
+                    param.requires_grad_(flag)
         self.best.load_state_dict(state["best"])
         self.history[:] = state["history"]
         engine = state["engine"]
