@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+import json
+import math
 
+import pytest
+import torch
+
+import engineflow as ef
 from tests.conftest import REPO, read_run, run_engineflow
 
 pytestmark = pytest.mark.slow
@@ -33,8 +38,54 @@ def test_sine_regression_fits_with_the_default_step(tmp_path):
     assert summary["history"][0]["valid/mse"] > summary["best"]["value"]
 
 
-@pytest.mark.parametrize("recipe", ["digits.py", "sine.py"])
-def test_bundled_recipes_pass_check(recipe, cli):
+@pytest.fixture
+def keep_torch_threads():
+    """The GAN recipe's setup() sets torch's thread count; keep this process's own."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_gan_covers_every_mode_and_loads_with_both_models(tmp_path, keep_torch_threads):
+    recipe = REPO / "recipes" / "gan.py"
+    proc = run_engineflow("run", str(recipe), "--runs-dir", str(tmp_path), "--device", "cpu", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    summary = read_run(tmp_path)
+    assert summary["status"] == "completed" and summary["epochs"] == 20
+    assert summary["best"]["metric"] == "valid/mmd" and summary["best"]["mode"] == "min"
+    # The threshold the recipe's docstring states; an untrained generator scores about 1.
+    assert summary["best"]["value"] < 0.12
+    best = summary["history"][summary["best"]["epoch"] - 1]
+    assert best["valid/modes"] == 8 and best["valid/quality"] >= 0.7
+    assert summary["history"][0]["valid/mmd"] > 2 * summary["best"]["value"], "learned, not started there"
+    # metrics.jsonl: each of the two losses, every epoch, and no plain "loss"
+    assert len(summary["history"]) == 20
+    for row in summary["history"]:
+        assert {"train/g_loss", "train/d_loss"} <= row.keys() and "train/loss" not in row
+        assert math.isfinite(row["train/g_loss"]) and math.isfinite(row["train/d_loss"])
+
+    past = ef.load_run("last", runs_dir=tmp_path)
+    assert past.model is None
+    best_weights = torch.load(past.run_dir / "checkpoints" / "best.pt", weights_only=True)["weights"]
+    assert best_weights.keys() == {"generator", "discriminator"}
+    for name in ("generator", "discriminator"):
+        loaded = past.components[name].state_dict()
+        assert loaded.keys() == best_weights[name].keys()
+        assert all(torch.equal(loaded[key], best_weights[name][key]) for key in loaded), name
+    real, noise = past.components["loaders"]["valid"].tensors
+    with torch.no_grad():
+        points = past.components["generator"](noise)
+    assert past.module.mmd(points, real) == pytest.approx(summary["best"]["value"], rel=1e-6)
+
+    tested = run_engineflow("test", str(recipe), "--runs-dir", str(tmp_path), "--json", cwd=tmp_path)
+    assert tested.returncode == 0, tested.stderr
+    metrics = json.loads(tested.stdout)["metrics"]
+    assert metrics.keys() == {"test/mmd", "test/modes", "test/quality"}
+    assert metrics["test/mmd"] < 0.2 and metrics["test/modes"] == 8
+
+
+@pytest.mark.parametrize("recipe", ["digits.py", "sine.py", "gan.py"])
+def test_bundled_recipes_pass_check(recipe, cli, keep_torch_threads):
     result = cli("run", str(REPO / "recipes" / recipe), "--check")
     assert result.exit_code == 0, result.output
     assert "completed 2 epochs" in result.output

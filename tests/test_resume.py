@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import REPO
+
 RECIPE = '''
 import os, signal
 import torch
@@ -361,3 +363,67 @@ def test_resume_refuses_settings_of_a_new_run(tmp_path):
                       cwd=tmp_path)
     assert proc.returncode == 2 and "--retrain is for starting a new one" in proc.stderr
     assert not (tmp_path / "runs" / "resumable").exists()
+
+
+# The GAN recipe as it ships, plus a handler that SIGKILLs it once at iteration KILL_AT (as killed_run
+# sets it); the reference run has the same code, so a resume is not refused as "other code".
+GAN_RECIPE = (REPO / "recipes" / "gan.py").read_text() + '''
+
+@ef.on(ef.Events.ITERATION_COMPLETED)
+def _kill_once(state):
+    import os
+    import signal
+
+    if state.iteration == int(os.environ.get("KILL_AT", "0")):
+        marker = os.environ["KILL_MARKER"] + ".iteration"
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            os.kill(os.getpid(), signal.SIGKILL)
+'''
+# 2048 samples in batches of 128: 16 iterations an epoch, 48 in all, a checkpoint every 6, the last at
+# the very end; the kill at 27 (epoch 2, batch 11) loses the iterations since the checkpoint at 24.
+GAN_OPTIONS = ("--device", "cpu", "--set", "epochs=3", "--set", "samples=2048", "--checkpoint-every", "6")
+GAN_COMPONENTS = ("generator", "discriminator", "g_optimizer", "d_optimizer")
+
+
+def flat(value, prefix: str = "") -> dict:
+    """Every leaf of nested state dicts (an optimizer's ``state`` and ``param_groups``), by its path."""
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}{key}/").items()}
+    if isinstance(value, (list, tuple)):
+        return {k: v for i, item in enumerate(value) for k, v in flat(item, f"{prefix}{i}/").items()}
+    return {prefix.rstrip("/"): value}
+
+
+def final_components(runs_dir: Path) -> dict:
+    """Every entry of every component's state at the end of the only run under ``runs_dir``: the
+    models from last.pt, and every component (optimizers included) from the last full-state checkpoint."""
+    (run_json,) = runs_dir.glob("*/*/run.json")
+    assert json.loads(run_json.read_text())["status"] == "completed"
+    checkpoints = run_json.parent / "checkpoints"
+    newest = sorted((checkpoints / "state").glob("state-*.pt"))[-1]
+    assert newest.name == "state-000000048.pt", "the last checkpoint holds the state at the end of training"
+    components = torch.load(newest, weights_only=True)["components"]
+    assert set(GAN_COMPONENTS) <= components.keys()
+    weights = torch.load(checkpoints / "last.pt", weights_only=True)["weights"]
+    assert weights.keys() == {"generator", "discriminator"}
+    return {**flat(components, "state/"), **flat(weights, "last.pt/")}
+
+
+@pytest.mark.slow
+def test_gan_killed_mid_epoch_resumes_both_models_and_optimizers_bit_identically(tmp_path):
+    recipe, runs = killed_run(tmp_path, GAN_RECIPE, 27, *GAN_OPTIONS)
+    resumed = engineflow("run", str(recipe), "--runs-dir", str(runs), "--resume", "last", *GAN_OPTIONS, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "from checkpoint state-000000024.pt: epoch 2, batch 9 of 16" in resumed.stdout
+    reference = tmp_path / "reference"
+    unbroken = engineflow("run", str(recipe), "--runs-dir", str(reference), *GAN_OPTIONS, cwd=tmp_path)
+    assert unbroken.returncode == 0, unbroken.stderr
+
+    got, expected = final_components(runs), final_components(reference)
+    assert got.keys() == expected.keys()
+    for name in GAN_COMPONENTS:
+        assert any(key.startswith(f"state/{name}/") and isinstance(v, torch.Tensor) for key, v in got.items()), name
+    differ = [key for key, value in expected.items()
+              if not (torch.equal(got[key], value) if isinstance(value, torch.Tensor) else got[key] == value)]
+    assert differ == [], f"{len(differ)} entries differ after the resume, e.g. {differ[:5]}"
