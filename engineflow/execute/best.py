@@ -3,16 +3,26 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
 _LOWER_IS_BETTER = ("loss", "error", "mse", "mae", "rmse", "perplexity", "distance")
+# short names that would match inside other words ("fid" in "confidence"): whole words of the name only
+_LOWER_IS_BETTER_WORDS = ("mmd", "fid", "nll", "kl", "l1", "l2", "wer", "cer", "mape", "bce", "huber")
 
 
 def infer_mode(metric: str) -> str:
-    """"min" for names that read as losses or errors ("valid/loss", "valid/mse"), else "max"."""
+    """"min" for names that read as losses, errors or distances, else "max".
+
+    Example:
+        >>> [infer_mode(m) for m in ("valid/loss", "valid/mse", "valid/mmd", "valid/kl_div", "valid/confidence")]
+        ['min', 'min', 'min', 'min', 'max']
+    """
     leaf = metric.rsplit("/", 1)[-1].lower()
-    return "min" if any(word in leaf for word in _LOWER_IS_BETTER) else "max"
+    words = re.split(r"[^a-z0-9]+", leaf)
+    return "min" if any(w in leaf for w in _LOWER_IS_BETTER) or any(w in words for w in _LOWER_IS_BETTER_WORDS) \
+        else "max"
 
 
 @dataclass
