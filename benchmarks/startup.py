@@ -33,6 +33,9 @@ def family(quick: bool = False) -> Family:
         _python("import engineflow", "import_engineflow", "import engineflow"),
         _python("import engineflow, then ignite.engine", "import_ignite_via_engineflow",
                 "import engineflow, ignite.engine"),
+        _python("the command's imports: engineflow, hook, ignite", "import_ignite_via_command",
+                "import engineflow\nfrom engineflow.app import ignite_import\n"
+                "ignite_import.install()\nimport ignite.engine"),
         Case("help", "engineflow --help", (*cli, "--help"), inner=False),
     ]
     skipped: dict[str, str] = {}
@@ -52,7 +55,9 @@ def family(quick: bool = False) -> Family:
         cases=cases,
         clock="wall",  # what the user waits for
         skipped=skipped,
-        notes=["import engineflow is lazy (public names load on first use). `engineflow run` loads Ignite after "
-               "engineflow, without the torch.distributed.optim import of Ignite's checkpoint module "
-               "(engineflow/app/ignite_import.py): the `import engineflow, then ignite.engine` row."],
+        notes=["import engineflow is lazy (public names load on first use) and changes no import: a program "
+               "that imports engineflow, then Ignite, loads Ignite the plain way (the `import engineflow, then "
+               "ignite.engine` row). The `engineflow` command installs a finder first, so that Ignite loads "
+               "without the torch.distributed.optim import of its checkpoint module "
+               "(engineflow/app/ignite_import.py): the `the command's imports` row, what `engineflow run` loads."],
     )
