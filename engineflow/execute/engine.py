@@ -119,8 +119,8 @@ class StepEngine(HookedEngine):
             if event is Events.ITERATION_COMPLETED:
                 self.batch_skipped = False
             return
-        if not self.has_handlers(event):
-            self.note_event(event)  # most events of an iteration have no handler
+        if not self.handlers_of(event):  # most events of an iteration have none
+            self.last_event_name = event  # as Ignite records every event it fires
             return
         try:
             if self._log_events:

@@ -71,6 +71,11 @@ class HookedEngine(Engine):
     :meth:`fire` and :meth:`handle_exception`.
     """
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # an event's handler entries, or None: a bound dict lookup, for the check every event makes
+        self.handlers_of = self._event_handlers.get
+
     def _fire_event(self, event_name: Any, *event_args: Any, **event_kwargs: Any) -> None:
         self.fire(event_name, event_args, event_kwargs)
 
@@ -88,8 +93,7 @@ class HookedEngine(Engine):
 
     def has_handlers(self, event: Any) -> bool:
         """Whether any handler is attached to ``event`` (unfiltered form)."""
-        handlers = self._event_handlers.get(event)
-        return bool(handlers)
+        return bool(self.handlers_of(event))
 
     def call_handlers(self, event: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
         """Ignite's ``_fire_event`` without the debug line it formats for every event, whatever the log
@@ -104,10 +108,6 @@ class HookedEngine(Engine):
                 func(engine, *args, *stored_args[1:], **stored_kwargs)
             else:
                 func(*args, *stored_args, **stored_kwargs)
-
-    def note_event(self, event: Any) -> None:
-        """Record ``event`` as the last fired, as Ignite's loop expects, without calling anything."""
-        self.last_event_name = event
 
     def allowed_events(self) -> list[Any]:
         """The events this engine fires: Ignite's and any registered with ``register_events``."""
