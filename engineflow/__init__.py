@@ -35,6 +35,9 @@ _EXPORTS = {
     "TrainingError": "engineflow.errors",
     "NonFiniteLossError": "engineflow.errors",
     "HandlerError": "engineflow.errors",
+    "SetupError": "engineflow.errors",
+    "StepCheckError": "engineflow.errors",
+    "StoreError": "engineflow.errors",
     "supervised_train_step": "engineflow.declare.supervised",
     "supervised_eval_step": "engineflow.declare.supervised",
     "prepare_batch": "engineflow.declare.supervised",
@@ -95,6 +98,9 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the same names as _EXPORTS
         HandlerError,
         NonFiniteLossError,
         RecipeError,
+        SetupError,
+        StepCheckError,
+        StoreError,
         TrainingError,
     )
     from engineflow.execute.best import Best
