@@ -433,3 +433,32 @@ def test_runs_plot_without_matplotlib_says_what_to_install(cli, recipe, tmp_path
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if it were not installed
     result = cli("runs", "plot", "last", "--out", str(tmp_path / "x.png"), "--runs-dir", str(recipe.parent / "runs"))
     assert result.exit_code == 2 and "pip install 'engineflow[plot]'" in result.output
+
+
+def test_runs_of_the_previous_version_list_show_load_and_resume(cli, tmp_path):
+    import shutil
+
+    import engineflow as ef
+    from tests.conftest import REPO
+
+    fixture = REPO / "tests" / "fixtures" / "runs-1ddb4e4"
+    shutil.copytree(fixture, tmp_path, dirs_exist_ok=True)
+    runs_dir, recipe = str(tmp_path / "runs"), str(tmp_path / "recipe.py")
+    listed = as_json(cli("runs", "list", "--runs-dir", runs_dir, "--json"))
+    assert sorted(r["status"] for r in listed) == ["completed", "completed", "interrupted"]  # the killed one
+    killed = next(r for r in listed if r["status"] == "interrupted")
+    assert all(Path(r["run_dir"]).parent.parent == (tmp_path / "runs").resolve() for r in listed)
+    shown = as_json(cli("runs", "show", killed["id"], "--runs-dir", runs_dir, "--json"))
+    assert shown["history"] and shown["stages"][0]["name"] == "fit"
+
+    done = [r for r in listed if r["status"] == "completed"]
+    past = ef.load_run(done[0]["id"], runs_dir=runs_dir)
+    assert set(past.components) >= {"model", "optimizer", "loaders"}
+    tested = as_json(cli("test", recipe, "--run", done[0]["id"], "--runs-dir", runs_dir, "--json"))
+    assert set(tested["metrics"]) == {"test/accuracy"}
+
+    resumed = cli("run", recipe, "--resume", killed["id"], "--runs-dir", runs_dir)
+    assert resumed.exit_code == 0, resumed.output
+    assert "from checkpoint state-" in resumed.output
+    after = as_json(cli("runs", "show", killed["id"], "--runs-dir", runs_dir, "--json"))
+    assert after["status"] == "completed" and after["epochs"] == 400

@@ -110,7 +110,7 @@ class RunTransaction:
     def get(self, run_id: str) -> dict[str, Any] | None:
         """The record of ``run_id`` as stored ("running" even when stale), or None."""
         found = self._conn.execute("SELECT record FROM runs WHERE id = ?", (run_id,)).fetchone()
-        return json.loads(found[0]) if found is not None else None
+        return self._store.located(json.loads(found[0])) if found is not None else None
 
     def update(self, run_id: str, fields: Mapping[str, Any], *,
                insert: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -286,7 +286,7 @@ class RunStore:
         """
         with self._session() as conn:
             found = conn.execute("SELECT record FROM runs WHERE status = 'running'").fetchall()
-        records = [json.loads(text) for (text,) in found]
+        records = [self.located(json.loads(text)) for (text,) in found]
         return [r for r in records if is_stale(r, now, heartbeat_timeout_s=heartbeat_timeout_s)]
 
     def mark_stale(self, now: datetime | None = None, *,
@@ -337,7 +337,7 @@ class RunStore:
             UnknownRunError: no run has this id.
         """
         with self._session() as conn:
-            record = _as_seen(self._record(conn, run_id))
+            record = self._seen(self._record(conn, run_id))
             history: dict[int, dict[str, Any]] = {}
             for epoch, name, value in conn.execute(
                     "SELECT epoch, name, value FROM metrics WHERE run_id = ? ORDER BY epoch, name", (run_id,)):
@@ -395,7 +395,7 @@ class RunStore:
             where, args = "WHERE experiment = ?", [experiment]
         with self._session() as conn:
             rows = conn.execute(f"SELECT record FROM runs {where} ORDER BY started_at DESC, id DESC", args).fetchall()
-        records = [_as_seen(json.loads(text)) for (text,) in rows]
+        records = [self._seen(json.loads(text)) for (text,) in rows]
         return [r for r in records if status is None or r["status"] == status]
 
     def find_completed(self, fingerprint: str) -> list[dict[str, Any]]:
@@ -403,9 +403,22 @@ class RunStore:
         with self._session() as conn:
             rows = conn.execute("SELECT record FROM runs WHERE fingerprint = ? AND status = 'completed' "
                                 "ORDER BY started_at DESC, id DESC", (fingerprint,)).fetchall()
-        return [json.loads(text) for (text,) in rows]
+        return [self._seen(json.loads(text)) for (text,) in rows]
 
     # -------------------------------------------------------------------------------------- plumbing
+    def _seen(self, record: dict[str, Any]) -> dict[str, Any]:
+        """A stored record as the caller should see it: a dead "running" run as interrupted, and
+        its folder found (:meth:`located`)."""
+        return self.located(_as_seen(record))
+
+    def located(self, record: dict[str, Any]) -> dict[str, Any]:
+        """``record`` with ``run_dir`` in this runs folder (``<runs>/<experiment>/<id>``) when the folder is
+        there: a runs folder moved or copied elsewhere keeps the absolute paths it was written with."""
+        here = str(self.path.parent.resolve() / str(record.get("experiment")) / str(record.get("id")))
+        if record.get("run_dir") != here and Path(here).is_dir():
+            return {**record, "run_dir": here}
+        return record
+
     def _record(self, conn: sqlite3.Connection, run_id: str) -> dict[str, Any]:
         found = conn.execute("SELECT record FROM runs WHERE id = ?", (run_id,)).fetchone()
         if found is None:
