@@ -11,10 +11,13 @@ declared. engineflow's own handlers use fixed orders so that yours see finished 
 =============================  ======  ==============================================
 train ``EPOCH_COMPLETED``      order   what
 =============================  ======  ==============================================
-epoch train loss               -300    ``metrics["train/loss"]`` (mean of the epoch)
+the fit's position            -3000    the epoch counts as complete (for checkpoints)
+epoch train losses             -300    ``metrics["train/loss"]`` (and ``train/<x>_loss``)
 validation                     -200    ``metrics["valid/<name>"]`` for each eval loader
 history and best epoch         -100    ``history`` gets the epoch; ``best`` is updated
 your handlers (default)           0
+records                         900    metrics.jsonl, the index, TensorBoard
+checkpoint                      950    when the policy asks, or the epoch is the best
 epoch log line                 1000
 =============================  ======  ==============================================
 """
