@@ -236,3 +236,30 @@ def test_an_engine_refuses_a_handler_of_another_kind_and_an_unmarked_step():
         ef.engine(check, done)
     with pytest.raises(ef.RecipeError, match="not marked"):
         ef.engine(lambda batch: batch)
+
+
+def test_a_cleanup_gets_the_error_a_handler_raised_not_its_wrapper():
+    seen = []
+
+    @ef.on(ef.Events.ITERATION_COMPLETED(every=2))
+    def broken(state):
+        raise KeyError("no such key")
+
+    @ef.on(ef.Events.EXCEPTION_RAISED)
+    def clean_up(exception):
+        seen.append(type(exception).__name__)
+
+    with pytest.raises(ef.HandlerError) as err:
+        engine_with(broken, clean_up).run([1, 2, 3], max_epochs=1)
+    assert seen == ["KeyError"]
+    assert "Events.ITERATION_COMPLETED of the train engine" in str(err.value)
+    assert "filter=" not in str(err.value) and "0x" not in str(err.value)
+
+
+def test_a_filter_on_an_event_without_a_count_is_refused_when_attached():
+    @ef.on(ef.Events.TERMINATE_SINGLE_EPOCH(once=1))
+    def once(iter_counter):
+        pass
+
+    with pytest.raises(ef.RecipeError, match="keeps no count of its own, so it takes no filter"):
+        engine_with(once)
