@@ -18,7 +18,7 @@ from typing import IO, Any
 
 from engineflow.app.interrupts import Interrupts
 from engineflow.app.report import Reporter, format_duration, format_metrics, format_value, plural
-from engineflow.app.session import Session, new_session, resume_session
+from engineflow.app.session import Session, find_resumable, new_session, resume_session
 from engineflow.declare.handlers import HandlerSpec
 from engineflow.declare.recipe import Recipe, load_recipe
 from engineflow.errors import RecipeError
@@ -115,7 +115,6 @@ def run(
         result = ef.run("recipes/digits.py", {"epochs": 5}, device="cpu")
         result.best  # {'metric': 'valid/accuracy', 'mode': 'max', 'epoch': 5, 'value': 0.94...}
     """
-    from engineflow.app.session import find_resumable
     from engineflow.record.store import RunStore
 
     if resume is not None and (force or retrain):

@@ -186,7 +186,7 @@ def make_engine(spec: StepSpec, provided: Mapping[str, Any]) -> StepEngine:
         provided: components for the step by name (what ``setup`` returned, ``cfg``, ``device``...).
 
     Example:
-        >>> from engineflow.declare.steps import StepSpec, step_spec
+        >>> from engineflow.declare.steps import StepSpec
         >>> engine = make_engine(StepSpec("train", lambda batch, k: {"loss": batch * k}), {"k": 2})
         >>> engine.run([1, 2, 3], max_epochs=1).output
         {'loss': 6}

@@ -91,10 +91,6 @@ class HookedEngine(Engine):
         there are any (and then not raise it), else raise it."""
         Engine._handle_exception(self, error)
 
-    def has_handlers(self, event: Any) -> bool:
-        """Whether any handler is attached to ``event`` (unfiltered form)."""
-        return bool(self.handlers_of(event))
-
     def call_handlers(self, event: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
         """Ignite's ``_fire_event`` without the debug line it formats for every event, whatever the log
         level: the same calls, in the same order, with the same arguments."""
