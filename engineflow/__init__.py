@@ -26,6 +26,10 @@ _EXPORTS = {
     "on": "engineflow.declare.handlers",
     "every_n_epochs": "engineflow.declare.handlers",
     "every_n_iterations": "engineflow.declare.handlers",
+    "stage": "engineflow.declare.stages",
+    "Stage": "engineflow.declare.stages",
+    "Pipeline": "engineflow.execute.pipeline",
+    "Progress": "engineflow.execute.stage",
     "SkipBatch": "engineflow.declare.control",
     "EndEpoch": "engineflow.declare.control",
     "StopFit": "engineflow.declare.control",
@@ -90,6 +94,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the same names as _EXPORTS
     from engineflow.declare.control import EndEpoch, SkipBatch, StopFit
     from engineflow.declare.handlers import every_n_epochs, every_n_iterations, on
     from engineflow.declare.recipe import load_recipe
+    from engineflow.declare.stages import Stage, stage
     from engineflow.declare.steps import StepSpec, eval_step, infer_step, train_step
     from engineflow.declare.supervised import prepare_batch, supervised_eval_step, supervised_train_step
     from engineflow.errors import (
@@ -107,6 +112,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the same names as _EXPORTS
     from engineflow.execute.build import build
     from engineflow.execute.engine import engine, make_engine
     from engineflow.execute.fit import Fit
+    from engineflow.execute.pipeline import Pipeline
+    from engineflow.execute.stage import Progress
     from engineflow.record.load import LoadedRun, load_run
     from engineflow.runtime import RunContext
     from engineflow.state.checkpointer import CheckpointPolicy, checkpoints

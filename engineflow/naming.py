@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 # Python argument names that differ from the option's (``--run`` is ``ref=`` of select_run and load_run)
-_ARGUMENTS = {"run": "ref", "set": "overrides"}
+_ARGUMENTS = {"run": "ref", "set": "overrides", "from": "from_run"}
 _NO_VALUE = object()
 
 _command_line: contextvars.ContextVar[bool] = contextvars.ContextVar("engineflow_command_line", default=False)

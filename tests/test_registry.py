@@ -65,7 +65,7 @@ def test_two_runs_are_listed_with_config_and_metrics_and_compared(cli, recipe):
     shown = as_json(cli("runs", "show", "last", "--runs-dir", runs_dir, "--json"))
     assert shown["id"] == runs[0]["id"] and [row["epoch"] for row in shown["history"]] == [1, 2, 3]
     (stage,) = shown["stages"]  # a run of one fit is one stage
-    assert stage == {"name": "fit", "status": "completed", "epochs": 3, "best": shown["best"],
+    assert stage == {"name": "fit", "kind": "train", "status": "completed", "epochs": 3, "best": shown["best"],
                      "metrics": shown["metrics"]}
     listed = cli("runs", "list", "--runs-dir", runs_dir)
     assert runs[0]["id"] in listed.output and "completed" in listed.output

@@ -12,6 +12,7 @@ import pytest
 from ignite.engine import Engine, Events
 
 from engineflow.app.report import Reporter, format_duration, format_metrics, format_value, plural
+from engineflow.execute.stage import StageInfo
 
 
 @pytest.mark.parametrize(("value", "text"), [
@@ -92,7 +93,8 @@ def test_epoch_lines_print_small_values_with_significant_digits(write_recipe, tm
 
 def fake_fit(loss: float | None = 0.25) -> SimpleNamespace:
     """What the reporter reads from a fit: history, best epoch and the running loss."""
-    return SimpleNamespace(history=[], best=SimpleNamespace(epoch=None), loss=SimpleNamespace(running=loss))
+    return SimpleNamespace(history=[], best=SimpleNamespace(epoch=None), loss=SimpleNamespace(running=loss),
+                           stage=StageInfo())
 
 
 def attach(reporter: Reporter, fit: SimpleNamespace, step_seconds: float = 0.0, fail_at: int | None = None) -> Engine:

@@ -73,21 +73,29 @@ def main() -> None:
 @click.option("--ignore-changes", is_flag=True, help="With --resume: continue even if code or config changed.")
 @click.option("--checkpoint-every", type=click.IntRange(min=1), default=None, metavar="N",
               help="Checkpoint every N iterations (replaces the recipe's policy).")
+@click.option("--stage", default=None, metavar="NAME",
+              help="Run only this stage of a recipe with stages, from the state --from RUN had when it started.")
+@click.option("--from", "from_run", default=None, metavar="RUN|last",
+              help="With --stage: the run whose state at the start of that stage this run starts from.")
 @debug_option
 def run_command(recipe: str, assignments: tuple[str, ...], check: bool, device: str, seed: int | None,
                 runs_dir: str, progress: bool | None, force: bool, retrain: bool, resume: str | None,
-                ignore_changes: bool, checkpoint_every: int | None, debug: bool) -> None:
+                ignore_changes: bool, checkpoint_every: int | None, stage: str | None, from_run: str | None,
+                debug: bool) -> None:
     """Train RECIPE (a .py file) and record the run under --runs-dir.
 
     A completed run with the same code and config is not repeated: --force makes a new run,
     --retrain a new run that replaces it once it completes. --resume continues an interrupted run
     exactly where its latest checkpoint left it (auto: this recipe's, config's and seed's latest
     unfinished run, or a new run); on CPU the final weights equal those of an uninterrupted run.
+    A recipe with stages runs them in order; --stage NAME --from RUN runs one of them again as a
+    new run, starting from the state RUN had at that stage's start.
 
     \b
     Examples:
       engineflow run recipes/digits.py
       engineflow run recipes/sine.py --set hidden=64 --seed 3 --device cpu
+      engineflow run recipes/pretrain_finetune.py --stage finetune --from last --set finetune_lr=0.01
     """
 
     def go() -> None:
@@ -96,7 +104,7 @@ def run_command(recipe: str, assignments: tuple[str, ...], check: bool, device: 
 
         run(recipe, parse_assignments(assignments), check=check, device=device, seed=seed,
             runs_dir=runs_dir, progress=progress, force=force, retrain=retrain, resume=resume,
-            ignore_changes=ignore_changes, checkpoint_every=checkpoint_every)
+            ignore_changes=ignore_changes, checkpoint_every=checkpoint_every, stage=stage, from_run=from_run)
 
     _guarded(go, debug, "training failed")
 

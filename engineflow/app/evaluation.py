@@ -64,13 +64,15 @@ def evaluate_test(recipe: str | Path, *, ref: str | None = None, ignore_changes:
     Returns:
         ``{"run": id, "metrics": {"test/accuracy": ...}}``.
     """
+    from engineflow.execute.fit import evaluate_loader
     from engineflow.record.load import select_run
 
     past = select_run(recipe, ref=ref, ignore_changes=ignore_changes, runs_dir=runs_dir, device=device)
-    if "test" not in past.fit.loaders:
+    loaders = past.components["loaders"]  # setup()'s, also for a pipeline whose last stage trained on others
+    if "test" not in loaders:
         raise RecipeError(f"{past.recipe.path}: setup() returned no 'test' loader (loaders: "
-                          f"{', '.join(past.fit.loaders)}); add loaders['test'] to test a run")
-    metrics = past.fit.evaluate("test")
+                          f"{', '.join(loaders)}); add loaders['test'] to test a run")
+    metrics = evaluate_loader(past.fit.eval, loaders, "test")
     _store_test_metrics(past, metrics)
     return {"run": past.record["id"], "metrics": metrics}
 

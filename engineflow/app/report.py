@@ -148,6 +148,24 @@ class Reporter:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def stage_started(self, pipeline: Any) -> None:
+        """A line as each stage of a pipeline starts."""
+        if not pipeline.staged:
+            return
+        info, count = pipeline.info, len(pipeline.stages)
+        what = {"train": f"{plural(pipeline.epochs[info.index], 'epoch')}", "test": "test pass",
+                "infer": "inference pass"}[info.kind]
+        self.line(f"stage {info.index + 1}/{count} {info.name}: {what}")
+
+    def stage_completed(self, pipeline: Any, summary: Mapping[str, Any]) -> None:
+        """A test pass's metrics, an inference pass's prediction counts."""
+        if summary["kind"] == "test" and summary["metrics"]:
+            self.line(f"{summary['name']}  {format_metrics(summary['metrics'])}")
+        elif summary["kind"] == "infer":
+            counts = ", ".join(f"{name} {shape[0] if isinstance(shape, list) and shape else shape}"
+                               for name, shape in summary.get("predictions", {}).items())
+            self.line(f"{summary['name']}  predictions: {counts}")
+
     def _discard_bar(self) -> None:
         bar, self._bar = self._bar, None
         if bar is not None:
@@ -158,6 +176,8 @@ class Reporter:
         from ignite.engine import Events
 
         from engineflow.declare.handlers import HandlerSpec
+
+        stage = f"{fit.stage.name} " if fit.stage.prefix else ""  # a stage of a pipeline names itself
 
         def epoch_started(engine: StepEngine) -> None:
             self._epoch_start = time.monotonic()
@@ -171,7 +191,7 @@ class Reporter:
             best = "  *" if fit.best.epoch == state.epoch else ""
             metrics = format_metrics(fit.history[-1])
             self._discard_bar()
-            self.line(f"epoch {state.epoch}/{state.max_epochs}  {metrics}  {format_duration(seconds)}{best}")
+            self.line(f"{stage}epoch {state.epoch}/{state.max_epochs}  {metrics}  {format_duration(seconds)}{best}")
 
         def advance(engine: StepEngine) -> None:
             bar = self._bar

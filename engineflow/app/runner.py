@@ -22,11 +22,13 @@ from engineflow.app.session import Session, find_resumable, new_session, resume_
 from engineflow.declare.handlers import HandlerSpec
 from engineflow.declare.recipe import Recipe, load_recipe
 from engineflow.errors import RecipeError
-from engineflow.execute.build import build, resolve_config
+from engineflow.execute.build import build_pipeline, resolve_config
 from engineflow.execute.fit import Fit
+from engineflow.execute.pipeline import Pipeline
 from engineflow.naming import option
 from engineflow.record.runs import resolve_runs_dir
 from engineflow.runtime import using_run
+from engineflow.state.checkpoint_files import load_state, verify
 from engineflow.state.checkpointer import Checkpointer, every_iterations_policy, policy_of
 
 
@@ -83,6 +85,8 @@ def run(
     resume: str | None = None,
     ignore_changes: bool = False,
     checkpoint_every: int | None = None,
+    stage: str | None = None,
+    from_run: str | None = None,
 ) -> RunResult:
     """Train a recipe and record the run; the Python twin of ``engineflow run``.
 
@@ -101,6 +105,9 @@ def run(
             :func:`engineflow.app.session.find_resumable`.
         ignore_changes: with ``resume``, continue even if the recipe's code or config changed.
         checkpoint_every: write a checkpoint every N iterations instead of the recipe's policy.
+        stage: a recipe with stages: run only this stage, as a new run.
+        from_run: with ``stage``: the run ("last", an id) whose state at the start of that stage this
+            run starts from (its components as that run's previous train stage left them).
 
     Returns:
         the :class:`RunResult`; the run's record is in ``<run_dir>/run.json`` and the store.
@@ -123,7 +130,11 @@ def run(
                           "Drop one of them")
     loaded = load_recipe(recipe)
     cfg, seed_used = resolve_config(loaded, overrides, seed)  # a bad override is reported before anything else
+    if resume is not None and stage is not None:
+        raise RecipeError(f"{option('resume', resume)} continues a recorded run; {option('stage', stage)} starts a "
+                          "new run of one stage. Drop one of them")
     with RunStore.open(resolve_runs_dir(runs_dir)) as store:
+        origin = stage_origin(loaded, store, stage, from_run)
         start: Session | None = None
         note = None
         if resume is not None:
@@ -135,14 +146,57 @@ def run(
                                        ignore_changes=ignore_changes, device=device)
                 if start is None:
                     return _completed_result(record, stream)
+                started = record.get("start")
+                if started:  # a run of one stage: it starts from the same state again
+                    origin = stage_origin(loaded, store, started["stage"], started.get("from"))
         if start is None:
             start = new_session(loaded, store, cfg, seed=seed_used, check=check, device=device, force=force,
-                                retrain=retrain)
-        return _train(loaded, start, stream=stream, progress=progress, checkpoint_every=checkpoint_every, note=note)
+                                retrain=retrain, start=None if origin is None else
+                                {"stage": origin["stage"], "from": origin["from"]})
+        return _train(loaded, start, stream=stream, progress=progress, checkpoint_every=checkpoint_every, note=note,
+                      origin=origin)
+
+
+def stage_origin(recipe: Recipe, store: Any, stage: str | None, from_run: str | None) -> dict[str, Any] | None:
+    """``--stage NAME --from RUN``: the stage to run alone and the state it starts from (the state
+    RUN's last train stage before it ended with: ``checkpoints/stages/<that stage>.pt``), or None.
+
+    Raises:
+        RecipeError: no such stage; ``--from`` missing where an earlier stage trained, or given for a
+            stage that starts from setup(); that run never finished the stage before.
+    """
+    if stage is None:
+        if from_run is not None:
+            raise RecipeError(f"{option('from', from_run)} names the run whose state a stage starts from; give the "
+                              f"stage too, e.g. {option('stage', 'finetune')}")
+        return None
+    names = [s.name for s in recipe.stages]
+    if not names:
+        raise RecipeError(f"{recipe.path} declares no stages, so {option('stage', stage)} has nothing to pick; "
+                          "run it without it")
+    if stage not in names:
+        raise RecipeError(f"{recipe.path} has no stage {stage!r}; its stages are {', '.join(names)}")
+    index = names.index(stage)
+    trained = [s.name for s in recipe.stages[:index] if s.kind == "train"]
+    if not trained:
+        if from_run is not None:
+            raise RecipeError(f"stage {stage!r} starts from what setup() builds, before any stage trains; drop "
+                              f"{option('from', from_run)}")
+        return {"stage": stage, "from": None, "state": None}
+    if from_run is None:
+        raise RecipeError(f"stage {stage!r} starts from the state stage {trained[-1]!r} ended with; name the run to "
+                          f"take it from with {option('from', 'RUN')} (an id, or last)")
+    record = store.resolve(from_run, recipe.name)
+    path = Path(record["run_dir"]) / "checkpoints" / "stages" / f"{trained[-1]}.pt"
+    problem = verify(path) if path.is_file() else "it has no such file"
+    if problem is not None:
+        raise RecipeError(f"run {record['id']} has no state from the end of stage {trained[-1]!r} ({path}: {problem}); "
+                          f"pick a run that finished that stage")
+    return {"stage": stage, "from": record["id"], "state": load_state(path)}
 
 
 def _train(loaded: Recipe, start: Session, *, stream: IO[str] | None, progress: bool | None,
-           checkpoint_every: int | None, note: str | None = None) -> RunResult:
+           checkpoint_every: int | None, note: str | None = None, origin: Mapping[str, Any] | None = None) -> RunResult:
     """Build and check the recipe, then record the run and train it.
 
     Nothing is recorded until the engines are built and the eval step's outputs fit its metrics: a
@@ -159,20 +213,24 @@ def _train(loaded: Recipe, start: Session, *, stream: IO[str] | None, progress: 
     checkpointer = Checkpointer(context.run_dir / "checkpoints" / "state", policy, context.run_id, reporter.line)
 
     with using_run(context.run_id):
-        fit = _prepare(loaded, start, extras=(reporter.handlers, recorder.handlers, checkpointer.handlers))
+        pipeline = _prepare(loaded, start, extras=(reporter.handlers, recorder.handlers, checkpointer.handlers),
+                            listeners=(reporter, recorder, checkpointer), origin=origin)
         start.begin()
         if note is not None:
             reporter.line(note)
         verb = "resuming" if start.resumed else "run"
+        stages = f" in {plural(len(loaded.stages), 'stage')}" if loaded.stages else ""
+        if origin is not None:
+            stages = f" of stage {origin['stage']}" + (f" from run {origin['from']}" if origin.get("from") else "")
         reporter.line(f"{verb} {context.run_id} ({loaded.name}) on {context.device}, seed {context.seed}, "
-                      f"{plural(start.epochs, 'epoch')}" + (" [check]" if context.check else ""))
+                      f"{plural(start.epochs, 'epoch')}{stages}" + (" [check]" if context.check else ""))
         result = RunResult(context.run_id, loaded.name, "running", context.run_dir, start.cfg.to_dict(),
                            context.seed, str(context.device))
         started = time.monotonic()
         try:
             with reporter, Interrupts() as interrupts:
                 interrupts.target = checkpointer
-                _fit(fit, checkpointer, start, reporter)
+                _fit(pipeline, checkpointer, start, reporter, only=origin is not None)
             result.status = "completed"
         except KeyboardInterrupt:
             result.status = "interrupted"
@@ -181,28 +239,42 @@ def _train(loaded: Recipe, start: Session, *, stream: IO[str] | None, progress: 
             result.status, result.error = "failed", f"{type(err).__name__}: {err}"
             raise
         finally:
+            trained = pipeline.epochs_run()
             result.duration_s = time.monotonic() - started
-            result.history = fit.history
-            result.epochs = len(fit.history)
-            result.metrics = dict(fit.history[-1]) if fit.history else {}
-            result.best = fit.best.as_dict()
-            recorder.finish(result.status, error=result.error, final=result.metrics, fit=fit,
-                            best_checkpoint=checkpointer.best_file())
+            result.history = pipeline.history()
+            result.epochs = pipeline.epochs_completed()
+            result.metrics = {**({"epoch": result.history[-1]["epoch"]} if result.history else {}),
+                              **pipeline.metrics()}
+            result.best = pipeline.best()
+            recorder.finish(result.status, error=result.error, final=result.metrics, fit=pipeline.last_fit,
+                            best_checkpoint=checkpointer.best_file(), best=result.best)
         start.completed()
-    _summarise(reporter, result)
+    _summarise(reporter, result, trained)
     return result
 
 
-def _prepare(loaded: Recipe, start: Session, *, extras: tuple[Callable[[Fit], Iterable[HandlerSpec]], ...]) -> Fit:
-    """The built and checked fit of a session that is about to start; nothing recorded yet."""
+def _prepare(loaded: Recipe, start: Session, *, extras: tuple[Callable[[Fit], Iterable[HandlerSpec]], ...],
+             listeners: tuple[Any, ...], origin: Mapping[str, Any] | None) -> Pipeline:
+    """The built and checked pipeline of a session that is about to start; nothing recorded yet.
+
+    ``origin`` (``--stage``): the stage to run alone, and the state to start it from.
+    """
     context = start.context
     made_run_dir = not start.resumed and not context.run_dir.exists()
     made_experiment_dir = made_run_dir and not context.run_dir.parent.exists()
     if made_run_dir:
         context.run_dir.mkdir(parents=True)
     try:
-        fit, _, _ = build(loaded, start.cfg, seed=context.seed, check=context.check, context=context, extras=extras)
-        fit.check_eval_outputs()
+        pipeline, _, _ = build_pipeline(loaded, start.cfg, seed=context.seed, check=context.check, context=context,
+                                        extras=extras, listeners=listeners, epochs=list(start.stage_epochs))
+        if origin is not None:
+            index = pipeline.stage_index(origin["stage"])
+            if origin.get("state") is not None:
+                pipeline.start_from(index, origin["state"], origin["from"])
+            elif index:
+                pipeline.enter(index)
+        if pipeline.fit is not None:
+            pipeline.fit.check_eval_outputs()
     except BaseException:
         if made_run_dir:
             shutil.rmtree(context.run_dir, ignore_errors=True)
@@ -210,33 +282,35 @@ def _prepare(loaded: Recipe, start: Session, *, extras: tuple[Callable[[Fit], It
             with contextlib.suppress(OSError):  # another run of the experiment may have started in it meanwhile
                 context.run_dir.parent.rmdir()
         raise
-    return fit
+    return pipeline
 
 
-def _fit(fit: Fit, checkpointer: Checkpointer, start: Session, reporter: Reporter) -> None:
-    """Train from the start, or from the latest valid checkpoint of a resumed run."""
+def _fit(pipeline: Pipeline, checkpointer: Checkpointer, start: Session, reporter: Reporter, *, only: bool) -> None:
+    """Run the stages from the start, or from the latest valid checkpoint of a resumed run."""
     found = checkpointer.latest() if start.resumed else None
     if found is None:
         if start.resumed:
             reporter.line("no valid checkpoint: training from the first epoch")
-        fit.run(start.epochs)
+        pipeline.run(only=only)
         return
     path, state = found
-    engine = state["engine"]
+    engine, where = state["engine"], state.get("stage") or {}
     epochs_done, batches = engine["epochs_completed"], engine["batches_in_epoch"]
-    reporter.line(f"from checkpoint {path.name}: epoch {epochs_done + 1}, batch {batches + 1} "
-                  f"of {engine['epoch_length']}")
-    start.recorder.resumed_from(path, engine["iteration"], epochs_done)
+    stage = f"stage {where['name']}, " if pipeline.staged else ""
+    if where.get("finished"):
+        reporter.line(f"from checkpoint {path.name}: stage {where['name']} had ended")
+    else:
+        reporter.line(f"from checkpoint {path.name}: {stage}epoch {epochs_done + 1}, batch {batches + 1} "
+                      f"of {engine['epoch_length']}")
+    start.recorder.resumed_from(path, engine["iteration"], where.get("epochs_before", 0) + epochs_done)
     checkpointer.load_state_dict(state)
-    fit.load_state_dict(state)
-    if epochs_done >= engine["max_epochs"]:
-        return  # it had finished training; only its ending was lost
-    fit.run(start.epochs)
+    pipeline.load_state_dict(state)
+    pipeline.run(only=only)
 
 
-def _summarise(reporter: Reporter, result: RunResult) -> None:
+def _summarise(reporter: Reporter, result: RunResult, trained: int) -> None:
     best = result.best
-    reporter.line(f"completed {plural(result.epochs, 'epoch')} in {format_duration(result.duration_s)}")
+    reporter.line(f"completed {plural(trained, 'epoch')} in {format_duration(result.duration_s)}")
     if best.get("epoch") is not None:
         reporter.line(f"best epoch {best['epoch']}: {best['metric']} = {format_value(best['value'])} ({best['mode']})")
     if result.metrics:

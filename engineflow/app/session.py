@@ -16,13 +16,13 @@ from typing import Any
 from engineflow.declare.configuration import Config, flatten
 from engineflow.declare.recipe import Recipe
 from engineflow.errors import RecipeError, UnknownRunError
+from engineflow.execute.pipeline import stage_epochs
 from engineflow.naming import option
 from engineflow.record.recorder import RunRecorder, environment, now_iso
 from engineflow.record.snapshot import CodeState, capture
 from engineflow.record.store import RunStore
 from engineflow.runtime import RunContext, new_run_id, resolve_device
 
-CHECK_EPOCHS = 2  # --check: 2 epochs (of engineflow.execute.build.CHECK_BATCHES batches)
 RESUME_LATEST = "last"
 RESUME_AUTO = "auto"
 
@@ -35,7 +35,8 @@ class Session:
         context: the run's identity and placement.
         recorder: writes its folder and store row (nothing written before :meth:`begin`).
         cfg: the resolved config.
-        epochs: how many epochs the fit has in all.
+        epochs: how many epochs the run has in all (every train stage's).
+        stage_epochs: the epochs of each stage in order (0 for test and infer passes).
         resumed: True when it continues an earlier process's run.
         code: the code snapshot a new run records.
         changed: what differs from the run being resumed (with ``ignore_changes``).
@@ -46,6 +47,7 @@ class Session:
     recorder: RunRecorder
     cfg: Config
     epochs: int
+    stage_epochs: tuple[int, ...] = ()
     resumed: bool = False
     code: CodeState | None = None
     changed: list[str] = field(default_factory=list)
@@ -67,12 +69,21 @@ class Session:
 
 
 def new_session(recipe: Recipe, store: RunStore, cfg: Config, *, seed: int, check: bool, device: str,
-                force: bool, retrain: bool) -> Session:
-    """Plan a new run; refuses to repeat a completed run (see :func:`claim_run_id`). Writes nothing."""
-    epochs = CHECK_EPOCHS if check else cfg.get("epochs", 1)
+                force: bool, retrain: bool, start: Mapping[str, Any] | None = None) -> Session:
+    """Plan a new run; refuses to repeat a completed run (see :func:`claim_run_id`). Writes nothing.
+
+    ``start``: ``{"stage": NAME, "from": RUN or None}`` for a run of one stage (``--stage``).
+    """
+    per_stage = stage_epochs(recipe, cfg, check=check)
+    if start is not None:
+        index = [s.name for s in recipe.stages].index(start["stage"])
+        per_stage = [n if i == index else 0 for i, n in enumerate(per_stage)]
     code = capture(recipe.path)
-    run_id, replaces = claim_run_id(store, code.fingerprint(cfg.to_dict()), check=check, force=force,
+    # a run of one stage from another run's state is not a repeat of the whole recipe's run
+    fingerprinted = cfg.to_dict() if start is None else {**cfg.to_dict(), "engineflow": dict(start)}
+    run_id, replaces = claim_run_id(store, code.fingerprint(fingerprinted), check=check, force=force,
                                     retrain=retrain)
+    epochs = sum(per_stage)
     runs_root = store.path.parent
     context = RunContext(run_id, recipe.name, runs_root / recipe.name / run_id, resolve_device(device), seed, check,
                          runs_dir=runs_root)
@@ -85,7 +96,10 @@ def new_session(recipe: Recipe, store: RunStore, cfg: Config, *, seed: int, chec
     }
     if replaces is not None:
         record["replaces"] = replaces["id"]
-    return Session(context, RunRecorder(store, context.run_dir, record), cfg, epochs, code=code, replaces=replaces)
+    if start is not None:
+        record["start"] = dict(start)
+    return Session(context, RunRecorder(store, context.run_dir, record), cfg, epochs, tuple(per_stage), code=code,
+                   replaces=replaces)
 
 
 def exact_resume(device: Any) -> bool:
@@ -178,7 +192,15 @@ def resume_session(recipe: Recipe, store: RunStore, record: dict[str, Any], over
     context = RunContext(record["id"], record["experiment"], run_dir, resolve_device(device), record["seed"],
                          bool(record.get("check")), runs_dir=store.path.parent)
     recorder = RunRecorder(store, run_dir, {k: v for k, v in record.items() if k != "history"})
-    return Session(context, recorder, cfg, int(record.get("max_epochs") or cfg.get("epochs", 1)), resumed=True,
+    if recipe.stages:
+        per_stage = stage_epochs(recipe, cfg, check=bool(record.get("check")))
+        started = record.get("start")
+        if started:
+            index = [s.name for s in recipe.stages].index(started["stage"])
+            per_stage = [n if i == index else 0 for i, n in enumerate(per_stage)]
+    else:
+        per_stage = [int(record.get("max_epochs") or cfg.get("epochs", 1))]
+    return Session(context, recorder, cfg, sum(per_stage), tuple(per_stage), resumed=True,
                    changed=changes, replaces=_still_replaced(store, record))
 
 

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from engineflow.app.report import format_value
+from engineflow.app.report import format_value, plural
 from engineflow.declare.configuration import flatten
 
 SUMMARY_KEYS = ("id", "experiment", "status", "config", "metrics", "best", "run_dir", "started_at", "ended_at",
@@ -29,16 +29,18 @@ def public(record: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def stages_of(record: Mapping[str, Any], view: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """The run's stages in order, each with ``name``, ``status``, ``epochs`` (completed), ``best`` and
-    ``metrics``; a run of one fit (every run today) is one stage named after its ``RunContext.stage``.
+    """The run's stages in order, each with ``name``, ``kind``, ``status``, ``epochs`` (completed in the
+    stage), ``best`` (its epoch counted within the stage) and ``metrics``; a run of a recipe without
+    stages, and a run recorded before stages existed, is one stage, "fit".
 
     Example:
-        >>> stages_of({"status": "completed", "epochs": 3}, {"best": {"epoch": 2}, "metrics": {"loss": 0.1}})
-        [{'name': 'fit', 'status': 'completed', 'epochs': 3, 'best': {'epoch': 2}, 'metrics': {'loss': 0.1}}]
+        >>> (stage,) = stages_of({"status": "completed", "epochs": 3}, {"best": {"epoch": 2}, "metrics": {}})
+        >>> stage
+        {'name': 'fit', 'kind': 'train', 'status': 'completed', 'epochs': 3, 'best': {'epoch': 2}, 'metrics': {}}
     """
-    if isinstance(record.get("stages"), list):
+    if isinstance(record.get("stages"), list) and record["stages"]:
         return list(record["stages"])
-    return [{"name": record.get("stage") or "fit", "status": record.get("status"), "epochs": record.get("epochs") or 0,
+    return [{"name": "fit", "kind": "train", "status": record.get("status"), "epochs": record.get("epochs") or 0,
              "best": view["best"], "metrics": view["metrics"]}]
 
 
@@ -85,6 +87,16 @@ def show_text(record: Mapping[str, Any]) -> str:
                      f"({best['mode']})")
     if record.get("error"):
         lines.append(f"  error   {record['error']}")
+    stages = record.get("stages") or []
+    if len(stages) > 1 or any(s.get("name") != "fit" for s in stages):
+        lines.append("stages:")
+        for stage in stages:
+            best = stage.get("best") or {}
+            main = f"  best {best['metric']} = {format_value(best['value'])} (epoch {best['epoch']})" \
+                if best.get("value") is not None else ""
+            origin = f"  from run {stage['from']}" if stage.get("from") else ""
+            lines.append(f"  {stage['name']}  {stage.get('kind', 'train')}  {stage['status']}  "
+                         f"{plural(stage.get('epochs') or 0, 'epoch')}{main}{origin}")
     lines.append("config:")
     lines += [f"  {k} = {v!r}" for k, v in flatten(record.get("config") or {}).items()]
     lines.append("metrics (last epoch):")

@@ -53,6 +53,8 @@ class HandlerSpec:
         raw: engineflow's own handlers: ``fn(engine)`` is attached as is, with no injection.
         every: the ``every`` of ``every_n_epochs``/``every_n_iterations``, checked inline by the
             event's dispatcher (the same test as the event's Ignite filter, without its call).
+        stage: in a pipeline, the one stage it attaches to; None: every stage (pipeline-wide).
+        step: when ``engine=`` named a step function, that step: it attaches only where it runs.
     """
 
     fn: Callable[..., Any]
@@ -63,6 +65,8 @@ class HandlerSpec:
     at_start: bool = False
     raw: bool = False
     every: int | None = None
+    stage: str | None = None
+    step: Callable[..., Any] | None = None
 
 
 def handler_specs(fn: Any) -> tuple[HandlerSpec, ...]:
@@ -75,12 +79,13 @@ def handler_specs(fn: Any) -> tuple[HandlerSpec, ...]:
     return tuple(spec if spec.fn is fn else replace(spec, fn=fn) for spec in specs)
 
 
-def _engine_kind(engine: Any, where: str) -> str:
+def _engine_kind(engine: Any, where: str) -> tuple[str, Callable[..., Any] | None]:
+    """The engine kind ``engine=`` names, and the step function when it named one."""
     if isinstance(engine, str) and engine in STEP_KINDS:
-        return engine
+        return engine, None
     spec = step_spec(engine)
     if spec is not None:
-        return spec.kind
+        return spec.kind, spec.fn
     raise RecipeError(
         f"{where}(engine=...) expects a step function (e.g. engine=train) or one of "
         f"{', '.join(map(repr, STEP_KINDS))}, got {engine!r}"
@@ -94,8 +99,11 @@ def _register(fn: F, spec: HandlerSpec) -> F:
     return fn
 
 
-def on(event: Any, *, engine: Any = "train", order: int = 0) -> Callable[[F], F]:
+def on(event: Any, *, engine: Any = "train", order: int = 0, stage: str | None = None) -> Callable[[F], F]:
     """Run the decorated function on an Ignite event of an engine (default: the train engine).
+
+    In a pipeline (a recipe with ``stages``) the handler runs in every stage, or only in ``stage``;
+    ``engine=`` given a step function attaches it only to the stages that run that step.
 
     Ignite's event filters work as in Ignite: ``Events.ITERATION_COMPLETED(every=10)``,
     ``Events.EPOCH_COMPLETED(once=3)``, ``before=``/``after=``, or a custom ``event_filter``.
@@ -106,17 +114,20 @@ def on(event: Any, *, engine: Any = "train", order: int = 0) -> Callable[[F], F]
         ... def log_lr(optimizer, state):
         ...     print(state.iteration, optimizer.param_groups[0]["lr"])
     """
-    kind = _engine_kind(engine, "on")
+    kind, step = _engine_kind(engine, "on")
     _check_event(event)
     _check_order(order)
-    return lambda fn: _register(fn, HandlerSpec(fn, event, kind, order, next(_declared)))
+    _check_stage(stage, "on")
+    return lambda fn: _register(fn, HandlerSpec(fn, event, kind, order, next(_declared), stage=stage, step=step))
 
 
-def every_n_epochs(n: int, *, engine: Any = "train", skip_zero: bool = True, order: int = 0) -> Callable[[F], F]:
+def every_n_epochs(n: int, *, engine: Any = "train", skip_zero: bool = True, order: int = 0,
+                   stage: str | None = None) -> Callable[[F], F]:
     """Run the decorated function after every ``n``-th epoch (sugar for ``EPOCH_COMPLETED(every=n)``).
 
     With ``skip_zero=False`` it also runs once before the first epoch ("epoch 0"), e.g. to log the
-    untrained model. A resumed run does not repeat that call.
+    untrained model. A resumed run does not repeat that call. In a pipeline, epochs count across
+    stages (the pipeline's epoch), or within ``stage`` for a handler of one stage.
 
     Example:
         >>> import engineflow as ef
@@ -124,23 +135,26 @@ def every_n_epochs(n: int, *, engine: Any = "train", skip_zero: bool = True, ord
         ... def log_weights(state, model):
         ...     print(state.epoch, sum(p.norm() for p in model.parameters()))
     """
-    kind = _engine_kind(engine, "every_n_epochs")
+    kind, step = _engine_kind(engine, "every_n_epochs")
     _check_positive(n, "every_n_epochs")
     _check_order(order)
+    _check_stage(stage, "every_n_epochs")
     from ignite.engine import Events
 
     def decorate(fn: F) -> F:
         spec = HandlerSpec(fn, Events.EPOCH_COMPLETED(every=n), kind, order, next(_declared), at_start=not skip_zero,
-                           every=n)
+                           every=n, stage=stage, step=step)
         return _register(fn, spec)
 
     return decorate
 
 
-def every_n_iterations(n: int, *, engine: Any = "train", order: int = 0) -> Callable[[F], F]:
+def every_n_iterations(n: int, *, engine: Any = "train", order: int = 0,
+                       stage: str | None = None) -> Callable[[F], F]:
     """Run the decorated function after every ``n``-th iteration (``ITERATION_COMPLETED(every=n)``).
 
-    Iterations count from the start of the run, across epochs, as Ignite counts them.
+    Iterations count from the start of the run, across epochs, as Ignite counts them; in a
+    pipeline, across stages (the pipeline's iteration), or within ``stage`` for a handler of one stage.
 
     Example:
         >>> import engineflow as ef
@@ -148,18 +162,25 @@ def every_n_iterations(n: int, *, engine: Any = "train", order: int = 0) -> Call
         ... def log_loss(output, state):
         ...     print(state.iteration, float(output["loss"]))
     """
-    kind = _engine_kind(engine, "every_n_iterations")
+    kind, step = _engine_kind(engine, "every_n_iterations")
     _check_positive(n, "every_n_iterations")
     _check_order(order)
+    _check_stage(stage, "every_n_iterations")
     from ignite.engine import Events
 
     return lambda fn: _register(
-        fn, HandlerSpec(fn, Events.ITERATION_COMPLETED(every=n), kind, order, next(_declared), every=n))
+        fn, HandlerSpec(fn, Events.ITERATION_COMPLETED(every=n), kind, order, next(_declared), every=n, stage=stage,
+                        step=step))
 
 
 def _check_positive(n: Any, where: str) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise RecipeError(f"{where}(n) expects a whole number >= 1, got {n!r}")
+
+
+def _check_stage(stage: Any, where: str) -> None:
+    if stage is not None and (not isinstance(stage, str) or not stage.isidentifier()):
+        raise RecipeError(f"{where}(stage=...) expects the name of one of the recipe's stages, got {stage!r}")
 
 
 def _check_order(order: Any) -> None:

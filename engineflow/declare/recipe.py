@@ -10,14 +10,15 @@ import hashlib
 import importlib.util
 import sys
 import traceback
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 from engineflow.declare.configuration import Config
 from engineflow.declare.handlers import HandlerSpec, handler_specs
+from engineflow.declare.stages import Stage, check_stages
 from engineflow.declare.steps import STEP_KINDS, StepSpec, step_spec, wraps_around
 from engineflow.errors import RecipeError
 
@@ -32,8 +33,11 @@ class Recipe:
         module: the imported module.
         config: the config defaults (``config = ef.config(...)``), empty when absent.
         setup: ``setup(cfg, ...)``, the function that builds the components, or None.
-        steps: the steps found, by kind ("train", "eval", "infer").
+        steps: the steps found, by kind ("train", "eval", "infer"); in a pipeline, a kind with
+            several steps is left out (its stages name them).
         handlers: every handler attachment found, in declaration order.
+        stages: the pipeline's stages in order (``stages = [ef.stage(...), ...]``); empty for a
+            recipe of one fit.
     """
 
     path: Path
@@ -43,6 +47,7 @@ class Recipe:
     setup: Callable[..., Any] | None
     steps: Mapping[str, StepSpec]
     handlers: tuple[HandlerSpec, ...]
+    stages: tuple[Stage, ...] = ()
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -63,32 +68,68 @@ def load_recipe(path: str | Path) -> Recipe:
 
 def collect(module: ModuleType, file: Path) -> Recipe:
     """Read a recipe's declarations from an imported module."""
-    steps: dict[str, StepSpec] = {}
+    found: dict[str, list[StepSpec]] = {}
     handlers: dict[int, HandlerSpec] = {}  # by declaration: a function and its wrapper share one
+    stages = check_stages(module.stages, str(file)) if getattr(module, "stages", None) is not None else ()
     for attr, value in vars(module).items():
         spec = step_spec(value)
         if spec is not None:
-            other = steps.get(spec.kind)
-            if other is not None and other.fn is not spec.fn and not wraps_around(spec.fn, other.fn):
-                if wraps_around(other.fn, spec.fn):
-                    continue  # the inner function of a wrapper already found: the wrapper runs
-                raise RecipeError(
-                    f"{file}: two {spec.kind} steps, {other.fn.__name__!r} and {attr!r}; a recipe has one of each"
-                )
-            steps[spec.kind] = spec
+            _add_step(found.setdefault(spec.kind, []), spec, attr, file, several=bool(stages))
         for handler in handler_specs(value):
             known = handlers.get(handler.seq)
             if known is None or wraps_around(handler.fn, known.fn):
                 handlers[handler.seq] = handler
+    if stages:
+        stages = tuple(_running_wrappers(s, found) for s in stages)
+    _check_handler_stages(handlers.values(), stages, file)
     return Recipe(
         path=file,
         name=_experiment_name(module, file),
         module=module,
         config=_config_of(module, file),
         setup=_setup_of(module, file),
-        steps={kind: steps[kind] for kind in STEP_KINDS if kind in steps},
+        steps={kind: found[kind][0] for kind in STEP_KINDS if len(found.get(kind, ())) == 1},
         handlers=tuple(sorted(handlers.values(), key=lambda h: h.seq)),
+        stages=stages,
     )
+
+
+def _add_step(known: list[StepSpec], spec: StepSpec, attr: str, file: Path, *, several: bool) -> None:
+    """Add a step to those of its kind; a wrapper and the function it wraps are one step (the wrapper runs)."""
+    for index, other in enumerate(known):
+        if other.fn is spec.fn or wraps_around(spec.fn, other.fn):
+            known[index] = spec
+            return
+        if wraps_around(other.fn, spec.fn):
+            return  # the inner function of a wrapper already found: the wrapper runs
+    if known and not several:
+        raise RecipeError(
+            f"{file}: two {spec.kind} steps, {known[0].fn.__name__!r} and {attr!r}; a recipe has one of each "
+            "(a recipe with several declares which stage runs which: stages = [ef.stage(...), ...])"
+        )
+    known.append(spec)
+
+
+def _running_wrappers(stage: Stage, found: Mapping[str, list[StepSpec]]) -> Stage:
+    """A stage naming a step that the module wraps (``functools.wraps``) runs the wrapper."""
+    def running(spec: StepSpec | None) -> StepSpec | None:
+        if spec is None:
+            return None
+        return next((s for s in found.get(spec.kind, ()) if wraps_around(s.fn, spec.fn)), spec)
+
+    return replace(stage, train=running(stage.train), eval=running(stage.eval), infer=running(stage.infer))
+
+
+def _check_handler_stages(handlers: Iterable[HandlerSpec], stages: tuple[Stage, ...], file: Path) -> None:
+    names = [s.name for s in stages]
+    for handler in handlers:
+        if handler.stage is None or handler.stage in names:
+            continue
+        if not stages:
+            raise RecipeError(f"{file}: handler {handler.fn.__name__!r} is for stage {handler.stage!r}, but the recipe "
+                              "declares no stages; drop stage= or declare stages = [ef.stage(...), ...]")
+        raise RecipeError(f"{file}: handler {handler.fn.__name__!r} is for stage {handler.stage!r}, which is not one "
+                          f"of the recipe's stages ({', '.join(names)})")
 
 
 def _import(file: Path) -> ModuleType:
@@ -115,6 +156,9 @@ def _import(file: Path) -> ModuleType:
         sys.path.insert(0, folder)
     try:
         exec(code, module.__dict__)
+    except RecipeError as err:  # a declaration engineflow refused (ef.stage, ef.config) says what is wrong
+        sys.modules.pop(name, None)
+        raise RecipeError(f"{_where(err, file)}: {err}") from None
     except Exception as err:
         sys.modules.pop(name, None)
         raise RecipeError(f"{_where(err, file)}: the recipe raised while being imported: "

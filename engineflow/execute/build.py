@@ -15,13 +15,12 @@ from engineflow.declare.configuration import Config
 from engineflow.declare.handlers import HandlerSpec
 from engineflow.declare.recipe import Recipe, load_recipe
 from engineflow.errors import EngineflowError, RecipeError, SetupError
-from engineflow.execute.fit import Fit, build_fit
+from engineflow.execute.fit import Fit
 from engineflow.execute.injection import describe, make_caller
+from engineflow.execute.pipeline import CHECK_BATCHES, Pipeline, stage_epochs, to_device
 from engineflow.execute.wiring import take
 from engineflow.runtime import RunContext, resolve_device
 from engineflow.state.rng import seed_everything
-
-CHECK_BATCHES = 2
 
 
 def resolve_config(recipe: Recipe, overrides: Mapping[str, Any] | None, seed: int | None) -> tuple[Config, int]:
@@ -35,7 +34,7 @@ def resolve_config(recipe: Recipe, overrides: Mapping[str, Any] | None, seed: in
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise RecipeError(f"{recipe.path}: config 'seed' must be an int, got {seed!r}")
     epochs = cfg.get("epochs", 1)
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+    if not recipe.stages and (isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1):
         raise RecipeError(f"{recipe.path}: config 'epochs' must be an int >= 1, got {epochs!r}")
     return cfg, seed
 
@@ -49,11 +48,14 @@ def build(
     check: bool = False,
     extras: tuple[Callable[[Fit], Iterable[HandlerSpec]], ...] = (),
     context: RunContext | None = None,
-) -> tuple[Fit, Config, RunContext]:
+) -> tuple[Fit | Pipeline, Config, RunContext]:
     """Load a recipe and build its engines without running them.
 
     Returns:
         ``(fit, cfg, context)``: the engines and records, the resolved config, the run's context.
+        For a recipe with ``stages``, a :class:`~engineflow.execute.pipeline.Pipeline` in place
+        of the fit: its first stage is prepared and built (``pipeline.fit``), ``pipeline.run()``
+        runs every stage.
 
     Example::
 
@@ -62,16 +64,40 @@ def build(
         fit.run(epochs=3)            # the train engine, with validation each epoch
         fit.train.state.metrics      # plain Ignite underneath
     """
+    pipeline, cfg, context = build_pipeline(recipe, overrides, device=device, seed=seed, check=check, extras=extras,
+                                            context=context)
+    return (pipeline if pipeline.staged else pipeline.fit), cfg, context
+
+
+def build_pipeline(
+    recipe: str | Path | Recipe,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    seed: int | None = None,
+    check: bool = False,
+    extras: tuple[Callable[[Fit], Iterable[HandlerSpec]], ...] = (),
+    listeners: Iterable[Any] = (),
+    context: RunContext | None = None,
+    epochs: list[int] | None = None,
+) -> tuple[Pipeline, Config, RunContext]:
+    """:func:`build` for any recipe: a :class:`Pipeline` (one stage, "fit", for a recipe without
+    stages) whose first stage is prepared and built; ``listeners`` hear of stage boundaries;
+    ``epochs`` (each stage's) replaces what the config says (a resumed run keeps its own)."""
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     cfg, seed = resolve_config(recipe, overrides, seed)
+    epochs = epochs if epochs is not None else stage_epochs(recipe, cfg, check=check)
     if context is None:
         context = RunContext("interactive", recipe.name, Path("."), resolve_device(device), seed, check)
     seed_everything(seed)
     components = _setup(recipe, cfg, context)
     if check:
         components["loaders"] = {name: take(loader, CHECK_BATCHES) for name, loader in components["loaders"].items()}
-    provided = {**components, "cfg": cfg, "device": context.device, "run": context}
-    return build_fit(recipe, components, provided, seed=seed, extras=extras), cfg, context
+    provided = {"cfg": cfg, "device": context.device, "run": context}
+    pipeline = Pipeline(recipe, components, provided, epochs=epochs, seed=seed, check=check, extras=extras,
+                        listeners=listeners)
+    pipeline.enter(0)
+    return pipeline, cfg, context
 
 
 def _setup(recipe: Recipe, cfg: Config, context: RunContext) -> dict[str, Any]:
@@ -98,15 +124,5 @@ def _setup(recipe: Recipe, cfg: Config, context: RunContext) -> dict[str, Any]:
             f"setup {describe(recipe.setup)} returned no 'loaders'; return "
             "loaders={'train': train_loader, 'valid': valid_loader} with the other components"
         )
-    return {name: _to_device(value, context.device) if name != "loaders" else value
+    return {name: to_device(value, context.device) if name != "loaders" else value
             for name, value in components.items()}
-
-
-def _to_device(value: Any, device: torch.device) -> Any:
-    """Modules (alone or in a dict, e.g. a GAN's) move to the device; ``.to`` keeps their parameters,
-    so optimizers built in setup stay valid."""
-    if isinstance(value, torch.nn.Module):
-        return value.to(device)
-    if isinstance(value, Mapping):
-        return {k: v.to(device) if isinstance(v, torch.nn.Module) else v for k, v in value.items()}
-    return value

@@ -92,8 +92,13 @@ def _parameters(fn: Callable[..., Any]) -> list[inspect.Parameter]:
     return [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
-def attach_in_order(engine: StepEngine, specs: Iterable[HandlerSpec], provided: Mapping[str, Any]) -> None:
+def attach_in_order(engine: StepEngine, specs: Iterable[HandlerSpec], provided: Mapping[str, Any], *,
+                    before: tuple[int, int] = (0, 0)) -> None:
     """Attach handlers so that each event runs them by (order, declaration).
+
+    ``before`` is (iterations, epochs) of the pipeline's stages before this engine's: the filters
+    of pipeline-wide handlers (``stage=None``) count from there, so ``every_n_iterations(100)``
+    keeps its rhythm across stages; a stage's own handlers count the engine's own events.
 
     One Ignite handler per event dispatches to all of that event's specs and checks their
     filters inline: a handler that is not due costs a modulo, not a call through Ignite's filter
@@ -101,7 +106,7 @@ def attach_in_order(engine: StepEngine, specs: Iterable[HandlerSpec], provided: 
     failed, and the error that ended the run is still raised afterwards (see
     :meth:`StepEngine.handle_exception`).
     """
-    by_event: dict[Any, list[tuple[Callable[..., None], Any, int | None]]] = {}
+    by_event: dict[Any, list[tuple[Callable[..., None], Any, int | None, int]]] = {}
     for spec in sorted(specs, key=lambda s: (s.order, s.seq)):
         base, event_filter = _split(engine, spec.event)
         if (event_filter is not None or spec.every) and base not in State.event_to_attr:
@@ -110,10 +115,12 @@ def attach_in_order(engine: StepEngine, specs: Iterable[HandlerSpec], provided: 
                 "(every=, once=, before=, after=); attach it to the plain event and test the state inside"
             )
         handler = wrap_handler(spec, provided, base)
-        by_event.setdefault(base, []).append((handler, None if spec.every else event_filter, spec.every))
+        counts = (0, 0) if spec.stage is not None else before
+        offset = counts[0] if State.event_to_attr.get(base) == "iteration" else counts[1]
+        by_event.setdefault(base, []).append((handler, None if spec.every else event_filter, spec.every, offset))
         if spec.at_start:
             by_event.setdefault(Events.STARTED, []).append(
-                (lambda e, h=handler: h(e) if e.state.epoch == 0 else None, None, None))
+                (lambda e, h=handler, first=counts[1]: h(e) if e.state.epoch + first == 0 else None, None, None, 0))
     for base, entries in by_event.items():
         if base == Events.EXCEPTION_RAISED:
             engine.reraise_after_cleanup = True
@@ -131,9 +138,9 @@ def _split(engine: StepEngine, event: Any) -> tuple[Any, Callable[[Any, int], bo
     raise RecipeError(f"event {event} is not one the {engine.kind} engine fires")
 
 
-def _dispatcher(base: Any, entries: list[tuple[Callable[..., None], Any, int | None]]) -> Callable[..., None]:
+def _dispatcher(base: Any, entries: list[tuple[Callable[..., None], Any, int | None, int]]) -> Callable[..., None]:
     if base == Events.EXCEPTION_RAISED:
-        handlers = [h for h, _, _ in entries]
+        handlers = [h for h, _, _, _ in entries]
 
         def clean_up(engine: StepEngine, error: BaseException, *args: Any, **kwargs: Any) -> None:
             # A handler's error reaches cleanups as the handler raised it (as in plain Ignite), not
@@ -147,8 +154,8 @@ def _dispatcher(base: Any, entries: list[tuple[Callable[..., None], Any, int | N
 
         return clean_up
     takes_values = base in EVENT_ARGUMENTS or not isinstance(base, Events)
-    if all(event_filter is None and every is None for _, event_filter, every in entries):
-        handlers = [h for h, _, _ in entries]
+    if all(event_filter is None and every is None for _, event_filter, every, _ in entries):
+        handlers = [h for h, _, _, _ in entries]
         if takes_values:
 
             def run_all_with_values(engine: StepEngine, *args: Any, **kwargs: Any) -> None:
@@ -165,11 +172,11 @@ def _dispatcher(base: Any, entries: list[tuple[Callable[..., None], Any, int | N
 
     def dispatch(engine: StepEngine, *args: Any, **kwargs: Any) -> None:
         value = engine.state.get_event_attrib_value(base)
-        for handler, event_filter, every in entries:
+        for handler, event_filter, every, offset in entries:
             if every is not None:
-                if value % every:
+                if (value + offset) % every:
                     continue
-            elif event_filter is not None and not event_filter(engine, value):
+            elif event_filter is not None and not event_filter(engine, value + offset):
                 continue
             handler(engine, *args, **kwargs)
 

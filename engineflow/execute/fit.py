@@ -25,16 +25,18 @@ from ignite.engine import Events, State
 
 from engineflow.declare.handlers import HandlerSpec
 from engineflow.declare.recipe import Recipe
-from engineflow.declare.steps import StepSpec
+from engineflow.declare.stages import Stage
+from engineflow.declare.steps import StepSpec, wraps_around
 from engineflow.errors import EngineflowError, RecipeError, StepCheckError
 from engineflow.execute.best import Best
 from engineflow.execute.dispatch import attach_in_order
 from engineflow.execute.engine import StepEngine, make_engine
 from engineflow.execute.injection import describe
 from engineflow.execute.losses import LossMonitor
+from engineflow.execute.stage import Progress, StageInfo
 from engineflow.execute.wiring import eval_loaders_of, loaders_of, main_metric, resolve_steps
 from engineflow.metrics import attach_metrics, check_metric_takes
-from engineflow.state.components import modules_of, stateful_components
+from engineflow.state.components import component_states, load_component_states
 from engineflow.state.position import EpochData
 from engineflow.state.rng import rng_state, set_rng_state
 
@@ -53,8 +55,9 @@ class Fit:
         loss: the training-loss monitor.
         components: what ``setup`` returned (model, optimizer, loaders...).
         train_metrics: the train step's metrics by name (reported as ``train/<name>``).
-        seed: the run's seed; each epoch's RNGs start from ``(seed, epoch)``.
+        seed: the fit's seed; each epoch's RNGs start from ``(seed, epoch)``.
         eval_spec: the eval step, or None.
+        stage: where the fit stands in its pipeline (a recipe without stages: "fit", no prefix).
     """
 
     train: StepEngine
@@ -68,6 +71,7 @@ class Fit:
     train_metrics: Mapping[str, Any] = field(default_factory=dict)
     seed: int = 0
     eval_spec: StepSpec | None = None
+    stage: StageInfo = field(default_factory=StageInfo)
     # where the fit stands in its epochs, kept by its own handlers (see position())
     _epoch_start: int = field(default=0, repr=False)
     _epoch_done: bool = field(default=False, repr=False)
@@ -134,6 +138,10 @@ class Fit:
             data.resume_at(batches, within)
         return self.train.run(data)
 
+    def summary(self, status: str) -> dict[str, Any]:
+        """The fit as its run records its stage (see :meth:`StageInfo.summary`)."""
+        return self.stage.summary(status, self.history, self.best.as_dict(), self.train.state.iteration)
+
     def position(self) -> dict[str, int]:
         """Where the fit stands: epochs completed and batches done in the epoch in progress.
 
@@ -160,27 +168,18 @@ class Fit:
         return {
             "engine": {"iteration": engine.iteration, "epoch_length": engine.epoch_length,
                        "max_epochs": engine.max_epochs, **self.position()},
-            "components": {name: obj.state_dict() for name, obj in stateful_components(self.components).items()},
-            # which parameters train: a model frozen or unfrozen part-way must resume the same
-            "requires_grad": {name: [p.requires_grad for p in module.parameters()]
-                              for name, module in modules_of(self.components).items()},
+                **component_states(self.components),
             "train_metrics": metrics, "loss": self.loss.state_dict(), "best": self.best.state_dict(),
-            "history": list(self.history), "rng": rng_state(), "seed": self.seed,
+            "history": list(self.history), "rng": rng_state(), "seed": self.seed, "stage": self.stage.state_dict(),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Load a :meth:`state_dict`; the next :meth:`run` continues from it."""
-        saved = state["components"]
-        for name, obj in stateful_components(self.components).items():
-            if name not in saved:
-                raise RecipeError(f"the checkpoint has no state for component {name!r} (it holds "
-                                  f"{', '.join(saved)}); did setup() change since the run started?")
-            obj.load_state_dict(saved[name])
-        for name, flags in state.get("requires_grad", {}).items():  # absent from older checkpoints
-            module = modules_of(self.components).get(name)
-            if module is not None:
-                for param, flag in zip(module.parameters(), flags, strict=True):
-                    param.requires_grad_(flag)
+        try:
+            load_component_states(self.components, state)
+        except KeyError as err:
+            raise RecipeError(f"the checkpoint has no state for component {err.args[0]!r} (it holds "
+                              f"{', '.join(state['components'])}); did setup() change since the run started?") from None
         self.best.load_state_dict(state["best"])
         self.history[:] = state["history"]
         engine = state["engine"]
@@ -223,6 +222,9 @@ def build_fit(
     *,
     seed: int = 0,
     extras: Iterable[Callable[[Fit], Iterable[HandlerSpec]]] = (),
+    stage: Stage | None = None,
+    loaders: Mapping[str, Iterable[Any]] | None = None,
+    info: StageInfo | None = None,
 ) -> Fit:
     """Build the engines of a fit from a recipe and the components its ``setup`` returned.
 
@@ -232,36 +234,55 @@ def build_fit(
         provided: everything steps and handlers may ask for by name (components included).
         extras: functions of the fit that return more handlers (progress, logging), attached with
             the recipe's by order.
+        stage: in a pipeline, the train stage this fit runs: its steps, and the recipe's handlers
+            for it (pipeline-wide ones count iterations and epochs across stages).
+        loaders: the stage's loaders (default: setup()'s).
+        info: the stage's place in the pipeline (default: a recipe without stages).
     """
-    loaders = loaders_of(components, recipe)
-    train_spec, eval_spec = resolve_steps(recipe, components)
+    info = info or StageInfo()
+    loaders = dict(loaders) if loaders is not None else loaders_of(components, recipe)
+    train_spec, eval_spec = (stage.train, stage.eval) if stage is not None else resolve_steps(recipe, components)
     eval_loaders = eval_loaders_of(eval_spec, loaders, recipe)
     best = Best(*main_metric(eval_spec, eval_loaders, train_spec, recipe))
     monitor = LossMonitor()
     history: list[dict[str, Any]] = []
     # Two phases: the eval engine first, then the train engine, whose steps and handlers may ask for
     # `evaluate` (a function of the eval engine and the loaders).
-    provided = {**provided, "history": history, "best": best}
+    progress = Progress(info)
+    provided = {**provided, "history": history, "best": best, "pipeline": progress}
     evaluator = None
     if eval_spec is not None:
         evaluator = make_engine(eval_spec, provided)
         attach_metrics(evaluator, eval_spec.metrics)
     provided["evaluate"] = partial(evaluate_loader, evaluator, loaders)
     train = make_engine(train_spec, provided)
+    progress.engine = train
     attach_metrics(train, train_spec.metrics, prefix="train/")
     fit = Fit(train, evaluator, components, loaders, eval_loaders, best, monitor, history,
-              {f"train/{name}": m for name, m in train_spec.metrics.items()}, seed, eval_spec)
+              {f"train/{name}": m for name, m in train_spec.metrics.items()}, seed, eval_spec, info)
 
-    everything = [*_own_handlers(fit, eval_spec), *recipe.handlers, *(s for make in extras for s in make(fit))]
+    own = [*_own_handlers(fit, eval_spec), *(s for make in extras for s in make(fit))]
+    everything = [*own, *(stage_handlers(recipe.handlers, stage) if stage is not None else recipe.handlers)]
     for kind, engine in (("train", train), ("eval", evaluator)):
         specs = [s for s in everything if s.engine == kind]
         if engine is None:
-            if specs and not all(s.raw for s in specs):
-                names = ", ".join(s.fn.__name__ for s in specs)
-                raise RecipeError(f"{recipe.path}: handlers {names} are for the eval engine, but there is no eval step")
+            if specs and not all(s.raw or (stage is not None and s.stage is None) for s in specs):
+                names = ", ".join(s.fn.__name__ for s in specs if not s.raw)
+                where = f"stage {stage.name!r} has" if stage is not None else "there is"
+                raise RecipeError(f"{recipe.path}: handlers {names} are for the eval engine, but {where} no eval step")
             continue
-        attach_in_order(engine, specs, provided)
+        # pipeline-wide handlers count the train engine's iterations and epochs across stages
+        counted = (info.iterations_before, info.epochs_before) if kind == "train" else (0, 0)
+        attach_in_order(engine, specs, provided, before=counted)
     return fit
+
+
+def stage_handlers(handlers: Iterable[HandlerSpec], stage: Stage) -> list[HandlerSpec]:
+    """The recipe's handlers that attach in ``stage``: pipeline-wide ones and the stage's own; one
+    declared for a step (``engine=finetune``) only where that step runs."""
+    steps = stage.steps()
+    return [h for h in handlers if h.stage in (None, stage.name)
+            and (h.step is None or any(s.fn is h.step or wraps_around(s.fn, h.step) for s in steps))]
 
 
 def evaluate_loader(evaluator: StepEngine | None, loaders: Mapping[str, Iterable[Any]],

@@ -39,8 +39,10 @@ class LoadedRun:
         recipe: the recipe's declarations read from ``module``.
         config: the run's resolved config.
         model: the ``model`` component with the chosen weights (None if setup returned none).
-        components: everything ``setup`` returned, modules loaded with the weights.
-        fit: the engines, built on ``components`` (``fit.evaluate("test")`` and so on).
+        components: everything ``setup`` returned (and a pipeline's stages prepared), modules loaded
+            with the weights.
+        fit: the engines, built on ``components`` (``fit.evaluate("test")`` and so on); for a
+            recipe with stages, those of its last train stage.
         run_dir: the run's folder.
     """
 
@@ -80,7 +82,7 @@ def load_run(
         past.module.config                      # the recipe as it was at that run
         past.fit.evaluate("test")
     """
-    from engineflow.execute.build import build
+    from engineflow.execute.build import build_pipeline
     from engineflow.record.runs import resolve_runs_dir
     from engineflow.runtime import RunContext, resolve_device
 
@@ -98,9 +100,14 @@ def load_run(
     caller_rngs = rng_state()
     try:
         with using_run(record["id"]):
-            fit, cfg, _ = build(loaded, record["config"], seed=record["seed"], context=context)
+            pipeline, cfg, _ = build_pipeline(loaded, record["config"], seed=record["seed"], context=context)
+            # a pipeline's components are what its stages' prepare made them (a new head, an optimizer)
+            pipeline.enter(max(i for i, s in enumerate(loaded.stages) if s.kind == "train") if loaded.stages else 0)
+            pipeline.prepare_all()
     finally:
         set_rng_state(caller_rngs)
+    fit = pipeline.last_fit
+    assert fit is not None  # a pipeline has a train stage
     modules = modules_of(fit.components)
     if modules:
         _load_chosen_weights(record, run_dir, which, modules)

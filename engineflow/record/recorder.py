@@ -169,8 +169,10 @@ class RunRecorder:
         """Handlers on the train engine: per-iteration TensorBoard and heartbeat, per-epoch records."""
         from ignite.engine import Events
 
+        stage = fit.stage
+
         def iteration(engine: Any) -> None:
-            self.tb.iteration(engine.state.iteration, fit.loss.last)
+            self.tb.iteration(stage.iterations_before + engine.state.iteration, fit.loss.last, stage.prefix)
 
         def epoch(engine: Any) -> None:
             self.epoch_completed(fit)
@@ -184,7 +186,8 @@ class RunRecorder:
         from engineflow.state.checkpoint_files import save_weights
         from engineflow.state.components import modules_of
 
-        row = fit.history[-1]
+        stage = fit.stage
+        row = stage.row(fit.history[-1])  # the pipeline's epoch, the stage's prefix
         epoch = row["epoch"]
         values = {k: v for k, v in row.items() if k != "epoch"}
         with (self.run_dir / "metrics.jsonl").open("a", encoding="utf-8") as out:
@@ -194,16 +197,48 @@ class RunRecorder:
         # The weights files are written when the run ends (finish); until then the full-state
         # checkpoints hold them (what ef.load_run reads), unless no checkpoint keeps the best epoch.
         modules = modules_of(fit.components)
-        if modules and fit.best.epoch == epoch and not self.best_in_checkpoints:
+        if modules and fit.best.epoch == fit.history[-1]["epoch"] and not self.best_in_checkpoints:
             save_weights(self.run_dir / "checkpoints" / "best.pt", modules, {"epoch": epoch, "metrics": values})
             artifacts["weights_best"] = "checkpoints/best.pt"
+        best = run_best(fit)
+        if best["value"] is None and stage.index > 0:
+            best = self.record.get("best") or best  # an earlier stage's best stays the run's until this one has one
         # the epoch's metric rows go to the index in the same transaction as its record fields
-        self._save({"metrics": {**(self.record.get("metrics") or {}), **values}, "best": fit.best.as_dict(),
-                    "epochs": epoch, "artifacts": artifacts, "heartbeat_at": now_iso()},
+        self._save({"metrics": {**(self.record.get("metrics") or {}), **values}, "best": best,
+                    "epochs": epoch, "artifacts": artifacts, "heartbeat_at": now_iso(),
+                    "stages": self._stages_with(stage, public_stage(fit.summary("running")))},
                    [(epoch, k, v) for k, v in values.items()])
 
+    # stage boundaries (the pipeline's listeners) --------------------------------------------------
+    def _stages_with(self, stage: Any, entry: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """The run's stages: those before ``stage`` as its pipeline recorded them, then ``entry``."""
+        return [*(public_stage(done) for done in stage.done), dict(entry)]
+
+    def stage_started(self, pipeline: Any) -> None:
+        if pipeline.staged:
+            self.update(stages=self._stages_with(pipeline.info, public_stage(pipeline.summary())))
+
+    def stage_completed(self, pipeline: Any, summary: Mapping[str, Any]) -> None:
+        """A stage ended: its entry in ``stages``; a test pass's metrics join the run's."""
+        fields: dict[str, Any] = {"stages": self._stages_with(pipeline.info, public_stage(summary))}
+        if summary["kind"] == "test":
+            fields["metrics"] = {**(self.record.get("metrics") or {}), **summary["metrics"]}
+            self.tb.epoch(pipeline.epochs_completed(), summary["metrics"])
+        self.update(**fields)
+
+    def predictions(self, pipeline: Any, loader: str, outputs: Any) -> None:
+        """An infer pass's predictions on one loader: ``predictions/<stage>/<loader>.pt``."""
+        from engineflow.state.checkpoint_files import atomic_save
+
+        rel = f"predictions/{pipeline.info.name}/{loader}.pt"
+        (self.run_dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        atomic_save(outputs, self.run_dir / rel)
+        artifacts = dict(self.record.get("artifacts") or {})
+        artifacts["predictions"] = {**artifacts.get("predictions", {}), f"{pipeline.info.name}/{loader}": rel}
+        self.update(artifacts=artifacts)
+
     def finish(self, status: str, *, error: str | None = None, final: Mapping[str, float] | None = None,
-               fit: Any = None, best_checkpoint: Path | None = None) -> None:
+               fit: Any = None, best_checkpoint: Path | None = None, best: Mapping[str, Any] | None = None) -> None:
         """Write the weights files, close TensorBoard and mark the run ``status`` with its end time.
 
         ``last.pt``: the weights as training left them, unless it failed (they may be NaN).
@@ -228,12 +263,37 @@ class RunRecorder:
                 artifacts["weights_best"] = "checkpoints/best.pt"
             self.tb.close(self.record["config"], final or {})
         finally:
-            self.update(status=status, ended_at=now_iso(), error=error, pid=None, artifacts=artifacts)
+            stages = [dict(s) for s in self.record.get("stages") or []]
+            for entry in stages:
+                if entry.get("status") == "running":
+                    entry["status"] = status
+            self.update(status=status, ended_at=now_iso(), error=error, pid=None, artifacts=artifacts,
+                        **({"stages": stages} if stages else {}), **({"best": dict(best)} if best else {}))
+
+
+def run_best(fit: Any) -> dict[str, Any]:
+    """A fit's best epoch as the run records it: the stage's prefix, the pipeline's epoch."""
+    best, stage = fit.best.as_dict(), fit.stage
+    if best["metric"]:
+        best["metric"] = stage.metric(best["metric"])
+    if best["epoch"] is not None:
+        best["epoch"] += stage.epochs_before
+    return best
+
+
+def public_stage(summary: Mapping[str, Any]) -> dict[str, Any]:
+    """A stage as ``run.json`` and ``runs show --json`` give it: ``name``, ``kind``, ``status``,
+    ``epochs`` (completed in the stage), ``best`` (its epoch counted within the stage) and
+    ``metrics`` (its last values); ``from`` (the run whose state it is) and ``predictions`` when
+    they apply."""
+    keep = ("name", "kind", "status", "epochs", "best", "metrics", "from", "predictions")
+    return {k: summary[k] for k in keep if k in summary}
 
 
 def _best_meta(fit: Any) -> dict[str, Any]:
     row = next((row for row in fit.history if row["epoch"] == fit.best.epoch), {})
-    return {"epoch": fit.best.epoch, "metrics": {k: v for k, v in row.items() if k != "epoch"}}
+    best = run_best(fit)
+    return {"epoch": best["epoch"], "metrics": {k: v for k, v in fit.stage.row(row).items() if k != "epoch"}}
 
 
 def _metric_lines(path: Path) -> list[tuple[bytes, int]]:

@@ -38,9 +38,9 @@ class TensorBoardLog:
             self._writer = SummaryWriter(logdir=str(self.folder), flush_secs=30)
         return self._writer
 
-    def iteration(self, iteration: int, loss: float | None) -> None:
+    def iteration(self, iteration: int, loss: float | None, prefix: str = "") -> None:
         if loss is not None:
-            self.writer.add_scalar("iteration/train/loss", loss, iteration)
+            self.writer.add_scalar(f"iteration/{prefix}train/loss", loss, iteration)
 
     def epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
         for name, value in metrics.items():

@@ -233,7 +233,7 @@ def best_checkpoint(folder: Path, warn: Callable[[str], None]) -> tuple[Path, di
     if newest is None:
         return None
     state = newest[1]
-    for name in ranked_by_score(state.get("best_checkpoints", {}), state["best"]["mode"]):
+    for name in ranked_by_score(state.get("best_checkpoints", {}), state.get("best_mode") or state["best"]["mode"]):
         path = folder / name
         if path == newest[0]:
             return newest

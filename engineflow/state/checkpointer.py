@@ -34,6 +34,7 @@ from engineflow.state.checkpoint_files import (
 )
 
 FORMAT = 1
+STAGE_END = "stage-end"
 
 
 @dataclass(frozen=True)
@@ -118,23 +119,38 @@ class Checkpointer:
         self.fit: Any = None
         self.interrupt_requested = False
         self._last_time = time.monotonic()
+        self._score_mode: str | None = None
         self._scores: dict[Path, float] = {}  # epoch-end checkpoints by main-metric value
+        self._score_stage = 0  # the pipeline stage whose epochs _scores ranks (a stage's best is its own)
         self._load_checked = False
 
     # what goes in -------------------------------------------------------------------------------
     def state(self, reason: str) -> dict[str, Any]:
         """A checkpoint's content: the fit's state, and which files hold the best epochs (so that
-        ``keep_best`` survives a resume)."""
-        return {"format": FORMAT, "run_id": self.run_id, "reason": reason, "saved_at": time.time(),
-                **self.fit.state_dict(), "best_checkpoints": {p.name: v for p, v in self._scores.items()}}
+        ``keep_best`` survives a resume). ``reason`` "stage-end" marks its stage finished."""
+        state = {"format": FORMAT, "run_id": self.run_id, "reason": reason, "saved_at": time.time(),
+                 **self.fit.state_dict(), "best_checkpoints": {p.name: v for p, v in self._scores.items()},
+                 "best_stage": self._score_stage, "best_mode": self._score_mode}
+        if reason == STAGE_END:
+            state["stage"] = {**state["stage"], "finished": True}
+        return state
 
-    def save(self, reason: str) -> Path:
-        engine = self.fit.train
-        path = self.folder / f"state-{engine.state.iteration:09d}.pt"
+    def save(self, reason: str, *, also: Path | None = None) -> Path:
+        """Write a checkpoint now (and the same state to ``also``, when given); returns its path."""
+        engine, stage = self.fit.train, self.fit.stage
+        # numbered by the pipeline's iteration: a later stage's files sort after an earlier one's
+        path = self.folder / f"state-{stage.iterations_before + engine.state.iteration:09d}.pt"
         best = self.fit.best
         if self.fit.position()["batches_in_epoch"] == 0 and best.value is not None and best.epoch == engine.state.epoch:
+            if stage.index != self._score_stage:  # the run's best is now this stage's: earlier ones may go
+                self._scores.clear()
+                self._score_stage = stage.index
             self._scores[path] = best.value
-        save_checkpoint(self.folder, path.name, self.state(reason))
+            self._score_mode = best.mode
+        state = self.state(reason)
+        save_checkpoint(self.folder, path.name, state)
+        if also is not None:
+            save_checkpoint(also.parent, also.name, state)
         if not self._load_checked:
             self._check_loads(path)
         self._last_time = time.monotonic()
@@ -166,7 +182,22 @@ class Checkpointer:
         prune(self.folder, keep)
 
     def _ranked_best(self) -> list[Path]:
-        return [p for p in ranked_by_score(self._scores, self.fit.best.mode) if p.exists()]
+        return [p for p in ranked_by_score(self._scores, self._score_mode or self.fit.best.mode) if p.exists()]
+
+    def stage_started(self, pipeline: Any) -> None:
+        """An interrupt that came during a test or inference pass stops the run before the next stage."""
+        if pipeline.staged and self.interrupt_requested:
+            raise KeyboardInterrupt("the latest checkpoint is from before this stage")
+
+    def stage_completed(self, pipeline: Any, summary: Any) -> None:
+        """At the end of each train stage of a pipeline: a checkpoint marked finished (a resume
+        goes on with the next stage), also kept as ``stages/<name>.pt``, the state the next stage
+        starts from (``engineflow run --stage NEXT --from RUN``)."""
+        if not pipeline.staged or pipeline.fit is None:
+            if pipeline.staged and self.interrupt_requested:  # a test or inference pass: a resume runs it again
+                raise KeyboardInterrupt("the latest checkpoint is from before this stage")
+            return
+        self.save(STAGE_END, also=self.folder.parent / "stages" / f"{pipeline.fit.stage.name}.pt")
 
     def best_file(self) -> Path | None:
         """The kept checkpoint of the best epoch (by the main metric), or None (``keep_best=0``)."""
@@ -224,3 +255,5 @@ class Checkpointer:
         if state.get("format") != FORMAT:
             raise RecipeError(f"checkpoint format {state.get('format')!r} is not one this engineflow reads")
         self._scores = {self.folder / name: value for name, value in state.get("best_checkpoints", {}).items()}
+        self._score_stage = state.get("best_stage", 0)
+        self._score_mode = state.get("best_mode") or state["best"]["mode"]
