@@ -25,6 +25,7 @@ from engineflow.errors import RecipeError
 from engineflow.execute.build import build, resolve_config
 from engineflow.execute.fit import Fit
 from engineflow.naming import option
+from engineflow.record.mirror import mirror_for
 from engineflow.record.runs import resolve_runs_dir
 from engineflow.runtime import using_run
 from engineflow.state.checkpointer import Checkpointer, every_iterations_policy, policy_of
@@ -83,6 +84,7 @@ def run(
     resume: str | None = None,
     ignore_changes: bool = False,
     checkpoint_every: int | None = None,
+    mlflow: str | bool | None = None,
 ) -> RunResult:
     """Train a recipe and record the run; the Python twin of ``engineflow run``.
 
@@ -101,6 +103,8 @@ def run(
             :func:`engineflow.app.session.find_resumable`.
         ignore_changes: with ``resume``, continue even if the recipe's code or config changed.
         checkpoint_every: write a checkpoint every N iterations instead of the recipe's policy.
+        mlflow: mirror the run to this MLflow tracking URI (over the recipe's ``mlflow`` setting; a
+            resumed run keeps its own); False: no mirror. See :mod:`engineflow.record.mirror`.
 
     Returns:
         the :class:`RunResult`; the run's record is in ``<run_dir>/run.json`` and the store.
@@ -138,11 +142,12 @@ def run(
         if start is None:
             start = new_session(loaded, store, cfg, seed=seed_used, check=check, device=device, force=force,
                                 retrain=retrain)
-        return _train(loaded, start, stream=stream, progress=progress, checkpoint_every=checkpoint_every, note=note)
+        return _train(loaded, start, stream=stream, progress=progress, checkpoint_every=checkpoint_every, note=note,
+                      mlflow=mlflow)
 
 
 def _train(loaded: Recipe, start: Session, *, stream: IO[str] | None, progress: bool | None,
-           checkpoint_every: int | None, note: str | None = None) -> RunResult:
+           checkpoint_every: int | None, note: str | None = None, mlflow: str | bool | None = None) -> RunResult:
     """Build and check the recipe, then record the run and train it.
 
     Nothing is recorded until the engines are built and the eval step's outputs fit its metrics: a
@@ -156,6 +161,7 @@ def _train(loaded: Recipe, start: Session, *, stream: IO[str] | None, progress: 
         policy = every_iterations_policy(policy, checkpoint_every)
     recorder.best_in_checkpoints = policy.keep_best > 0
     reporter = Reporter(stream, progress=progress, log_path=context.run_dir / "log.txt")
+    recorder.mirror = mirror_for(mlflow, loaded, recorder.record, reporter.line)  # None: no MLflow mirror
     checkpointer = Checkpointer(context.run_dir / "checkpoints" / "state", policy, context.run_id, reporter.line)
 
     with using_run(context.run_id):
