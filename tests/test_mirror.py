@@ -391,10 +391,13 @@ def test_sync_of_a_run_that_does_not_mirror_says_so(cli, write_recipe, tmp_path)
 
 
 def test_the_library_and_the_commands_that_mirror_nothing_never_import_mlflow(tmp_path):
-    code = ("import sys; from click.testing import CliRunner; import engineflow; from engineflow.app.cli import main; "
-            "import engineflow.app.runner, engineflow.record.mirror; "
-            "CliRunner().invoke(main, ['--help']); "
-            f"r = CliRunner().invoke(main, ['runs', 'list', '--runs-dir', {str(tmp_path)!r}]); "
-            "print(r.exit_code, 'mlflow' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
-    assert out == ["0", "False"]
+    commands = ("import sys; from click.testing import CliRunner; import engineflow; "
+                "from engineflow.app.cli import main; CliRunner().invoke(main, ['--help']); "
+                f"r = CliRunner().invoke(main, ['runs', 'list', '--runs-dir', {str(tmp_path)!r}]); "
+                f"q = CliRunner().invoke(main, ['runs', 'sync', '--runs-dir', {str(tmp_path)!r}]); "
+                "print(r.exit_code, q.exit_code, 'mlflow' in sys.modules, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", commands], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["0", "0", "False", "False"], "runs list and runs sync of nothing mirrored load neither"
+    library = "import sys, engineflow.app.runner, engineflow.record.mirror; print('mlflow' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", library], capture_output=True, text=True,
+                          check=True).stdout.split() == ["False"]
