@@ -342,6 +342,25 @@ def test_a_run_found_dead_gets_killed_queued_once(cli, write_recipe, tmp_path):
     assert statuses == ["FINISHED", "KILLED"]
 
 
+@needs_mlflow
+def test_a_run_first_mirrored_when_resumed_brings_its_earlier_epochs(cli, write_recipe, tmp_path):
+    fail = tmp_path / "fail"
+    fail.touch()
+    recipe = write_recipe(BASE_RECIPE.replace("epochs=2", "epochs=3").replace(
+        "def train(batch, model, optimizer):",
+        f"def train(batch, model, optimizer, state):\n    if state.epoch == 2 and __import__('os').path.exists("
+        f"{str(fail)!r}):\n        raise RuntimeError('boom')"))
+    assert cli("run", str(recipe)).exit_code == 1
+    fail.unlink()
+    uri = f"http://127.0.0.1:{free_port()}"
+    assert cli("run", str(recipe), "--resume", "last", "--mlflow", uri).exit_code == 0
+    (run_dir,) = (tmp_path / "runs" / "recipe").iterdir()
+    entries = [entry for entry, _ in Outbox(run_dir).pending()]
+    assert [e["step"] for e in entries if e["op"] == "metrics"] == [1, 2, 3]
+    assert entries[0]["op"] == "start" and entries[-1] == {**entries[-1], "op": "status", "status": "FINISHED"}
+    assert read_run(tmp_path / "runs")["mlflow"] == {"uri": uri}
+
+
 def test_the_setting_and_the_flags_are_checked_before_anything_is_recorded(cli, write_recipe, tmp_path):
     recipe = write_recipe(BASE_RECIPE + "\nmlflow = 5\n")
     result = cli("run", str(recipe))
