@@ -77,10 +77,15 @@ def main() -> None:
               help="Run only this stage of a recipe with stages, from the state --from RUN had when it started.")
 @click.option("--from", "from_run", default=None, metavar="RUN|last",
               help="With --stage: the run whose state at the start of that stage this run starts from.")
+@click.option("--mlflow", "mlflow_uri", default=None, metavar="URI",
+              help="Mirror the run to this MLflow tracking server (over the recipe's mlflow setting); "
+                   "`engineflow runs sync` pushes what a server that was down missed.")
+@click.option("--no-mlflow", is_flag=True, help="No MLflow mirror, even if the recipe sets one.")
 @debug_option
 def run_command(recipe: str, assignments: tuple[str, ...], check: bool, device: str, seed: int | None,
                 runs_dir: str, progress: bool | None, force: bool, retrain: bool, resume: str | None,
                 ignore_changes: bool, checkpoint_every: int | None, stage: str | None, from_run: str | None,
+                mlflow_uri: str | None, no_mlflow: bool,
                 debug: bool) -> None:
     """Train RECIPE (a .py file) and record the run under --runs-dir.
 
@@ -96,15 +101,20 @@ def run_command(recipe: str, assignments: tuple[str, ...], check: bool, device: 
       engineflow run recipes/digits.py
       engineflow run recipes/sine.py --set hidden=64 --seed 3 --device cpu
       engineflow run recipes/pretrain_finetune.py --stage finetune --from last --set finetune_lr=0.01
+      engineflow run recipes/digits.py --mlflow http://127.0.0.1:5000
     """
 
     def go() -> None:
         from engineflow.app.runner import run
         from engineflow.declare.configuration import parse_assignments
+        from engineflow.errors import RecipeError
 
+        if no_mlflow and mlflow_uri is not None:
+            raise RecipeError("--mlflow and --no-mlflow exclude each other; give one of them")
         run(recipe, parse_assignments(assignments), check=check, device=device, seed=seed,
             runs_dir=runs_dir, progress=progress, force=force, retrain=retrain, resume=resume,
-            ignore_changes=ignore_changes, checkpoint_every=checkpoint_every, stage=stage, from_run=from_run)
+            ignore_changes=ignore_changes, checkpoint_every=checkpoint_every, stage=stage, from_run=from_run,
+            mlflow=False if no_mlflow else mlflow_uri)
 
     _guarded(go, debug, "training failed")
 
@@ -171,7 +181,7 @@ def eval_command(recipe: str, input_path: str, output_path: str, run_ref: str | 
 
 @main.group("runs")
 def runs_group() -> None:
-    """List, show, compare and plot recorded runs; rebuild the store from run folders."""
+    """List, show, compare and plot recorded runs; rebuild the store from run folders; sync MLflow mirrors."""
 
 
 @runs_group.command("list")
@@ -271,6 +281,31 @@ def runs_reindex(runs_dir: str, debug: bool) -> None:
         click.echo(f"indexed {plural(done.runs, 'run')}{damaged} into {runs_dir}/engineflow.db")
 
     _guarded(go, debug, "runs reindex failed")
+
+
+@runs_group.command("sync")
+@click.argument("run_ref", metavar="[RUN]", required=False)
+@runs_dir_option
+@debug_option
+def runs_sync(run_ref: str | None, runs_dir: str, debug: bool) -> None:
+    """Push what MLflow has not received yet, for RUN or every run that mirrors to MLflow.
+
+    One line per run: what was pushed, "up to date", or why its server could not be reached. Runs
+    found dead are marked KILLED there first. Exit 1 when something is still pending.
+    """
+
+    def go() -> None:
+        from engineflow.record.mirror import sync
+
+        results = sync(runs_dir, run_ref)
+        for done in results:
+            click.echo(done.line())
+        if not results:
+            click.echo("no run mirrors to MLflow")
+        if any(done.result.error is not None for done in results):
+            sys.exit(EXIT_TRAINING_FAILED)
+
+    _guarded(go, debug, "runs sync failed")
 
 
 def _guarded(action: Callable[[], Any], debug: bool, failed: str) -> None:

@@ -26,6 +26,7 @@ from engineflow.execute.build import build_pipeline, resolve_config
 from engineflow.execute.fit import Fit
 from engineflow.execute.pipeline import Pipeline
 from engineflow.naming import option
+from engineflow.record.mirror import mirror_for
 from engineflow.record.runs import resolve_runs_dir
 from engineflow.runtime import using_run
 from engineflow.state.checkpoint_files import load_state, verify
@@ -87,6 +88,7 @@ def run(
     checkpoint_every: int | None = None,
     stage: str | None = None,
     from_run: str | None = None,
+    mlflow: str | bool | None = None,
 ) -> RunResult:
     """Train a recipe and record the run; the Python twin of ``engineflow run``.
 
@@ -108,6 +110,8 @@ def run(
         stage: a recipe with stages: run only this stage, as a new run.
         from_run: with ``stage``: the run ("last", an id) whose state at the start of that stage this
             run starts from (its components as that run's previous train stage left them).
+        mlflow: mirror the run to this MLflow tracking URI (over the recipe's ``mlflow`` setting; a
+            resumed run keeps its own); False: no mirror. See :mod:`engineflow.record.mirror`.
 
     Returns:
         the :class:`RunResult`; the run's record is in ``<run_dir>/run.json`` and the store.
@@ -154,7 +158,7 @@ def run(
                                 retrain=retrain, start=None if origin is None else
                                 {"stage": origin["stage"], "from": origin["from"]})
         return _train(loaded, start, stream=stream, progress=progress, checkpoint_every=checkpoint_every, note=note,
-                      origin=origin)
+                      origin=origin, mlflow=mlflow)
 
 
 def stage_origin(recipe: Recipe, store: Any, stage: str | None, from_run: str | None) -> dict[str, Any] | None:
@@ -196,7 +200,8 @@ def stage_origin(recipe: Recipe, store: Any, stage: str | None, from_run: str | 
 
 
 def _train(loaded: Recipe, start: Session, *, stream: IO[str] | None, progress: bool | None,
-           checkpoint_every: int | None, note: str | None = None, origin: Mapping[str, Any] | None = None) -> RunResult:
+           checkpoint_every: int | None, note: str | None = None, origin: Mapping[str, Any] | None = None,
+           mlflow: str | bool | None = None) -> RunResult:
     """Build and check the recipe, then record the run and train it.
 
     Nothing is recorded until the engines are built and the eval step's outputs fit its metrics: a
@@ -210,6 +215,7 @@ def _train(loaded: Recipe, start: Session, *, stream: IO[str] | None, progress: 
         policy = every_iterations_policy(policy, checkpoint_every)
     recorder.best_in_checkpoints = policy.keep_best > 0
     reporter = Reporter(stream, progress=progress, log_path=context.run_dir / "log.txt")
+    recorder.mirror = mirror_for(mlflow, loaded, recorder.record, reporter.line)  # None: no MLflow mirror
     checkpointer = Checkpointer(context.run_dir / "checkpoints" / "state", policy, context.run_id, reporter.line)
 
     with using_run(context.run_id):

@@ -30,6 +30,7 @@ from engineflow.declare.handlers import HandlerSpec
 from engineflow.declare.recipe import Recipe
 from engineflow.declare.stages import Stage
 from engineflow.errors import EngineflowError, RecipeError, SetupError
+from engineflow.execute.dispatch import attach_in_order
 from engineflow.execute.engine import make_engine
 from engineflow.execute.fit import Fit, build_fit, evaluate_loader, stage_handlers
 from engineflow.execute.injection import describe, make_caller
@@ -244,8 +245,6 @@ class Pipeline:
         provided = {**self.provided, **self.components, "run": self._context(stage.name)}
         evaluator = make_engine(stage.eval, provided)
         attach_metrics(evaluator, stage.eval.metrics)
-        from engineflow.execute.dispatch import attach_in_order
-
         attach_in_order(evaluator, [h for h in stage_handlers(self.recipe.handlers, stage) if h.engine == "eval"],
                         provided)
         metrics: dict[str, Any] = {}
@@ -262,6 +261,8 @@ class Pipeline:
         found: dict[str, Any] = {}
         for name, loader in self.stage_loaders(index).items():
             engine = make_engine(stage.infer, provided)
+            attach_in_order(engine, [h for h in stage_handlers(self.recipe.handlers, stage) if h.engine == "infer"],
+                            provided)
             outputs: list[Any] = []
             engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e, out=outputs: out.append(e.state.output))
             with torch.no_grad():

@@ -9,6 +9,7 @@ Folder ``<runs_dir>/<experiment>/<run_id>/``::
     tb/             TensorBoard event files
     checkpoints/    best.pt and last.pt weights
     log.txt         what the run printed
+    mlflow/         the MLflow mirror's outbox and state, when the run mirrors (engineflow.record.mirror)
 
 Every write to the folder comes before the matching write to the store, so ``runs reindex``
 can always rebuild the store from the folders. Record changes are field-level
@@ -27,7 +28,7 @@ import threading
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engineflow.declare.handlers import HandlerSpec
 from engineflow.errors import RecipeError, StoreError
@@ -38,6 +39,9 @@ from engineflow.record.snapshot import CodeState, save
 from engineflow.record.staleness import HEARTBEAT_INTERVAL_S, is_stale
 from engineflow.record.store import RunStore
 from engineflow.record.tblog import TensorBoardLog
+
+if TYPE_CHECKING:
+    from engineflow.record.mirror import Mirror
 
 TB_EVERY_ITERATIONS = 50  # the loss per iteration for TensorBoard; epochs log every metric
 
@@ -77,6 +81,7 @@ class RunRecorder:
         self.best_in_checkpoints = False
         self._stop_beating = threading.Event()
         self._beater: threading.Thread | None = None
+        self.mirror: Mirror | None = None  # the MLflow mirror, set by the runner (engineflow.record.mirror)
 
     def begin_new(self, code: CodeState) -> None:
         """Create the folder with its snapshot and record, then index it (status "running")."""
@@ -87,6 +92,8 @@ class RunRecorder:
         self.update(status="running", pid=os.getpid(), hostname=socket.gethostname(), heartbeat_at=now_iso())
         self._start_heartbeat()
         self.tb.open()
+        if self.mirror is not None:
+            self.update(mlflow=self.mirror.begin(self.record, resumed=False))
 
     def begin_resumed(self, *, changed: list[str]) -> None:
         """Continue recording this earlier run in its folder; the resume is logged in ``resumes``.
@@ -115,6 +122,8 @@ class RunRecorder:
                               f"{run_id}`; resume it again once no other process is running it.")
         self.record.update(written)
         self._start_heartbeat()
+        if self.mirror is not None:
+            self.update(mlflow=self.mirror.begin(self.record, resumed=True))
 
     def resumed_from(self, checkpoint: Path, iteration: int, epochs_completed: int) -> None:
         """Note which checkpoint the latest resume continued from; epochs after it will be recorded
@@ -193,6 +202,8 @@ class RunRecorder:
         with (self.run_dir / "metrics.jsonl").open("a", encoding="utf-8") as out:
             out.writelines(json.dumps({"epoch": epoch, "name": k, "value": v}) + "\n" for k, v in values.items())
         self.tb.epoch(epoch, values)
+        if self.mirror is not None:
+            self.mirror.epoch(epoch, values)
         artifacts = dict(self.record.get("artifacts") or {})
         # The weights files are written when the run ends (finish); until then the full-state
         # checkpoints hold them (what ef.load_run reads), unless no checkpoint keeps the best epoch.
@@ -224,6 +235,8 @@ class RunRecorder:
         if summary["kind"] == "test":
             fields["metrics"] = {**(self.record.get("metrics") or {}), **summary["metrics"]}
             self.tb.epoch(pipeline.epochs_completed(), summary["metrics"])
+            if self.mirror is not None:
+                self.mirror.epoch(pipeline.epochs_completed(), summary["metrics"])
         self.update(**fields)
 
     def predictions(self, pipeline: Any, loader: str, outputs: Any) -> None:
@@ -269,6 +282,8 @@ class RunRecorder:
                     entry["status"] = status
             self.update(status=status, ended_at=now_iso(), error=error, pid=None, artifacts=artifacts,
                         **({"stages": stages} if stages else {}), **({"best": dict(best)} if best else {}))
+        if self.mirror is not None:  # after the record: what MLflow is told never waits for it
+            self.mirror.finish(status, self.record)
 
 
 def run_best(fit: Any) -> dict[str, Any]:

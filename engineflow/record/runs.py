@@ -15,6 +15,7 @@ from typing import Any
 
 from engineflow.errors import StoreError
 from engineflow.files import write_json
+from engineflow.record import outbox
 from engineflow.record.folders import read_record
 from engineflow.record.schema import Row
 from engineflow.record.staleness import interrupted, still_stale
@@ -108,6 +109,8 @@ def update_record(store: RunStore, record: Mapping[str, Any], fields: Mapping[st
 def settle_stale(store: RunStore) -> list[dict[str, Any]]:
     """Mark interrupted, in run.json and then the index, each run whose process is gone; returns them.
 
+    A run that mirrors to MLflow gets KILLED queued, and pushed briefly (:mod:`engineflow.record.outbox`).
+
     Each run judged stale is checked again under the write lock, and left alone if it was resumed,
     finished or beat since (:func:`~engineflow.record.staleness.still_stale`). When its run.json
     tells of another life than the index (a process whose index write failed), the folder is the
@@ -121,6 +124,8 @@ def settle_stale(store: RunStore) -> list[dict[str, Any]]:
                 marked = _settle(tx, current)
                 if marked is not None:
                     settled.append(marked)
+                    outbox.queue_killed(marked)  # MLflow hears KILLED (under the lock: before any resume's RUNNING)
+    outbox.push_settled(settled)
     return settled
 
 
