@@ -1,4 +1,4 @@
-"""Pretrain an autoencoder on digits without labels, then finetune a classifier on 100 labelled ones.
+"""Pretrain an autoencoder on digits without labels, then finetune a classifier on 50 labelled ones.
 
 scikit-learn's 8x8 digits (no download), split 70/15/15 as recipes/digits.py splits them. Five stages:
 
@@ -10,9 +10,12 @@ scikit-learn's 8x8 digits (no download), split 70/15/15 as recipes/digits.py spl
 4. ``test``: the classifier's accuracy on the test split.
 5. ``predict``: class predictions for the test split, written to the run folder.
 
-With the defaults, on seeds 0-4, the finetuned classifier reaches a higher validation accuracy
-than the same classifier trained from scratch on the same 100 images for the same epochs
-(``--set pretrained=false``); the figures are in benchmarks/README.md.
+With the defaults, on each of seeds 0-4, the finetuned classifier reaches a higher validation
+accuracy than the same classifier trained from scratch on the same 50 images for the same 150
+epochs (``--set pretrained=false``); ``python -m benchmarks.pretraining`` measures both, and
+benchmarks/README.md has the figures. The denoising (masked pixels) and the tanh code matter: a
+plain autoencoder's features did not beat training from scratch. With 100 labels the gain shrinks
+to about what a tuned baseline closes (digits is nearly linearly separable).
 
     engineflow run recipes/pretrain_finetune.py
     engineflow run recipes/pretrain_finetune.py --set pretrained=false --set pretrain_epochs=1   # from scratch
@@ -27,11 +30,11 @@ from torch.utils.data import DataLoader, TensorDataset
 import engineflow as ef
 
 config = ef.config(
-    labels=100, hidden=128, code=32, mask=0.3,
-    pretrain_epochs=30, pretrain_lr=0.01, pretrain_batch=128,
+    labels=50, hidden=128, code=24, mask=0.3,
+    pretrain_epochs=50, pretrain_lr=0.01, pretrain_batch=128,
     frozen_epochs=50, frozen_lr=0.03,
-    finetune_epochs=50, finetune_lr=0.003,
-    pretrained=True, threads=1, seed=0,
+    finetune_epochs=100, finetune_lr=0.001,
+    pretrained=True, scratch_lr=0.003, threads=1, seed=0,
 )
 
 # every epoch of the small stages would be a checkpoint and a validation: a tenth of them is enough
@@ -96,11 +99,11 @@ def reconstruction(batch, encoder, decoder):
 def freeze_encoder(encoder, cfg):
     """Stage "frozen": a new classifier head on the frozen pretrained encoder."""
     head = nn.Linear(cfg.code, 10)
-    if not cfg.pretrained:  # the baseline: the same classifier, from a fresh encoder, all of it training
+    if not cfg.pretrained:  # the baseline: the same classifier from a fresh encoder, all of it training
         fresh = make_encoder(cfg)
         encoder.load_state_dict(fresh.state_dict())
         return {"head": head, "optimizer": torch.optim.Adam([*encoder.parameters(), *head.parameters()],
-                                                            lr=cfg.finetune_lr)}
+                                                            lr=cfg.scratch_lr)}
     encoder.requires_grad_(False)
     return {"head": head, "optimizer": torch.optim.Adam(head.parameters(), lr=cfg.frozen_lr)}
 

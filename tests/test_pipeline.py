@@ -377,3 +377,20 @@ def test_a_handler_for_an_unknown_stage_is_refused(folder, tmp_path, cli):
     result = cli("run", str(recipe))
     assert result.exit_code == 2
     assert "handler 'finetune_five' is for stage 'finetuning', which is not one of the recipe's stages" in result.output
+
+
+def test_load_run_gives_the_components_the_whole_pipeline_made_and_leaves_the_caller_alone(unbroken, monkeypatch):
+    import engineflow as ef
+
+    monkeypatch.setenv("PYTHONHASHSEED", "123")
+    before = torch.random.get_rng_state()
+    past = ef.load_run("last", runs_dir=unbroken[0])
+    assert os.environ["PYTHONHASHSEED"] == "123"  # a child process started after it still starts
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert {"encoder", "head", "optimizer"} <= past.components.keys()
+    assert past.fit.stage.name == "finetune"
+    best = torch.load(past.run_dir / "checkpoints" / "best.pt", weights_only=True)["weights"]
+    for name in ("encoder", "head"):
+        state = past.components[name].state_dict()
+        assert all(torch.equal(state[key], best[name][key]) for key in state), name
+    assert past.fit.evaluate("valid")["valid/accuracy"] == read_run(unbroken[0])["best"]["value"]

@@ -112,3 +112,12 @@ def test_fine_tuning_example_loads_the_pretrained_encoder(tmp_path, write_recipe
     namespace["setup"](ef.config(), run)  # the example's setup, up to its "..."
     past = ef.load_run("last", runs_dir=tmp_path / "runs", experiment="pretrain")
     assert torch.equal(encoder.weight, past.components["encoder"].weight)
+
+
+def test_the_stages_example_is_the_pipeline_recipes_own():
+    block = python_block_after("<!-- stages -->")
+    recipe = (REPO / "recipes" / "pretrain_finetune.py").read_text()
+    listed = block[block.index("stages = ["):]
+    assert listed in recipe, "the README's stages list is the recipe's, as written there"
+    for name in ("freeze_encoder", "unfreeze_encoder"):
+        assert f"def {name}(" in recipe

@@ -97,8 +97,9 @@ def attach_in_order(engine: StepEngine, specs: Iterable[HandlerSpec], provided: 
     """Attach handlers so that each event runs them by (order, declaration).
 
     ``before`` is (iterations, epochs) of the pipeline's stages before this engine's: the filters
-    of pipeline-wide handlers (``stage=None``) count from there, so ``every_n_iterations(100)``
-    keeps its rhythm across stages; a stage's own handlers count the engine's own events.
+    of the recipe's pipeline-wide handlers (``stage=None``) count from there, so
+    ``every_n_iterations(100)`` keeps its rhythm across stages; a stage's own handlers and
+    engineflow's (``raw``) count the engine's own events.
 
     One Ignite handler per event dispatches to all of that event's specs and checks their
     filters inline: a handler that is not due costs a modulo, not a call through Ignite's filter
@@ -115,7 +116,8 @@ def attach_in_order(engine: StepEngine, specs: Iterable[HandlerSpec], provided: 
                 "(every=, once=, before=, after=); attach it to the plain event and test the state inside"
             )
         handler = wrap_handler(spec, provided, base)
-        counts = (0, 0) if spec.stage is not None else before
+        # engineflow's own handlers (validation every N epochs...) and a stage's own count the stage's events
+        counts = (0, 0) if spec.stage is not None or spec.raw else before
         offset = counts[0] if State.event_to_attr.get(base) == "iteration" else counts[1]
         by_event.setdefault(base, []).append((handler, None if spec.every else event_filter, spec.every, offset))
         if spec.at_start:

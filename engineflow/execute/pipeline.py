@@ -37,7 +37,7 @@ from engineflow.execute.injection import describe, make_caller
 from engineflow.execute.stage import StageInfo
 from engineflow.metrics import attach_metrics
 from engineflow.state.components import load_component_states
-from engineflow.state.rng import seed_everything, stage_seed
+from engineflow.state.rng import seed_rngs, stage_seed
 
 CHECK_BATCHES = 2  # --check: the first 2 batches of every loader
 CHECK_EPOCHS = 2  # --check: 2 epochs of each train stage
@@ -148,7 +148,7 @@ class Pipeline:
 
     def _prepare(self, index: int) -> None:
         stage = self.stages[index]
-        seed_everything(stage_seed(self.seed, index))
+        seed_rngs(stage_seed(self.seed, index))
         self._prepared = index
         if stage.prepare is None:
             return

@@ -8,6 +8,7 @@ weights) or ``--run ID`` (that run's own code from its snapshot).
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -97,7 +98,7 @@ def load_run(
                          runs_dir=root)
     # build() seeds every RNG with the past run's seed; a setup() loading a run for fine-tuning must
     # go on drawing from its own seed's RNGs afterwards.
-    caller_rngs = rng_state()
+    caller_rngs, hash_seed = rng_state(), os.environ.get("PYTHONHASHSEED")
     try:
         with using_run(record["id"]):
             pipeline, cfg, _ = build_pipeline(loaded, record["config"], seed=record["seed"], context=context)
@@ -106,6 +107,10 @@ def load_run(
             pipeline.prepare_all()
     finally:
         set_rng_state(caller_rngs)
+        if hash_seed is None:  # build() sets it for the run's processes; the caller's children keep theirs
+            os.environ.pop("PYTHONHASHSEED", None)
+        else:
+            os.environ["PYTHONHASHSEED"] = hash_seed
     fit = pipeline.last_fit
     assert fit is not None  # a pipeline has a train stage
     modules = modules_of(fit.components)

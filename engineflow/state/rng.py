@@ -91,6 +91,14 @@ def loader_generators(loader: Any) -> list[torch.Generator]:
 def seed_epoch(seed: int, epoch: int, loader: Any) -> None:
     """Rule 1: every RNG the epoch will use starts from ``(seed, epoch)``."""
     value = epoch_seed(seed, epoch)
+    seed_rngs(value)
+    for index, generator in enumerate(loader_generators(loader)):
+        generator.manual_seed((value + index + 1) % _SEED_MOD)
+
+
+def seed_rngs(value: int) -> None:
+    """Seed Python's, NumPy's (when installed) and torch's global RNGs from ``value`` (any size);
+    unlike :func:`seed_everything`, nothing outside the RNGs (no environment variable)."""
     random.seed(value)
     try:
         import numpy as np
@@ -99,8 +107,6 @@ def seed_epoch(seed: int, epoch: int, loader: Any) -> None:
     else:
         np.random.seed(value % 2**32)
     _seed_torch(value)
-    for index, generator in enumerate(loader_generators(loader)):
-        generator.manual_seed((value + index + 1) % _SEED_MOD)
 
 
 def _seed_torch(value: int) -> None:
@@ -115,7 +121,7 @@ def _seed_torch(value: int) -> None:
 def seed_everything(seed: int) -> None:
     """Seed Python's, NumPy's (when installed) and torch's RNGs (CPU and every CUDA device)."""
     random.seed(seed)
-    os.environ["PYTHONHASHSEED"] = str(seed)
+    os.environ["PYTHONHASHSEED"] = str(seed % 2**32)  # the range Python accepts
     try:
         import numpy as np
     except ImportError:  # numpy is optional for engineflow itself
