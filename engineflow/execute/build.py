@@ -94,7 +94,7 @@ def build_pipeline(
     if check:
         components["loaders"] = {name: take(loader, CHECK_BATCHES) for name, loader in components["loaders"].items()}
     provided = {"cfg": cfg, "device": context.device, "run": context}
-    pipeline = Pipeline(recipe, components, provided, epochs=epochs, seed=seed, check=check, extras=extras,
+    pipeline = Pipeline(recipe, components, provided, epochs=epochs, seed=seed, extras=extras,
                         listeners=listeners)
     pipeline.enter(0)
     return pipeline, cfg, context

@@ -72,7 +72,6 @@ class Pipeline:
         provided: the names steps and handlers get besides the components (``cfg``, ``device``, ``run``).
         epochs: epochs of each stage, in order (0 for test and infer passes).
         seed: the run's seed.
-        check: ``--check``: every loader cut to its first batches.
         extras: functions of a fit returning more handlers (reporter, recorder, checkpointer).
         listeners: objects told of stage boundaries: ``stage_started(pipeline)``,
             ``stage_completed(pipeline, summary)`` and ``predictions(pipeline, loader, outputs)``,
@@ -86,7 +85,7 @@ class Pipeline:
     """
 
     def __init__(self, recipe: Recipe, components: dict[str, Any], provided: Mapping[str, Any], *,
-                 epochs: list[int], seed: int, check: bool = False,
+                 epochs: list[int], seed: int,
                  extras: Iterable[Callable[[Fit], Iterable[HandlerSpec]]] = (), listeners: Iterable[Any] = ()) -> None:
         self.recipe = recipe
         self.stages: tuple[Stage, ...] = recipe.stages
@@ -94,7 +93,6 @@ class Pipeline:
         self.provided = dict(provided)
         self.epochs = list(epochs)
         self.seed = seed
-        self.check = check
         self.extras = tuple(extras)
         self.listeners = list(listeners)
         self.info = StageInfo()
