@@ -307,6 +307,28 @@ def test_one_stage_from_another_runs_state_equals_that_stage_of_the_whole_run(fo
     assert differing(tensors(new_state["components"]), expected) == []
 
 
+@pytest.mark.slow
+def test_a_run_of_one_stage_killed_and_resumed_ends_as_that_stage_of_the_whole_run(folder, unbroken, tmp_path):
+    import shutil
+
+    runs = tmp_path / "runs"
+    shutil.copytree(unbroken[0], runs)
+    options = ["--runs-dir", str(runs), "--device", "cpu", "--checkpoint-every", "4"]
+    kill = {"KILL_STAGE": "finetune", "KILL_AT": "9", "KILL_MARKER": str(tmp_path / "m")}
+    killed = engineflow("run", str(folder / "pipe.py"), *options, "--stage", "finetune", "--from", "last",
+                        cwd=tmp_path, env=kill)
+    assert killed.returncode == -9, killed.stderr
+    resumed = engineflow("run", str(folder / "pipe.py"), *options, "--resume", "last", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "stage 4/5" not in resumed.stdout  # still that stage alone
+    shown = json.loads(engineflow("runs", "show", "last", "--runs-dir", str(runs), "--json", cwd=tmp_path).stdout)
+    assert [(s["name"], s["status"]) for s in shown["stages"]] == [
+        ("warmup", "completed"), ("frozen", "completed"), ("finetune", "completed")]
+    state = torch.load(Path(shown["run_dir"]) / "checkpoints" / "stages" / "finetune.pt", weights_only=True)
+    expected, _ = final_components(unbroken[0])
+    assert differing(tensors(state["components"]), expected) == []
+
+
 def test_check_runs_every_stage_briefly(folder, tmp_path):
     proc = engineflow("run", str(folder / "pipe.py"), "--runs-dir", str(tmp_path / "runs"), "--check",
                       "--set", "warmup_epochs=5", cwd=tmp_path)
