@@ -33,6 +33,7 @@ from engineflow.execute.dispatch import attach_in_order
 from engineflow.execute.engine import StepEngine, make_engine
 from engineflow.execute.injection import describe
 from engineflow.execute.losses import LossMonitor
+from engineflow.execute.parallel import sum_over_ranks, train_wrappers
 from engineflow.execute.stage import Progress, StageInfo
 from engineflow.execute.wiring import eval_loaders_of, loaders_of, main_metric, resolve_steps
 from engineflow.metrics import attach_metrics, check_metric_takes
@@ -58,6 +59,7 @@ class Fit:
         seed: the fit's seed; each epoch's RNGs start from ``(seed, epoch)``.
         eval_spec: the eval step, or None.
         stage: where the fit stands in its pipeline (a recipe without stages: "fit", no prefix).
+        rank: this process's rank among those training together (0 on one process).
     """
 
     train: StepEngine
@@ -72,6 +74,7 @@ class Fit:
     seed: int = 0
     eval_spec: StepSpec | None = None
     stage: StageInfo = field(default_factory=StageInfo)
+    rank: int = 0
     # where the fit stands in its epochs, kept by its own handlers (see position())
     _epoch_start: int = field(default=0, repr=False)
     _epoch_done: bool = field(default=False, repr=False)
@@ -128,7 +131,7 @@ class Fit:
         already trained on are skipped, then the RNGs, the running loss and the train metrics are
         restored as they were at that batch.
         """
-        data = EpochData(self.loaders["train"], self.seed, lambda: self.train.state.epoch)
+        data = EpochData(self.loaders["train"], self.seed, lambda: self.train.state.epoch, self.rank)
         if self._resume_batches is None:
             return self.train.run(data, max_epochs=epochs)
         batches, within = self._resume_batches, self._resume_within_epoch
@@ -244,7 +247,8 @@ def build_fit(
     train_spec, eval_spec = (stage.train, stage.eval) if stage is not None else resolve_steps(recipe, components)
     eval_loaders = eval_loaders_of(eval_spec, loaders, recipe)
     best = Best(*main_metric(eval_spec, eval_loaders, train_spec, recipe))
-    monitor = LossMonitor()
+    distributed = getattr(provided.get("run"), "world_size", 1) > 1
+    monitor = LossMonitor(reduce=sum_over_ranks if distributed else None)
     history: list[dict[str, Any]] = []
     # Two phases: the eval engine first, then the train engine, whose steps and handlers may ask for
     # `evaluate` (a function of the eval engine and the loaders).
@@ -255,11 +259,13 @@ def build_fit(
         evaluator = make_engine(eval_spec, provided)
         attach_metrics(evaluator, eval_spec.metrics)
     provided["evaluate"] = partial(evaluate_loader, evaluator, loaders)
-    train = make_engine(train_spec, provided)
+    # on several processes the train step gets DDP-wrapped modules; everything else the plain ones
+    train = make_engine(train_spec, {**provided, **train_wrappers(components)} if distributed else provided)
     progress.engine = train
     attach_metrics(train, train_spec.metrics, prefix="train/")
     fit = Fit(train, evaluator, components, loaders, eval_loaders, best, monitor, history,
-              {f"train/{name}": m for name, m in train_spec.metrics.items()}, seed, eval_spec, info)
+              {f"train/{name}": m for name, m in train_spec.metrics.items()}, seed, eval_spec, info,
+              getattr(provided.get("run"), "rank", 0))
 
     own = [*_own_handlers(fit, eval_spec), *(s for make in extras for s in make(fit))]
     everything = [*own, *(stage_handlers(recipe.handlers, stage) if stage is not None else recipe.handlers)]
