@@ -199,3 +199,83 @@ def test_a_killed_launcher_leaves_no_worker(tmp_path):
     while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(_alive(pid) for pid in workers)
+
+
+# exact resume ------------------------------------------------------------------------------------
+# 50 samples, batch 4, 2 ranks: 25 samples a rank, 7 batches an epoch (the last of 1 sample).
+# Dropout draws from each rank's own RNG; the rank given by KILL_RANK SIGKILLs itself once at
+# iteration KILL_AT.
+RESUMABLE = '''
+import os, signal
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+import engineflow as ef
+
+config = ef.config(epochs=3, lr=0.1, seed=0)
+
+def setup(cfg):
+    gen = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(50, 6, generator=gen), torch.randint(0, 3, (50,), generator=gen))
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Dropout(0.3),
+                                torch.nn.Linear(16, 3))
+    return dict(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9),
+                loaders={"train": DataLoader(data, batch_size=4, shuffle=True),
+                         "valid": DataLoader(data, batch_size=16)})
+
+@ef.train_step
+def train(batch, model, optimizer, state, run):
+    if (state.iteration == int(os.environ.get("KILL_AT", "0")) and run.rank == int(os.environ["KILL_RANK"])
+            and not os.path.exists(os.environ["KILL_MARKER"])):
+        open(os.environ["KILL_MARKER"], "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    x, y = batch
+    loss = F.cross_entropy(model(x), y)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return {"loss": loss}
+
+@ef.eval_step(metrics={"accuracy": ef.metrics.Accuracy()})
+def evaluate(batch, model):
+    x, y = batch
+    return {"y_pred": model(x), "y": y}
+'''
+
+
+def _two_process_run(tmp_path: Path, name: str, kill_at: int | None, kill_rank: int = 1) -> tuple[dict, dict]:
+    """A 2-process run (killed at ``kill_at``, then resumed); its final weights and record."""
+    from tests.test_resume import engineflow, final_state
+
+    folder = tmp_path / name
+    folder.mkdir()
+    recipe = folder / "resumable.py"
+    recipe.write_text(RESUMABLE)
+    runs = folder / "runs"
+    env = {"KILL_AT": str(kill_at or 0), "KILL_RANK": str(kill_rank), "KILL_MARKER": str(folder / "killed")}
+    args = ["run", str(recipe), "--nproc", "2", "--runs-dir", str(runs), "--checkpoint-every", "3"]
+    first = engineflow(*args, env=env, cwd=folder)
+    if kill_at is not None:
+        assert first.returncode == 1, first.stdout + first.stderr
+        assert _show(runs)["error"].startswith(f"rank {kill_rank} ")
+        resumed = engineflow(*args, "--resume", "last", env=env, cwd=folder)
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+        assert "from checkpoint" in resumed.stdout
+    else:
+        assert first.returncode == 0, first.stdout + first.stderr
+    return final_state(runs), _show(runs)
+
+
+@pytest.mark.slow
+def test_two_processes_killed_and_resumed_end_bit_identical(tmp_path):
+    unbroken, record = _two_process_run(tmp_path, "unbroken", None)
+    # mid-epoch (iteration 11: epoch 2, batch 4; checkpoints at 3, 6, 9), at an epoch's last batch
+    # (14: the latest checkpoint is the end of epoch 2), and rank 0 itself killed
+    from tests.test_resume import divergences
+
+    for name, kill_at, rank in (("mid", 11, 1), ("end", 14, 1), ("rank0", 17, 0)):
+        weights, resumed = _two_process_run(tmp_path, name, kill_at, rank)
+        assert divergences(weights, unbroken) == [], name
+        # train/loss of the resumed epoch sums each rank's restored totals: the same float
+        assert resumed["metrics"] == record["metrics"], name
+        assert resumed["world_size"] == 2

@@ -228,11 +228,11 @@ def _failure(folder: Path, workers: list[subprocess.Popen[bytes]], rank: int, co
         tail = log.read_text(errors="replace")[-4000:] if log.is_file() else ""
         if tail.strip():
             print(tail.rstrip("\n"), file=sys.stderr)
-    run_id_file = folder / "run_id"
-    if run_id_file.is_file() and not (rank == 0 and code == EXIT_INTERRUPTED):
-        _mark_failed(run_id_file.read_text().strip(), message, runs_dir)
-    if rank == 0 and code == EXIT_INTERRUPTED:
+    if code == EXIT_INTERRUPTED:  # every rank checkpointed and stopped; rank 0 marked the run interrupted
         return WorkerError(message, EXIT_INTERRUPTED, already_reported=True)
+    run_id_file = folder / "run_id"
+    if run_id_file.is_file():
+        _mark_failed(run_id_file.read_text().strip(), message, runs_dir)
     return WorkerError(message, exit_code, already_reported=rank == 0 and code > 0)
 
 

@@ -27,7 +27,7 @@ from engineflow.declare.recipe import Recipe, load_recipe
 from engineflow.errors import RecipeError
 from engineflow.execute.build import build_pipeline, resolve_config
 from engineflow.execute.fit import Fit
-from engineflow.execute.parallel import ONE_PROCESS, World, share_json
+from engineflow.execute.parallel import ONE_PROCESS, World, max_over_ranks, share_json
 from engineflow.execute.pipeline import Pipeline
 from engineflow.naming import option
 from engineflow.record.mirror import mirror_for
@@ -328,9 +328,11 @@ def _train(loaded: Recipe, start: Session, *, stream: IO[str] | None, progress: 
         recorder.mirror = mirror_for(mlflow, loaded, recorder.record, reporter.line)  # None: no MLflow mirror
     else:
         reporter = Reporter(open(os.devnull, "w"), progress=False)
-    checkpointer = Checkpointer(context.run_dir / "checkpoints" / "state", policy, context.run_id, reporter.line)
-    extras = (reporter.handlers, recorder.handlers, checkpointer.handlers) if leader else ()
-    listeners = (reporter, recorder, checkpointer) if leader else ()
+    checkpointer = Checkpointer(context.run_dir / "checkpoints" / "state", policy, context.run_id, reporter.line,
+                                writes=leader, agree=max_over_ranks if world.distributed else None)
+    # every rank takes part in each checkpoint (its own RNGs and sums are in it); rank 0 writes it
+    extras = (reporter.handlers, recorder.handlers, checkpointer.handlers) if leader else (checkpointer.handlers,)
+    listeners = (reporter, recorder, checkpointer) if leader else (checkpointer,)
 
     with using_run(context.run_id):
         pipeline = _prepare(loaded, start, extras=extras, listeners=listeners, origin=origin)

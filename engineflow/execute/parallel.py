@@ -195,6 +195,13 @@ def sum_over_ranks(values: Mapping[str, float]) -> dict[str, float]:
     return dict(zip(keys, total.tolist(), strict=True))
 
 
+def max_over_ranks(flags: list[int]) -> list[int]:
+    """Each flag's maximum over every rank. Collective."""
+    import ignite.distributed as idist
+
+    return [int(v) for v in idist.all_reduce(torch.tensor(flags, dtype=torch.int64), op="MAX").tolist()]
+
+
 def gather_objects(value: Any) -> list[Any]:
     """Every rank's ``value``, in rank order. Collective."""
     import ignite.distributed as idist
