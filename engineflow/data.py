@@ -78,11 +78,25 @@ class TensorLoader:
         self._epoch = 0  # the epoch in progress, or the next one when none is
         self._batch = 0  # batches of that epoch already handed out
         self._resume = False
+        self._shard: tuple[int, int, bool] | None = None  # (rank, world size, pad) on several processes
+
+    def shard(self, rank: int, world_size: int, *, pad: bool) -> None:
+        """Hand out only rank ``rank``'s share of each epoch's order (engineflow calls it on several
+        processes): every ``world_size``-th sample from ``rank``; ``pad`` repeats the order's first
+        samples up to a multiple of ``world_size`` (train), else shards differ by one at most (eval)."""
+        self._shard = (rank, world_size, pad) if world_size > 1 else None
+
+    def _rows_here(self) -> int:
+        if self._shard is None:
+            return self.samples
+        rank, world, pad = self._shard
+        return -(-self.samples // world) if pad else len(range(rank, self.samples, world))
 
     def __len__(self) -> int:
+        rows = self._rows_here()
         if self.drop_last:
-            return self.samples // self.batch_size
-        return -(-self.samples // self.batch_size)
+            return rows // self.batch_size
+        return -(-rows // self.batch_size)
 
     def __iter__(self) -> Iterator[Any]:
         if self._resume:
@@ -93,6 +107,14 @@ class TensorLoader:
 
     def _batches(self, epoch: int, first: int) -> Iterator[Any]:
         order = self.order(epoch)
+        if self._shard is not None:
+            rank, world, pad = self._shard
+            if order is None:
+                order = torch.arange(self.samples, device=self.tensors[0].device)
+            extra = -self.samples % world if pad else 0
+            if extra:
+                order = torch.cat([order, order.repeat(-(-extra // self.samples))[:extra]])
+            order = order[rank::world]
         size, count, single = self.batch_size, len(self), len(self.tensors) == 1
         for index in range(first, count):
             start = index * size

@@ -31,6 +31,8 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON f
 recipe_argument = click.argument("recipe", type=click.Path(dir_okay=False, path_type=str))
 run_ref_option = click.option("--run", "run_ref", default=None, metavar="ID|last",
                               help="Which run (default: the recipe's latest).")
+nproc_option = click.option("--nproc", type=click.IntRange(min=1), default=None, metavar="N",
+                            help="Run on N local processes, data parallel (gloo on CPU, NCCL on CUDA).")
 ignore_changes_option = click.option("--ignore-changes", is_flag=True,
                                      help="Use the run even if the recipe's code changed since.")
 
@@ -81,11 +83,12 @@ def main() -> None:
               help="Mirror the run to this MLflow tracking server (over the recipe's mlflow setting); "
                    "`engineflow runs sync` pushes what a server that was down missed.")
 @click.option("--no-mlflow", is_flag=True, help="No MLflow mirror, even if the recipe sets one.")
+@nproc_option
 @debug_option
 def run_command(recipe: str, assignments: tuple[str, ...], check: bool, device: str, seed: int | None,
                 runs_dir: str, progress: bool | None, force: bool, retrain: bool, resume: str | None,
                 ignore_changes: bool, checkpoint_every: int | None, stage: str | None, from_run: str | None,
-                mlflow_uri: str | None, no_mlflow: bool,
+                mlflow_uri: str | None, no_mlflow: bool, nproc: int | None,
                 debug: bool) -> None:
     """Train RECIPE (a .py file) and record the run under --runs-dir.
 
@@ -114,7 +117,7 @@ def run_command(recipe: str, assignments: tuple[str, ...], check: bool, device: 
         run(recipe, parse_assignments(assignments), check=check, device=device, seed=seed,
             runs_dir=runs_dir, progress=progress, force=force, retrain=retrain, resume=resume,
             ignore_changes=ignore_changes, checkpoint_every=checkpoint_every, stage=stage, from_run=from_run,
-            mlflow=False if no_mlflow else mlflow_uri)
+            mlflow=False if no_mlflow else mlflow_uri, nproc=nproc)
 
     _guarded(go, debug, "training failed")
 
@@ -126,9 +129,10 @@ def run_command(recipe: str, assignments: tuple[str, ...], check: bool, device: 
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @runs_dir_option
 @json_option
+@nproc_option
 @debug_option
 def test_command(recipe: str, run_ref: str | None, ignore_changes: bool, device: str, runs_dir: str, as_json: bool,
-                 debug: bool) -> None:
+                 nproc: int | None, debug: bool) -> None:
     """Evaluate a run's best weights on RECIPE's "test" loader and store the results with the run.
 
     Uses the latest run of the recipe; refuses if the recipe's code changed since that run,
@@ -137,10 +141,14 @@ def test_command(recipe: str, run_ref: str | None, ignore_changes: bool, device:
 
     def go() -> None:
         from engineflow.app.evaluation import evaluate_test
+        from engineflow.app.launch import rank_of_this_process
         from engineflow.app.report import format_metrics
         from engineflow.app.views import to_json
 
-        result = evaluate_test(recipe, ref=run_ref, ignore_changes=ignore_changes, runs_dir=runs_dir, device=device)
+        result = evaluate_test(recipe, ref=run_ref, ignore_changes=ignore_changes, runs_dir=runs_dir, device=device,
+                               nproc=nproc)
+        if rank_of_this_process() > 0:  # under torchrun: rank 0 prints
+            return
         if as_json:
             click.echo(to_json(result))
         else:
@@ -322,7 +330,8 @@ def _guarded(action: Callable[[], Any], debug: bool, failed: str) -> None:
             traceback.print_exc()
         elif isinstance(err, (SetupError, StepCheckError, HandlerError)) and err.__cause__ is not None:
             _print_user_traceback(err.__cause__)  # the recipe's own error: its frames say where
-        click.echo(f"error: {err}", err=True)
+        if not getattr(err, "already_reported", False):  # a launched rank 0 printed its own
+            click.echo(f"error: {err}", err=True)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)

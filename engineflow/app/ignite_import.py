@@ -116,7 +116,8 @@ def uninstall() -> None:
 
 
 def _distributed_in_use() -> bool:
-    if any(name in os.environ for name in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK")):  # started by torchrun
+    # started by torchrun, or by engineflow's launcher (--nproc), which sets what torchrun sets
+    if any(name in os.environ for name in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK", "ENGINEFLOW_LAUNCH_DIR")):
         return True
     dist = sys.modules.get("torch.distributed")
     return dist is not None and dist.is_available() and dist.is_initialized()

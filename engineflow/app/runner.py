@@ -9,14 +9,17 @@ holds is described in :mod:`engineflow.record.recorder`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from engineflow.app.interrupts import Interrupts
+from engineflow.app.launch import distributed_env, launch, note_run, process_group
 from engineflow.app.report import Reporter, format_duration, format_metrics, format_value, plural
 from engineflow.app.session import Session, find_resumable, new_session, resume_session
 from engineflow.declare.handlers import HandlerSpec
@@ -24,6 +27,7 @@ from engineflow.declare.recipe import Recipe, load_recipe
 from engineflow.errors import RecipeError
 from engineflow.execute.build import build_pipeline, resolve_config
 from engineflow.execute.fit import Fit
+from engineflow.execute.parallel import ONE_PROCESS, World, max_over_ranks, share_json
 from engineflow.execute.pipeline import Pipeline
 from engineflow.naming import option
 from engineflow.record.mirror import mirror_for
@@ -89,6 +93,7 @@ def run(
     stage: str | None = None,
     from_run: str | None = None,
     mlflow: str | bool | None = None,
+    nproc: int | None = None,
 ) -> RunResult:
     """Train a recipe and record the run; the Python twin of ``engineflow run``.
 
@@ -112,6 +117,8 @@ def run(
             run starts from (its components as that run's previous train stage left them).
         mlflow: mirror the run to this MLflow tracking URI (over the recipe's ``mlflow`` setting; a
             resumed run keeps its own); False: no mirror. See :mod:`engineflow.record.mirror`.
+        nproc: train on this many local processes (data parallel, see :mod:`engineflow.app.launch`);
+            None or 1: this process. Under ``torchrun`` every process is already one of them.
 
     Returns:
         the :class:`RunResult`; the run's record is in ``<run_dir>/run.json`` and the store.
@@ -126,6 +133,29 @@ def run(
         result = ef.run("recipes/digits.py", {"epochs": 5}, device="cpu")
         result.best  # {'metric': 'valid/accuracy', 'mode': 'max', 'epoch': 5, 'value': 0.94...}
     """
+
+    if nproc is not None and (isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1):
+        raise RecipeError(f"{option('nproc', nproc)}: the number of processes must be a whole number >= 1")
+    if nproc is not None and nproc > 1 and not distributed_env():
+        kwargs = dict(recipe=str(recipe), overrides=dict(overrides or {}), check=check, device=device, seed=seed,
+                      runs_dir=None if runs_dir is None else str(runs_dir), progress=progress, force=force,
+                      retrain=retrain, resume=resume, ignore_changes=ignore_changes,
+                      checkpoint_every=checkpoint_every, stage=stage, from_run=from_run, mlflow=mlflow)
+        done = launch("run", kwargs, nproc, runs_dir=runs_dir, stream=stream)
+        return RunResult(**{**done, "run_dir": Path(done["run_dir"])})
+    with process_group(device) as world:
+        return _run(recipe, overrides, world, check=check, device=device, seed=seed, runs_dir=runs_dir,
+                    progress=progress, stream=stream, force=force, retrain=retrain, resume=resume,
+                    ignore_changes=ignore_changes, checkpoint_every=checkpoint_every, stage=stage,
+                    from_run=from_run, mlflow=mlflow)
+
+
+def _run(recipe: str | Path, overrides: Mapping[str, Any] | None, world: World, *, check: bool, device: str,
+         seed: int | None, runs_dir: str | Path | None, progress: bool | None, stream: IO[str] | None, force: bool,
+         retrain: bool, resume: str | None, ignore_changes: bool, checkpoint_every: int | None, stage: str | None,
+         from_run: str | None, mlflow: str | bool | None) -> RunResult:
+    """:func:`run` in this process, one of ``world``: rank 0 plans the run (new or resumed) and
+    shares the plan; every rank trains; rank 0 alone records and prints."""
     from engineflow.record.store import RunStore
 
     if resume is not None and (force or retrain):
@@ -137,7 +167,10 @@ def run(
     if resume is not None and stage is not None:
         raise RecipeError(f"{option('resume', resume)} continues a recorded run; {option('stage', stage)} starts a "
                           "new run of one stage. Drop one of them")
-    with RunStore.open(resolve_runs_dir(runs_dir)) as store:
+    if world.rank > 0:
+        return _follow(loaded, world, share_json(None, world), stream=stream, runs_dir=runs_dir,
+                       checkpoint_every=checkpoint_every, device=device)
+    with RunStore.open(resolve_runs_dir(runs_dir)) as store, _sharing_plan(world) as share:
         origin = stage_origin(loaded, store, stage, from_run)
         start: Session | None = None
         note = None
@@ -149,6 +182,7 @@ def run(
                 start = resume_session(loaded, store, record, overrides, seed=seed, check=check or None,
                                        ignore_changes=ignore_changes, device=device)
                 if start is None:
+                    share({"completed": record["id"]})
                     return _completed_result(record, stream)
                 started = record.get("start")
                 if started:  # a run of one stage: it starts from the same state again
@@ -157,8 +191,81 @@ def run(
             start = new_session(loaded, store, cfg, seed=seed_used, check=check, device=device, force=force,
                                 retrain=retrain, start=None if origin is None else
                                 {"stage": origin["stage"], "from": origin["from"]})
+        start = _placed(start, world)
+        share(_plan_of(start, origin))
         return _train(loaded, start, stream=stream, progress=progress, checkpoint_every=checkpoint_every, note=note,
-                      origin=origin, mlflow=mlflow)
+                      origin=origin, mlflow=mlflow, world=world)
+
+
+@contextlib.contextmanager
+def _sharing_plan(world: World) -> Iterator[Callable[[Any], None]]:
+    """Rank 0 shares the plan of the run with the other ranks exactly once: the plan, or the error
+    that stopped it (every other rank raises it too, so none waits for a plan that never comes)."""
+    shared = False
+
+    def share(plan: Any) -> None:
+        nonlocal shared
+        shared = True
+        share_json(plan, world)
+
+    try:
+        yield share
+    except BaseException as err:
+        if not shared and world.distributed:
+            share_json({"error": f"{err}", "exit_code": getattr(err, "exit_code", 1)}, world)
+        raise
+
+
+def _placed(start: Session, world: World) -> Session:
+    """The session with this process's rank and world in its context and record."""
+    if not start.resumed:
+        start.recorder.record.update(world_size=world.size, backend=world.backend)
+    if not world.distributed:
+        return start
+    import ignite.distributed as idist
+
+    device = idist.device() if start.context.device.type == "cuda" else start.context.device
+    context = dataclasses.replace(start.context, rank=world.rank, world_size=world.size, device=device)
+    return dataclasses.replace(start, context=context)
+
+
+def _plan_of(start: Session, origin: Mapping[str, Any] | None) -> dict[str, Any]:
+    context = start.context
+    return {"run_id": context.run_id, "experiment": context.experiment, "run_dir": str(context.run_dir),
+            "seed": context.seed, "check": context.check, "config": start.cfg.to_dict(), "epochs": start.epochs,
+            "stage_epochs": list(start.stage_epochs), "resumed": start.resumed,
+            "origin": None if origin is None else {"stage": origin["stage"], "from": origin["from"]}}
+
+
+def _follow(loaded: Recipe, world: World, plan: Mapping[str, Any], *, stream: IO[str] | None,
+            runs_dir: str | Path | None, checkpoint_every: int | None, device: str) -> RunResult:
+    """A rank other than 0: train the run rank 0 planned, recording and printing nothing."""
+    import ignite.distributed as idist
+
+    from engineflow.declare.configuration import flatten
+    from engineflow.errors import EngineflowError
+    from engineflow.record.store import RunStore
+    from engineflow.runtime import RunContext, resolve_device
+
+    if "error" in plan:
+        error = EngineflowError(f"rank 0: {plan['error']}")
+        error.exit_code = plan["exit_code"]
+        raise error
+    if "completed" in plan:
+        return RunResult(plan["completed"], loaded.name, "completed", Path("."), {}, 0, "cpu")
+    where = resolve_device(device)
+    context = RunContext(plan["run_id"], plan["experiment"], Path(plan["run_dir"]),
+                         idist.device() if where.type == "cuda" else where, plan["seed"], plan["check"],
+                         rank=world.rank, world_size=world.size, runs_dir=resolve_runs_dir(runs_dir))
+    cfg = loaded.config.override(flatten(plan["config"]))
+    start = Session(context, None, cfg, plan["epochs"], tuple(plan["stage_epochs"]),  # type: ignore[arg-type]
+                    resumed=plan["resumed"])
+    origin = None
+    if plan["origin"] is not None:
+        with RunStore.open(resolve_runs_dir(runs_dir)) as store:
+            origin = stage_origin(loaded, store, plan["origin"]["stage"], plan["origin"]["from"])
+    return _train(loaded, start, stream=stream, progress=False, checkpoint_every=checkpoint_every, origin=origin,
+                  world=world)
 
 
 def stage_origin(recipe: Recipe, store: Any, stage: str | None, from_run: str | None) -> dict[str, Any] | None:
@@ -201,34 +308,48 @@ def stage_origin(recipe: Recipe, store: Any, stage: str | None, from_run: str | 
 
 def _train(loaded: Recipe, start: Session, *, stream: IO[str] | None, progress: bool | None,
            checkpoint_every: int | None, note: str | None = None, origin: Mapping[str, Any] | None = None,
-           mlflow: str | bool | None = None) -> RunResult:
+           mlflow: str | bool | None = None, world: World = ONE_PROCESS) -> RunResult:
     """Build and check the recipe, then record the run and train it.
 
     Nothing is recorded until the engines are built and the eval step's outputs fit its metrics: a
     recipe that cannot start (a bad setup(), a missing component, a metric that cannot read the eval
     output) leaves no run behind. A new run's folder exists during setup() (``run.run_dir``) and is
-    removed again when the run does not start.
+    removed again when the run does not start. On several processes only rank 0 records, prints and
+    writes checkpoints (``start.recorder`` is None on the others).
     """
     context, recorder = start.context, start.recorder
+    leader = recorder is not None
     policy = policy_of(loaded)
     if checkpoint_every is not None:
         policy = every_iterations_policy(policy, checkpoint_every)
-    recorder.best_in_checkpoints = policy.keep_best > 0
-    reporter = Reporter(stream, progress=progress, log_path=context.run_dir / "log.txt")
-    recorder.mirror = mirror_for(mlflow, loaded, recorder.record, reporter.line)  # None: no MLflow mirror
-    checkpointer = Checkpointer(context.run_dir / "checkpoints" / "state", policy, context.run_id, reporter.line)
+    if leader:
+        recorder.best_in_checkpoints = policy.keep_best > 0
+        reporter = Reporter(stream, progress=progress, log_path=context.run_dir / "log.txt")
+        recorder.mirror = mirror_for(mlflow, loaded, recorder.record, reporter.line)  # None: no MLflow mirror
+    else:
+        reporter = Reporter(open(os.devnull, "w"), progress=False)
+    checkpointer = Checkpointer(context.run_dir / "checkpoints" / "state", policy, context.run_id, reporter.line,
+                                writes=leader, agree=max_over_ranks if world.distributed else None)
+    # every rank takes part in each checkpoint (its own RNGs and sums are in it); rank 0 writes it
+    extras = (reporter.handlers, recorder.handlers, checkpointer.handlers) if leader else (checkpointer.handlers,)
+    listeners = (reporter, recorder, checkpointer) if leader else (checkpointer,)
 
     with using_run(context.run_id):
-        pipeline = _prepare(loaded, start, extras=(reporter.handlers, recorder.handlers, checkpointer.handlers),
-                            listeners=(reporter, recorder, checkpointer), origin=origin)
-        start.begin()
+        pipeline = _prepare(loaded, start, extras=extras, listeners=listeners, origin=origin)
+        if leader:
+            start.begin()
+            if start.resumed and (recorder.record.get("world_size") or 1) != world.size:
+                recorder.update(world_size=world.size, backend=world.backend)  # resumed on another number
+            if world.distributed:
+                note_run(context.run_id)
         if note is not None:
             reporter.line(note)
         verb = "resuming" if start.resumed else "run"
         stages = f" in {plural(len(loaded.stages), 'stage')}" if loaded.stages else ""
         if origin is not None:
             stages = f" of stage {origin['stage']}" + (f" from run {origin['from']}" if origin.get("from") else "")
-        reporter.line(f"{verb} {context.run_id} ({loaded.name}) on {context.device}, seed {context.seed}, "
+        where = f"{context.device}" + (f", {world.size} processes ({world.backend})" if world.distributed else "")
+        reporter.line(f"{verb} {context.run_id} ({loaded.name}) on {where}, seed {context.seed}, "
                       f"{plural(start.epochs, 'epoch')}{stages}" + (" [check]" if context.check else ""))
         result = RunResult(context.run_id, loaded.name, "running", context.run_dir, start.cfg.to_dict(),
                            context.seed, str(context.device))
@@ -252,9 +373,11 @@ def _train(loaded: Recipe, start: Session, *, stream: IO[str] | None, progress: 
             result.metrics = {**({"epoch": result.history[-1]["epoch"]} if result.history else {}),
                               **pipeline.metrics()}
             result.best = pipeline.best()
-            recorder.finish(result.status, error=result.error, final=result.metrics, fit=pipeline.last_fit,
-                            best_checkpoint=checkpointer.best_file(), best=result.best)
-        start.completed()
+            if leader:
+                recorder.finish(result.status, error=result.error, final=result.metrics, fit=pipeline.last_fit,
+                                best_checkpoint=checkpointer.best_file(), best=result.best)
+        if leader:
+            start.completed()
     _summarise(reporter, result, trained)
     return result
 
@@ -266,7 +389,7 @@ def _prepare(loaded: Recipe, start: Session, *, extras: tuple[Callable[[Fit], It
     ``origin`` (``--stage``): the stage to run alone, and the state to start it from.
     """
     context = start.context
-    made_run_dir = not start.resumed and not context.run_dir.exists()
+    made_run_dir = not start.resumed and not context.run_dir.exists() and context.rank == 0
     made_experiment_dir = made_run_dir and not context.run_dir.parent.exists()
     if made_run_dir:
         context.run_dir.mkdir(parents=True)
@@ -308,7 +431,8 @@ def _fit(pipeline: Pipeline, checkpointer: Checkpointer, start: Session, reporte
     else:
         reporter.line(f"from checkpoint {path.name}: {stage}epoch {epochs_done + 1}, batch {batches + 1} "
                       f"of {engine['epoch_length']}")
-    start.recorder.resumed_from(path, engine["iteration"], where.get("epochs_before", 0) + epochs_done)
+    if start.recorder is not None:
+        start.recorder.resumed_from(path, engine["iteration"], where.get("epochs_before", 0) + epochs_done)
     checkpointer.load_state_dict(state)
     pipeline.load_state_dict(state)
     pipeline.run(only=only)

@@ -23,6 +23,8 @@ def public(record: Mapping[str, Any]) -> dict[str, Any]:
     out["code"] = {"fingerprint": code.get("fingerprint"), "git_commit": code.get("git_commit"),
                    "dirty": code.get("dirty", False), "files": code.get("files", [])}
     out["stages"] = stages_of(record, out)
+    out["world_size"] = record.get("world_size") or 1  # runs before distributed training: one process
+    out["backend"] = record.get("backend")
     if "history" in record:
         out["history"] = record["history"]
     return out

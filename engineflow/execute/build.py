@@ -17,6 +17,7 @@ from engineflow.declare.recipe import Recipe, load_recipe
 from engineflow.errors import EngineflowError, RecipeError, SetupError
 from engineflow.execute.fit import Fit
 from engineflow.execute.injection import describe, make_caller
+from engineflow.execute.parallel import World, shard_loaders, train_loader_names
 from engineflow.execute.pipeline import CHECK_BATCHES, Pipeline, stage_epochs, to_device
 from engineflow.execute.wiring import take
 from engineflow.runtime import RunContext, resolve_device
@@ -91,6 +92,10 @@ def build_pipeline(
         context = RunContext("interactive", recipe.name, Path("."), resolve_device(device), seed, check)
     seed_everything(seed)
     components = _setup(recipe, cfg, context)
+    world = World(context.rank, context.world_size)
+    # sharded before --check cuts them: each rank's first batches are of its own share
+    if world.distributed and isinstance(components["loaders"], Mapping):
+        components["loaders"] = shard_loaders(components["loaders"], world, train=train_loader_names(recipe))
     if check:
         components["loaders"] = {name: take(loader, CHECK_BATCHES) for name, loader in components["loaders"].items()}
     provided = {"cfg": cfg, "device": context.device, "run": context}

@@ -33,12 +33,16 @@ from engineflow.execute.dispatch import attach_in_order
 from engineflow.execute.engine import StepEngine, make_engine
 from engineflow.execute.injection import describe
 from engineflow.execute.losses import LossMonitor
+from engineflow.execute.parallel import gather_objects, sum_over_ranks, train_wrappers
 from engineflow.execute.stage import Progress, StageInfo
 from engineflow.execute.wiring import eval_loaders_of, loaders_of, main_metric, resolve_steps
 from engineflow.metrics import attach_metrics, check_metric_takes
 from engineflow.state.components import component_states, load_component_states
 from engineflow.state.position import EpochData
 from engineflow.state.rng import rng_state, set_rng_state
+
+# what each rank of a data-parallel fit keeps for itself (``state_dict()["ranks"]``)
+RANK_STATE = ("rng", "loss", "train_metrics")
 
 
 @dataclass
@@ -58,6 +62,9 @@ class Fit:
         seed: the fit's seed; each epoch's RNGs start from ``(seed, epoch)``.
         eval_spec: the eval step, or None.
         stage: where the fit stands in its pipeline (a recipe without stages: "fit", no prefix).
+        rank: this process's rank among those training together (0 on one process).
+        world_size: how many processes train together.
+        gather: on several processes, collects a value from every rank (see :meth:`state_dict`).
     """
 
     train: StepEngine
@@ -72,6 +79,10 @@ class Fit:
     seed: int = 0
     eval_spec: StepSpec | None = None
     stage: StageInfo = field(default_factory=StageInfo)
+    rank: int = 0
+    world_size: int = 1
+    # on several processes: every rank's value, in rank order (a collective), for the per-rank state
+    gather: Callable[[Any], list[Any]] | None = None
     # where the fit stands in its epochs, kept by its own handlers (see position())
     _epoch_start: int = field(default=0, repr=False)
     _epoch_done: bool = field(default=False, repr=False)
@@ -128,7 +139,7 @@ class Fit:
         already trained on are skipped, then the RNGs, the running loss and the train metrics are
         restored as they were at that batch.
         """
-        data = EpochData(self.loaders["train"], self.seed, lambda: self.train.state.epoch)
+        data = EpochData(self.loaders["train"], self.seed, lambda: self.train.state.epoch, self.rank)
         if self._resume_batches is None:
             return self.train.run(data, max_epochs=epochs)
         batches, within = self._resume_batches, self._resume_within_epoch
@@ -165,13 +176,18 @@ class Fit:
                 metrics[name] = metric.state_dict()
             except (NotImplementedError, AttributeError):
                 metrics[name] = None
-        return {
+        state = {
             "engine": {"iteration": engine.iteration, "epoch_length": engine.epoch_length,
                        "max_epochs": engine.max_epochs, **self.position()},
                 **component_states(self.components),
             "train_metrics": metrics, "loss": self.loss.state_dict(), "best": self.best.state_dict(),
             "history": list(self.history), "rng": rng_state(), "seed": self.seed, "stage": self.stage.state_dict(),
         }
+        if self.gather is not None:
+            # Models and optimizers are the same on every rank; what each rank drew and summed is its
+            # own. Collective: every rank writes its state_dict at the same iteration.
+            state["ranks"] = self.gather({k: state[k] for k in RANK_STATE})
+        return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Load a :meth:`state_dict`; the next :meth:`run` continues from it."""
@@ -195,12 +211,20 @@ class Fit:
         self._restored = True
         self._resume_batches = engine["batches_in_epoch"]
 
+        ranks = state.get("ranks")
+        saved_world, world = len(ranks) if ranks is not None else 1, self.world_size
+        if saved_world != world and engine["batches_in_epoch"]:
+            raise RecipeError(f"the latest checkpoint was written in the middle of an epoch on {saved_world} "
+                              f"process(es); resume it on {saved_world} (--nproc {saved_world}): the epoch's order "
+                              f"is dealt out by process. A checkpoint at an epoch's end resumes on any number")
+        own = ranks[self.rank] if ranks is not None and saved_world == world else state
+
         def within_epoch() -> None:
-            self.loss.load_state_dict(state["loss"])
-            for name, metric_state in state["train_metrics"].items():
+            self.loss.load_state_dict(own["loss"])
+            for name, metric_state in own["train_metrics"].items():
                 if metric_state is not None:
                     self.train_metrics[name].load_state_dict(metric_state)
-            set_rng_state(state["rng"])
+            set_rng_state(own["rng"])
 
         self._resume_within_epoch = within_epoch
 
@@ -244,7 +268,8 @@ def build_fit(
     train_spec, eval_spec = (stage.train, stage.eval) if stage is not None else resolve_steps(recipe, components)
     eval_loaders = eval_loaders_of(eval_spec, loaders, recipe)
     best = Best(*main_metric(eval_spec, eval_loaders, train_spec, recipe))
-    monitor = LossMonitor()
+    distributed = getattr(provided.get("run"), "world_size", 1) > 1
+    monitor = LossMonitor(reduce=sum_over_ranks if distributed else None)
     history: list[dict[str, Any]] = []
     # Two phases: the eval engine first, then the train engine, whose steps and handlers may ask for
     # `evaluate` (a function of the eval engine and the loaders).
@@ -255,11 +280,14 @@ def build_fit(
         evaluator = make_engine(eval_spec, provided)
         attach_metrics(evaluator, eval_spec.metrics)
     provided["evaluate"] = partial(evaluate_loader, evaluator, loaders)
-    train = make_engine(train_spec, provided)
+    # on several processes the train step gets DDP-wrapped modules; everything else the plain ones
+    train = make_engine(train_spec, {**provided, **train_wrappers(components)} if distributed else provided)
     progress.engine = train
     attach_metrics(train, train_spec.metrics, prefix="train/")
     fit = Fit(train, evaluator, components, loaders, eval_loaders, best, monitor, history,
-              {f"train/{name}": m for name, m in train_spec.metrics.items()}, seed, eval_spec, info)
+              {f"train/{name}": m for name, m in train_spec.metrics.items()}, seed, eval_spec, info,
+              getattr(provided.get("run"), "rank", 0), getattr(provided.get("run"), "world_size", 1),
+              gather_objects if distributed else None)
 
     own = [*_own_handlers(fit, eval_spec), *(s for make in extras for s in make(fit))]
     everything = [*own, *(stage_handlers(recipe.handlers, stage) if stage is not None else recipe.handlers)]

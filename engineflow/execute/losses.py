@@ -8,7 +8,7 @@ over the epoch's batches.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -40,8 +40,11 @@ class LossMonitor:
         {'train/g_loss': 1.5, 'train/d_loss': 4.0}
     """
 
-    def __init__(self, alpha: float = 0.98) -> None:
+    def __init__(self, alpha: float = 0.98, reduce: Callable[[Mapping[str, float]], Mapping[str, float]] | None = None
+                 ) -> None:
         self.alpha = alpha
+        # on several processes: sums the epoch's totals and counts over the ranks (a collective)
+        self.reduce = reduce
         self.running: float | None = None
         self.last: float | None = None
         self.totals: dict[str, float] = {}
@@ -74,7 +77,13 @@ class LossMonitor:
 
     def epoch_means(self) -> dict[str, float]:
         """``{"train/<name>": mean}`` of every loss seen this epoch."""
-        return {f"train/{name}": self.totals[name] / self.counts[name] for name in self.totals if self.counts[name]}
+        totals, counts = self.totals, self.counts
+        if self.reduce is not None:
+            summed = self.reduce({**{f"total/{k}": v for k, v in totals.items()},
+                                  **{f"count/{k}": float(v) for k, v in counts.items()}})
+            totals = {k: summed[f"total/{k}"] for k in totals}
+            counts = {k: int(summed[f"count/{k}"]) for k in counts}
+        return {f"train/{name}": totals[name] / counts[name] for name in totals if counts[name]}
 
     def epoch_completed(self, engine: Any) -> None:
         engine.state.metrics.update(self.epoch_means())

@@ -34,6 +34,9 @@ from engineflow.state.checkpoint_files import (
 )
 
 FORMAT = 1
+# On several processes the ranks agree on interrupts and the clock every this many iterations
+# (and at every epoch's end): a collective per iteration would cost more than it saves.
+AGREE_EVERY = 8
 STAGE_END = "stage-end"
 
 
@@ -111,11 +114,17 @@ class Checkpointer:
     (its engine) and ``best`` (:class:`~engineflow.execute.fit.Fit`).
     """
 
-    def __init__(self, folder: Path, policy: CheckpointPolicy, run_id: str, warn: Callable[[str], None]) -> None:
+    def __init__(self, folder: Path, policy: CheckpointPolicy, run_id: str, warn: Callable[[str], None], *,
+                 writes: bool = True, agree: Callable[[list[int]], list[int]] | None = None) -> None:
         self.folder = folder
         self.policy = policy
         self.run_id = run_id
         self.warn = warn
+        # On several processes every rank takes part in each checkpoint (its own state is gathered)
+        # and only rank 0 writes. ``agree`` (the maximum of each flag over the ranks, a collective)
+        # makes the decisions that differ between ranks (an interrupt, the clock) the same on all.
+        self.writes = writes
+        self.agree = agree
         self.fit: Any = None
         self.interrupt_requested = False
         self._last_time = time.monotonic()
@@ -148,6 +157,8 @@ class Checkpointer:
             self._scores[path] = best.value
             self._score_mode = best.mode
         state = self.state(reason)
+        if not self.writes:
+            return path
         save_checkpoint(self.folder, path.name, state)
         if also is not None:
             save_checkpoint(also.parent, also.name, state)
@@ -215,24 +226,37 @@ class Checkpointer:
             # so the epoch is validated and recorded first.
             if state.epoch_length and fit.position()["batches_in_epoch"] >= state.epoch_length:
                 return
-            if self.interrupt_requested:
+            interrupt, timed = self._requests(state.iteration % AGREE_EVERY == 0)
+            if interrupt:
                 self.save("interrupt")
                 raise KeyboardInterrupt("checkpoint written")
-            if self._iterations_due(state.iteration) or self._time_due():
+            if self._iterations_due(state.iteration) or timed:
                 self.save("iterations")
 
         def epoch_completed(engine: Any) -> None:
             policy, state = self.policy, engine.state
+            interrupt, timed = self._requests(True)
             due = policy.every_epochs is not None and state.epoch % policy.every_epochs == 0
-            due = due or self._iterations_due(state.iteration) or self._time_due()
+            due = due or self._iterations_due(state.iteration) or timed
             improved = policy.keep_best > 0 and fit.best.epoch == state.epoch
-            if due or improved or self.interrupt_requested:
-                self.save("interrupt" if self.interrupt_requested else "epoch")
-            if self.interrupt_requested:
+            if due or improved or interrupt:
+                self.save("interrupt" if interrupt else "epoch")
+            if interrupt:
                 raise KeyboardInterrupt("checkpoint written")
 
         return [HandlerSpec(iteration_completed, Events.ITERATION_COMPLETED, "train", 950, -1, raw=True),
                 HandlerSpec(epoch_completed, Events.EPOCH_COMPLETED, "train", 950, -1, raw=True)]
+
+    def _requests(self, agreeing: bool) -> tuple[bool, bool]:
+        """(interrupt requested, checkpoint due by the clock); on several processes, as the ranks
+        agree at iterations where ``agreeing`` (else neither: the next agreement acts on them)."""
+        interrupt, timed = self.interrupt_requested, self._time_due()
+        if self.agree is None:
+            return interrupt, timed
+        if not agreeing:
+            return False, False
+        interrupt, timed = (bool(flag) for flag in self.agree([int(interrupt), int(timed)]))
+        return interrupt, timed
 
     def _iterations_due(self, iteration: int) -> bool:
         every = self.policy.every_iterations

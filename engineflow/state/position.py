@@ -21,11 +21,13 @@ class EpochData:
         loader: the recipe's train loader (any re-iterable with a length).
         seed: the run's seed.
         epoch: returns the epoch in progress (the engine's ``state.epoch``).
+        rank: this process's rank (its global RNGs are seeded per rank, see :func:`seed_epoch`).
     """
 
-    def __init__(self, loader: Iterable[Any], seed: int, epoch: Callable[[], int]) -> None:
+    def __init__(self, loader: Iterable[Any], seed: int, epoch: Callable[[], int], rank: int = 0) -> None:
         self.loader = loader
         self.seed = seed
+        self.rank = rank
         self.epoch = epoch
         self._skip = 0
         self._after_skip: Callable[[], None] | None = None
@@ -49,7 +51,7 @@ class EpochData:
         return _FirstBatchStarts(self._start)
 
     def _start(self) -> Iterator[Any]:
-        seed_epoch(self.seed, self.epoch(), self.loader)
+        seed_epoch(self.seed, self.epoch(), self.loader, self.rank)
         iterator = iter(self.loader)
         for _ in range(self._skip):
             next(iterator)

@@ -36,6 +36,12 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return int.from_bytes(digest[:8], "little") % _SEED_MOD
 
 
+def rank_seed(value: int, rank: int) -> int:
+    """The seed of rank ``rank``'s global RNGs in an epoch seeded with ``value``."""
+    digest = hashlib.sha256(f"engineflow:{value}:rank:{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") % _SEED_MOD
+
+
 def stage_seed(seed: int, index: int) -> int:
     """The seed of stage ``index`` (from 0) of a pipeline seeded with ``seed``: its ``prepare`` and
     its epochs' seeds start from it, so no two stages draw the same numbers.
@@ -88,10 +94,15 @@ def loader_generators(loader: Any) -> list[torch.Generator]:
     return found
 
 
-def seed_epoch(seed: int, epoch: int, loader: Any) -> None:
-    """Rule 1: every RNG the epoch will use starts from ``(seed, epoch)``."""
+def seed_epoch(seed: int, epoch: int, loader: Any, rank: int = 0) -> None:
+    """Rule 1: every RNG the epoch will use starts from ``(seed, epoch)``.
+
+    On several processes the loader's generators (the epoch's order) start from it on every rank;
+    the global RNGs (dropout, augmentation) of rank ``r > 0`` from ``(seed, epoch, r)``, so ranks
+    do not draw the same masks for different samples. Rank 0 draws what one process draws.
+    """
     value = epoch_seed(seed, epoch)
-    seed_rngs(value)
+    seed_rngs(value if rank == 0 else rank_seed(value, rank))
     for index, generator in enumerate(loader_generators(loader)):
         generator.manual_seed((value + index + 1) % _SEED_MOD)
 

@@ -1,0 +1,310 @@
+"""Several processes on one machine: ``engineflow run RECIPE --nproc N`` and ``ef.run(..., nproc=N)``.
+
+The launcher starts N workers, ``python -m engineflow.app.launch FOLDER``, with the variables
+``torchrun`` sets (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), so
+a worker is exactly a ``torchrun`` worker: :func:`process_group` initialises ``ignite.distributed``
+from them (gloo on CPU, NCCL on CUDA) and the command runs as it would under ``torchrun``.
+
+What the launcher guarantees:
+
+- **No orphans.** Each worker asks the kernel to kill it when the launcher dies
+  (``PR_SET_PDEATHSIG``), so a SIGKILL of the launcher takes every worker with it.
+- **One failure ends every rank.** When a worker exits with an error or a signal, the launcher
+  gives the others :data:`GRACE_S` to end on their own (their next collective fails at once, since
+  the dead peer's sockets are closed), then SIGTERM, then SIGKILL. The run is marked failed with the
+  rank that failed first and its error.
+- **Rank 0 speaks.** Rank 0's output is the run's (to ``stream`` when one is given); the other
+  ranks' output goes to a log that the launcher prints when that rank failed first.
+- **Interrupts** (SIGINT, SIGTERM) go to rank 0, which writes a checkpoint and stops as one process
+  does; the others then stop when their next collective finds it gone.
+
+The FOLDER holds ``spec.json`` (the command and its arguments), ``result.json`` (rank 0's result),
+``run_id`` (the run rank 0 records) and ``rank-<r>.json`` (a failed rank's error).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from datetime import timedelta
+from pathlib import Path
+from typing import IO, Any
+
+from engineflow.errors import EXIT_INTERRUPTED, EXIT_TRAINING_FAILED, EngineflowError, RecipeError
+from engineflow.execute.parallel import World, current_world
+
+FOLDER_ENV = "ENGINEFLOW_LAUNCH_DIR"
+TIMEOUT_ENV = "ENGINEFLOW_DIST_TIMEOUT_S"
+GRACE_S = 10.0  # after one rank failed, how long the others get to end on their own
+TERM_S = 5.0  # after SIGTERM, how long before SIGKILL
+POLL_S = 0.05
+
+
+class WorkerError(EngineflowError):
+    """A rank of a launched run failed; ``exit_code`` is that rank's (1 for a signal).
+
+    ``already_reported``: rank 0 printed its own error, so the command line does not repeat it.
+    """
+
+    def __init__(self, message: str, exit_code: int, *, already_reported: bool) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+        self.already_reported = already_reported
+
+
+def distributed_env() -> bool:
+    """Whether this process is one of several started by ``torchrun`` or by the launcher."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
+
+
+def rank_of_this_process() -> int:
+    """This process's rank among several (``RANK``), 0 when it is alone."""
+    return int(os.environ.get("RANK", "0")) if distributed_env() else 0
+
+
+@contextlib.contextmanager
+def process_group(device: str) -> Iterator[World]:
+    """The world this process trains in: ``ignite.distributed`` initialised from the environment
+    ``torchrun`` (or the launcher) set, and finalised at the end; one process: nothing to do."""
+    if not distributed_env():
+        yield World()
+        return
+    import ignite.distributed as idist
+    import torch
+
+    if idist.get_world_size() > 1:  # the caller initialised it: theirs to finalise
+        yield current_world()
+        return
+    cuda = device != "cpu" and torch.cuda.is_available()
+    timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "1800")))
+    idist.initialize("nccl" if cuda else "gloo", timeout=timeout)
+    try:
+        yield current_world()
+    finally:
+        idist.finalize()
+
+
+# the launcher ----------------------------------------------------------------------------------
+def launch(command: str, kwargs: Mapping[str, Any], nproc: int, *, runs_dir: str | Path | None = None,
+           stream: IO[str] | None = None) -> dict[str, Any]:
+    """Run ``command`` ("run" or "test") with ``kwargs`` on ``nproc`` local processes; returns rank
+    0's result. Raises :class:`WorkerError` when a rank failed (after every rank has ended)."""
+    folder = Path(tempfile.mkdtemp(prefix="engineflow-launch-"))
+    try:
+        (folder / "spec.json").write_text(json.dumps({"command": command, "kwargs": dict(kwargs)}))
+        workers = _start(folder, nproc, pipe_rank0=stream is not None)
+        copier = _copy_output(workers[0], stream) if stream is not None else None
+        with _forward_interrupts(workers[0]):
+            failed = _watch(workers)
+        if copier is not None:
+            copier.join()
+        if failed is not None:
+            rank, code = failed
+            raise _failure(folder, workers, rank, code, runs_dir)
+        return json.loads((folder / "result.json").read_text())
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _die_with_parent(parent: int) -> Callable[[], None]:
+    def setup() -> None:
+        os.setpgrp()  # a terminal's Ctrl-C reaches the launcher only, which hands it to rank 0
+        if sys.platform.startswith("linux"):
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the launcher died before the line above
+            os._exit(1)
+
+    return setup
+
+
+def _start(folder: Path, nproc: int, *, pipe_rank0: bool) -> list[subprocess.Popen[bytes]]:
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(nproc),
+           "LOCAL_WORLD_SIZE": str(nproc), FOLDER_ENV: str(folder), "PYTHONUNBUFFERED": "1"}
+    workers = []
+    for rank in range(nproc):
+        log = None if rank == 0 else (folder / f"rank-{rank}.log").open("wb")
+        out = subprocess.PIPE if rank == 0 and pipe_rank0 else log
+        workers.append(subprocess.Popen(
+            [sys.executable, "-m", "engineflow.app.launch", str(folder)],
+            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, stdout=out,
+            stderr=subprocess.STDOUT if out is not None else None, preexec_fn=_die_with_parent(os.getpid())))
+        if log is not None:
+            log.close()
+    return workers
+
+
+def _copy_output(worker: subprocess.Popen[bytes], stream: IO[str]) -> threading.Thread:
+    def copy() -> None:
+        assert worker.stdout is not None
+        for line in iter(worker.stdout.readline, b""):
+            stream.write(line.decode("utf-8", "replace"))
+            stream.flush()
+
+    thread = threading.Thread(target=copy, name="engineflow-rank0-output", daemon=True)
+    thread.start()
+    return thread
+
+
+@contextlib.contextmanager
+def _forward_interrupts(rank0: subprocess.Popen[bytes]) -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def forward(signum: int, frame: Any) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            rank0.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _watch(workers: list[subprocess.Popen[bytes]]) -> tuple[int, int] | None:
+    """Wait for every worker; after the first failure, end the others. Returns (rank, exit code)
+    of the first failure (a negative code: killed by that signal), or None."""
+    failed: tuple[int, int] | None = None
+    deadline = term_deadline = None
+    while True:
+        codes = [w.poll() for w in workers]
+        if failed is None:
+            failed = next(((r, c) for r, c in enumerate(codes) if c not in (None, 0)), None)
+            if failed is not None:
+                deadline = time.monotonic() + GRACE_S
+        if all(c is not None for c in codes):
+            return failed
+        now = time.monotonic()
+        if deadline is not None and now >= deadline and term_deadline is None:
+            for worker in workers:
+                if worker.poll() is None:
+                    worker.terminate()
+            term_deadline = now + TERM_S
+        if term_deadline is not None and now >= term_deadline:
+            for worker in workers:
+                if worker.poll() is None:
+                    worker.kill()
+        time.sleep(POLL_S)
+
+
+def _failure(folder: Path, workers: list[subprocess.Popen[bytes]], rank: int, code: int,
+             runs_dir: str | Path | None) -> WorkerError:
+    """What failed, printed and recorded: the run (if rank 0 recorded one) is marked failed,
+    naming the rank; an interrupt of rank 0 keeps rank 0's own "interrupted"."""
+    info = _read_json(folder / f"rank-{rank}.json")
+    if code < 0:
+        what = f"was killed by {signal.Signals(-code).name}"
+        exit_code = EXIT_TRAINING_FAILED
+    else:
+        what = f"failed: {info.get('error') or f'exit code {code}'}"
+        exit_code = code
+    message = f"rank {rank} (pid {workers[rank].pid}) {what}"
+    if rank != 0:
+        log = folder / f"rank-{rank}.log"
+        tail = log.read_text(errors="replace")[-4000:] if log.is_file() else ""
+        if tail.strip():
+            print(tail.rstrip("\n"), file=sys.stderr)
+    if code == EXIT_INTERRUPTED:  # every rank checkpointed and stopped; rank 0 marked the run interrupted
+        return WorkerError(message, EXIT_INTERRUPTED, already_reported=True)
+    run_id_file = folder / "run_id"
+    if run_id_file.is_file():
+        _mark_failed(run_id_file.read_text().strip(), message, runs_dir)
+    return WorkerError(message, exit_code, already_reported=rank == 0 and code > 0)
+
+
+def _mark_failed(run_id: str, message: str, runs_dir: str | Path | None) -> None:
+    from engineflow.record.recorder import now_iso
+    from engineflow.record.runs import resolve_runs_dir, update_record
+    from engineflow.record.store import RunStore
+
+    with RunStore.open(resolve_runs_dir(runs_dir)) as store:
+        record = store.get_run(run_id)
+        if record["status"] == "completed":
+            return
+        earlier = record.get("error")
+        error = message if not earlier or earlier == message else f"{message} (rank 0 then: {earlier})"
+        update_record(store, record, {"status": "failed", "error": error, "ended_at": now_iso(), "pid": None,
+                                      "failed_rank": int(message.split()[1])})
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+# the worker ------------------------------------------------------------------------------------
+def note_run(run_id: str) -> None:
+    """Rank 0 tells the launcher (if any) which run it records, so a failure can be marked on it."""
+    folder = os.environ.get(FOLDER_ENV)
+    if folder and os.environ.get("RANK", "0") == "0":
+        (Path(folder) / "run_id").write_text(run_id)
+
+
+def _worker(folder: Path) -> None:
+    from engineflow.app import cli
+    from engineflow.app.fast_exit import exit_process
+
+    spec = json.loads((folder / "spec.json").read_text())
+    rank = int(os.environ["RANK"])
+
+    def go() -> None:
+        try:
+            result = _command(spec["command"])(**spec["kwargs"])
+        except BaseException as err:
+            code = getattr(err, "exit_code", EXIT_INTERRUPTED if isinstance(err, KeyboardInterrupt)
+                           else EXIT_TRAINING_FAILED)
+            (folder / f"rank-{rank}.json").write_text(json.dumps({"error": f"{type(err).__name__}: {err}",
+                                                                  "exit_code": code}))
+            raise
+        if rank == 0:
+            tmp = folder / "result.json.tmp"
+            tmp.write_text(json.dumps(result, default=str))
+            tmp.replace(folder / "result.json")
+
+    try:
+        cli._guarded(go, False, "training failed")
+    except SystemExit as done:
+        exit_process(done.code)
+    exit_process(0)
+
+
+def _command(name: str) -> Callable[..., Any]:
+    if name == "run":
+        from engineflow.app.runner import run
+
+        return lambda **kwargs: run(**kwargs).to_dict()
+    if name == "test":
+        from engineflow.app.evaluation import evaluate_test
+
+        return evaluate_test
+    raise RecipeError(f"unknown command {name!r} for a launched worker")
+
+
+if __name__ == "__main__":
+    _worker(Path(sys.argv[1]))

@@ -1,0 +1,219 @@
+"""Data parallelism on ``torch.distributed``, through Ignite's own ``ignite.distributed``.
+
+A fit on N processes differs from a fit on one in three places, all here:
+
+1. **Models**: the train step gets each trainable module wrapped by ``idist.auto_model``
+   (``DistributedDataParallel``: rank 0's weights broadcast at construction, gradients all-reduced in
+   ``backward``). Eval, infer and every handler get the plain module, so an eval step's forward is no
+   collective (uneven eval shards would otherwise hang) and checkpoints hold the same keys as on one
+   process.
+2. **Loaders**: :func:`shard_loaders` gives each rank its share. A train loader's order is one
+   permutation of all samples, drawn from ``(seed, epoch)`` as on one process, padded to a multiple
+   of the world size (every rank runs the same number of steps) and dealt out rank by rank, so that
+   batch ``j`` of every rank together cover positions ``[j*B*W, (j+1)*B*W)`` of it. Any other
+   loader is split without padding and without dropping: each sample on exactly one rank, shards
+   that differ by one sample at most. Ignite's metrics all-reduce their sums when they compute, so
+   validation and test metrics equal one process's.
+3. **Sums**: :func:`sum_over_ranks` all-reduces the train losses' totals and counts, so
+   ``train/loss`` is the mean over every process's batches.
+
+Every function here that calls a collective says so; each must be called by every rank, in the
+same order. Nothing engineflow runs on rank 0 alone (records, checkpoints, printing) calls one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler, SequentialSampler
+
+from engineflow.errors import RecipeError
+
+
+@dataclass(frozen=True)
+class World:
+    """The processes training together: this one's ``rank``, their number and the backend."""
+
+    rank: int = 0
+    size: int = 1
+    backend: str | None = None
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+ONE_PROCESS = World()
+
+
+def current_world() -> World:
+    """The world ``ignite.distributed`` is initialised with (one process, no backend, if none)."""
+    import ignite.distributed as idist
+
+    if idist.get_world_size() <= 1:
+        return ONE_PROCESS
+    return World(idist.get_rank(), idist.get_world_size(), idist.backend())
+
+
+# models ----------------------------------------------------------------------------------------
+def train_wrappers(components: Mapping[str, Any]) -> dict[str, Any]:
+    """The components the train step gets in place of the plain ones: each module with a trainable
+    parameter (alone, or in a dict of modules) wrapped by ``idist.auto_model``. Collective (DDP's
+    construction broadcasts rank 0's weights): call on every rank, after anything that freezes."""
+    import ignite.distributed as idist
+    from ignite.utils import setup_logger
+
+    # Ignite's documented way to quiet one of its loggers: the run's own output says it is distributed
+    setup_logger("ignite.distributed.auto.auto_model", level=logging.WARNING)
+
+    def wrap(module: torch.nn.Module) -> torch.nn.Module:
+        return idist.auto_model(module) if any(p.requires_grad for p in module.parameters()) else module
+
+    wrapped: dict[str, Any] = {}
+    for name, value in components.items():
+        if isinstance(value, torch.nn.Module):
+            wrapped[name] = wrap(value)
+        elif isinstance(value, Mapping) and value and all(isinstance(v, torch.nn.Module) for v in value.values()):
+            wrapped[name] = {k: wrap(v) for k, v in value.items()}
+    return wrapped
+
+
+# loaders ---------------------------------------------------------------------------------------
+class ShardSampler(Sampler[int]):
+    """One rank's share of ``samples`` indices.
+
+    ``pad=True`` (train): the epoch's order (a permutation drawn from ``generator`` when
+    ``shuffle``, else ``0..n-1``), from position ``offset`` on, repeated at its start up to a
+    multiple of ``world_size``, every ``world_size``-th index from ``rank``. ``pad=False`` (eval):
+    ``rank, rank + W, ...`` of ``0..n-1``: nothing repeated, nothing dropped.
+
+    ``offset`` (a resume on another number of processes) skips the first ``offset`` positions of the
+    order for the next pass only.
+    """
+
+    def __init__(self, samples: int, *, rank: int, world_size: int, shuffle: bool, pad: bool,
+                 generator: torch.Generator | None = None) -> None:
+        self.samples, self.rank, self.world_size = samples, rank, world_size
+        self.shuffle, self.pad = shuffle, pad
+        self.generator = generator if generator is not None or not shuffle else torch.Generator()
+        self.offset = 0
+
+    def order(self) -> list[int]:
+        """The epoch's order of every sample, the same on every rank (draws from the generator)."""
+        if self.shuffle:
+            return torch.randperm(self.samples, generator=self.generator).tolist()
+        return list(range(self.samples))
+
+    def __iter__(self) -> Iterator[int]:
+        order, offset, self.offset = self.order(), self.offset, 0
+        rest = order[offset:]
+        extra = -len(rest) % self.world_size
+        if self.pad and rest and extra:
+            rest += (rest * math.ceil(extra / len(rest)))[:extra]
+        return iter(rest[self.rank::self.world_size])
+
+    def __len__(self) -> int:
+        rest = self.samples - self.offset
+        if self.pad:
+            return math.ceil(rest / self.world_size)
+        return len(range(self.rank, rest, self.world_size))
+
+
+def shard_loaders(loaders: Mapping[str, Any], world: World, *, train: Iterable[str]) -> dict[str, Any]:
+    """Each loader as this rank's share (see the module): those named in ``train`` padded and in
+    their epoch's order, the others split exactly. One process: the loaders themselves."""
+    if not world.distributed:
+        return dict(loaders)
+    train = set(train)
+    return {name: shard_loader(loader, world, pad=name in train, name=name) for name, loader in loaders.items()}
+
+
+def shard_loader(loader: Any, world: World, *, pad: bool, name: str = "") -> Any:
+    """This rank's share of one loader: a ``DataLoader`` rebuilt around a :class:`ShardSampler`,
+    a :class:`~engineflow.data.TensorLoader` told its shard. A loader already sharded by the recipe
+    (a ``DistributedSampler``) is kept as it is; anything else is a RecipeError."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    from engineflow.data import TensorLoader
+
+    if isinstance(loader, TensorLoader):
+        loader.shard(world.rank, world.size, pad=pad)
+        return loader
+    if not isinstance(loader, DataLoader):
+        raise RecipeError(f"loader {name!r} is a {type(loader).__name__}; on several processes engineflow shards "
+                          "DataLoaders and ef.data.TensorLoaders. Shard it yourself (each rank its share, run.rank "
+                          "of run.world_size) and return a DataLoader with a DistributedSampler")
+    sampler = loader.batch_sampler.sampler if isinstance(loader.batch_sampler, BatchSampler) else None
+    if isinstance(loader.sampler, DistributedSampler) or isinstance(sampler, DistributedSampler):
+        return loader
+    if not isinstance(sampler, (RandomSampler, SequentialSampler)):
+        raise RecipeError(f"loader {name!r} has a sampler of its own ({type(sampler or loader.sampler).__name__}); "
+                          "engineflow shards loaders with shuffle=True or False. Give it a DistributedSampler")
+    if isinstance(sampler, RandomSampler) and (sampler.replacement or sampler._num_samples is not None):
+        raise RecipeError(f"loader {name!r} samples with replacement or a set number of samples; engineflow "
+                          "cannot shard it exactly. Give it a DistributedSampler")
+    shuffle = isinstance(sampler, RandomSampler)
+    generator = sampler.generator if shuffle else None
+    shard = ShardSampler(len(loader.dataset), rank=world.rank, world_size=world.size, shuffle=shuffle, pad=pad,
+                         generator=generator if generator is not None else loader.generator)
+    options: dict[str, Any] = dict(batch_size=loader.batch_size, num_workers=loader.num_workers,
+                                   collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
+                                   drop_last=loader.drop_last, timeout=loader.timeout,
+                                   worker_init_fn=loader.worker_init_fn, generator=loader.generator,
+                                   persistent_workers=loader.persistent_workers)
+    if loader.num_workers > 0:
+        options["prefetch_factor"] = loader.prefetch_factor
+        options["multiprocessing_context"] = loader.multiprocessing_context
+    return DataLoader(loader.dataset, sampler=shard, **options)
+
+
+def train_loader_names(recipe: Any) -> set[str]:
+    """The loaders a recipe trains on: ``train``, and what each train stage names its train loader."""
+    names = {"train"}
+    for stage in getattr(recipe, "stages", ()):
+        if stage.kind == "train" and stage.loaders:
+            names.add(stage.loaders.get("train", "train"))
+    return names
+
+
+# collectives -----------------------------------------------------------------------------------
+def sum_over_ranks(values: Mapping[str, float]) -> dict[str, float]:
+    """``values`` summed over every rank, key by key (float64). Collective; every rank must hold
+    the same keys."""
+    import ignite.distributed as idist
+
+    keys = sorted(values)
+    if not keys:
+        return {}
+    total = idist.all_reduce(torch.tensor([float(values[k]) for k in keys], dtype=torch.float64))
+    return dict(zip(keys, total.tolist(), strict=True))
+
+
+def max_over_ranks(flags: list[int]) -> list[int]:
+    """Each flag's maximum over every rank. Collective."""
+    import ignite.distributed as idist
+
+    return [int(v) for v in idist.all_reduce(torch.tensor(flags, dtype=torch.int64), op="MAX").tolist()]
+
+
+def gather_objects(value: Any) -> list[Any]:
+    """Every rank's ``value``, in rank order. Collective."""
+    import ignite.distributed as idist
+
+    return list(idist.all_gather(value))
+
+
+def share_json(value: Any, world: World) -> Any:
+    """Rank 0's ``value`` (plain JSON data) on every rank; the others pass None. Collective."""
+    import ignite.distributed as idist
+
+    if not world.distributed:
+        return value
+    text = idist.broadcast(json.dumps(value) if world.rank == 0 else "", src=0)
+    return json.loads(text)
