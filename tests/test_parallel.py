@@ -279,3 +279,26 @@ def test_two_processes_killed_and_resumed_end_bit_identical(tmp_path):
         # train/loss of the resumed epoch sums each rank's restored totals: the same float
         assert resumed["metrics"] == record["metrics"], name
         assert resumed["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_a_pipeline_on_two_processes_runs_every_stage_and_predicts_every_sample(tmp_path):
+    import engineflow as ef
+    from tests.test_pipeline import RECIPE as PIPELINE
+
+    (tmp_path / "pipe.py").write_text(PIPELINE)
+    proc = run_engineflow("run", str(tmp_path / "pipe.py"), "--runs-dir", str(tmp_path / "runs"), "--device", "cpu",
+                          "--nproc", "2", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    shown = _show(tmp_path / "runs")
+    assert shown["world_size"] == 2
+    assert [(s["name"], s["status"]) for s in shown["stages"]] == [
+        ("warmup", "completed"), ("frozen", "completed"), ("finetune", "completed"), ("test", "completed"),
+        ("predict", "completed")]
+    # the inference pass's predictions: every sample of the test loader once, in its order, from both ranks
+    predictions = torch.load(Path(shown["run_dir"]) / "predictions" / "predict" / "test.pt", weights_only=True)
+    past = ef.load_run("last", runs_dir=tmp_path / "runs", which="last")
+    inputs = past.components["loaders"]["test"].dataset.tensors[0]
+    encoder, head = past.components["encoder"].eval(), past.components["head"].eval()
+    with torch.no_grad():
+        assert torch.equal(predictions, head(encoder(inputs)).argmax(-1))

@@ -209,6 +209,15 @@ def gather_objects(value: Any) -> list[Any]:
     return list(idist.all_gather(value))
 
 
+def gather_each(value: Any, world: World) -> list[Any]:
+    """Every rank's ``value`` as it is (a tensor of any length too), in rank order. Collective."""
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world.size
+    dist.all_gather_object(out, value)
+    return out
+
+
 def share_json(value: Any, world: World) -> Any:
     """Rank 0's ``value`` (plain JSON data) on every rank; the others pass None. Collective."""
     import ignite.distributed as idist

@@ -34,6 +34,7 @@ from engineflow.execute.dispatch import attach_in_order
 from engineflow.execute.engine import make_engine
 from engineflow.execute.fit import Fit, build_fit, evaluate_loader, stage_handlers
 from engineflow.execute.injection import describe, make_caller
+from engineflow.execute.parallel import current_world, gather_each
 from engineflow.execute.stage import StageInfo
 from engineflow.metrics import attach_metrics
 from engineflow.state.components import load_component_states
@@ -266,6 +267,9 @@ class Pipeline:
             with torch.no_grad():
                 engine.run(_Inputs(loader), max_epochs=1)
             found[name] = _joined(outputs)
+            world = current_world()
+            if world.distributed:  # each rank predicted its share: samples rank, rank + W, ... (collective)
+                found[name] = _interleaved(gather_each(found[name], world), world.size)
             for listener in self.listeners:
                 getattr(listener, "predictions", _nothing)(self, name, found[name])
         self.predictions[stage.name] = found
@@ -389,6 +393,21 @@ def _joined(outputs: list[Any]) -> Any:
     if outputs and all(isinstance(o, torch.Tensor) for o in outputs):
         return torch.cat([o.detach().cpu() for o in outputs])
     return outputs
+
+
+def _interleaved(shares: list[Any], world_size: int) -> Any:
+    """The predictions of every rank back in the loader's order: rank ``r``'s ``j``-th is sample
+    ``j * world_size + r`` (see :class:`engineflow.execute.parallel.ShardSampler`)."""
+    total = sum(len(share) for share in shares)
+    if all(isinstance(share, torch.Tensor) for share in shares):
+        out = shares[0].new_empty((total, *shares[0].shape[1:]))
+        for rank, share in enumerate(shares):
+            out[rank::world_size] = share
+        return out
+    merged: list[Any] = [None] * total
+    for rank, share in enumerate(shares):
+        merged[rank::world_size] = list(share)
+    return merged
 
 
 def _shape(value: Any) -> Any:
