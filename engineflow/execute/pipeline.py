@@ -352,6 +352,9 @@ class Pipeline:
         except KeyError as err:
             raise RecipeError(f"run {source}'s state has no component {err.args[0]!r} (it holds "
                               f"{', '.join(state['components'])}); did setup() or a prepare change since?") from None
+        except (RuntimeError, ValueError) as err:  # a shape or a param group that differs: another config
+            raise RecipeError(f"run {source}'s state does not fit the components this config builds (was it run "
+                              f"with another config?): {' '.join(str(err).split())[:300]}") from None
         info = StageInfo.from_state(where)
         last = info.summary("completed", state["history"], state["best"], state["engine"]["iteration"])
         done = [*where.get("done", ()), last]
