@@ -193,7 +193,12 @@ def _watch(workers: list[subprocess.Popen[bytes]]) -> tuple[int, int] | None:
     while True:
         codes = [w.poll() for w in workers]
         if failed is None:
-            failed = next(((r, c) for r, c in enumerate(codes) if c not in (None, 0)), None)
+            # a follower that stopped on an agreed interrupt (130) is not a failure while rank 0 still
+            # writes the checkpoint and the run's record; rank 0's own exit code decides
+            failed = next(((r, c) for r, c in enumerate(codes)
+                           if c not in (None, 0) and not (r > 0 and c == EXIT_INTERRUPTED)), None)
+            if failed is None and codes[0] == EXIT_INTERRUPTED:
+                failed = (0, EXIT_INTERRUPTED)
             if failed is not None:
                 deadline = time.monotonic() + GRACE_S
         if all(c is not None for c in codes):

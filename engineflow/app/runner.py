@@ -336,6 +336,9 @@ def _train(loaded: Recipe, start: Session, *, stream: IO[str] | None, progress: 
 
     with using_run(context.run_id):
         pipeline = _prepare(loaded, start, extras=extras, listeners=listeners, origin=origin)
+        # a checkpoint that does not fit (other stages, another number of processes mid-epoch) is refused
+        # here, before the run's record says it resumed
+        found = _continue_from(pipeline, checkpointer, world) if start.resumed else None
         if leader:
             start.begin()
             if start.resumed and (recorder.record.get("world_size") or 1) != world.size:
@@ -357,7 +360,7 @@ def _train(loaded: Recipe, start: Session, *, stream: IO[str] | None, progress: 
         try:
             with reporter, Interrupts() as interrupts:
                 interrupts.target = checkpointer
-                _fit(pipeline, checkpointer, start, reporter, only=origin is not None)
+                _fit(pipeline, found, start, reporter, only=origin is not None)
             result.status = "completed"
         except KeyboardInterrupt:
             result.status = "interrupted"
@@ -414,9 +417,30 @@ def _prepare(loaded: Recipe, start: Session, *, extras: tuple[Callable[[Fit], It
     return pipeline
 
 
-def _fit(pipeline: Pipeline, checkpointer: Checkpointer, start: Session, reporter: Reporter, *, only: bool) -> None:
-    """Run the stages from the start, or from the latest valid checkpoint of a resumed run."""
-    found = checkpointer.latest() if start.resumed else None
+def _continue_from(pipeline: Pipeline, checkpointer: Checkpointer,
+                   world: World) -> tuple[Path, dict[str, Any]] | None:
+    """Load a resumed run's latest valid checkpoint into the pipeline and the checkpointer; None when
+    it has none. On several processes rank 0 picks the file and every rank reads that one (collective):
+    the runs folder must be on a filesystem every node shares."""
+    found = checkpointer.latest() if world.rank == 0 else None
+    name = share_json(found[0].name if found is not None else None, world)
+    if name is None:
+        return None
+    if found is None:
+        path = checkpointer.folder / name
+        problem = verify(path) if path.is_file() else "no such file"
+        if problem is not None:
+            raise RecipeError(f"rank {world.rank} cannot read the checkpoint rank 0 resumes from ({path}: {problem}); "
+                              "resuming on several machines needs the runs folder on a filesystem they all share")
+        found = path, load_state(path)
+    checkpointer.load_state_dict(found[1])
+    pipeline.load_state_dict(found[1])
+    return found
+
+
+def _fit(pipeline: Pipeline, found: tuple[Path, dict[str, Any]] | None, start: Session, reporter: Reporter, *,
+         only: bool) -> None:
+    """Run the stages from the start, or from the checkpoint a resumed run loaded (:func:`_continue_from`)."""
     if found is None:
         if start.resumed:
             reporter.line("no valid checkpoint: training from the first epoch")
@@ -433,8 +457,6 @@ def _fit(pipeline: Pipeline, checkpointer: Checkpointer, start: Session, reporte
                       f"of {engine['epoch_length']}")
     if start.recorder is not None:
         start.recorder.resumed_from(path, engine["iteration"], where.get("epochs_before", 0) + epochs_done)
-    checkpointer.load_state_dict(state)
-    pipeline.load_state_dict(state)
     pipeline.run(only=only)
 
 

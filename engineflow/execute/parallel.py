@@ -155,7 +155,7 @@ def shard_loader(loader: Any, world: World, *, pad: bool, name: str = "") -> Any
     if not isinstance(sampler, (RandomSampler, SequentialSampler)):
         raise RecipeError(f"loader {name!r} has a sampler of its own ({type(sampler or loader.sampler).__name__}); "
                           "engineflow shards loaders with shuffle=True or False. Give it a DistributedSampler")
-    if isinstance(sampler, RandomSampler) and (sampler.replacement or sampler._num_samples is not None):
+    if isinstance(sampler, RandomSampler) and (sampler.replacement or sampler.num_samples != len(sampler.data_source)):
         raise RecipeError(f"loader {name!r} samples with replacement or a set number of samples; engineflow "
                           "cannot shard it exactly. Give it a DistributedSampler")
     shuffle = isinstance(sampler, RandomSampler)

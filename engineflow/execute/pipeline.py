@@ -35,7 +35,7 @@ from engineflow.execute.engine import make_engine
 from engineflow.execute.fit import Fit, build_fit, evaluate_loader, stage_handlers
 from engineflow.execute.injection import describe, make_caller
 from engineflow.execute.parallel import current_world, gather_each
-from engineflow.execute.stage import StageInfo
+from engineflow.execute.stage import Progress, StageInfo
 from engineflow.metrics import attach_metrics
 from engineflow.state.components import load_component_states
 from engineflow.state.rng import seed_rngs, stage_seed
@@ -151,8 +151,7 @@ class Pipeline:
         self._prepared = index
         if stage.prepare is None:
             return
-        provided = {**self.provided, **self.components, "run": self._context(stage.name)}
-        call = make_caller(stage.prepare, provided=provided, what=f"prepare of stage {stage.name!r}")
+        call = make_caller(stage.prepare, provided=self._provided(stage.name), what=f"prepare of stage {stage.name!r}")
         try:
             changed = call({})
         except EngineflowError:
@@ -166,9 +165,18 @@ class Pipeline:
             raise RecipeError(f"prepare {describe(stage.prepare)} of stage {stage.name!r} returned "
                               f"{type(changed).__name__}; return a dict of the components it adds or replaces "
                               "(e.g. {'optimizer': ...}), or None")
+        if "loaders" in changed:  # they are cut for --check and sharded for several processes once, after setup()
+            raise RecipeError(f"prepare {describe(stage.prepare)} of stage {stage.name!r} returned loaders; return "
+                              "every loader from setup() and pick a stage's with ef.stage(..., loaders={...})")
         device = self.provided.get("device")
-        self.components.update({name: to_device(value, device) if name != "loaders" else value
-                                for name, value in changed.items()})
+        self.components.update({name: to_device(value, device) for name, value in changed.items()})
+
+    def _provided(self, name: str) -> dict[str, Any]:
+        """What steps, handlers and ``prepare`` of stage ``name`` may ask for, besides a fit's own names."""
+        provided = {**self.provided, **self.components, "run": self._context(name), "pipeline": Progress(self.info)}
+        if self.last_fit is not None:  # a test or inference pass after a train stage
+            provided.update(history=self.history(), best=self.last_fit.best)
+        return provided
 
     def _context(self, name: str) -> Any:
         run = self.provided.get("run")
@@ -201,7 +209,7 @@ class Pipeline:
 
     def _build_fit(self, index: int) -> Fit:
         stage = self.stages[index] if self.staged else None
-        provided = {**self.provided, **self.components, "run": self._context(self.info.name)}
+        provided = {**self.provided, **self.components, "run": self._context(self.info.name)}  # build_fit adds its own
         seed = stage_seed(self.seed, index) if self.staged else self.seed
         return build_fit(self.recipe, self.components, provided, seed=seed, extras=self.extras, stage=stage,
                          loaders=self.stage_loaders(index) if stage is not None else None, info=self.info)
@@ -241,7 +249,7 @@ class Pipeline:
 
     def _test(self, index: int) -> None:
         stage = self.stages[index]
-        provided = {**self.provided, **self.components, "run": self._context(stage.name)}
+        provided = self._provided(stage.name)
         evaluator = make_engine(stage.eval, provided)
         attach_metrics(evaluator, stage.eval.metrics)
         attach_in_order(evaluator, [h for h in stage_handlers(self.recipe.handlers, stage) if h.engine == "eval"],
@@ -256,7 +264,7 @@ class Pipeline:
         from ignite.engine import Events
 
         stage = self.stages[index]
-        provided = {**self.provided, **self.components, "run": self._context(stage.name)}
+        provided = self._provided(stage.name)
         found: dict[str, Any] = {}
         for name, loader in self.stage_loaders(index).items():
             engine = make_engine(stage.infer, provided)
@@ -269,6 +277,10 @@ class Pipeline:
             found[name] = _joined(outputs)
             world = current_world()
             if world.distributed:  # each rank predicted its share: samples rank, rank + W, ... (collective)
+                if not isinstance(found[name], torch.Tensor):
+                    raise RecipeError(f"infer step {describe(stage.infer.fn)} of stage {stage.name!r} returned "
+                                      "something other than a tensor; on several processes the predictions are "
+                                      "put back in the loader's order row by row, so return one tensor per batch")
                 found[name] = _interleaved(gather_each(found[name], world), world.size)
             for listener in self.listeners:
                 getattr(listener, "predictions", _nothing)(self, name, found[name])
@@ -300,6 +312,8 @@ class Pipeline:
     def best(self) -> dict[str, Any]:
         """The run's best: the best epoch of the latest train stage that has one (pipeline epoch)."""
         for entry in reversed(self._entries()):
+            if "from" in entry:  # another run's stage (``--stage``): its best is that run's weights
+                continue
             best = entry.get("best")
             if best and best.get("value") is not None:
                 return {**best, "epoch": entry["epochs_before"] + best["epoch"]}
@@ -399,18 +413,12 @@ def _joined(outputs: list[Any]) -> Any:
 
 
 def _interleaved(shares: list[Any], world_size: int) -> Any:
-    """The predictions of every rank back in the loader's order: rank ``r``'s ``j``-th is sample
+    """Every rank's prediction rows back in the loader's order: rank ``r``'s ``j``-th row is sample
     ``j * world_size + r`` (see :class:`engineflow.execute.parallel.ShardSampler`)."""
-    total = sum(len(share) for share in shares)
-    if all(isinstance(share, torch.Tensor) for share in shares):
-        out = shares[0].new_empty((total, *shares[0].shape[1:]))
-        for rank, share in enumerate(shares):
-            out[rank::world_size] = share
-        return out
-    merged: list[Any] = [None] * total
+    out = shares[0].new_empty((sum(len(share) for share in shares), *shares[0].shape[1:]))
     for rank, share in enumerate(shares):
-        merged[rank::world_size] = list(share)
-    return merged
+        out[rank::world_size] = share
+    return out
 
 
 def _shape(value: Any) -> Any:

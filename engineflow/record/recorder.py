@@ -214,11 +214,12 @@ class RunRecorder:
         best = run_best(fit)
         if best["value"] is None and stage.index > 0:
             best = self.record.get("best") or best  # an earlier stage's best stays the run's until this one has one
+        fields = {"metrics": {**(self.record.get("metrics") or {}), **values}, "best": best, "epochs": epoch,
+                  "artifacts": artifacts, "heartbeat_at": now_iso()}
+        if stage.prefix:  # a recipe without stages is one stage, which `runs show` derives from the record
+            fields["stages"] = self._stages_with(stage, public_stage(fit.summary("running")))
         # the epoch's metric rows go to the index in the same transaction as its record fields
-        self._save({"metrics": {**(self.record.get("metrics") or {}), **values}, "best": best,
-                    "epochs": epoch, "artifacts": artifacts, "heartbeat_at": now_iso(),
-                    "stages": self._stages_with(stage, public_stage(fit.summary("running")))},
-                   [(epoch, k, v) for k, v in values.items()])
+        self._save(fields, [(epoch, k, v) for k, v in values.items()])
 
     # stage boundaries (the pipeline's listeners) --------------------------------------------------
     def _stages_with(self, stage: Any, entry: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -231,6 +232,8 @@ class RunRecorder:
 
     def stage_completed(self, pipeline: Any, summary: Mapping[str, Any]) -> None:
         """A stage ended: its entry in ``stages``; a test pass's metrics join the run's."""
+        if not pipeline.staged:
+            return
         fields: dict[str, Any] = {"stages": self._stages_with(pipeline.info, public_stage(summary))}
         if summary["kind"] == "test":
             fields["metrics"] = {**(self.record.get("metrics") or {}), **summary["metrics"]}
@@ -258,7 +261,7 @@ class RunRecorder:
         ``best.pt``: exported from ``best_checkpoint`` (the best epoch's full state), when the
         checkpointer keeps one (then :meth:`epoch_completed` did not write it).
         """
-        from engineflow.state.checkpoint_files import export_weights, save_weights
+        from engineflow.state.checkpoint_files import export_weights, load_state, save_weights
         from engineflow.state.components import modules_of
 
         self._stop_beating.set()
@@ -271,8 +274,11 @@ class RunRecorder:
                 save_weights(self.run_dir / "checkpoints" / "last.pt", modules, meta)
                 artifacts["weights_last"] = "checkpoints/last.pt"
             if modules and best_checkpoint is not None:
-                export_weights(best_checkpoint, self.run_dir / "checkpoints" / "best.pt", list(modules),
-                               _best_meta(fit))
+                # the best epoch may be an earlier stage's, from before a prepare added a module
+                state = load_state(best_checkpoint)
+                names = [name for name in modules if name in state["components"]]
+                export_weights(state, self.run_dir / "checkpoints" / "best.pt", names, _best_meta(state),
+                               source=best_checkpoint)
                 artifacts["weights_best"] = "checkpoints/best.pt"
             self.tb.close(self.record["config"], final or {})
         finally:
@@ -305,10 +311,15 @@ def public_stage(summary: Mapping[str, Any]) -> dict[str, Any]:
     return {k: summary[k] for k in keep if k in summary}
 
 
-def _best_meta(fit: Any) -> dict[str, Any]:
-    row = next((row for row in fit.history if row["epoch"] == fit.best.epoch), {})
-    best = run_best(fit)
-    return {"epoch": best["epoch"], "metrics": {k: v for k, v in fit.stage.row(row).items() if k != "epoch"}}
+def _best_meta(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The best epoch of a checkpoint's stage, as the run records it (pipeline epoch, prefixed names)."""
+    from engineflow.execute.stage import StageInfo
+
+    info = StageInfo.from_state(state["stage"]) if state.get("stage") else StageInfo()
+    epoch = state["best"]["epoch"]
+    row = next((row for row in state["history"] if row["epoch"] == epoch), {"epoch": epoch})
+    recorded = info.row(row)
+    return {"epoch": recorded.pop("epoch"), "metrics": recorded}
 
 
 def _metric_lines(path: Path) -> list[tuple[bytes, int]]:

@@ -201,11 +201,14 @@ def load_checkpoint_weights(state: Mapping[str, Any], modules: Mapping[str, torc
     _load_states(modules, _module_states(state.get("components", {}), modules, path))
 
 
-def export_weights(checkpoint: Path, path: Path, names: list[str], meta: Mapping[str, Any]) -> None:
+def export_weights(checkpoint: Path | Mapping[str, Any], path: Path, names: list[str], meta: Mapping[str, Any],
+                   *, source: Path | None = None) -> None:
     """Write the weights file ``path`` (as :func:`save_weights` does) from the modules ``names`` of the
-    full-state ``checkpoint``: the best epoch's weights, taken from its checkpoint when a run ends."""
-    state = load_state(checkpoint)
-    atomic_save({"weights": _module_states(state["components"], names, checkpoint), "meta": dict(meta)}, path)
+    full-state ``checkpoint`` (its file, or its loaded content read from ``source``): the best
+    epoch's weights, taken from its checkpoint when a run ends."""
+    state = load_state(checkpoint) if isinstance(checkpoint, Path) else checkpoint
+    where = checkpoint if isinstance(checkpoint, Path) else source
+    atomic_save({"weights": _module_states(state["components"], names, where), "meta": dict(meta)}, path)
 
 
 def _module_states(saved: Mapping[str, Any], names: Iterable[str], path: Path) -> dict[str, Any]:

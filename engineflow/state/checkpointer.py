@@ -197,7 +197,7 @@ class Checkpointer:
 
     def stage_started(self, pipeline: Any) -> None:
         """An interrupt that came during a test or inference pass stops the run before the next stage."""
-        if pipeline.staged and self.interrupt_requested:
+        if pipeline.staged and self._requests(True)[0]:  # every rank agrees (a collective on several)
             raise KeyboardInterrupt("the latest checkpoint is from before this stage")
 
     def stage_completed(self, pipeline: Any, summary: Any) -> None:
@@ -205,7 +205,7 @@ class Checkpointer:
         goes on with the next stage), also kept as ``stages/<name>.pt``, the state the next stage
         starts from (``engineflow run --stage NEXT --from RUN``)."""
         if not pipeline.staged or pipeline.fit is None:
-            if pipeline.staged and self.interrupt_requested:  # a test or inference pass: a resume runs it again
+            if pipeline.staged and self._requests(True)[0]:  # a test or inference pass: a resume runs it again
                 raise KeyboardInterrupt("the latest checkpoint is from before this stage")
             return
         self.save(STAGE_END, also=self.folder.parent / "stages" / f"{pipeline.fit.stage.name}.pt")
