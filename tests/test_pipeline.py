@@ -377,6 +377,8 @@ BAD_STAGES = [
      "stage 'predict' is an inference pass (no gradients, eval mode); it takes no train loader"),
     ('ef.stage("wrong", train=evaluate)', "stage 'wrong': train= expects a function decorated with @ef.train_step"),
     ('ef.stage("extra", train=train, epochs="no_such_key")', "takes its epochs from config key 'no_such_key'"),
+    # found before the first stage trains, though it is the last stage's
+    ('ef.stage("predict", infer=predict, loaders={"test": "tset"})', "stage 'predict' uses loader 'tset', but setup()"),
 ]
 
 

@@ -101,6 +101,7 @@ def build_pipeline(
     provided = {"cfg": cfg, "device": context.device, "run": context}
     pipeline = Pipeline(recipe, components, provided, epochs=epochs, seed=seed, extras=extras,
                         listeners=listeners)
+    pipeline.check_stages()  # a later stage's loader names, before any stage trains
     pipeline.enter(0)
     return pipeline, cfg, context
 

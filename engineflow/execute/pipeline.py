@@ -36,6 +36,7 @@ from engineflow.execute.fit import Fit, build_fit, evaluate_loader, stage_handle
 from engineflow.execute.injection import describe, make_caller
 from engineflow.execute.parallel import current_world, gather_each
 from engineflow.execute.stage import Progress, StageInfo
+from engineflow.execute.wiring import eval_loaders_of, main_metric
 from engineflow.metrics import attach_metrics
 from engineflow.state.components import load_component_states
 from engineflow.state.rng import seed_rngs, stage_seed
@@ -131,6 +132,15 @@ class Pipeline:
         if self.info.kind == "train":
             self.fit = self._build_fit(index)
             self.last_fit = self.fit
+
+    def check_stages(self) -> None:
+        """What can be checked of every stage before the first one runs: the loaders each names, and
+        each train stage's validation loaders and main metric (RecipeError naming the stage)."""
+        for index, stage in enumerate(self.stages):
+            loaders = self.stage_loaders(index)
+            if stage.kind == "train":
+                eval_loaders = eval_loaders_of(stage.eval, loaders, self.recipe)
+                main_metric(stage.eval, eval_loaders, stage.train, self.recipe)
 
     def prepare_all(self) -> None:
         """Run the ``prepare`` of every stage not yet prepared, in order: the components as the
