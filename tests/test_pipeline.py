@@ -252,7 +252,6 @@ def test_each_stage_changes_the_components_it_prepares(unbroken):
 # (in the next stage's prepare), in the last train stage, and in the inference pass after training
 KILLS = {
     "second-stage-mid-epoch": {"KILL_STAGE": "frozen", "KILL_AT": "7"},
-    "second-stage-first-batch": {"KILL_STAGE": "frozen", "KILL_AT": "1"},
     "right-after-unfreeze": {"KILL_STAGE": "finetune", "KILL_AT": "1"},
     "between-stages": {"KILL_IN": "unfreeze"},
     "last-stage-last-epoch": {"KILL_STAGE": "finetune", "KILL_AT": "9"},

@@ -152,7 +152,6 @@ def reference(recipe_dir):
 _rng = random.Random(20261123)
 TRIALS = [
     ("random-iteration", 0, [{"KILL_AT": str(_rng.randint(2, TOTAL - 1))}]),
-    ("random-iteration", 0, [{"KILL_AT": str(_rng.randint(2, TOTAL - 1))}]),
     ("epoch-last-batch", 0, [{"KILL_AT": str(2 * EPOCH_LENGTH)}]),
     ("killed-twice", 0, [{"KILL_AT": "5"}, {"KILL_AT": "21"}]),
     ("during-checkpoint-write", 0, [{"KILL_IN_SAVE": "4"}]),
