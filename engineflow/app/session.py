@@ -74,10 +74,7 @@ def new_session(recipe: Recipe, store: RunStore, cfg: Config, *, seed: int, chec
 
     ``start``: ``{"stage": NAME, "from": RUN or None}`` for a run of one stage (``--stage``).
     """
-    per_stage = stage_epochs(recipe, cfg, check=check)
-    if start is not None:
-        index = [s.name for s in recipe.stages].index(start["stage"])
-        per_stage = [n if i == index else 0 for i, n in enumerate(per_stage)]
+    per_stage = stage_epochs(recipe, cfg, check=check, only=start["stage"] if start is not None else None)
     code = capture(recipe.path)
     # a run of one stage from another run's state is not a repeat of the whole recipe's run
     fingerprinted = cfg.to_dict() if start is None else {**cfg.to_dict(), "engineflow": dict(start)}
@@ -193,11 +190,9 @@ def resume_session(recipe: Recipe, store: RunStore, record: dict[str, Any], over
                          bool(record.get("check")), runs_dir=store.path.parent)
     recorder = RunRecorder(store, run_dir, {k: v for k, v in record.items() if k != "history"})
     if recipe.stages:
-        per_stage = stage_epochs(recipe, cfg, check=bool(record.get("check")))
         started = record.get("start")
-        if started:
-            index = [s.name for s in recipe.stages].index(started["stage"])
-            per_stage = [n if i == index else 0 for i, n in enumerate(per_stage)]
+        per_stage = stage_epochs(recipe, cfg, check=bool(record.get("check")),
+                                 only=started["stage"] if started else None)
     else:
         per_stage = [int(record.get("max_epochs") or cfg.get("epochs", 1))]
     return Session(context, recorder, cfg, sum(per_stage), tuple(per_stage), resumed=True,

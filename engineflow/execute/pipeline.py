@@ -45,9 +45,10 @@ CHECK_BATCHES = 2  # --check: the first 2 batches of every loader
 CHECK_EPOCHS = 2  # --check: 2 epochs of each train stage
 
 
-def stage_epochs(recipe: Recipe, cfg: Mapping[str, Any], *, check: bool) -> list[int]:
+def stage_epochs(recipe: Recipe, cfg: Mapping[str, Any], *, check: bool, only: str | None = None) -> list[int]:
     """Epochs of each stage in order (0 for test and infer passes); a recipe without stages has
-    one, ``cfg.epochs`` (default 1). ``--check`` runs :data:`CHECK_EPOCHS` of each train stage."""
+    one, ``cfg.epochs`` (default 1). ``--check`` runs :data:`CHECK_EPOCHS` of each train stage;
+    ``only`` (``--stage``): that stage's epochs, 0 for every other."""
     if not recipe.stages:
         return [CHECK_EPOCHS if check else cfg.get("epochs", 1)]
     epochs = []
@@ -61,7 +62,8 @@ def stage_epochs(recipe: Recipe, cfg: Mapping[str, Any], *, check: bool) -> list
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise RecipeError(f"{recipe.path}: stage {stage.name!r}: config {stage.epochs!r} must be a whole "
                                   f"number of epochs >= 1, got {value!r}")
-        epochs.append(0 if stage.kind != "train" else CHECK_EPOCHS if check else value)
+        epochs.append(0 if stage.kind != "train" or only not in (None, stage.name) else
+                      CHECK_EPOCHS if check else value)
     return epochs
 
 
@@ -359,7 +361,8 @@ class Pipeline:
             raise RecipeError(f"the checkpoint was written in stage {where.get('name')!r} (number {index + 1}), "
                               f"which this recipe's stages ({names}) do not have there; did the stages change?")
         self.summaries = [dict(d) for d in where.get("done", ())]
-        self.enter(index)
+        if self.fit is None or self.info.index != index or self.fit.train.state.iteration:
+            self.enter(index)  # the stage built at start-up (not yet run) takes the state as it is
         assert self.fit is not None
         self.fit.load_state_dict(state)
         self._stage_done = bool(where.get("finished"))
