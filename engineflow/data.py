@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from engineflow.state.shards import steps
+
 # Odd 64-bit constant (the golden ratio's): spreads seeds far apart, so (seed, epoch) pairs of
 # nearby seeds never share a permutation generator.
 _SEED_STRIDE = 0x9E3779B97F4A7C15
@@ -79,6 +81,7 @@ class TensorLoader:
         self._batch = 0  # batches of that epoch already handed out
         self._resume = False
         self._shard: tuple[int, int, bool] | None = None  # (rank, world size, pad) on several processes
+        self._offset = 0  # positions of the epoch's order before the pass of `_epoch` (see start_at)
 
     def shard(self, rank: int, world_size: int, *, pad: bool) -> None:
         """Hand out only rank ``rank``'s share of each epoch's order (engineflow calls it on several
@@ -89,10 +92,23 @@ class TensorLoader:
     def _rows_here(self) -> int:
         if self._shard is None:
             return self.samples
-        rank, world, pad = self._shard
-        return -(-self.samples // world) if pad else len(range(rank, self.samples, world))
+        rank, world, _ = self._shard
+        return len(range(rank, self.samples, world))  # an eval share (a train share is cut in steps)
+
+    def _steps(self) -> list[tuple[int, int]] | None:
+        """The steps of a train share or of a resumed pass (see :mod:`engineflow.state.shards`);
+        None where batches are cut from this loader's rows alone."""
+        if self._shard is not None and not self._shard[2]:
+            return None
+        if self._shard is None and not self._offset:
+            return None
+        world = self._shard[1] if self._shard is not None else 1
+        return steps(self.samples, world, self.batch_size, offset=self._offset, drop_last=self.drop_last)
 
     def __len__(self) -> int:
+        plan = self._steps()
+        if plan is not None:
+            return len(plan)
         rows = self._rows_here()
         if self.drop_last:
             return rows // self.batch_size
@@ -102,23 +118,28 @@ class TensorLoader:
         if self._resume:
             self._resume = False
         elif self._batch > 0:  # the previous pass stopped early or was not run to its end
-            self._epoch, self._batch = self._epoch + 1, 0
+            self._epoch, self._batch, self._offset = self._epoch + 1, 0, 0
         return self._batches(self._epoch, self._batch)
 
     def _batches(self, epoch: int, first: int) -> Iterator[Any]:
         order = self.order(epoch)
-        if self._shard is not None:
-            rank, world, pad = self._shard
+        plan = self._steps()
+        if plan is not None:
+            positions = self._positions(plan)
             if order is None:
                 order = torch.arange(self.samples, device=self.tensors[0].device)
-            extra = -self.samples % world if pad else 0
-            if extra:
-                order = torch.cat([order, order.repeat(-(-extra // self.samples))[:extra]])
+        elif self._shard is not None:  # an eval share: every world-th sample from rank, nothing repeated
+            rank, world, _ = self._shard
+            if order is None:
+                order = torch.arange(self.samples, device=self.tensors[0].device)
             order = order[rank::world]
         size, count, single = self.batch_size, len(self), len(self.tensors) == 1
         for index in range(first, count):
             start = index * size
-            if order is None:  # contiguous rows: views, no copy
+            if plan is not None:
+                rows = order.index_select(0, positions[index].to(order.device))
+                batch = tuple(t.index_select(0, rows) for t in self.tensors)
+            elif order is None:  # contiguous rows: views, no copy
                 batch = tuple(t[start:start + size] for t in self.tensors)
             else:
                 rows = order[start:start + size]
@@ -127,7 +148,19 @@ class TensorLoader:
             # resumes with the next one.
             self._batch = index + 1
             yield batch[0] if single else batch
-        self._epoch, self._batch = epoch + 1, 0
+        self._epoch, self._batch, self._offset = epoch + 1, 0, 0
+
+    def _positions(self, plan: list[tuple[int, int]]) -> list[torch.Tensor]:
+        """This share's positions of the order, one tensor per step (past the end: the pass again)."""
+        rank, world = (self._shard[0], self._shard[1]) if self._shard is not None else (0, 1)
+        out = []
+        for start, stop in plan:
+            positions = torch.arange(start + rank, stop, world)
+            beyond = positions >= self.samples
+            if beyond.any():
+                positions[beyond] = self._offset + (positions[beyond] - self.samples) % (self.samples - self._offset)
+            out.append(positions)
+        return out
 
     def order(self, epoch: int) -> torch.Tensor | None:
         """The sample order of ``epoch`` (a permutation on the tensors' device), or None unshuffled."""
@@ -139,13 +172,30 @@ class TensorLoader:
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next pass epoch ``epoch``, from its first batch."""
-        self._epoch, self._batch, self._resume = epoch, 0, True
+        self._epoch, self._batch, self._offset, self._resume = epoch, 0, 0, True
+
+    def start_at(self, position: int) -> None:
+        """Make the next pass continue the epoch in progress after ``position`` positions of its
+        order, each later position once (engineflow calls it to resume on another number of
+        processes; see :mod:`engineflow.state.shards`)."""
+        if not 0 <= position < self.samples:
+            raise ValueError(f"TensorLoader.start_at expects a position in [0, {self.samples}), got {position}")
+        self._batch, self._offset, self._resume = 0, position, True
+
+    def layout(self) -> dict[str, Any]:
+        """How a pass deals out the order: samples, batch, world (processes), offset (of the pass
+        in progress), drop_last."""
+        world = self._shard[1] if self._shard is not None else 1
+        return {"samples": self.samples, "batch": self.batch_size, "world": world, "offset": self._offset,
+                "drop_last": self.drop_last}
 
     def state_dict(self) -> dict[str, int]:
-        """Where the data order stands: ``{"seed", "epoch", "batch"}`` (batches of ``epoch`` handed out)."""
+        """Where the data order stands: ``{"seed", "epoch", "batch"}`` (batches of ``epoch`` handed
+        out), and ``"offset"`` in a pass that resumed its epoch part-way (see :meth:`start_at`)."""
         if self._batch and self._batch >= len(self):  # every batch handed out: the next pass is the next epoch
             return {"seed": self.seed, "epoch": self._epoch + 1, "batch": 0}
-        return {"seed": self.seed, "epoch": self._epoch, "batch": self._batch}
+        state = {"seed": self.seed, "epoch": self._epoch, "batch": self._batch}
+        return {**state, "offset": self._offset} if self._offset else state
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue from a :meth:`state_dict`: the next pass resumes that epoch at that batch."""
@@ -154,6 +204,7 @@ class TensorLoader:
             raise ValueError(f"TensorLoader state needs 'seed' and 'epoch' (from state_dict()), got {sorted(state)}")
         self.seed = int(state["seed"])
         self._epoch, self._batch = int(state["epoch"]), int(state.get("batch", 0))
+        self._offset = int(state.get("offset", 0))
         self._resume = True
 
     def __repr__(self) -> str:

@@ -12,11 +12,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, TensorDataset
 
 from engineflow.data import TensorLoader
 from engineflow.execute.losses import LossMonitor
-from engineflow.execute.parallel import ShardSampler, World, shard_loader, sum_over_ranks
+from engineflow.execute.parallel import (
+    ShardBatches,
+    ShardSampler,
+    World,
+    order_layout,
+    resume_order,
+    shard_loader,
+    sum_over_ranks,
+)
+from engineflow.state.shards import consumed, position_index, rank_positions, steps
 from tests.conftest import REPO, run_engineflow
 
 DIGITS = REPO / "recipes" / "digits.py"
@@ -52,19 +61,81 @@ def test_train_shards_are_one_permutation_padded_and_dealt_out(samples):
         assert dealt == order  # position k of the epoch's order is on rank k % world
 
 
-def test_an_offset_deals_out_only_the_rest_of_the_order():
-    sampler = ShardSampler(10, rank=1, world_size=3, shuffle=False, pad=True)
-    sampler.offset = 4
-    assert len(sampler) == 2 and list(sampler) == [5, 8]
-    assert len(list(sampler)) == 4  # the offset holds for one pass
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("batch", [1, 2, 5])
+def test_a_resumed_pass_deals_out_each_remaining_position_once_in_equal_steps(world, batch):
+    for samples in (1, 2, 7, 13, 30):
+        for offset in range(1, samples):
+            plan = steps(samples, world, batch, offset=offset)
+            shares = [[position_index(p, samples, offset) for step in plan for p in rank_positions(step, r, world)]
+                      for r in range(world)]
+            taken = sorted(i for share in shares for i in share)
+            repeats = len(taken) - (samples - offset)
+            assert sorted(set(taken)) == list(range(offset, samples))
+            # every rank has a position in every step (each step's backward is a collective), at most batch
+            for step in plan:
+                assert all(1 <= len(rank_positions(step, r, world)) <= batch for r in range(world))
+            # positions repeat only where they cannot be shared out: too few left, and one a batch or one step
+            if repeats:
+                assert (samples - offset) % (batch * world) < world and (batch == 1 or len(plan) == 1)
+                assert repeats < world
+
+
+def test_a_whole_epoch_is_batched_as_the_shard_sampler_deals_it_out():
+    for samples, world, batch, drop_last in [(11, 2, 2, False), (11, 3, 2, True), (50, 2, 4, False), (7, 4, 3, False)]:
+        for rank in range(world):
+            shard = ShardSampler(samples, rank=rank, world_size=world, shuffle=True, pad=True,
+                                 generator=torch.Generator().manual_seed(3))
+            expected = list(BatchSampler(shard, batch, drop_last))
+            shard.generator.manual_seed(3)
+            assert list(ShardBatches(shard, batch, drop_last)) == expected
+
+
+def test_an_epoch_left_on_two_processes_is_finished_on_three_each_sample_once():
+    """In process: two ranks train 3 steps of a shuffled epoch, then three ranks finish it."""
+    x = torch.arange(23)
+    def share(rank, world):
+        loader = TensorLoader(x, batch_size=2, shuffle=True, seed=4)
+        loader.shard(rank, world, pad=True)
+        return loader
+
+    before = [list(share(r, 2))[:3] for r in range(2)]
+    position = consumed(23, 2, 2, offset=0, done=3)
+    after = []
+    for rank in range(3):
+        loader = share(rank, 3)
+        loader.start_at(position)
+        batches = list(loader)
+        after.append(batches)
+    assert len({len(b) for b in after}) == 1  # the same number of steps on every rank
+    seen = torch.cat([b for rank in before for b in rank] + [b for rank in after for b in rank]).tolist()
+    assert sorted(seen) == list(range(23))
+    # a DataLoader's shares finish the same positions
+    data = TensorDataset(x)
+    def dl(rank, world):
+        loader = DataLoader(data, batch_size=2, shuffle=True, generator=torch.Generator())
+        return shard_loader(loader, World(rank, world), pad=True)
+    first = [dl(r, 2) for r in range(2)]
+    for loader in first:
+        loader.batch_sampler.sampler.generator.manual_seed(9)
+    taken = [b[0] for loader in first for b in list(loader)[:3]]
+    rest = []
+    for rank in range(3):
+        loader = dl(rank, 3)
+        loader.batch_sampler.sampler.generator.manual_seed(9)
+        resume_order(loader, consumed(23, 2, 2, offset=0, done=3))
+        assert order_layout(loader)["offset"] == 0  # until its pass starts
+        rest += [b[0] for b in loader]
+        assert order_layout(loader)["offset"] == 12
+    assert sorted(torch.cat(taken + rest).tolist()) == list(range(23))
 
 
 def test_a_dataloader_is_rebuilt_around_its_shard_with_its_options():
     data = TensorDataset(torch.arange(11.0))
     loader = DataLoader(data, batch_size=2, shuffle=True, generator=torch.Generator().manual_seed(0))
     shards = [shard_loader(loader, World(r, 2), pad=True) for r in range(2)]
-    assert all(s.batch_size == 2 and isinstance(s.sampler, ShardSampler) for s in shards)
-    assert shards[0].sampler.generator is loader.generator  # seed_epoch reseeds it each epoch
+    assert all(s.batch_sampler.batch_size == 2 and isinstance(s.batch_sampler.sampler, ShardSampler) for s in shards)
+    assert shards[0].batch_sampler.sampler.generator is loader.generator  # seed_epoch reseeds it each epoch
     evals = [shard_loader(DataLoader(data, batch_size=4), World(r, 2), pad=False) for r in range(2)]
     assert sorted(torch.cat([b[0] for s in evals for b in s]).tolist()) == list(range(11))
 
@@ -209,7 +280,7 @@ RESUMABLE = '''
 import os, signal
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import BatchSampler, DataLoader, TensorDataset
 import engineflow as ef
 
 config = ef.config(epochs=3, lr=0.1, seed=0)
@@ -302,3 +373,86 @@ def test_a_pipeline_on_two_processes_runs_every_stage_and_predicts_every_sample(
     encoder, head = past.components["encoder"].eval(), past.components["head"].eval()
     with torch.no_grad():
         assert torch.equal(predictions, head(encoder(inputs)).argmax(-1))
+
+
+# resume on another number of processes ----------------------------------------------------------
+# 50 samples with their ids, batch 4. Every train step appends "epoch iteration id id ..." to a file
+# of its attempt and rank; the rank named by a kill SIGKILLs itself at that iteration, once.
+COUNTED = '''
+import os, signal
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+import engineflow as ef
+
+config = ef.config(epochs=3, lr=0.1, seed=0)
+
+def setup(cfg):
+    gen = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(50, 6, generator=gen), torch.randint(0, 3, (50,), generator=gen),
+                         torch.arange(50))
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    return dict(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=cfg.lr),
+                loaders={"train": DataLoader(data, batch_size=4, shuffle=True)})
+
+@ef.train_step
+def train(batch, model, optimizer, state, run):
+    x, y, ids = batch
+    with open(os.path.join(os.environ["IDS"], f"{os.environ['ATTEMPT']}-{run.rank}"), "a") as out:
+        out.write(f"{state.epoch} {state.iteration} " + " ".join(map(str, ids.tolist())) + "\\n")
+    kill = os.environ.get("KILL", "")
+    marker = os.path.join(os.environ["IDS"], f"killed-{kill}")
+    if kill and state.iteration == int(kill.split(":")[0]) and run.rank == int(kill.split(":")[1]) \\
+            and not os.path.exists(marker):
+        open(marker, "w").close()
+        os.kill(os.getpid(), signal.SIGKILL)
+    loss = F.cross_entropy(model(x), y)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return {"loss": loss}
+'''
+
+
+@pytest.mark.slow
+def test_an_epoch_interrupted_on_two_processes_ends_on_three_each_sample_once(tmp_path):
+    """2 processes killed mid-epoch 2, resumed on 3, killed mid-epoch 3, resumed on 1: each epoch's
+    trained steps (those its checkpoints kept) hold every sample exactly once."""
+    from tests.test_resume import engineflow
+
+    recipe, ids, runs = tmp_path / "counted.py", tmp_path / "ids", tmp_path / "runs"
+    recipe.write_text(COUNTED)
+    ids.mkdir()
+    base = ["run", str(recipe), "--runs-dir", str(runs), "--device", "cpu", "--checkpoint-every", "3"]
+    # 2 processes: 7 steps an epoch, checkpoints at iterations 3, 6, 9; rank 1 dies at 11 (epoch 2, step 4)
+    # 3 processes: epoch 2's 34 samples left in 3 steps (10-12); epoch 3 of 5 steps (13-17), rank 0 dies at 16,
+    # after the checkpoint at 15; 1 process: the 14 samples left in 4 steps (16-19)
+    attempts = [("2", "11:1", []), ("3", "16:0", ["--resume", "last"]), ("1", "", ["--resume", "last"])]
+    for attempt, (nproc, kill, more) in enumerate(attempts):
+        env = {"IDS": str(ids), "ATTEMPT": str(attempt), "KILL": kill}
+        done = engineflow(*base, *more, "--nproc", nproc, cwd=tmp_path, env=env)
+        assert done.returncode == (1 if kill else 0), done.stdout + done.stderr
+    assert [line for line in done.stdout.splitlines() if "from checkpoint" in line] == [
+        "from checkpoint state-000000015.pt: epoch 3, batch 4 of 5"]
+
+    steps: dict[int, list[tuple[int, int, list[int]]]] = {}  # attempt -> (epoch, iteration, ids)
+    for path in ids.glob("[0-9]-*"):
+        for line in path.read_text().splitlines():
+            epoch, iteration, *sample = map(int, line.split())
+            steps.setdefault(int(path.name.split("-")[0]), []).append((epoch, iteration, sample))
+    kept: dict[int, list[int]] = {}
+    for attempt, done_steps in sorted(steps.items()):
+        # an attempt's steps after the checkpoint the next one resumed from were trained again
+        resumed_after = min(i for _, i, _ in steps[attempt + 1]) - 1 if attempt + 1 in steps else None
+        for epoch, iteration, sample in done_steps:
+            if resumed_after is None or iteration <= resumed_after:
+                kept.setdefault(epoch, []).extend(sample)
+    assert sorted(kept) == [1, 2, 3]
+    for epoch, sample in kept.items():
+        assert sorted(sample) == list(range(50)), epoch  # every sample once: none lost, none repeated
+    # the interrupted epochs' later steps ran on 3 processes (each rank a share) and on 1
+    assert {(e, i) for e, i, _ in steps[1]} >= {(2, 10), (2, 11), (2, 12)}
+    assert {i for e, i, _ in steps[2]} == {16, 17, 18, 19} and sum(len(s) for _, _, s in steps[2]) == 14
+    record = _show(runs)
+    assert record["status"] == "completed" and record["world_size"] == 1
+    assert [h["epoch"] for h in record["history"]] == [1, 2, 3]

@@ -33,13 +33,21 @@ from engineflow.execute.dispatch import attach_in_order
 from engineflow.execute.engine import StepEngine, make_engine
 from engineflow.execute.injection import describe
 from engineflow.execute.losses import LossMonitor
-from engineflow.execute.parallel import gather_objects, sum_over_ranks, train_wrappers
+from engineflow.execute.parallel import (
+    gather_objects,
+    order_layout,
+    positioned,
+    resume_order,
+    sum_over_ranks,
+    train_wrappers,
+)
 from engineflow.execute.stage import Progress, StageInfo
 from engineflow.execute.wiring import eval_loaders_of, loaders_of, main_metric, resolve_steps
 from engineflow.metrics import attach_metrics, check_metric_takes
 from engineflow.state.components import component_states, load_component_states
 from engineflow.state.position import EpochData
 from engineflow.state.rng import rng_state, set_rng_state
+from engineflow.state.shards import consumed
 
 # what each rank of a data-parallel fit keeps for itself (``state_dict()["ranks"]``)
 RANK_STATE = ("rng", "loss", "train_metrics")
@@ -89,6 +97,7 @@ class Fit:
     _restored: bool = field(default=False, repr=False)
     _resume_within_epoch: Callable[[], None] | None = field(default=None, repr=False)
     _resume_batches: int | None = field(default=None, repr=False)
+    _whole_epoch: int | None = field(default=None, repr=False)
 
     def evaluate(self, loader: str = "valid") -> dict[str, float]:
         """Run the eval step and its metrics over one loader; returns ``{"<loader>/<metric>": value}``.
@@ -144,7 +153,7 @@ class Fit:
             return self.train.run(data, max_epochs=epochs)
         batches, within = self._resume_batches, self._resume_within_epoch
         self._resume_batches = self._resume_within_epoch = None
-        if batches and within is not None:
+        if within is not None:
             # at an epoch boundary the next epoch's seeding defines every RNG: nothing more to restore
             data.resume_at(batches, within)
         return self.train.run(data)
@@ -182,6 +191,7 @@ class Fit:
                 **component_states(self.components),
             "train_metrics": metrics, "loss": self.loss.state_dict(), "best": self.best.state_dict(),
             "history": list(self.history), "rng": rng_state(), "seed": self.seed, "stage": self.stage.state_dict(),
+            "order": order_layout(self.loaders["train"]),
         }
         if self.gather is not None:
             # Models and optimizers are the same on every rank; what each rank drew and summed is its
@@ -190,7 +200,19 @@ class Fit:
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Load a :meth:`state_dict`; the next :meth:`run` continues from it."""
+        """Load a :meth:`state_dict`; the next :meth:`run` continues from it.
+
+        Saved in the middle of an epoch on another number of processes, the epoch continues after
+        the positions of its order the processes had trained on, each later one once (see
+        :mod:`engineflow.state.shards`); this needs a train loader engineflow deals out itself
+        (a ``DataLoader`` it sharded, a ``TensorLoader``).
+        """
+        engine = state["engine"]
+        within = engine["batches_in_epoch"]
+        layout = state.get("order")
+        if within and layout is not None:
+            self.loaders["train"] = positioned(self.loaders["train"], layout)
+        normal = _length(self.loaders["train"])  # batches in a whole epoch here
         try:
             load_component_states(self.components, state)
         except KeyError as err:
@@ -198,35 +220,59 @@ class Fit:
                               f"{', '.join(state['components'])}); did setup() change since the run started?") from None
         self.best.load_state_dict(state["best"])
         self.history[:] = state["history"]
-        engine = state["engine"]
-        self.train.load_state_dict({"iteration": engine["iteration"], "epoch_length": engine["epoch_length"],
+
+        ranks = state.get("ranks")
+        saved_world = len(ranks) if ranks is not None else 1
+        moved = bool(within) and (layout["world"] if layout else saved_world) != _world_of(self.loaders["train"],
+                                                                                           self.world_size)
+        if within and layout is not None:
+            here = order_layout(self.loaders["train"])
+            fits = here is not None and all(here[k] == layout[k] for k in ("kind", "samples", "batch", "drop_last"))
+            if not fits and moved:
+                raise RecipeError(f"the latest checkpoint was written in the middle of an epoch whose train loader "
+                                  f"dealt out {layout['samples']} samples in batches of {layout['batch']}; this "
+                                  f"run's does not ({here}). Resume with the same data, or on "
+                                  f"{saved_world} process(es) (--nproc {saved_world})")
+            if moved:  # continue after the positions the saved processes had trained on
+                resume_order(self.loaders["train"], consumed(layout["samples"], layout["world"], layout["batch"],
+                                                             offset=layout["offset"], done=within,
+                                                             drop_last=layout["drop_last"]))
+                within = 0
+            elif layout["kind"] == "shard":
+                resume_order(self.loaders["train"], layout["offset"])  # the same pass again, then skip
+        elif within and saved_world != self.world_size:
+            raise RecipeError(f"the latest checkpoint was written in the middle of an epoch on {saved_world} "
+                              f"process(es) by a train loader engineflow does not deal out itself; resume it on "
+                              f"{saved_world} (--nproc {saved_world}), or give setup() a DataLoader with "
+                              "shuffle=True or False or an ef.data.TensorLoader. A checkpoint at an epoch's end "
+                              "resumes on any number")
+        length = _length(self.loaders["train"])
+        self.train.load_state_dict({"iteration": engine["iteration"],
+                                    "epoch_length": length or engine["epoch_length"],
                                     "max_epochs": engine["max_epochs"]})
         # Ignite derives the epoch and the batches done from iteration // epoch_length, which an
         # EndEpoch makes wrong; set both from the counts the state kept (the first epoch then runs
         # only the remaining batches, as in Ignite's own mid-epoch resume).
         self.train.state.epoch = engine["epochs_completed"]
-        self.train.start_epoch_after(engine["batches_in_epoch"])
-        self._epoch_start = engine["iteration"] - engine["batches_in_epoch"]
+        self.train.start_epoch_after(within)
+        self._epoch_start = engine["iteration"] - within
         self._epoch_done = engine["batches_in_epoch"] == 0
         self._restored = True
-        self._resume_batches = engine["batches_in_epoch"]
-
-        ranks = state.get("ranks")
-        saved_world, world = len(ranks) if ranks is not None else 1, self.world_size
-        if saved_world != world and engine["batches_in_epoch"]:
-            raise RecipeError(f"the latest checkpoint was written in the middle of an epoch on {saved_world} "
-                              f"process(es); resume it on {saved_world} (--nproc {saved_world}): the epoch's order "
-                              f"is dealt out by process. A checkpoint at an epoch's end resumes on any number")
-        own = ranks[self.rank] if ranks is not None and saved_world == world else state
+        self._resume_batches = within
+        self._whole_epoch = normal if normal is not None and normal != length else None
 
         def within_epoch() -> None:
-            self.loss.load_state_dict(own["loss"])
-            for name, metric_state in own["train_metrics"].items():
-                if metric_state is not None:
-                    self.train_metrics[name].load_state_dict(metric_state)
-            set_rng_state(own["rng"])
+            for key, value in _rank_share(state, ranks, self.rank, moved).items():
+                if key == "loss":
+                    self.loss.load_state_dict(value)
+                elif key == "rng":
+                    set_rng_state(value)
+                else:
+                    for name, metric_state in value.items():
+                        if metric_state is not None:
+                            self.train_metrics[name].load_state_dict(metric_state)
 
-        self._resume_within_epoch = within_epoch
+        self._resume_within_epoch = within_epoch if engine["batches_in_epoch"] else None
 
     def _epoch_started(self, engine: StepEngine) -> None:
         self._epoch_done = False
@@ -237,6 +283,35 @@ class Fit:
 
     def _epoch_completed(self, engine: StepEngine) -> None:
         self._epoch_done = True
+        if self._whole_epoch is not None:  # the epoch resumed part-way had its own length
+            engine.state.epoch_length, self._whole_epoch = self._whole_epoch, None
+
+
+def _length(loader: Any) -> int | None:
+    try:
+        return len(loader)
+    except TypeError:  # an iterable without a length: the engine keeps the saved epoch length
+        return None
+
+
+def _world_of(loader: Any, world_size: int) -> int:
+    """The processes a train loader's passes are dealt out to (one, for a loader not dealt out by position)."""
+    layout = order_layout(loader)
+    return layout["world"] if layout is not None else world_size
+
+
+def _rank_share(state: Mapping[str, Any], ranks: list[Mapping[str, Any]] | None, rank: int,
+                moved: bool) -> dict[str, Any]:
+    """What this rank restores within an epoch: its own saved RNGs, sums and train metrics; after a
+    change of the number of processes, rank 0 the sum of every saved rank's losses, every rank its
+    namesake's RNGs and train metrics where one was saved (new ranks keep the epoch's seeding)."""
+    saved = list(ranks) if ranks is not None else [{k: state[k] for k in RANK_STATE}]
+    if not moved:
+        return dict(saved[rank] if ranks is not None else saved[0])
+    share: dict[str, Any] = {"loss": LossMonitor.regrouped([s["loss"] for s in saved], rank)}
+    if rank < len(saved):
+        share.update(rng=saved[rank]["rng"], train_metrics=saved[rank]["train_metrics"])
+    return share
 
 
 def build_fit(

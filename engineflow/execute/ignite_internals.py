@@ -1,6 +1,6 @@
 """Every use of Ignite's private API, in one module, checked against the Ignite versions it was read in.
 
-engineflow needs five things Ignite keeps private:
+engineflow needs six things Ignite keeps private:
 
 * ``Engine._fire_event``: overridden, so that :class:`~engineflow.execute.engine.StepEngine` decides how an
   event's handlers run (skipped batches, control exceptions, no debug line formatted per event);
@@ -9,7 +9,10 @@ engineflow needs five things Ignite keeps private:
 * ``Engine._handle_exception``: overridden, so that a failed fit's cleanup handlers do not swallow
   the error (Ignite re-raises only when no ``EXCEPTION_RAISED`` handler exists);
 * ``Engine._allowed_events``: the events an engine fires (Ignite keeps no public list);
-* ``Engine._init_iter``: how Ignite itself starts a resumed epoch after the batches already done.
+* ``Engine._init_iter``: how Ignite itself starts a resumed epoch after the batches already done;
+* ``Engine._is_done``: overridden, so that a run ends after its epochs, not after ``epoch_length *
+  max_epochs`` iterations: a run resumed on another number of processes has had epochs of another
+  length before.
 
 Their layout was read in the Ignite releases of :data:`VERIFIED`; on any other release importing this
 module raises :class:`UntestedIgniteError` instead of running with a layout it may not have.
@@ -81,6 +84,12 @@ class HookedEngine(Engine):
 
     def _handle_exception(self, e: BaseException) -> None:
         self.handle_exception(e)
+
+    @staticmethod
+    def _is_done(state: Any) -> bool:
+        # Ignite's test, less its count of iterations against epoch_length * max_epochs
+        return ((state.max_iters is not None and state.iteration >= state.max_iters)
+                or (state.max_epochs is not None and state.epoch >= state.max_epochs))
 
     def fire(self, event: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
         """Run the handlers of ``event``: Ignite's own method, with its debug line."""

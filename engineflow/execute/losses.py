@@ -91,6 +91,16 @@ class LossMonitor:
     def state_dict(self) -> dict[str, Any]:
         return {"running": self.running, "totals": dict(self.totals), "counts": dict(self.counts), "main": self._main}
 
+    @staticmethod
+    def regrouped(states: list[Mapping[str, Any]], rank: int) -> dict[str, Any]:
+        """The state of ``rank`` when an epoch saved by ``len(states)`` ranks resumes on another number:
+        rank 0 takes the sums of every saved rank's totals and counts, the others zeros for the same
+        losses (so every rank sums the same keys, and the epoch's mean covers every saved batch)."""
+        first = states[0]
+        totals = {k: sum(s["totals"].get(k, 0.0) for s in states) if rank == 0 else 0.0 for k in first["totals"]}
+        counts = {k: sum(s["counts"].get(k, 0) for s in states) if rank == 0 else 0 for k in first["counts"]}
+        return {"running": first["running"], "totals": totals, "counts": counts, "main": first["main"]}
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.running = state["running"]
         if "totals" in state:

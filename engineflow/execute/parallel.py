@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +33,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler, SequentialSampler
 
 from engineflow.errors import RecipeError
+from engineflow.state.shards import position_index, rank_positions, steps
 
 
 @dataclass(frozen=True)
@@ -86,15 +86,13 @@ def train_wrappers(components: Mapping[str, Any]) -> dict[str, Any]:
 
 # loaders ---------------------------------------------------------------------------------------
 class ShardSampler(Sampler[int]):
-    """One rank's share of ``samples`` indices.
+    """One rank's share of ``samples`` indices, for a whole epoch.
 
     ``pad=True`` (train): the epoch's order (a permutation drawn from ``generator`` when
-    ``shuffle``, else ``0..n-1``), from position ``offset`` on, repeated at its start up to a
-    multiple of ``world_size``, every ``world_size``-th index from ``rank``. ``pad=False`` (eval):
-    ``rank, rank + W, ...`` of ``0..n-1``: nothing repeated, nothing dropped.
-
-    ``offset`` (a resume on another number of processes) skips the first ``offset`` positions of the
-    order for the next pass only.
+    ``shuffle``, else ``0..n-1``), repeated at its start up to a multiple of ``world_size``, every
+    ``world_size``-th index from ``rank``. ``pad=False`` (eval): ``rank, rank + W, ...`` of
+    ``0..n-1``: nothing repeated, nothing dropped. A train loader batches it with
+    :class:`ShardBatches`, which can also resume an epoch part-way.
     """
 
     def __init__(self, samples: int, *, rank: int, world_size: int, shuffle: bool, pad: bool,
@@ -102,7 +100,6 @@ class ShardSampler(Sampler[int]):
         self.samples, self.rank, self.world_size = samples, rank, world_size
         self.shuffle, self.pad = shuffle, pad
         self.generator = generator if generator is not None or not shuffle else torch.Generator()
-        self.offset = 0
 
     def order(self) -> list[int]:
         """The epoch's order of every sample, the same on every rank (draws from the generator)."""
@@ -111,18 +108,44 @@ class ShardSampler(Sampler[int]):
         return list(range(self.samples))
 
     def __iter__(self) -> Iterator[int]:
-        order, offset, self.offset = self.order(), self.offset, 0
-        rest = order[offset:]
-        extra = -len(rest) % self.world_size
-        if self.pad and rest and extra:
-            rest += (rest * math.ceil(extra / len(rest)))[:extra]
-        return iter(rest[self.rank::self.world_size])
+        order = self.order()
+        if self.pad:
+            order = [order[position_index(p, self.samples)] for p in range(len(self) * self.world_size)]
+        return iter(order[self.rank::self.world_size])
 
     def __len__(self) -> int:
-        rest = self.samples - self.offset
         if self.pad:
-            return math.ceil(rest / self.world_size)
-        return len(range(self.rank, rest, self.world_size))
+            return -(-self.samples // self.world_size)
+        return len(range(self.rank, self.samples, self.world_size))
+
+
+class ShardBatches(Sampler[list[int]]):
+    """One rank's batches of a train loader: the steps of :mod:`engineflow.state.shards` over the
+    epoch's order of ``sampler`` (a padded :class:`ShardSampler`).
+
+    ``offset`` makes the next pass resume the epoch in progress after that many positions of its
+    order, each remaining position once (a resume on another number of processes); ``pass_offset``
+    is the offset of the pass in progress.
+    """
+
+    def __init__(self, sampler: ShardSampler, batch_size: int, drop_last: bool) -> None:
+        self.sampler, self.batch_size, self.drop_last = sampler, batch_size, drop_last
+        self.offset = self.pass_offset = 0
+
+    def steps(self, offset: int) -> list[tuple[int, int]]:
+        return steps(self.sampler.samples, self.sampler.world_size, self.batch_size, offset=offset,
+                     drop_last=self.drop_last)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        offset, self.offset = self.offset, 0
+        self.pass_offset = offset
+        order, samples = self.sampler.order(), self.sampler.samples
+        rank, world = self.sampler.rank, self.sampler.world_size
+        for step in self.steps(offset):
+            yield [order[position_index(p, samples, offset)] for p in rank_positions(step, rank, world)]
+
+    def __len__(self) -> int:
+        return len(self.steps(self.offset))
 
 
 def shard_loaders(loaders: Mapping[str, Any], world: World, *, train: Iterable[str]) -> dict[str, Any]:
@@ -162,15 +185,56 @@ def shard_loader(loader: Any, world: World, *, pad: bool, name: str = "") -> Any
     generator = sampler.generator if shuffle else None
     shard = ShardSampler(len(loader.dataset), rank=world.rank, world_size=world.size, shuffle=shuffle, pad=pad,
                          generator=generator if generator is not None else loader.generator)
-    options: dict[str, Any] = dict(batch_size=loader.batch_size, num_workers=loader.num_workers,
-                                   collate_fn=loader.collate_fn, pin_memory=loader.pin_memory,
-                                   drop_last=loader.drop_last, timeout=loader.timeout,
+    options: dict[str, Any] = dict(num_workers=loader.num_workers, collate_fn=loader.collate_fn,
+                                   pin_memory=loader.pin_memory, timeout=loader.timeout,
                                    worker_init_fn=loader.worker_init_fn, generator=loader.generator,
                                    persistent_workers=loader.persistent_workers)
     if loader.num_workers > 0:
         options["prefetch_factor"] = loader.prefetch_factor
         options["multiprocessing_context"] = loader.multiprocessing_context
-    return DataLoader(loader.dataset, sampler=shard, **options)
+    if pad:
+        return DataLoader(loader.dataset, batch_sampler=ShardBatches(shard, loader.batch_size, loader.drop_last),
+                          **options)
+    return DataLoader(loader.dataset, sampler=shard, batch_size=loader.batch_size, drop_last=loader.drop_last,
+                      **options)
+
+
+def order_layout(loader: Any) -> dict[str, Any] | None:
+    """How a train loader deals out its epoch's order, for a checkpoint: ``{"kind", "samples",
+    "batch", "world", "offset", "drop_last"}`` (``offset``: where the pass in progress started),
+    or None for a loader engineflow cannot position by sample (a plain DataLoader on one process,
+    a recipe's own DistributedSampler)."""
+    from engineflow.data import TensorLoader
+
+    if isinstance(loader, TensorLoader):
+        return {"kind": "tensor", **loader.layout()}
+    batches = getattr(loader, "batch_sampler", None)
+    if isinstance(loader, DataLoader) and isinstance(batches, ShardBatches):
+        shard = batches.sampler
+        return {"kind": "shard", "samples": shard.samples, "batch": batches.batch_size, "world": shard.world_size,
+                "offset": batches.pass_offset, "drop_last": batches.drop_last}
+    return None
+
+
+def positioned(loader: Any, layout: Mapping[str, Any]) -> Any:
+    """``loader`` able to resume a pass laid out as ``layout``: on one process, a DataLoader that
+    was sharded on several (``kind`` "shard") is sharded again, as the one share of one process,
+    so that its epoch's order is the one the processes drew."""
+    if layout.get("kind") == "shard" and isinstance(loader, DataLoader) \
+            and not isinstance(loader.batch_sampler, ShardBatches):
+        return shard_loader(loader, ONE_PROCESS, pad=True, name="train")
+    return loader
+
+
+def resume_order(loader: Any, offset: int) -> None:
+    """Make the next pass of ``loader`` (one :func:`order_layout` describes) continue the epoch in
+    progress after ``offset`` positions of its order."""
+    from engineflow.data import TensorLoader
+
+    if isinstance(loader, TensorLoader):
+        loader.start_at(offset)
+    else:
+        loader.batch_sampler.offset = offset
 
 
 def train_loader_names(recipe: Any) -> set[str]:
