@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from engineflow.state.shards import steps
+from engineflow.shards import steps
 
 # Odd 64-bit constant (the golden ratio's): spreads seeds far apart, so (seed, epoch) pairs of
 # nearby seeds never share a permutation generator.
@@ -96,7 +96,7 @@ class TensorLoader:
         return len(range(rank, self.samples, world))  # an eval share (a train share is cut in steps)
 
     def _steps(self) -> list[tuple[int, int]] | None:
-        """The steps of a train share or of a resumed pass (see :mod:`engineflow.state.shards`);
+        """The steps of a train share or of a resumed pass (see :mod:`engineflow.shards`);
         None where batches are cut from this loader's rows alone."""
         if self._shard is not None and not self._shard[2]:
             return None
@@ -177,7 +177,7 @@ class TensorLoader:
     def start_at(self, position: int) -> None:
         """Make the next pass continue the epoch in progress after ``position`` positions of its
         order, each later position once (engineflow calls it to resume on another number of
-        processes; see :mod:`engineflow.state.shards`)."""
+        processes; see :mod:`engineflow.shards`)."""
         if not 0 <= position < self.samples:
             raise ValueError(f"TensorLoader.start_at expects a position in [0, {self.samples}), got {position}")
         self._batch, self._offset, self._resume = 0, position, True

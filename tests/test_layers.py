@@ -13,8 +13,8 @@ import pytest
 import engineflow
 
 PACKAGE = Path(engineflow.__file__).parent
-# Bottom first. The top-level modules (errors, naming, files, runtime, and the public metrics and
-# data modules) are the base every layer may use.
+# Bottom first. The top-level modules (errors, naming, files, runtime, shards, and the public metrics
+# and data modules) are the base every layer may use.
 LAYERS = ("declare", "state", "execute", "record", "app")
 
 
@@ -59,7 +59,7 @@ def imports_of(module: str) -> set[str]:
 def test_every_module_belongs_to_a_layer_folder_or_the_base():
     base = sorted(m for m in modules() if layer_of(m) == -1 and m != "engineflow")
     assert base == ["engineflow.__main__", "engineflow.data", "engineflow.errors", "engineflow.files",
-                    "engineflow.metrics", "engineflow.naming", "engineflow.runtime"]
+                    "engineflow.metrics", "engineflow.naming", "engineflow.runtime", "engineflow.shards"]
 
 
 @pytest.mark.parametrize("module", [m for m in modules() if m not in ("engineflow", "engineflow.__main__")])

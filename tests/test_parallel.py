@@ -25,7 +25,7 @@ from engineflow.execute.parallel import (
     shard_loader,
     sum_over_ranks,
 )
-from engineflow.state.shards import consumed, position_index, rank_positions, steps
+from engineflow.shards import consumed, position_index, rank_positions, steps
 from tests.conftest import REPO, run_engineflow
 
 DIGITS = REPO / "recipes" / "digits.py"
@@ -275,7 +275,7 @@ def test_a_killed_launcher_leaves_no_worker(tmp_path):
 # exact resume ------------------------------------------------------------------------------------
 # 50 samples, batch 4, 2 ranks: 25 samples a rank, 7 batches an epoch (the last of 1 sample).
 # Dropout draws from each rank's own RNG; the rank given by KILL_RANK SIGKILLs itself once at
-# iteration KILL_AT.
+# iteration KILL_AT (with CTRL_C set, it sends the launcher a SIGINT instead).
 RESUMABLE = '''
 import os, signal
 import torch
@@ -299,7 +299,9 @@ def train(batch, model, optimizer, state, run):
     if (state.iteration == int(os.environ.get("KILL_AT", "0")) and run.rank == int(os.environ["KILL_RANK"])
             and not os.path.exists(os.environ["KILL_MARKER"])):
         open(os.environ["KILL_MARKER"], "w").close()
-        os.kill(os.getpid(), signal.SIGKILL)
+        # SIGKILL this process; or Ctrl-C as a terminal sends it: to the launcher (this process's parent)
+        os.kill(os.getppid() if os.environ.get("CTRL_C") else os.getpid(),
+                signal.SIGINT if os.environ.get("CTRL_C") else signal.SIGKILL)
     x, y = batch
     loss = F.cross_entropy(model(x), y)
     optimizer.zero_grad()
@@ -314,8 +316,10 @@ def evaluate(batch, model):
 '''
 
 
-def _two_process_run(tmp_path: Path, name: str, kill_at: int | None, kill_rank: int = 1) -> tuple[dict, dict]:
-    """A 2-process run (killed at ``kill_at``, then resumed); its final weights and record."""
+def _two_process_run(tmp_path: Path, name: str, kill_at: int | None, kill_rank: int = 1,
+                     ctrl_c: bool = False) -> tuple[dict, dict]:
+    """A 2-process run (killed at ``kill_at``, or interrupted by Ctrl-C, then resumed); its final
+    weights and record."""
     from tests.test_resume import engineflow, final_state
 
     folder = tmp_path / name
@@ -323,12 +327,17 @@ def _two_process_run(tmp_path: Path, name: str, kill_at: int | None, kill_rank: 
     recipe = folder / "resumable.py"
     recipe.write_text(RESUMABLE)
     runs = folder / "runs"
-    env = {"KILL_AT": str(kill_at or 0), "KILL_RANK": str(kill_rank), "KILL_MARKER": str(folder / "killed")}
+    env = {"KILL_AT": str(kill_at or 0), "KILL_RANK": str(kill_rank), "KILL_MARKER": str(folder / "killed"),
+           "CTRL_C": "1" if ctrl_c else ""}
     args = ["run", str(recipe), "--nproc", "2", "--runs-dir", str(runs), "--checkpoint-every", "3"]
     first = engineflow(*args, env=env, cwd=folder)
-    if kill_at is not None:
+    if ctrl_c:  # every rank stops at the next agreed point with a checkpoint; the run is interrupted
+        assert first.returncode == 130, first.stdout + first.stderr
+        assert _show(runs)["status"] == "interrupted"
+    elif kill_at is not None:
         assert first.returncode == 1, first.stdout + first.stderr
         assert _show(runs)["error"].startswith(f"rank {kill_rank} ")
+    if kill_at is not None:
         resumed = engineflow(*args, "--resume", "last", env=env, cwd=folder)
         assert resumed.returncode == 0, resumed.stdout + resumed.stderr
         assert "from checkpoint" in resumed.stdout
@@ -340,12 +349,13 @@ def _two_process_run(tmp_path: Path, name: str, kill_at: int | None, kill_rank: 
 @pytest.mark.slow
 def test_two_processes_killed_and_resumed_end_bit_identical(tmp_path):
     unbroken, record = _two_process_run(tmp_path, "unbroken", None)
-    # mid-epoch (iteration 11: epoch 2, batch 4; checkpoints at 3, 6, 9), and rank 0 itself killed
-    # mid-epoch (17); an epoch's last batch resumes from an epoch-end checkpoint, as on one process
+    # mid-epoch (iteration 11: epoch 2, batch 4; checkpoints at 3, 6, 9), rank 0 itself killed
+    # mid-epoch (17), and Ctrl-C to the launcher at 5 (the ranks agree to stop at iteration 8,
+    # mid-epoch 2); an epoch's last batch resumes from an epoch-end checkpoint, as on one process
     from tests.test_resume import divergences
 
-    for name, kill_at, rank in (("mid", 11, 1), ("rank0", 17, 0)):
-        weights, resumed = _two_process_run(tmp_path, name, kill_at, rank)
+    for name, kill_at, rank, ctrl_c in (("mid", 11, 1, False), ("rank0", 17, 0, False), ("ctrl-c", 5, 1, True)):
+        weights, resumed = _two_process_run(tmp_path, name, kill_at, rank, ctrl_c)
         assert divergences(weights, unbroken) == [], name
         # train/loss of the resumed epoch sums each rank's restored totals: the same float
         assert resumed["metrics"] == record["metrics"], name

@@ -38,10 +38,12 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import timedelta
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from engineflow.errors import EXIT_INTERRUPTED, EXIT_TRAINING_FAILED, EngineflowError, RecipeError
-from engineflow.execute.parallel import World, current_world
+
+if TYPE_CHECKING:
+    from engineflow.execute.parallel import World
 
 FOLDER_ENV = "ENGINEFLOW_LAUNCH_DIR"
 TIMEOUT_ENV = "ENGINEFLOW_DIST_TIMEOUT_S"
@@ -79,6 +81,8 @@ def rank_of_this_process() -> int:
 def process_group(device: str) -> Iterator[World]:
     """The world this process trains in: ``ignite.distributed`` initialised from the environment
     ``torchrun`` (or the launcher) set, and finalised at the end; one process: nothing to do."""
+    from engineflow.execute.parallel import World, current_world
+
     if not distributed_env():
         yield World()
         return

@@ -44,10 +44,10 @@ from engineflow.execute.parallel import (
 from engineflow.execute.stage import Progress, StageInfo
 from engineflow.execute.wiring import eval_loaders_of, loaders_of, main_metric, resolve_steps
 from engineflow.metrics import attach_metrics, check_metric_takes
+from engineflow.shards import consumed
 from engineflow.state.components import component_states, load_component_states
 from engineflow.state.position import EpochData
 from engineflow.state.rng import rng_state, set_rng_state
-from engineflow.state.shards import consumed
 
 # what each rank of a data-parallel fit keeps for itself (``state_dict()["ranks"]``)
 RANK_STATE = ("rng", "loss", "train_metrics")
@@ -204,7 +204,7 @@ class Fit:
 
         Saved in the middle of an epoch on another number of processes, the epoch continues after
         the positions of its order the processes had trained on, each later one once (see
-        :mod:`engineflow.state.shards`); this needs a train loader engineflow deals out itself
+        :mod:`engineflow.shards`); this needs a train loader engineflow deals out itself
         (a ``DataLoader`` it sharded, a ``TensorLoader``).
         """
         engine = state["engine"]

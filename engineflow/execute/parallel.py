@@ -33,7 +33,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler, SequentialSampler
 
 from engineflow.errors import RecipeError
-from engineflow.state.shards import position_index, rank_positions, steps
+from engineflow.shards import position_index, rank_positions, steps
 
 
 @dataclass(frozen=True)
@@ -120,7 +120,7 @@ class ShardSampler(Sampler[int]):
 
 
 class ShardBatches(Sampler[list[int]]):
-    """One rank's batches of a train loader: the steps of :mod:`engineflow.state.shards` over the
+    """One rank's batches of a train loader: the steps of :mod:`engineflow.shards` over the
     epoch's order of ``sampler`` (a padded :class:`ShardSampler`).
 
     ``offset`` makes the next pass resume the epoch in progress after that many positions of its

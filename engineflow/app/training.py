@@ -1,0 +1,366 @@
+"""A run in this process, one of a world of processes: plan it, build it, train it, record it.
+
+:func:`run_in_world` is :func:`engineflow.app.runner.run` once the processes exist: rank 0 plans a
+recorded session (:mod:`engineflow.app.session`), builds the recipe
+(:func:`engineflow.execute.build.build_pipeline`), records the run once it can start, trains with
+the reporter, the recorder and the checkpointer attached, and marks how it ended; the other ranks
+follow its plan. What the run folder holds is described in :mod:`engineflow.record.recorder`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+from engineflow.app.interrupts import Interrupts
+from engineflow.app.launch import note_run
+from engineflow.app.report import Reporter, format_duration, format_metrics, format_value, plural
+from engineflow.app.runner import RunResult
+from engineflow.app.session import Session, find_resumable, new_session, resume_session
+from engineflow.declare.handlers import HandlerSpec
+from engineflow.declare.recipe import Recipe, load_recipe
+from engineflow.errors import RecipeError
+from engineflow.execute.build import build_pipeline, resolve_config
+from engineflow.execute.fit import Fit
+from engineflow.execute.parallel import ONE_PROCESS, World, max_over_ranks, share_json
+from engineflow.execute.pipeline import Pipeline
+from engineflow.naming import option
+from engineflow.record.mirror import mirror_for
+from engineflow.record.runs import resolve_runs_dir
+from engineflow.runtime import using_run
+from engineflow.state.checkpoint_files import load_state, verify
+from engineflow.state.checkpointer import Checkpointer, every_iterations_policy, policy_of
+
+
+def run_in_world(recipe: str | Path, overrides: Mapping[str, Any] | None, world: World, *, check: bool, device: str,
+         seed: int | None, runs_dir: str | Path | None, progress: bool | None, stream: IO[str] | None, force: bool,
+         retrain: bool, resume: str | None, ignore_changes: bool, checkpoint_every: int | None, stage: str | None,
+         from_run: str | None, mlflow: str | bool | None) -> RunResult:
+    """:func:`run` in this process, one of ``world``: rank 0 plans the run (new or resumed) and
+    shares the plan; every rank trains; rank 0 alone records and prints."""
+    from engineflow.record.store import RunStore
+
+    if resume is not None and (force or retrain):
+        given = option("force") if force else option("retrain")
+        raise RecipeError(f"{option('resume', resume)} continues a recorded run; {given} is for starting a new one. "
+                          "Drop one of them")
+    loaded = load_recipe(recipe)
+    cfg, seed_used = resolve_config(loaded, overrides, seed)  # a bad override is reported before anything else
+    if resume is not None and stage is not None:
+        raise RecipeError(f"{option('resume', resume)} continues a recorded run; {option('stage', stage)} starts a "
+                          "new run of one stage. Drop one of them")
+    if world.rank > 0:
+        return _follow(loaded, world, share_json(None, world), stream=stream, runs_dir=runs_dir,
+                       checkpoint_every=checkpoint_every, device=device)
+    with RunStore.open(resolve_runs_dir(runs_dir)) as store, _sharing_plan(world) as share:
+        origin = stage_origin(loaded, store, stage, from_run)
+        start: Session | None = None
+        note = None
+        if resume is not None:
+            record = find_resumable(loaded, store, resume, cfg, seed=seed_used, check=check)
+            if record is None:
+                note = f"no run of {loaded.name} to resume: starting a new one"
+            else:
+                start = resume_session(loaded, store, record, overrides, seed=seed, check=check or None,
+                                       ignore_changes=ignore_changes, device=device)
+                if start is None:
+                    share({"completed": record["id"]})
+                    return _completed_result(record, stream)
+                started = record.get("start")
+                if started:  # a run of one stage: it starts from the same state again
+                    origin = stage_origin(loaded, store, started["stage"], started.get("from"))
+        if start is None:
+            start = new_session(loaded, store, cfg, seed=seed_used, check=check, device=device, force=force,
+                                retrain=retrain, start=None if origin is None else
+                                {"stage": origin["stage"], "from": origin["from"]})
+        start = _placed(start, world)
+        share(_plan_of(start, origin))
+        return _train(loaded, start, stream=stream, progress=progress, checkpoint_every=checkpoint_every, note=note,
+                      origin=origin, mlflow=mlflow, world=world)
+
+
+@contextlib.contextmanager
+def _sharing_plan(world: World) -> Iterator[Callable[[Any], None]]:
+    """Rank 0 shares the plan of the run with the other ranks exactly once: the plan, or the error
+    that stopped it (every other rank raises it too, so none waits for a plan that never comes)."""
+    shared = False
+
+    def share(plan: Any) -> None:
+        nonlocal shared
+        shared = True
+        share_json(plan, world)
+
+    try:
+        yield share
+    except BaseException as err:
+        if not shared and world.distributed:
+            share_json({"error": f"{err}", "exit_code": getattr(err, "exit_code", 1)}, world)
+        raise
+
+
+def _placed(start: Session, world: World) -> Session:
+    """The session with this process's rank and world in its context and record."""
+    if not start.resumed:
+        start.recorder.record.update(world_size=world.size, backend=world.backend)
+    if not world.distributed:
+        return start
+    import ignite.distributed as idist
+
+    device = idist.device() if start.context.device.type == "cuda" else start.context.device
+    context = dataclasses.replace(start.context, rank=world.rank, world_size=world.size, device=device)
+    return dataclasses.replace(start, context=context)
+
+
+def _plan_of(start: Session, origin: Mapping[str, Any] | None) -> dict[str, Any]:
+    context = start.context
+    return {"run_id": context.run_id, "experiment": context.experiment, "run_dir": str(context.run_dir),
+            "seed": context.seed, "check": context.check, "config": start.cfg.to_dict(), "epochs": start.epochs,
+            "stage_epochs": list(start.stage_epochs), "resumed": start.resumed,
+            "origin": None if origin is None else {"stage": origin["stage"], "from": origin["from"]}}
+
+
+def _follow(loaded: Recipe, world: World, plan: Mapping[str, Any], *, stream: IO[str] | None,
+            runs_dir: str | Path | None, checkpoint_every: int | None, device: str) -> RunResult:
+    """A rank other than 0: train the run rank 0 planned, recording and printing nothing."""
+    import ignite.distributed as idist
+
+    from engineflow.declare.configuration import flatten
+    from engineflow.errors import EngineflowError
+    from engineflow.record.store import RunStore
+    from engineflow.runtime import RunContext, resolve_device
+
+    if "error" in plan:
+        error = EngineflowError(f"rank 0: {plan['error']}")
+        error.exit_code = plan["exit_code"]
+        raise error
+    if "completed" in plan:
+        return RunResult(plan["completed"], loaded.name, "completed", Path("."), {}, 0, "cpu")
+    where = resolve_device(device)
+    context = RunContext(plan["run_id"], plan["experiment"], Path(plan["run_dir"]),
+                         idist.device() if where.type == "cuda" else where, plan["seed"], plan["check"],
+                         rank=world.rank, world_size=world.size, runs_dir=resolve_runs_dir(runs_dir))
+    cfg = loaded.config.override(flatten(plan["config"]))
+    start = Session(context, None, cfg, plan["epochs"], tuple(plan["stage_epochs"]),  # type: ignore[arg-type]
+                    resumed=plan["resumed"])
+    origin = None
+    if plan["origin"] is not None:
+        with RunStore.open(resolve_runs_dir(runs_dir)) as store:
+            origin = stage_origin(loaded, store, plan["origin"]["stage"], plan["origin"]["from"])
+    return _train(loaded, start, stream=stream, progress=False, checkpoint_every=checkpoint_every, origin=origin,
+                  world=world)
+
+
+def stage_origin(recipe: Recipe, store: Any, stage: str | None, from_run: str | None) -> dict[str, Any] | None:
+    """``--stage NAME --from RUN``: the stage to run alone and the state it starts from (the state
+    RUN's last train stage before it ended with: ``checkpoints/stages/<that stage>.pt``), or None.
+
+    Raises:
+        RecipeError: no such stage; ``--from`` missing where an earlier stage trained, or given for a
+            stage that starts from setup(); that run never finished the stage before.
+    """
+    if stage is None:
+        if from_run is not None:
+            raise RecipeError(f"{option('from', from_run)} names the run whose state a stage starts from; give the "
+                              f"stage too, e.g. {option('stage', 'finetune')}")
+        return None
+    names = [s.name for s in recipe.stages]
+    if not names:
+        raise RecipeError(f"{recipe.path} declares no stages, so {option('stage', stage)} has nothing to pick; "
+                          "run it without it")
+    if stage not in names:
+        raise RecipeError(f"{recipe.path} has no stage {stage!r}; its stages are {', '.join(names)}")
+    index = names.index(stage)
+    trained = [s.name for s in recipe.stages[:index] if s.kind == "train"]
+    if not trained:
+        if from_run is not None:
+            raise RecipeError(f"stage {stage!r} starts from what setup() builds, before any stage trains; drop "
+                              f"{option('from', from_run)}")
+        return {"stage": stage, "from": None, "state": None}
+    if from_run is None:
+        raise RecipeError(f"stage {stage!r} starts from the state stage {trained[-1]!r} ended with; name the run to "
+                          f"take it from with {option('from', 'RUN')} (an id, or last)")
+    record = store.resolve(from_run, recipe.name)
+    path = Path(record["run_dir"]) / "checkpoints" / "stages" / f"{trained[-1]}.pt"
+    problem = verify(path) if path.is_file() else "it has no such file"
+    if problem is not None:
+        raise RecipeError(f"run {record['id']} has no state from the end of stage {trained[-1]!r} ({path}: {problem}); "
+                          f"pick a run that finished that stage")
+    return {"stage": stage, "from": record["id"], "state": load_state(path)}
+
+
+def _train(loaded: Recipe, start: Session, *, stream: IO[str] | None, progress: bool | None,
+           checkpoint_every: int | None, note: str | None = None, origin: Mapping[str, Any] | None = None,
+           mlflow: str | bool | None = None, world: World = ONE_PROCESS) -> RunResult:
+    """Build and check the recipe, then record the run and train it.
+
+    Nothing is recorded until the engines are built and the eval step's outputs fit its metrics: a
+    recipe that cannot start (a bad setup(), a missing component, a metric that cannot read the eval
+    output) leaves no run behind. A new run's folder exists during setup() (``run.run_dir``) and is
+    removed again when the run does not start. On several processes only rank 0 records, prints and
+    writes checkpoints (``start.recorder`` is None on the others).
+    """
+    context, recorder = start.context, start.recorder
+    leader = recorder is not None
+    policy = policy_of(loaded)
+    if checkpoint_every is not None:
+        policy = every_iterations_policy(policy, checkpoint_every)
+    if leader:
+        recorder.best_in_checkpoints = policy.keep_best > 0
+        reporter = Reporter(stream, progress=progress, log_path=context.run_dir / "log.txt")
+        recorder.mirror = mirror_for(mlflow, loaded, recorder.record, reporter.line)  # None: no MLflow mirror
+    else:
+        reporter = Reporter(open(os.devnull, "w"), progress=False)
+    checkpointer = Checkpointer(context.run_dir / "checkpoints" / "state", policy, context.run_id, reporter.line,
+                                writes=leader, agree=max_over_ranks if world.distributed else None)
+    # every rank takes part in each checkpoint (its own RNGs and sums are in it); rank 0 writes it
+    extras = (reporter.handlers, recorder.handlers, checkpointer.handlers) if leader else (checkpointer.handlers,)
+    listeners = (reporter, recorder, checkpointer) if leader else (checkpointer,)
+
+    with using_run(context.run_id):
+        pipeline = _prepare(loaded, start, extras=extras, listeners=listeners, origin=origin)
+        # a checkpoint that does not fit (other stages, another number of processes mid-epoch) is refused
+        # here, before the run's record says it resumed
+        found = _continue_from(pipeline, checkpointer, world) if start.resumed else None
+        if leader:
+            start.begin()
+            if start.resumed and (recorder.record.get("world_size") or 1) != world.size:
+                recorder.update(world_size=world.size, backend=world.backend)  # resumed on another number
+            if world.distributed:
+                note_run(context.run_id)
+        if note is not None:
+            reporter.line(note)
+        verb = "resuming" if start.resumed else "run"
+        stages = f" in {plural(len(loaded.stages), 'stage')}" if loaded.stages else ""
+        if origin is not None:
+            stages = f" of stage {origin['stage']}" + (f" from run {origin['from']}" if origin.get("from") else "")
+        where = f"{context.device}" + (f", {world.size} processes ({world.backend})" if world.distributed else "")
+        reporter.line(f"{verb} {context.run_id} ({loaded.name}) on {where}, seed {context.seed}, "
+                      f"{plural(start.epochs, 'epoch')}{stages}" + (" [check]" if context.check else ""))
+        result = RunResult(context.run_id, loaded.name, "running", context.run_dir, start.cfg.to_dict(),
+                           context.seed, str(context.device))
+        started = time.monotonic()
+        try:
+            with reporter, Interrupts() as interrupts:
+                interrupts.target = checkpointer
+                _fit(pipeline, found, start, reporter, only=origin is not None)
+            result.status = "completed"
+        except KeyboardInterrupt:
+            result.status = "interrupted"
+            raise
+        except BaseException as err:
+            result.status, result.error = "failed", f"{type(err).__name__}: {err}"
+            raise
+        finally:
+            trained = pipeline.epochs_run()
+            result.duration_s = time.monotonic() - started
+            result.history = pipeline.history()
+            result.epochs = pipeline.epochs_completed()
+            result.metrics = {**({"epoch": result.history[-1]["epoch"]} if result.history else {}),
+                              **pipeline.metrics()}
+            result.best = pipeline.best()
+            if leader:
+                recorder.finish(result.status, error=result.error, final=result.metrics, fit=pipeline.last_fit,
+                                best_checkpoint=checkpointer.best_file(), best=result.best)
+        if leader:
+            start.completed()
+    _summarise(reporter, result, trained)
+    return result
+
+
+def _prepare(loaded: Recipe, start: Session, *, extras: tuple[Callable[[Fit], Iterable[HandlerSpec]], ...],
+             listeners: tuple[Any, ...], origin: Mapping[str, Any] | None) -> Pipeline:
+    """The built and checked pipeline of a session that is about to start; nothing recorded yet.
+
+    ``origin`` (``--stage``): the stage to run alone, and the state to start it from.
+    """
+    context = start.context
+    made_run_dir = not start.resumed and not context.run_dir.exists() and context.rank == 0
+    made_experiment_dir = made_run_dir and not context.run_dir.parent.exists()
+    if made_run_dir:
+        context.run_dir.mkdir(parents=True)
+    try:
+        pipeline, _, _ = build_pipeline(loaded, start.cfg, seed=context.seed, check=context.check, context=context,
+                                        extras=extras, listeners=listeners, epochs=list(start.stage_epochs))
+        if origin is not None:
+            index = pipeline.stage_index(origin["stage"])
+            if origin.get("state") is not None:
+                pipeline.start_from(index, origin["state"], origin["from"])
+            elif index:
+                pipeline.enter(index)
+        if pipeline.fit is not None:
+            pipeline.fit.check_eval_outputs()
+    except BaseException:
+        if made_run_dir:
+            shutil.rmtree(context.run_dir, ignore_errors=True)
+        if made_experiment_dir:
+            with contextlib.suppress(OSError):  # another run of the experiment may have started in it meanwhile
+                context.run_dir.parent.rmdir()
+        raise
+    return pipeline
+
+
+def _continue_from(pipeline: Pipeline, checkpointer: Checkpointer,
+                   world: World) -> tuple[Path, dict[str, Any]] | None:
+    """Load a resumed run's latest valid checkpoint into the pipeline and the checkpointer; None when
+    it has none. On several processes rank 0 picks the file and every rank reads that one (collective):
+    the runs folder must be on a filesystem every node shares."""
+    found = checkpointer.latest() if world.rank == 0 else None
+    name = share_json(found[0].name if found is not None else None, world)
+    if name is None:
+        return None
+    if found is None:
+        path = checkpointer.folder / name
+        problem = verify(path) if path.is_file() else "no such file"
+        if problem is not None:
+            raise RecipeError(f"rank {world.rank} cannot read the checkpoint rank 0 resumes from ({path}: {problem}); "
+                              "resuming on several machines needs the runs folder on a filesystem they all share")
+        found = path, load_state(path)
+    checkpointer.load_state_dict(found[1])
+    pipeline.load_state_dict(found[1])
+    return found
+
+
+def _fit(pipeline: Pipeline, found: tuple[Path, dict[str, Any]] | None, start: Session, reporter: Reporter, *,
+         only: bool) -> None:
+    """Run the stages from the start, or from the checkpoint a resumed run loaded (:func:`_continue_from`)."""
+    if found is None:
+        if start.resumed:
+            reporter.line("no valid checkpoint: training from the first epoch")
+        pipeline.run(only=only)
+        return
+    path, state = found
+    engine, where = state["engine"], state.get("stage") or {}
+    epochs_done, batches = engine["epochs_completed"], engine["batches_in_epoch"]
+    stage = f"stage {where['name']}, " if pipeline.staged else ""
+    if where.get("finished"):
+        reporter.line(f"from checkpoint {path.name}: stage {where['name']} had ended")
+    else:
+        reporter.line(f"from checkpoint {path.name}: {stage}epoch {epochs_done + 1}, batch {batches + 1} "
+                      f"of {engine['epoch_length']}")
+    if start.recorder is not None:
+        start.recorder.resumed_from(path, engine["iteration"], where.get("epochs_before", 0) + epochs_done)
+    pipeline.run(only=only)
+
+
+def _summarise(reporter: Reporter, result: RunResult, trained: int) -> None:
+    best = result.best
+    reporter.line(f"completed {plural(trained, 'epoch')} in {format_duration(result.duration_s)}")
+    if best.get("epoch") is not None:
+        reporter.line(f"best epoch {best['epoch']}: {best['metric']} = {format_value(best['value'])} ({best['mode']})")
+    if result.metrics:
+        reporter.line(f"last epoch: {format_metrics(result.metrics)}")
+    reporter.line(f"outputs: {result.run_dir}")
+
+
+def _completed_result(record: dict[str, Any], stream: IO[str] | None) -> RunResult:
+    reporter = Reporter(stream, progress=False)
+    reporter.line(f"run {record['id']} already completed; nothing to resume")
+    return RunResult(record["id"], record["experiment"], "completed", Path(record["run_dir"]), record["config"],
+                     record["seed"], (record.get("env") or {}).get("device", "cpu"), record.get("epochs", 0),
+                     record.get("history", []), record.get("metrics", {}), record.get("best", {}))
