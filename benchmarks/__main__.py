@@ -19,6 +19,7 @@ FAMILIES = {
     "overhead": "benchmarks.overhead",
     "compute": "benchmarks.compute",
     "paired": "benchmarks.paired",
+    "ddp": "benchmarks.ddp",
     "end_to_end": "benchmarks.end_to_end",
     "startup": "benchmarks.startup",
     "checkpoint": "benchmarks.checkpoint",

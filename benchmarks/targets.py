@@ -93,6 +93,9 @@ TARGETS: list[tuple[str, Callable[[Summaries], float | None], float]] = [
                                            _detail("paired", "handlers", "engineflow_us")), 1.0499),
     ("paired in one process: 20 handlers not due / 0 handlers < 1.05 (inside that training, ±3% per round)",
      _detail("paired", "handlers", "engineflow+20_ratio"), 1.0499),
+    # Two processes (gloo), each rank alternating the loops by epoch: rank 0's CPU time per iteration.
+    ("ddp, 2 processes (gloo), compute-bound: engineflow fit / hand-written DDP loop <= 1.05 (paired)",
+     _detail("ddp", "mlp", "engineflow_ratio"), 1.05),
     ("startup: engineflow --help < 0.5 s", _plain("startup", "help"), 0.4999),
     ("startup: engineflow runs list < 0.5 s", _plain("startup", "runs_list"), 0.4999),
     ("startup: import engineflow - import ignite.engine <= 0.1 s",

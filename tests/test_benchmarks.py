@@ -50,9 +50,10 @@ def assert_positive_cases(family: dict[str, Any], names: set[str]) -> None:
 
 # Each case is a fresh process (~4 s of imports here); one run of every family with the cases that
 # cover each family's code paths (engineflow's loop, TensorLoader, the recipe runner, handlers and
-# dispatch, a full-state checkpoint, the command's start-up, the GPU loop) is what the checks below read.
+# dispatch, two ranks of a data-parallel fit, a full-state checkpoint, the command's start-up, the GPU
+# loop) is what the checks below read.
 QUICK_CASES = ("raw,engineflow,engineflow_tensor,engineflow_recipe,handlers,dispatch,full_state,help,import_engineflow,"
-               "engineflow_resident")
+               "engineflow_resident,mlp")
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +80,11 @@ def test_quick_run_writes_results(quick_results: dict[str, Any]) -> None:
     by_name = {t["target"]: t for t in results["targets"]}
     share = next(t for name, t in by_name.items() if "dispatch cost" in name)
     assert share["value"] == 1 + dispatch["engineflow+20_extra_us"] / paired["engineflow_us"]
+    # Two ranks: rank 0 reports its loops' per-block ratios, and rank 1's
+    assert_positive_cases(results["families"]["ddp"], {"mlp"})
+    ddp = results["families"]["ddp"]["cases"]["mlp"]["details_median"]
+    assert ddp["engineflow_ratio"] > 0 and ddp["engineflow_rank1_ratio"] > 0 and ddp["ignite_wall_ratio"] > 0
+    assert next(t for name, t in by_name.items() if name.startswith("ddp"))["value"] == ddp["engineflow_ratio"]
     assert results["families"]["overhead"]["cases"]["raw"]["ratio"] == 1.0
     assert results["families"]["overhead"]["unit"] == "us/iteration"
     assert {t["target"] for t in results["targets"]} and all("met" in t for t in results["targets"])
@@ -92,8 +98,8 @@ def test_every_family_runs(quick_results: dict[str, Any]) -> None:
         assert family["cases"] or family["skipped"], name
         for case in family["cases"].values():
             assert case["median"] > 0
-    assert set(results["families"]) == {"overhead", "compute", "paired", "end_to_end", "startup", "checkpoint",
-                                        "gpu"}
+    assert set(results["families"]) == {"overhead", "compute", "paired", "ddp", "end_to_end", "startup",
+                                        "checkpoint", "gpu"}
     assert {"raw", "engineflow", "engineflow_recipe", "engineflow_tensor"} <= set(
         results["families"]["overhead"]["cases"])
 
