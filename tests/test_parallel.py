@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -368,11 +369,13 @@ def test_a_pipeline_on_two_processes_runs_every_stage_and_predicts_every_sample(
     from tests.test_pipeline import RECIPE as PIPELINE
 
     (tmp_path / "pipe.py").write_text(PIPELINE)
-    proc = run_engineflow("run", str(tmp_path / "pipe.py"), "--runs-dir", str(tmp_path / "runs"), "--device", "cpu",
-                          "--nproc", "2", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
+    # from Python this time: ef.run(nproc=2) launches the processes as the command does
+    output = io.StringIO()
+    result = ef.run(tmp_path / "pipe.py", runs_dir=tmp_path / "runs", device="cpu", nproc=2, stream=output)
+    assert result.status == "completed" and result.run_dir.is_dir()
+    assert "2 processes (gloo)" in output.getvalue()
     shown = _show(tmp_path / "runs")
-    assert shown["world_size"] == 2
+    assert shown["world_size"] == 2 and shown["id"] == result.run_id
     assert [(s["name"], s["status"]) for s in shown["stages"]] == [
         ("warmup", "completed"), ("frozen", "completed"), ("finetune", "completed"), ("test", "completed"),
         ("predict", "completed")]
