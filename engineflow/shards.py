@@ -12,7 +12,7 @@ all-reduces gradients.
   covers positions ``p..samples-1``, each once: ``batch * world`` a step, and when the last step
   would leave a rank with nothing (fewer than ``world`` positions left), the step before it shares
   its positions with it. Only when there is no step before it, or ``batch`` is 1, does that last
-  step repeat positions.
+  step repeat positions. ``drop_last`` drops a short last step, unless it is the pass's only one.
 
 A resume on the same number of processes does not use any of this: it re-runs the epoch's pass
 and skips the steps already done, which is bit-identical to never stopping.
@@ -39,7 +39,7 @@ def steps(samples: int, world: int, batch: int, *, offset: int = 0, drop_last: b
         return [(j * full, min((j + 1) * full, per_rank * world)) for j in range(count)]
     count, left = divmod(samples - offset, full)
     bounds = [(offset + j * full, offset + (j + 1) * full) for j in range(count)]
-    if drop_last or left == 0:
+    if left == 0 or (drop_last and count):  # drop_last, with nothing but a short step left: train it
         return bounds
     if left >= world:
         return [*bounds, (offset + count * full, samples)]

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, TensorDataset
 
 from engineflow.data import TensorLoader
+from engineflow.errors import RecipeError
 from engineflow.execute.losses import LossMonitor
 from engineflow.execute.parallel import (
     ShardBatches,
@@ -129,6 +130,130 @@ def test_an_epoch_left_on_two_processes_is_finished_on_three_each_sample_once():
         rest += [b[0] for b in loader]
         assert order_layout(loader)["offset"] == 12
     assert sorted(torch.cat(taken + rest).tolist()) == list(range(23))
+
+
+# A fit as rank 0 of a world, in process (no collectives: only rank 0's share trains). Its train
+# loader holds sample ids; `steps` lists (epoch, ids) of every step trained.
+IDS_RECIPE = """
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+import engineflow as ef
+
+config = ef.config(epochs=3, lr=0.1, seed=0, kind="tensor", batch=4, drop_last=False)
+
+def setup(cfg):
+    gen = torch.Generator().manual_seed(1)
+    x, y, ids = torch.randn(50, 6, generator=gen), torch.randint(0, 3, (50,), generator=gen), torch.arange(50)
+    if cfg.kind == "tensor":
+        train = ef.data.TensorLoader(x, y, ids, batch_size=cfg.batch, shuffle=True, drop_last=cfg.drop_last)
+    else:
+        train = DataLoader(TensorDataset(x, y, ids), batch_size=cfg.batch, shuffle=True, drop_last=cfg.drop_last)
+    model = torch.nn.Linear(6, 3)
+    return dict(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=cfg.lr), loaders={"train": train})
+
+@ef.train_step
+def train(batch, model, optimizer):
+    x, y, _ = batch
+    loss = F.cross_entropy(model(x), y)
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return {"loss": loss}
+"""
+
+
+def _rank_fit(tmp_path: Path, world: int, rank: int = 0, **overrides):
+    from ignite.engine import Events
+
+    import engineflow as ef
+
+    recipe = tmp_path / "ids.py"
+    recipe.write_text(IDS_RECIPE)
+    fit, _, _ = ef.build(recipe, overrides)
+    if world > 1:
+        fit.loaders["train"] = shard_loader(fit.loaders["train"], World(rank, world), pad=True)
+        fit.world_size = world
+    fit.steps = []
+    fit.train.add_event_handler(Events.ITERATION_COMPLETED,
+                                lambda e: fit.steps.append((e.state.epoch, e.state.batch[2].tolist())))
+    return fit
+
+
+def _saved_at(fit, iteration: int, *, stop: bool = True) -> dict:
+    """Run ``fit`` to ``iteration``; its state_dict there, as the checkpointer takes it (at an epoch's
+    last batch: once the epoch completed). ``stop``: the run ends there, else it goes on."""
+    import copy
+
+    from ignite.engine import Events
+
+    saved = {}
+
+    def grab(engine, last: bool):
+        state = engine.state
+        if state.iteration == iteration and "state" not in saved and (last or fit.position()["batches_in_epoch"]
+                                                                         < state.epoch_length):
+            saved["state"] = copy.deepcopy(fit.state_dict())
+            if stop:
+                engine.terminate()
+
+    fit.train.add_event_handler(Events.ITERATION_COMPLETED, grab, False)
+    fit.train.add_event_handler(Events.EPOCH_COMPLETED, grab, True)
+    fit.run(3)
+    return saved["state"]
+
+
+@pytest.mark.parametrize("kind", ["tensor", "loader"])
+@pytest.mark.parametrize(("iteration", "world"), [(26, 4), (25, 4), (12, 2), (3, 2)])
+def test_a_resume_on_another_number_trains_the_epochs_left(tmp_path, kind, iteration, world):
+    """One process saves (at an epoch's end: 26; mid-epoch: 25, 12, 3); rank 0 of another number
+    resumes: the interrupted epoch runs the steps left, then the epochs left, whole."""
+    state = _saved_at(_rank_fit(tmp_path, 1, kind=kind), iteration)
+    fit = _rank_fit(tmp_path, world, kind=kind)
+    if kind == "loader" and state["engine"]["batches_in_epoch"]:
+        with pytest.raises(RecipeError, match="does not deal out itself"):  # a plain DataLoader's order
+            fit.load_state_dict(state)
+        return
+    fit.load_state_dict(state)
+    fit.run(3)
+    done = state["engine"]["epochs_completed"]
+    assert fit.train.state.epoch == 3 and [h["epoch"] for h in fit.history] == [1, 2, 3]
+    whole = len(steps(50, world, 4))
+    later = [ids for epoch, ids in fit.steps if epoch > done + 1]
+    assert len(later) == (2 - done) * whole  # whole epochs of this number's length
+    if state["engine"]["batches_in_epoch"]:
+        position = state["engine"]["batches_in_epoch"] * 4
+        assert len([e for e, _ in fit.steps if e == done + 1]) == len(steps(50, world, 4, offset=position))
+
+
+@pytest.mark.parametrize("kind", ["tensor", "loader"])
+def test_with_drop_last_a_short_rest_is_trained_once(tmp_path, kind):
+    """8 a batch, 2 then 3 processes: 6 steps (48 samples) trained, 2 left, less than a step of 3 x 8."""
+    first = [_rank_fit(tmp_path, 2, rank, kind=kind, batch=8, drop_last=True) for rank in range(2)]
+    states = [_saved_at(fit, 2) for fit in first]
+    state = {**states[0], "ranks": [{k: s[k] for k in ("rng", "loss", "train_metrics")} for s in states]}
+    seen = [i for fit in first for epoch, ids in fit.steps if epoch == 1 for i in ids]
+    rest = []
+    for rank in range(3):
+        fit = _rank_fit(tmp_path, 3, rank, kind=kind, batch=8, drop_last=True)
+        fit.load_state_dict(state)
+        fit.run(3)
+        rest += [i for epoch, ids in fit.steps if epoch == 1 for i in ids]
+        assert [e for e, _ in fit.steps].count(1) == 1 and fit.train.state.epoch == 3
+    assert sorted(seen + rest) == list(range(50))
+
+
+def test_a_loader_sharded_when_saved_is_sharded_again_at_an_epoch_end(tmp_path):
+    """2 processes -> 1 mid-epoch (the DataLoader re-sharded as one share), then an epoch-end
+    checkpoint of that run resumed on 1: epoch 3 is the unbroken continuation's, batch for batch."""
+    state = _saved_at(_rank_fit(tmp_path, 2, kind="loader"), 3)  # 24 of epoch 1's samples trained
+    unbroken = _rank_fit(tmp_path, 1, kind="loader")
+    unbroken.load_state_dict(state)
+    end_of_2 = _saved_at(unbroken, 3 + 7 + 13, stop=False)  # 7 steps finish epoch 1's 26, 13 are epoch 2
+    resumed = _rank_fit(tmp_path, 1, kind="loader")
+    resumed.load_state_dict(end_of_2)
+    resumed.run(3)
+    assert [ids for e, ids in resumed.steps if e == 3] == [ids for e, ids in unbroken.steps if e == 3]
 
 
 def test_a_dataloader_is_rebuilt_around_its_shard_with_its_options():
@@ -446,7 +571,7 @@ def test_an_epoch_interrupted_on_two_processes_ends_on_three_each_sample_once(tm
         done = engineflow(*base, *more, "--nproc", nproc, cwd=tmp_path, env=env)
         assert done.returncode == (1 if kill else 0), done.stdout + done.stderr
     assert [line for line in done.stdout.splitlines() if "from checkpoint" in line] == [
-        "from checkpoint state-000000015.pt: epoch 3, batch 4 of 5"]
+        "from checkpoint state-000000015.pt: epoch 3, batch 4 of 5 on 3 processes"]
 
     steps: dict[int, list[tuple[int, int, list[int]]]] = {}  # attempt -> (epoch, iteration, ids)
     for path in ids.glob("[0-9]-*"):

@@ -38,10 +38,11 @@ from engineflow.state.checkpoint_files import load_state, verify
 from engineflow.state.checkpointer import Checkpointer, every_iterations_policy, policy_of
 
 
-def run_in_world(recipe: str | Path, overrides: Mapping[str, Any] | None, world: World, *, check: bool, device: str,
-         seed: int | None, runs_dir: str | Path | None, progress: bool | None, stream: IO[str] | None, force: bool,
-         retrain: bool, resume: str | None, ignore_changes: bool, checkpoint_every: int | None, stage: str | None,
-         from_run: str | None, mlflow: str | bool | None) -> RunResult:
+def run_in_world(recipe: str | Path, overrides: Mapping[str, Any] | None, world: World, *, check: bool,
+                 device: str, seed: int | None, runs_dir: str | Path | None, progress: bool | None,
+                 stream: IO[str] | None, force: bool, retrain: bool, resume: str | None, ignore_changes: bool,
+                 checkpoint_every: int | None, stage: str | None, from_run: str | None,
+                 mlflow: str | bool | None) -> RunResult:
     """:func:`run` in this process, one of ``world``: rank 0 plans the run (new or resumed) and
     shares the plan; every rank trains; rank 0 alone records and prints."""
     from engineflow.record.store import RunStore
@@ -248,7 +249,7 @@ def _train(loaded: Recipe, start: Session, *, stream: IO[str] | None, progress: 
         try:
             with reporter, Interrupts() as interrupts:
                 interrupts.target = checkpointer
-                _fit(pipeline, found, start, reporter, only=origin is not None)
+                _fit(pipeline, found, start, reporter, only=origin is not None, world_size=world.size)
             result.status = "completed"
         except KeyboardInterrupt:
             result.status = "interrupted"
@@ -327,7 +328,7 @@ def _continue_from(pipeline: Pipeline, checkpointer: Checkpointer,
 
 
 def _fit(pipeline: Pipeline, found: tuple[Path, dict[str, Any]] | None, start: Session, reporter: Reporter, *,
-         only: bool) -> None:
+         only: bool, world_size: int = 1) -> None:
     """Run the stages from the start, or from the checkpoint a resumed run loaded (:func:`_continue_from`)."""
     if found is None:
         if start.resumed:
@@ -341,8 +342,10 @@ def _fit(pipeline: Pipeline, found: tuple[Path, dict[str, Any]] | None, start: S
     if where.get("finished"):
         reporter.line(f"from checkpoint {path.name}: stage {where['name']} had ended")
     else:
+        saved = len(state.get("ranks") or ()) or 1  # the batches are those of the processes that saved it
+        on = f" on {plural(saved, 'process', 'processes')}" if saved != world_size else ""
         reporter.line(f"from checkpoint {path.name}: {stage}epoch {epochs_done + 1}, batch {batches + 1} "
-                      f"of {engine['epoch_length']}")
+                      f"of {engine['epoch_length']}{on}")
     if start.recorder is not None:
         start.recorder.resumed_from(path, engine["iteration"], where.get("epochs_before", 0) + epochs_done)
     pipeline.run(only=only)

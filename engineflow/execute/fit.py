@@ -210,7 +210,7 @@ class Fit:
         engine = state["engine"]
         within = engine["batches_in_epoch"]
         layout = state.get("order")
-        if within and layout is not None:
+        if layout is not None:  # a loader sharded when saved is sharded here too (its orders are those)
             self.loaders["train"] = positioned(self.loaders["train"], layout)
         normal = _length(self.loaders["train"])  # batches in a whole epoch here
         try:
@@ -234,9 +234,13 @@ class Fit:
                                   f"run's does not ({here}). Resume with the same data, or on "
                                   f"{saved_world} process(es) (--nproc {saved_world})")
             if moved:  # continue after the positions the saved processes had trained on
-                resume_order(self.loaders["train"], consumed(layout["samples"], layout["world"], layout["batch"],
-                                                             offset=layout["offset"], done=within,
-                                                             drop_last=layout["drop_last"]))
+                position = consumed(layout["samples"], layout["world"], layout["batch"], offset=layout["offset"],
+                                    done=within, drop_last=layout["drop_last"])
+                if position >= layout["samples"]:
+                    raise RecipeError("the state was taken after its epoch's last batch, before the epoch completed; "
+                                      "take it at EPOCH_COMPLETED (engineflow's checkpoints are) to resume it on "
+                                      "another number of processes")
+                resume_order(self.loaders["train"], position)
                 within = 0
             elif layout["kind"] == "shard":
                 resume_order(self.loaders["train"], layout["offset"])  # the same pass again, then skip
@@ -247,13 +251,14 @@ class Fit:
                               "shuffle=True or False or an ef.data.TensorLoader. A checkpoint at an epoch's end "
                               "resumes on any number")
         length = _length(self.loaders["train"])
-        self.train.load_state_dict({"iteration": engine["iteration"],
-                                    "epoch_length": length or engine["epoch_length"],
+        # Ignite derives the epoch from iteration // epoch_length, which an EndEpoch, or epochs of
+        # another length on another number of processes, makes wrong: load the epochs the state
+        # counted, then its iteration (the first epoch then runs only the remaining batches, as in
+        # Ignite's own mid-epoch resume).
+        self.train.load_state_dict({"epoch": engine["epochs_completed"],
+                                    "epoch_length": length if length is not None else engine["epoch_length"],
                                     "max_epochs": engine["max_epochs"]})
-        # Ignite derives the epoch and the batches done from iteration // epoch_length, which an
-        # EndEpoch makes wrong; set both from the counts the state kept (the first epoch then runs
-        # only the remaining batches, as in Ignite's own mid-epoch resume).
-        self.train.state.epoch = engine["epochs_completed"]
+        self.train.state.iteration = engine["iteration"]
         self.train.start_epoch_after(within)
         self._epoch_start = engine["iteration"] - within
         self._epoch_done = engine["batches_in_epoch"] == 0
@@ -278,13 +283,13 @@ class Fit:
         self._epoch_done = False
         if self._restored:  # the resumed epoch started before the kill, at the restored count
             self._restored = False
-        else:
-            self._epoch_start = engine.state.iteration
+            return
+        self._epoch_start = engine.state.iteration
+        if self._whole_epoch is not None:  # the epoch resumed part-way had a length of its own
+            engine.state.epoch_length, self._whole_epoch = self._whole_epoch, None
 
     def _epoch_completed(self, engine: StepEngine) -> None:
         self._epoch_done = True
-        if self._whole_epoch is not None:  # the epoch resumed part-way had its own length
-            engine.state.epoch_length, self._whole_epoch = self._whole_epoch, None
 
 
 def _length(loader: Any) -> int | None:
