@@ -594,3 +594,29 @@ def test_an_epoch_interrupted_on_two_processes_ends_on_three_each_sample_once(tm
     record = _show(runs)
     assert record["status"] == "completed" and record["world_size"] == 1
     assert [h["epoch"] for h in record["history"]] == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_torchrun_runs_the_command_as_one_run_on_its_processes(tmp_path):
+    """torchrun (one node, standalone rendezvous) starts the processes; engineflow finds its world."""
+    from tests.test_resume import engineflow
+
+    (tmp_path / "resumable.py").write_text(RESUMABLE)
+    runs = tmp_path / "runs"
+    env = {"KILL_RANK": "0", "KILL_MARKER": str(tmp_path / "never"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "engineflow", "run", str(tmp_path / "resumable.py"), "--runs-dir", str(runs),
+                           "--device", "cpu"], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                          env={**os.environ, **env})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.count("completed 3 epochs") == 1  # rank 0 alone prints
+    record = _show(runs)
+    assert record["status"] == "completed" and record["world_size"] == 2 and record["backend"] == "gloo"
+    assert len(list((runs / "resumable").iterdir())) == 1
+    # the same training as the launcher's 2 processes: the same weights
+    unbroken = engineflow("run", str(tmp_path / "resumable.py"), "--runs-dir", str(tmp_path / "launched"),
+                          "--nproc", "2", "--device", "cpu", env=env, cwd=tmp_path)
+    assert unbroken.returncode == 0, unbroken.stderr
+    from tests.test_resume import divergences, final_state
+
+    assert divergences(final_state(runs), final_state(tmp_path / "launched")) == []
