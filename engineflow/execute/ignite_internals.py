@@ -87,8 +87,10 @@ class HookedEngine(Engine):
 
     @staticmethod
     def _is_done(state: Any) -> bool:
-        # Ignite's test, less its count of iterations against epoch_length * max_epochs
-        return ((state.max_iters is not None and state.iteration >= state.max_iters)
+        # Ignite's test, less its count of iterations against epoch_length * max_epochs (max_iters
+        # came in pytorch-ignite 0.5.4)
+        max_iters = getattr(state, "max_iters", None)
+        return ((max_iters is not None and state.iteration >= max_iters)
                 or (state.max_epochs is not None and state.epoch >= state.max_epochs))
 
     def fire(self, event: Any, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> None:
