@@ -59,7 +59,7 @@ _EXPORTS = {
     "TensorLoader": "engineflow.data",
     "LoadedRun": "engineflow.record.load",
     "load_run": "engineflow.record.load",
-    "evaluate_test": "engineflow.app.evaluation",
+    "evaluate_test": "engineflow.app.testing",
     "predict_files": "engineflow.app.evaluation",
     "Events": "ignite.engine",
 }
@@ -87,8 +87,9 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the same names as _EXPORTS
     from ignite.engine import Events
 
     from engineflow import data, metrics
-    from engineflow.app.evaluation import evaluate_test, predict_files
+    from engineflow.app.evaluation import predict_files
     from engineflow.app.runner import RunResult, run
+    from engineflow.app.testing import evaluate_test
     from engineflow.data import TensorLoader
     from engineflow.declare.configuration import Config, config
     from engineflow.declare.control import EndEpoch, SkipBatch, StopFit

@@ -140,9 +140,9 @@ def test_command(recipe: str, run_ref: str | None, ignore_changes: bool, device:
     """
 
     def go() -> None:
-        from engineflow.app.evaluation import evaluate_test
         from engineflow.app.launch import rank_of_this_process
         from engineflow.app.report import format_metrics
+        from engineflow.app.testing import evaluate_test
         from engineflow.app.views import to_json
 
         result = evaluate_test(recipe, ref=run_ref, ignore_changes=ignore_changes, runs_dir=runs_dir, device=device,

@@ -1,4 +1,4 @@
-"""``engineflow test`` and ``engineflow eval``: a past run's model on the test loader or on files.
+"""``engineflow eval``: a past run's model on files (``engineflow test`` is :mod:`engineflow.app.testing`).
 
 Files are read by the recipe's ``load_sample(path)`` and written by its
 ``store_result(path, predictions, files)``, or by the defaults below for ``.pt``, ``.npy`` and
@@ -55,57 +55,6 @@ def store_result(path: Path, predictions: Any, files: Sequence[str]) -> None:
             writer.writerows([name, *values] for name, values in zip(files, rows, strict=True))
     else:
         check_output_suffix(path)
-
-
-def evaluate_test(recipe: str | Path, *, ref: str | None = None, ignore_changes: bool = False,
-             runs_dir: str | Path | None = None, device: str = "cpu", nproc: int | None = None) -> dict[str, Any]:
-    """Evaluate a run's best weights on the recipe's "test" loader and store the results with the run.
-
-    ``nproc``: on that many local processes, each on its share of the test loader (nothing padded,
-    nothing dropped: the metrics are one process's); under ``torchrun``, on its processes.
-
-    Returns:
-        ``{"run": id, "metrics": {"test/accuracy": ...}}``.
-    """
-    from engineflow.app.launch import distributed_env, launch, process_group
-
-    if nproc is not None and nproc > 1 and not distributed_env():
-        kwargs = dict(recipe=str(recipe), ref=ref, ignore_changes=ignore_changes,
-                      runs_dir=None if runs_dir is None else str(runs_dir), device=device)
-        return launch("test", kwargs, nproc, runs_dir=runs_dir)
-    with process_group(device) as world:
-        return _evaluate_test(recipe, ref=ref, ignore_changes=ignore_changes, runs_dir=runs_dir, device=device,
-                              world=world)
-
-
-def _evaluate_test(recipe: str | Path, *, ref: str | None, ignore_changes: bool, runs_dir: str | Path | None,
-                   device: str, world: Any) -> dict[str, Any]:
-    from engineflow.execute.fit import evaluate_loader
-    from engineflow.execute.parallel import shard_loader
-    from engineflow.record.load import select_run
-
-    past = select_run(recipe, ref=ref, ignore_changes=ignore_changes, runs_dir=runs_dir, device=device)
-    loaders = past.components["loaders"]  # setup()'s, also for a pipeline whose last stage trained on others
-    if "test" not in loaders:
-        raise RecipeError(f"{past.recipe.path}: setup() returned no 'test' loader (loaders: "
-                          f"{', '.join(loaders)}); add loaders['test'] to test a run")
-    if world.distributed:
-        loaders = {"test": shard_loader(loaders["test"], world, pad=False, name="test")}
-    metrics = evaluate_loader(past.fit.eval, loaders, "test")  # the metrics all-reduce themselves
-    if world.rank == 0:
-        _store_test_metrics(past, metrics)
-    return {"run": past.record["id"], "metrics": metrics}
-
-
-def _store_test_metrics(past: Any, metrics: dict[str, float]) -> None:
-    from engineflow.record.recorder import now_iso
-    from engineflow.record.runs import update_record
-    from engineflow.record.store import RunStore
-
-    record = past.record
-    fields = {"metrics": {**record.get("metrics", {}), **metrics}, "tested_at": now_iso()}
-    with RunStore.open(past.run_dir.parent.parent) as store:
-        update_record(store, record, fields)
 
 
 def predict_files(recipe: str | Path, source: str | Path, output: str | Path, *, ref: str | None = None,

@@ -309,7 +309,7 @@ def _command(name: str) -> Callable[..., Any]:
 
         return lambda **kwargs: run(**kwargs).to_dict()
     if name == "test":
-        from engineflow.app.evaluation import evaluate_test
+        from engineflow.app.testing import evaluate_test
 
         return evaluate_test
     raise RecipeError(f"unknown command {name!r} for a launched worker")

@@ -1,0 +1,63 @@
+"""``engineflow test``: a run's best weights on its recipe's "test" loader, the metrics stored with the run.
+
+Imports neither torch nor the engines at the top: ``engineflow test --nproc N`` starts its processes
+from a launcher that needs neither.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from engineflow.errors import RecipeError
+
+
+def evaluate_test(recipe: str | Path, *, ref: str | None = None, ignore_changes: bool = False,
+             runs_dir: str | Path | None = None, device: str = "cpu", nproc: int | None = None) -> dict[str, Any]:
+    """Evaluate a run's best weights on the recipe's "test" loader and store the results with the run.
+
+    ``nproc``: on that many local processes, each on its share of the test loader (nothing padded,
+    nothing dropped: the metrics are one process's); under ``torchrun``, on its processes.
+
+    Returns:
+        ``{"run": id, "metrics": {"test/accuracy": ...}}``.
+    """
+    from engineflow.app.launch import distributed_env, launch, process_group
+
+    if nproc is not None and nproc > 1 and not distributed_env():
+        kwargs = dict(recipe=str(recipe), ref=ref, ignore_changes=ignore_changes,
+                      runs_dir=None if runs_dir is None else str(runs_dir), device=device)
+        return launch("test", kwargs, nproc, runs_dir=runs_dir)
+    with process_group(device) as world:
+        return _evaluate_test(recipe, ref=ref, ignore_changes=ignore_changes, runs_dir=runs_dir, device=device,
+                              world=world)
+
+
+def _evaluate_test(recipe: str | Path, *, ref: str | None, ignore_changes: bool, runs_dir: str | Path | None,
+                   device: str, world: Any) -> dict[str, Any]:
+    from engineflow.execute.fit import evaluate_loader
+    from engineflow.execute.parallel import shard_loader
+    from engineflow.record.load import select_run
+
+    past = select_run(recipe, ref=ref, ignore_changes=ignore_changes, runs_dir=runs_dir, device=device)
+    loaders = past.components["loaders"]  # setup()'s, also for a pipeline whose last stage trained on others
+    if "test" not in loaders:
+        raise RecipeError(f"{past.recipe.path}: setup() returned no 'test' loader (loaders: "
+                          f"{', '.join(loaders)}); add loaders['test'] to test a run")
+    if world.distributed:
+        loaders = {"test": shard_loader(loaders["test"], world, pad=False, name="test")}
+    metrics = evaluate_loader(past.fit.eval, loaders, "test")  # the metrics all-reduce themselves
+    if world.rank == 0:
+        _store_test_metrics(past, metrics)
+    return {"run": past.record["id"], "metrics": metrics}
+
+
+def _store_test_metrics(past: Any, metrics: dict[str, float]) -> None:
+    from engineflow.record.recorder import now_iso
+    from engineflow.record.runs import update_record
+    from engineflow.record.store import RunStore
+
+    record = past.record
+    fields = {"metrics": {**record.get("metrics", {}), **metrics}, "tested_at": now_iso()}
+    with RunStore.open(past.run_dir.parent.parent) as store:
+        update_record(store, record, fields)
