@@ -30,14 +30,12 @@ from engineflow.declare.handlers import HandlerSpec
 from engineflow.declare.recipe import Recipe
 from engineflow.declare.stages import Stage
 from engineflow.errors import EngineflowError, RecipeError, SetupError
-from engineflow.execute.dispatch import attach_in_order
-from engineflow.execute.engine import make_engine
-from engineflow.execute.fit import Fit, build_fit, evaluate_loader, stage_handlers
+from engineflow.execute.fit import Fit, build_fit, stage_handlers
 from engineflow.execute.injection import describe, make_caller
-from engineflow.execute.parallel import current_world, gather_each
+from engineflow.execute.parallel import current_world
+from engineflow.execute.passes import evaluation_pass, inference_pass
 from engineflow.execute.stage import Progress, StageInfo
 from engineflow.execute.wiring import eval_loaders_of, main_metric
-from engineflow.metrics import attach_metrics
 from engineflow.state.components import load_component_states
 from engineflow.state.rng import seed_rngs, stage_seed
 
@@ -261,39 +259,16 @@ class Pipeline:
 
     def _test(self, index: int) -> None:
         stage = self.stages[index]
-        provided = self._provided(stage.name)
-        evaluator = make_engine(stage.eval, provided)
-        attach_metrics(evaluator, stage.eval.metrics)
-        attach_in_order(evaluator, [h for h in stage_handlers(self.recipe.handlers, stage) if h.engine == "eval"],
-                        provided)
-        metrics: dict[str, Any] = {}
-        loaders = self.stage_loaders(index)
-        for name in loaders:
-            metrics.update(evaluate_loader(evaluator, loaders, name))
+        metrics = evaluation_pass(stage, self._provided(stage.name), stage_handlers(self.recipe.handlers, stage),
+                            self.stage_loaders(index))
         self._test_metrics = {self.info.metric(k): _scalar(v) for k, v in metrics.items()}
 
     def _infer(self, index: int) -> None:
-        from ignite.engine import Events
-
         stage = self.stages[index]
-        provided = self._provided(stage.name)
+        provided, handlers = self._provided(stage.name), stage_handlers(self.recipe.handlers, stage)
         found: dict[str, Any] = {}
         for name, loader in self.stage_loaders(index).items():
-            engine = make_engine(stage.infer, provided)
-            attach_in_order(engine, [h for h in stage_handlers(self.recipe.handlers, stage) if h.engine == "infer"],
-                            provided)
-            outputs: list[Any] = []
-            engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e, out=outputs: out.append(e.state.output))
-            with torch.no_grad():
-                engine.run(_Inputs(loader), max_epochs=1)
-            found[name] = _joined(outputs)
-            world = current_world()
-            if world.distributed:  # each rank predicted its share: samples rank, rank + W, ... (collective)
-                if not isinstance(found[name], torch.Tensor):
-                    raise RecipeError(f"infer step {describe(stage.infer.fn)} of stage {stage.name!r} returned "
-                                      "something other than a tensor; on several processes the predictions are "
-                                      "put back in the loader's order row by row, so return one tensor per batch")
-                found[name] = _interleaved(gather_each(found[name], world), world.size)
+            found[name] = inference_pass(stage, provided, handlers, loader, current_world())
             for listener in self.listeners:
                 getattr(listener, "predictions", _nothing)(self, name, found[name])
         self.predictions[stage.name] = found
@@ -403,35 +378,6 @@ def to_device(value: Any, device: Any) -> Any:
     if isinstance(value, Mapping):
         return {k: v.to(device) if isinstance(v, torch.nn.Module) else v for k, v in value.items()}
     return value
-
-
-class _Inputs:
-    """A loader's batches as an infer step takes them: a batch, or the inputs of an (inputs, targets) pair."""
-
-    def __init__(self, loader: Iterable[Any]) -> None:
-        self.loader = loader
-
-    def __iter__(self) -> Any:
-        for batch in self.loader:
-            yield batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 2 else batch
-
-    def __len__(self) -> int:
-        return len(self.loader)  # type: ignore[arg-type]
-
-
-def _joined(outputs: list[Any]) -> Any:
-    if outputs and all(isinstance(o, torch.Tensor) for o in outputs):
-        return torch.cat([o.detach().cpu() for o in outputs])
-    return outputs
-
-
-def _interleaved(shares: list[Any], world_size: int) -> Any:
-    """Every rank's prediction rows back in the loader's order: rank ``r``'s ``j``-th row is sample
-    ``j * world_size + r`` (see :class:`engineflow.execute.parallel.ShardSampler`)."""
-    out = shares[0].new_empty((sum(len(share) for share in shares), *shares[0].shape[1:]))
-    for rank, share in enumerate(shares):
-        out[rank::world_size] = share
-    return out
 
 
 def _shape(value: Any) -> Any:
