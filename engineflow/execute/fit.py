@@ -223,10 +223,11 @@ class Fit:
 
         ranks = state.get("ranks")
         saved_world = len(ranks) if ranks is not None else 1
-        moved = bool(within) and (layout["world"] if layout else saved_world) != _world_of(self.loaders["train"],
-                                                                                           self.world_size)
+        # the processes each pass is dealt out to, then and here (a loader not dealt out by position: the world's)
+        here = order_layout(self.loaders["train"])
+        moved = bool(within) and ((layout["world"] if layout else saved_world)
+                                  != (here["world"] if here is not None else self.world_size))
         if within and layout is not None:
-            here = order_layout(self.loaders["train"])
             fits = here is not None and all(here[k] == layout[k] for k in ("kind", "samples", "batch", "drop_last"))
             if not fits and moved:
                 raise RecipeError(f"the latest checkpoint was written in the middle of an epoch whose train loader "
@@ -267,15 +268,13 @@ class Fit:
         self._whole_epoch = normal if normal is not None and normal != length else None
 
         def within_epoch() -> None:
-            for key, value in _rank_share(state, ranks, self.rank, moved).items():
-                if key == "loss":
-                    self.loss.load_state_dict(value)
-                elif key == "rng":
-                    set_rng_state(value)
-                else:
-                    for name, metric_state in value.items():
-                        if metric_state is not None:
-                            self.train_metrics[name].load_state_dict(metric_state)
+            share = _rank_share(state, ranks, self.rank, moved)
+            self.loss.load_state_dict(share["loss"])
+            for name, metric_state in share.get("train_metrics", {}).items():
+                if metric_state is not None:
+                    self.train_metrics[name].load_state_dict(metric_state)
+            if "rng" in share:  # a rank new to the epoch keeps the epoch's seeding
+                set_rng_state(share["rng"])
 
         self._resume_within_epoch = within_epoch if engine["batches_in_epoch"] else None
 
@@ -297,12 +296,6 @@ def _length(loader: Any) -> int | None:
         return len(loader)
     except TypeError:  # an iterable without a length: the engine keeps the saved epoch length
         return None
-
-
-def _world_of(loader: Any, world_size: int) -> int:
-    """The processes a train loader's passes are dealt out to (one, for a loader not dealt out by position)."""
-    layout = order_layout(loader)
-    return layout["world"] if layout is not None else world_size
 
 
 def _rank_share(state: Mapping[str, Any], ranks: list[Mapping[str, Any]] | None, rank: int,

@@ -260,7 +260,7 @@ class Pipeline:
     def _test(self, index: int) -> None:
         stage = self.stages[index]
         metrics = evaluation_pass(stage, self._provided(stage.name), stage_handlers(self.recipe.handlers, stage),
-                            self.stage_loaders(index))
+                                  self.stage_loaders(index))
         self._test_metrics = {self.info.metric(k): _scalar(v) for k, v in metrics.items()}
 
     def _infer(self, index: int) -> None:
