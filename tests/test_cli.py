@@ -201,3 +201,40 @@ def test_only_run_reports_an_unexpected_error_as_training_failed(cli, tmp_path, 
     assert result.exit_code == 1
     assert "error: runs list failed with the exception above" in result.output
     assert "training failed" not in result.output and "RuntimeError: disk on fire" in result.output
+
+
+@pytest.mark.parametrize(("args", "fragment"), [
+    (["--nproc", "0"], "--nproc 0: the number of processes must be a whole number >= 1"),
+    (["--nproc", "-1"], "--nproc -1: the number of processes must be a whole number >= 1"),
+    (["--nproc", "two"], "Invalid value for '--nproc': 'two' is not a valid integer"),
+    (["--nproc", "99999999999999999999"], "pass --oversubscribe to start them anyway"),
+    (["--nproc", "CPUS+1"], "CPU core(s) for this process"),
+    (["--device", "gpu"], "Invalid value for '--device'"),
+    (["--no-such-option"], "No such option '--no-such-option'"),
+])
+def test_a_bad_option_is_one_line_and_starts_nothing(cli, write_recipe, tmp_path, args, fragment):
+    """Usage mistakes are one line like every other error (no usage block); too many processes are refused
+    before any starts: no more than this machine's cores unless --oversubscribe."""
+    import os
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    recipe = write_recipe(BASE_RECIPE)
+    result = cli("run", str(recipe), *[str(cpus + 1) if a == "CPUS+1" else a for a in args])
+    line = assert_clean_error(result, fragment)
+    assert len(result.output.strip().splitlines()) == 1, result.output
+    assert line.endswith("-h lists the options)") or "--nproc" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_test_refuses_more_processes_than_cores_too(cli, write_recipe, tmp_path):
+    import os
+
+    import engineflow as ef
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    recipe = write_recipe(BASE_RECIPE)
+    assert_clean_error(cli("test", str(recipe), "--nproc", str(cpus + 1), "--runs-dir", str(tmp_path / "runs")),
+                       "--oversubscribe")
+    with pytest.raises(ef.RecipeError, match=r"nproc=\d+: .*oversubscribe=True"):
+        ef.run(recipe, runs_dir=tmp_path / "runs", nproc=cpus + 1)
+    assert not (tmp_path / "runs").exists()

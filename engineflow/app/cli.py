@@ -31,13 +31,50 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON f
 recipe_argument = click.argument("recipe", type=click.Path(dir_okay=False, path_type=str))
 run_ref_option = click.option("--run", "run_ref", default=None, metavar="ID|last",
                               help="Which run (default: the recipe's latest).")
-nproc_option = click.option("--nproc", type=click.IntRange(min=1), default=None, metavar="N",
-                            help="Run on N local processes, data parallel (gloo on CPU, NCCL on CUDA).")
+nproc_option = click.option("--nproc", type=int, default=None, metavar="N",
+                            help="Run on N local processes, data parallel (gloo on CPU, NCCL on CUDA); at most "
+                                 "the machine's CPUs (GPUs on CUDA) unless --oversubscribe.")
+oversubscribe_option = click.option("--oversubscribe", is_flag=True,
+                                    help="With --nproc: start more processes than CPUs (GPUs on CUDA).")
 ignore_changes_option = click.option("--ignore-changes", is_flag=True,
                                      help="Use the run even if the recipe's code changed since.")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class OneLineUsageError(click.UsageError):
+    """A usage error as one line naming the fix (click prints the usage block and a hint above it)."""
+
+    def show(self, file: Any = None) -> None:
+        where = self.ctx.command_path if self.ctx is not None else "engineflow"
+        click.echo(f"error: {self.message} ({where} -h lists the options)", err=True)
+
+
+class _Command(click.Command):
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as err:
+            raise OneLineUsageError(err.format_message(), err.ctx) from None
+
+
+class _Group(click.Group):
+    command_class = _Command
+    group_class = type  # subgroups are of this class too
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as err:
+            raise OneLineUsageError(err.format_message(), err.ctx) from None
+
+    def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[str | None, click.Command | None,
+                                                                             list[str]]:
+        try:
+            return super().resolve_command(ctx, args)
+        except click.UsageError as err:
+            raise OneLineUsageError(err.format_message(), err.ctx) from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(package_name="engineflow")
 def main() -> None:
     """engineflow: train PyTorch models from plain step functions on Ignite engines.
@@ -84,11 +121,12 @@ def main() -> None:
                    "`engineflow runs sync` pushes what a server that was down missed.")
 @click.option("--no-mlflow", is_flag=True, help="No MLflow mirror, even if the recipe sets one.")
 @nproc_option
+@oversubscribe_option
 @debug_option
 def run_command(recipe: str, assignments: tuple[str, ...], check: bool, device: str, seed: int | None,
                 runs_dir: str, progress: bool | None, force: bool, retrain: bool, resume: str | None,
                 ignore_changes: bool, checkpoint_every: int | None, stage: str | None, from_run: str | None,
-                mlflow_uri: str | None, no_mlflow: bool, nproc: int | None,
+                mlflow_uri: str | None, no_mlflow: bool, nproc: int | None, oversubscribe: bool,
                 debug: bool) -> None:
     """Train RECIPE (a .py file) and record the run under --runs-dir.
 
@@ -117,7 +155,7 @@ def run_command(recipe: str, assignments: tuple[str, ...], check: bool, device: 
         run(recipe, parse_assignments(assignments), check=check, device=device, seed=seed,
             runs_dir=runs_dir, progress=progress, force=force, retrain=retrain, resume=resume,
             ignore_changes=ignore_changes, checkpoint_every=checkpoint_every, stage=stage, from_run=from_run,
-            mlflow=False if no_mlflow else mlflow_uri, nproc=nproc)
+            mlflow=False if no_mlflow else mlflow_uri, nproc=nproc, oversubscribe=oversubscribe)
 
     _guarded(go, debug, "training failed")
 
@@ -130,9 +168,10 @@ def run_command(recipe: str, assignments: tuple[str, ...], check: bool, device: 
 @runs_dir_option
 @json_option
 @nproc_option
+@oversubscribe_option
 @debug_option
 def test_command(recipe: str, run_ref: str | None, ignore_changes: bool, device: str, runs_dir: str, as_json: bool,
-                 nproc: int | None, debug: bool) -> None:
+                 nproc: int | None, oversubscribe: bool, debug: bool) -> None:
     """Evaluate a run's best weights on RECIPE's "test" loader and store the results with the run.
 
     Uses the latest run of the recipe; refuses if the recipe's code changed since that run,
@@ -146,7 +185,7 @@ def test_command(recipe: str, run_ref: str | None, ignore_changes: bool, device:
         from engineflow.app.views import to_json
 
         result = evaluate_test(recipe, ref=run_ref, ignore_changes=ignore_changes, runs_dir=runs_dir, device=device,
-                               nproc=nproc)
+                               nproc=nproc, oversubscribe=oversubscribe)
         if rank_of_this_process() > 0:  # under torchrun: rank 0 prints
             return
         if as_json:

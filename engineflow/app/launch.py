@@ -102,6 +102,48 @@ def process_group(device: str) -> Iterator[World]:
 
 
 # the launcher ----------------------------------------------------------------------------------
+def check_nproc(nproc: Any, device: str, *, oversubscribe: bool = False) -> None:
+    """Refuse a number of local processes that is not a whole number >= 1, or that is more than the
+    machine has CPUs this process may use (GPUs when it trains on CUDA), unless ``oversubscribe``.
+
+    Example:
+        >>> check_nproc(1, "cpu")
+        >>> check_nproc(0, "cpu")
+        Traceback (most recent call last):
+        ...
+        engineflow.errors.RecipeError: nproc=0: the number of processes must be a whole number >= 1
+    """
+    from engineflow.naming import option
+
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise RecipeError(f"{option('nproc', nproc)}: the number of processes must be a whole number >= 1")
+    if oversubscribe or nproc == 1:
+        return
+    gpus = _gpus() if device != "cpu" else 0
+    have = gpus or _cpus()
+    if nproc > have:
+        why = (f"{have} GPU(s), and each process trains on one of its own" if gpus else
+               f"{have} CPU core(s) for this process, and more processes would share cores and train slower")
+        raise RecipeError(f"{option('nproc', nproc)}: this machine has {why}. Ask for at most {have}, or pass "
+                          f"{option('oversubscribe')} to start them anyway")
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the cores this process may run on (a container's share)
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _gpus() -> int:
+    """CUDA devices visible here; the launcher imports torch only on a machine with NVIDIA's driver."""
+    if not os.path.exists("/proc/driver/nvidia") and sys.platform.startswith("linux"):
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def launch(command: str, kwargs: Mapping[str, Any], nproc: int, *, runs_dir: str | Path | None = None,
            stream: IO[str] | None = None) -> dict[str, Any]:
     """Run ``command`` ("run" or "test") with ``kwargs`` on ``nproc`` local processes; returns rank

@@ -12,9 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from engineflow.app.launch import distributed_env, launch, process_group
-from engineflow.errors import RecipeError
-from engineflow.naming import option
+from engineflow.app.launch import check_nproc, distributed_env, launch, process_group
 
 
 @dataclass
@@ -74,6 +72,7 @@ def run(
     from_run: str | None = None,
     mlflow: str | bool | None = None,
     nproc: int | None = None,
+    oversubscribe: bool = False,
 ) -> RunResult:
     """Train a recipe and record the run; the Python twin of ``engineflow run``.
 
@@ -98,7 +97,9 @@ def run(
         mlflow: mirror the run to this MLflow tracking URI (over the recipe's ``mlflow`` setting; a
             resumed run keeps its own); False: no mirror. See :mod:`engineflow.record.mirror`.
         nproc: train on this many local processes (data parallel, see :mod:`engineflow.app.launch`);
-            None or 1: this process. Under ``torchrun`` every process is already one of them.
+            None or 1: this process. Under ``torchrun`` every process is already one of them. More
+            processes than the machine has CPUs (GPUs on CUDA) are refused unless ``oversubscribe``.
+        oversubscribe: start ``nproc`` processes even if they are more than the CPUs (GPUs).
 
     Returns:
         the :class:`RunResult`; the run's record is in ``<run_dir>/run.json`` and the store.
@@ -114,8 +115,8 @@ def run(
         result.best  # {'metric': 'valid/accuracy', 'mode': 'max', 'epoch': 5, 'value': 0.94...}
     """
 
-    if nproc is not None and (isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1):
-        raise RecipeError(f"{option('nproc', nproc)}: the number of processes must be a whole number >= 1")
+    if nproc is not None and not distributed_env():
+        check_nproc(nproc, device, oversubscribe=oversubscribe)
     if nproc is not None and nproc > 1 and not distributed_env():
         kwargs = dict(recipe=str(recipe), overrides=dict(overrides or {}), check=check, device=device, seed=seed,
                       runs_dir=None if runs_dir is None else str(runs_dir), progress=progress, force=force,

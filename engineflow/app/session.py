@@ -56,7 +56,7 @@ class Session:
     def begin(self) -> None:
         """Record the run: a new run's folder and row (status "running"), or a resumed run's reopening."""
         if self.resumed:
-            self.recorder.begin_resumed(changed=self.changed)
+            self.recorder.begin_resumed(changed=self.changed, world_size=self.context.world_size)
         else:
             assert self.code is not None  # new_session always sets it
             self.recorder.begin_new(self.code)
@@ -99,12 +99,20 @@ def new_session(recipe: Recipe, store: RunStore, cfg: Config, *, seed: int, chec
                    replaces=replaces)
 
 
-def exact_resume(device: Any) -> bool:
-    """Whether a resume of this run can be bit-identical: on CPU yes; on CUDA only with
-    ``torch.use_deterministic_algorithms(True)``, since some CUDA kernels (atomics in index_add,
-    scatter, cuDNN convolutions' backward) sum in a different order on every call."""
+def exact_resume(device: Any, backend: str | None = None) -> bool:
+    """Whether a resume of this run can be bit-identical: on CPU yes (gloo included); on CUDA only
+    with ``torch.use_deterministic_algorithms(True)``, since some CUDA kernels (atomics in index_add,
+    scatter, cuDNN convolutions' backward) sum in a different order on every call; never with NCCL,
+    whose all-reduce does not fix the order of its sums.
+
+    Example:
+        >>> exact_resume("cpu"), exact_resume("cpu", "gloo"), exact_resume("cuda", "nccl")
+        (True, True, False)
+    """
     import torch
 
+    if backend == "nccl":
+        return False
     return getattr(device, "type", str(device)) == "cpu" or torch.are_deterministic_algorithms_enabled()
 
 

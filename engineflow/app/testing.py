@@ -13,17 +13,21 @@ from engineflow.errors import RecipeError
 
 
 def evaluate_test(recipe: str | Path, *, ref: str | None = None, ignore_changes: bool = False,
-             runs_dir: str | Path | None = None, device: str = "cpu", nproc: int | None = None) -> dict[str, Any]:
+             runs_dir: str | Path | None = None, device: str = "cpu", nproc: int | None = None,
+             oversubscribe: bool = False) -> dict[str, Any]:
     """Evaluate a run's best weights on the recipe's "test" loader and store the results with the run.
 
     ``nproc``: on that many local processes, each on its share of the test loader (nothing padded,
-    nothing dropped: the metrics are one process's); under ``torchrun``, on its processes.
+    nothing dropped: the metrics are one process's); under ``torchrun``, on its processes. More
+    processes than CPUs (GPUs on CUDA) need ``oversubscribe``.
 
     Returns:
         ``{"run": id, "metrics": {"test/accuracy": ...}}``.
     """
-    from engineflow.app.launch import distributed_env, launch, process_group
+    from engineflow.app.launch import check_nproc, distributed_env, launch, process_group
 
+    if nproc is not None and not distributed_env():
+        check_nproc(nproc, device, oversubscribe=oversubscribe)
     if nproc is not None and nproc > 1 and not distributed_env():
         kwargs = dict(recipe=str(recipe), ref=ref, ignore_changes=ignore_changes,
                       runs_dir=None if runs_dir is None else str(runs_dir), device=device)

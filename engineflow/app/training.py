@@ -22,7 +22,7 @@ from engineflow.app.interrupts import Interrupts
 from engineflow.app.launch import note_run
 from engineflow.app.report import Reporter, format_duration, format_metrics, format_value, plural
 from engineflow.app.runner import RunResult
-from engineflow.app.session import Session, find_resumable, new_session, resume_session
+from engineflow.app.session import Session, exact_resume, find_resumable, new_session, resume_session
 from engineflow.declare.handlers import HandlerSpec
 from engineflow.declare.recipe import Recipe, load_recipe
 from engineflow.errors import RecipeError
@@ -108,7 +108,8 @@ def _sharing_plan(world: World) -> Iterator[Callable[[Any], None]]:
 def _placed(start: Session, world: World) -> Session:
     """The session with this process's rank and world in its context and record."""
     if not start.resumed:
-        start.recorder.record.update(world_size=world.size, backend=world.backend)
+        start.recorder.record.update(world_size=world.size, backend=world.backend,
+                                     exact_resume=exact_resume(start.context.device, world.backend))
     if not world.distributed:
         return start
     import ignite.distributed as idist
@@ -230,8 +231,12 @@ def _train(loaded: Recipe, start: Session, *, stream: IO[str] | None, progress: 
         found = _continue_from(pipeline, checkpointer, world) if start.resumed else None
         if leader:
             start.begin()
-            if start.resumed and (recorder.record.get("world_size") or 1) != world.size:
-                recorder.update(world_size=world.size, backend=world.backend)  # resumed on another number
+            if start.resumed:  # on this number of processes now (each resume's entry says on how many)
+                placed = {"world_size": world.size, "backend": world.backend,
+                          "exact_resume": exact_resume(context.device, world.backend)}
+                changed = {k: v for k, v in placed.items() if recorder.record.get(k) != v}
+                if changed:
+                    recorder.update(**changed)
             if world.distributed:
                 note_run(context.run_id)
         if note is not None:

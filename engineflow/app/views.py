@@ -25,6 +25,7 @@ def public(record: Mapping[str, Any]) -> dict[str, Any]:
     out["stages"] = stages_of(record, out)
     out["world_size"] = record.get("world_size") or 1  # runs before distributed training: one process
     out["backend"] = record.get("backend")
+    out["exact_resume"] = record.get("exact_resume")  # None: recorded before engineflow recorded it
     if "history" in record:
         out["history"] = record["history"]
     return out

@@ -72,8 +72,15 @@ def train_wrappers(components: Mapping[str, Any]) -> dict[str, Any]:
     # Ignite's documented way to quiet one of its loggers: the run's own output says it is distributed
     setup_logger("ignite.distributed.auto.auto_model", level=logging.WARNING)
 
+    ordered = idist.backend() == "gloo" and idist.get_world_size() > 2
+
     def wrap(module: torch.nn.Module) -> torch.nn.Module:
-        return idist.auto_model(module) if any(p.requires_grad for p in module.parameters()) else module
+        if not any(p.requires_grad for p in module.parameters()):
+            return module
+        wrapped = idist.auto_model(module)
+        if ordered and isinstance(wrapped, torch.nn.parallel.DistributedDataParallel):
+            wrapped.register_comm_hook(None, ordered_sum)
+        return wrapped
 
     wrapped: dict[str, Any] = {}
     for name, value in components.items():
@@ -82,6 +89,34 @@ def train_wrappers(components: Mapping[str, Any]) -> dict[str, Any]:
         elif isinstance(value, Mapping) and value and all(isinstance(v, torch.nn.Module) for v in value.values()):
             wrapped[name] = {k: wrap(v) for k, v in value.items()}
     return wrapped
+
+
+def ordered_sum(state, bucket):  # type: ignore[no-untyped-def]
+    """A DDP communication hook: the mean of a gradient bucket over the ranks, added up in rank order.
+
+    gloo's all-reduce adds each element in an order set by where the element lies in its bucket, and
+    DDP lays its buckets out anew after the first iteration (in the order the gradients became ready),
+    so a model rebuilt by a resume reduces its first step in the layout an unbroken run used only for
+    its own first step. Two addends give the same float in any order; from three on they need not. Each
+    rank's bucket is gathered and added rank 0 first, whatever the layout. Collective (every rank's
+    backward calls it for the same buckets, in the same order).
+
+    Unannotated: DDP compares a hook's annotations with ``GradBucket`` and ``Future[Tensor]``
+    themselves, and this module's annotations are strings."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    local = bucket.buffer().div_(world)
+    parts = [torch.empty_like(local) for _ in range(world)]
+    work = dist.all_gather(parts, local, async_op=True)
+
+    def added(_: Any) -> torch.Tensor:
+        total = parts[0].clone()
+        for part in parts[1:]:
+            total.add_(part)
+        return total
+
+    return work.get_future().then(added)
 
 
 # loaders ---------------------------------------------------------------------------------------
@@ -244,6 +279,59 @@ def train_loader_names(recipe: Any) -> set[str]:
         if stage.kind == "train" and stage.loaders:
             names.add(stage.loaders.get("train", "train"))
     return names
+
+
+# state saved by another number of processes ------------------------------------------------------
+_REDUCE = {"SUM": lambda a, b: a + b, "PRODUCT": lambda a, b: a * b,
+           "MAX": lambda a, b: torch.maximum(a, b) if isinstance(a, torch.Tensor) else max(a, b),
+           "MIN": lambda a, b: torch.minimum(a, b) if isinstance(a, torch.Tensor) else min(a, b)}
+
+
+def regrouped_metric_state(metric: Any, saved: Mapping[str, Any] | None, rank: int,
+                           world_size: int) -> tuple[dict[str, Any] | None, bool]:
+    """An Ignite metric's ``state_dict`` saved by N processes (its list of per-rank states), for rank
+    ``rank`` of ``world_size`` processes: ``(state to load or None, whether every saved rank counts)``.
+
+    Rank ``r`` takes saved rank ``r``'s state; a rank with no namesake keeps its reset state. The
+    states of saved ranks beyond ``world_size`` are added into rank 0's with the reductions its
+    ``compute`` all-reduces them with (``sync_all_reduce``), so the metric still counts every batch
+    of the epoch; a metric whose state cannot be added so (other attributes that differ between
+    ranks, nested metrics) keeps the first ``world_size`` ranks' states only (False).
+    """
+    from engineflow.execute.ignite_internals import PER_RANK_KEY, synced_attributes
+
+    if saved is None:
+        return None, True
+    states = list(saved[PER_RANK_KEY])
+    mine = dict(states[rank]) if rank < len(states) else None
+    extra = states[world_size:]
+    complete = True
+    if rank == 0 and extra:
+        ops = synced_attributes(metric) or {}
+        for other in extra:
+            if any(key not in ops and not _same(value, other[key]) for key, value in mine.items()) \
+                    or any(key in ops and not isinstance(mine[key], (int, float, torch.Tensor)) for key in mine):
+                complete = False
+                break
+        else:
+            for other in extra:
+                mine = {key: _REDUCE[ops[key]](value, other[key]) if key in ops else value
+                        for key, value in mine.items()}
+    if mine is None:
+        return None, complete
+    return {PER_RANK_KEY: [mine if r == rank else None for r in range(world_size)]}, complete
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, Mapping) or isinstance(b, Mapping):
+        return (isinstance(a, Mapping) and isinstance(b, Mapping) and a.keys() == b.keys()
+                and all(_same(a[k], b[k]) for k in a))
+    if isinstance(a, (list, tuple)) or isinstance(b, (list, tuple)):
+        return (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b)
+                and all(_same(x, y) for x, y in zip(a, b, strict=True)))
+    return bool(a == b)
 
 
 # collectives -----------------------------------------------------------------------------------

@@ -95,15 +95,16 @@ class RunRecorder:
         if self.mirror is not None:
             self.update(mlflow=self.mirror.begin(self.record, resumed=False))
 
-    def begin_resumed(self, *, changed: list[str]) -> None:
-        """Continue recording this earlier run in its folder; the resume is logged in ``resumes``.
+    def begin_resumed(self, *, changed: list[str], world_size: int = 1) -> None:
+        """Continue recording this earlier run in its folder; the resume is logged in ``resumes``
+        (when, by which process, what changed, on how many processes).
 
         Raises:
             RecipeError: another process resumed the run (or it finished) since its record was read.
         """
         run_id = self.record["id"]
         earlier = list(self.record.get("resumes") or [])
-        resumes = [*earlier, {"at": now_iso(), "pid": os.getpid(), "changes": changed}]
+        resumes = [*earlier, {"at": now_iso(), "pid": os.getpid(), "changes": changed, "world_size": world_size}]
         seen: dict[str, Any] = {}
 
         def still_free(current: dict[str, Any] | None) -> bool:
