@@ -112,3 +112,23 @@ def test_a_fit_state_keeps_which_parameters_train(write_recipe):
     model.bias.requires_grad_(False)
     fit.load_state_dict(state)
     assert [p.requires_grad for p in model.parameters()] == [False, True]
+
+
+def test_the_running_loss_goes_on_from_a_checkpoint_at_an_epochs_end(write_recipe):
+    """The progress line's running loss is an average over epochs: a resume from an epoch's end keeps
+    it (and the next epoch's sums start anew, as they would have)."""
+    import engineflow as ef
+    from tests.conftest import BASE_RECIPE
+
+    recipe = write_recipe(BASE_RECIPE)
+    fit, _, _ = ef.build(recipe)
+    fit.run(1)
+    state = fit.state_dict()
+    assert fit.position() == {"epochs_completed": 1, "batches_in_epoch": 0} and fit.loss.running is not None
+    resumed, _, _ = ef.build(recipe)
+    resumed.load_state_dict(state)
+    assert resumed.loss.running == fit.loss.running
+    fit.run(2)
+    resumed.run(2)
+    assert resumed.loss.running == fit.loss.running
+    assert resumed.history[-1]["train/loss"] == fit.history[-1]["train/loss"]

@@ -37,6 +37,7 @@ from engineflow.execute.parallel import (
     gather_objects,
     order_layout,
     positioned,
+    regrouped_metric_state,
     resume_order,
     sum_over_ranks,
     train_wrappers,
@@ -267,10 +268,13 @@ class Fit:
         self._resume_batches = within
         self._whole_epoch = normal if normal is not None and normal != length else None
 
+        share = _rank_share(state, ranks, self.rank, moved, self.train_metrics, self.world_size)
+        # the running loss (the progress line's) goes on across epochs; the epoch's sums only within one
+        self.loss.load_running(share["loss"])
+
         def within_epoch() -> None:
-            share = _rank_share(state, ranks, self.rank, moved)
             self.loss.load_state_dict(share["loss"])
-            for name, metric_state in share.get("train_metrics", {}).items():
+            for name, metric_state in share["train_metrics"].items():
                 if metric_state is not None:
                     self.train_metrics[name].load_state_dict(metric_state)
             if "rng" in share:  # a rank new to the epoch keeps the epoch's seeding
@@ -298,17 +302,24 @@ def _length(loader: Any) -> int | None:
         return None
 
 
-def _rank_share(state: Mapping[str, Any], ranks: list[Mapping[str, Any]] | None, rank: int,
-                moved: bool) -> dict[str, Any]:
+def _rank_share(state: Mapping[str, Any], ranks: list[Mapping[str, Any]] | None, rank: int, moved: bool,
+                metrics: Mapping[str, Any], world_size: int) -> dict[str, Any]:
     """What this rank restores within an epoch: its own saved RNGs, sums and train metrics; after a
     change of the number of processes, rank 0 the sum of every saved rank's losses, every rank its
-    namesake's RNGs and train metrics where one was saved (new ranks keep the epoch's seeding)."""
+    namesake's RNGs (new ranks keep the epoch's seeding), and each train metric's state regrouped
+    for this number (see :func:`~engineflow.execute.parallel.regrouped_metric_state`)."""
     saved = list(ranks) if ranks is not None else [{k: state[k] for k in RANK_STATE}]
     if not moved:
-        return dict(saved[rank] if ranks is not None else saved[0])
-    share: dict[str, Any] = {"loss": LossMonitor.regrouped([s["loss"] for s in saved], rank)}
+        share = dict(saved[rank] if ranks is not None else saved[0])
+        share["train_metrics"] = share.get("train_metrics") or {}
+        return share
+    share: dict[str, Any] = {"loss": LossMonitor.regrouped([s["loss"] for s in saved], rank), "train_metrics": {}}
     if rank < len(saved):
-        share.update(rng=saved[rank]["rng"], train_metrics=saved[rank]["train_metrics"])
+        share["rng"] = saved[rank]["rng"]
+    for name, metric in metrics.items():
+        # every rank saved the same list of every rank's state (Ignite gathers it)
+        share["train_metrics"][name], _ = regrouped_metric_state(metric, saved[0]["train_metrics"].get(name), rank,
+                                                                 world_size)
     return share
 
 

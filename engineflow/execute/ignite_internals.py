@@ -1,6 +1,6 @@
 """Every use of Ignite's private API, in one module, checked against the Ignite versions it was read in.
 
-engineflow needs six things Ignite keeps private:
+engineflow needs seven things Ignite keeps private:
 
 * ``Engine._fire_event``: overridden, so that :class:`~engineflow.execute.engine.StepEngine` decides how an
   event's handlers run (skipped batches, control exceptions, no debug line formatted per event);
@@ -12,7 +12,10 @@ engineflow needs six things Ignite keeps private:
 * ``Engine._init_iter``: how Ignite itself starts a resumed epoch after the batches already done;
 * ``Engine._is_done``: overridden, so that a run ends after its epochs, not after ``epoch_length *
   max_epochs`` iterations: a run resumed on another number of processes has had epochs of another
-  length before.
+  length before;
+* the attributes a metric's ``compute`` all-reduces (the arguments of ``sync_all_reduce``, kept in its
+  wrapper's closure) and ``Metric.__state_dict_key_per_rank``: a metric's state saved by N processes is
+  regrouped for M (:func:`synced_attributes`, :data:`PER_RANK_KEY`).
 
 Their layout was read in the Ignite releases of :data:`VERIFIED`; on any other release importing this
 module raises :class:`UntestedIgniteError` instead of running with a layout it may not have.
@@ -124,3 +127,35 @@ class HookedEngine(Engine):
         """Make the next ``run`` start its first epoch after ``batches_done`` batches, as Ignite's own
         resume from a mid-epoch state does."""
         self._init_iter = batches_done
+
+
+def _per_rank_key() -> str:
+    from ignite.metrics import Metric
+
+    return Metric._Metric__state_dict_key_per_rank  # type: ignore[attr-defined]
+
+
+# the key of Metric.state_dict()'s list of per-rank states (a name-mangled class attribute)
+PER_RANK_KEY: str = _per_rank_key()
+
+
+def synced_attributes(metric: Any) -> dict[str, str] | None:
+    """The attributes ``metric.compute`` all-reduces over the processes, with their reduction
+    ("SUM", "MAX", "MIN" or "PRODUCT"): the arguments of Ignite's ``sync_all_reduce`` decorator; None
+    when its ``compute`` is not decorated with it.
+
+    Example:
+        >>> from ignite.metrics import Accuracy
+        >>> synced_attributes(Accuracy())
+        {'_num_examples': 'SUM', '_num_correct': 'SUM'}
+    """
+    compute = getattr(type(metric), "compute", None)
+    code = getattr(compute, "__code__", None)
+    if code is None or code.co_name != "another_wrapper" or "attrs" not in code.co_freevars:
+        return None
+    attrs = compute.__closure__[code.co_freevars.index("attrs")].cell_contents
+    found = {}
+    for attr in attrs:
+        name, _, op = attr.partition(":")
+        found[name] = op or "SUM"
+    return found

@@ -101,6 +101,12 @@ class LossMonitor:
         counts = {k: sum(s["counts"].get(k, 0) for s in states) if rank == 0 else 0 for k in first["counts"]}
         return {"running": first["running"], "totals": totals, "counts": counts, "main": first["main"]}
 
+    def load_running(self, state: Mapping[str, Any]) -> None:
+        """Only the running average and the loss it follows (a :meth:`state_dict`): what goes on from
+        one epoch to the next, while the epoch's sums start anew."""
+        self.running = state["running"]
+        self._main = state.get("main", "loss" if state["running"] is not None else None)
+
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.running = state["running"]
         if "totals" in state:
