@@ -262,11 +262,25 @@ def _watch(workers: list[subprocess.Popen[bytes]]) -> tuple[int, int] | None:
         time.sleep(POLL_S)
 
 
-def _failure(folder: Path, workers: list[subprocess.Popen[bytes]], rank: int, code: int,
+def _failure(folder: Path, workers: list[subprocess.Popen[bytes]], first: int, code: int,
              runs_dir: str | Path | None) -> WorkerError:
-    """What failed, printed and recorded: the run (if rank 0 recorded one) is marked failed,
-    naming the rank; an interrupt of rank 0 keeps rank 0's own "interrupted"."""
-    info = _read_json(folder / f"rank-{rank}.json")
+    """What failed, printed once and recorded: the run (if rank 0 recorded one) is marked failed,
+    naming the rank; an interrupt of rank 0 keeps rank 0's own "interrupted".
+
+    The rank reported is the cause: one killed by a signal, else one whose error is its own (rank 0
+    first: it printed its error itself), not one that only lost its peers (see :func:`_lost_peer`).
+    The other ranks' logs are printed only when the rank reported is one of them."""
+    if code == EXIT_INTERRUPTED:  # every rank checkpointed and stopped; rank 0 marked the run interrupted
+        return WorkerError(f"rank {first} (pid {workers[first].pid}) was interrupted", EXIT_INTERRUPTED,
+                           already_reported=True)
+    codes = {r: w.returncode for r, w in enumerate(workers)}
+    infos = {r: _read_json(folder / f"rank-{r}.json") for r in codes}
+    failed = [r for r, c in codes.items() if c not in (None, 0, EXIT_INTERRUPTED)]
+    killed = [r for r in failed if codes[r] < 0]
+    own = [r for r in failed if codes[r] > 0 and not infos[r].get("lost_peer")]
+    rank = first if first in killed else killed[0] if killed else (0 if 0 in own else own[0] if own else first)
+    code = codes[rank] if codes[rank] is not None else code
+    info = infos[rank]
     if code < 0:
         what = f"was killed by {signal.Signals(-code).name}"
         exit_code = EXIT_TRAINING_FAILED
@@ -279,12 +293,27 @@ def _failure(folder: Path, workers: list[subprocess.Popen[bytes]], rank: int, co
         tail = log.read_text(errors="replace")[-4000:] if log.is_file() else ""
         if tail.strip():
             print(tail.rstrip("\n"), file=sys.stderr)
-    if code == EXIT_INTERRUPTED:  # every rank checkpointed and stopped; rank 0 marked the run interrupted
-        return WorkerError(message, EXIT_INTERRUPTED, already_reported=True)
     run_id_file = folder / "run_id"
     if run_id_file.is_file():
         _mark_failed(run_id_file.read_text().strip(), message, runs_dir)
-    return WorkerError(message, exit_code, already_reported=rank == 0 and code > 0)
+    return WorkerError(message, exit_code, already_reported=rank == 0 and code > 0 and not info.get("lost_peer"))
+
+
+def _lost_peer(error: BaseException) -> bool:
+    """Whether ``error`` (or an error it was raised from) is a collective failing because another
+    process is gone: then that process's failure is the one to report, not this consequence."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current)
+        if type(current).__name__ in ("DistBackendError", "DistNetworkError") or (
+                isinstance(current, RuntimeError)
+                and any(sign in text for sign in ("Connection closed by peer", "Connection reset by peer",
+                                                  "Broken pipe"))):
+            return True
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _mark_failed(run_id: str, message: str, runs_dir: str | Path | None) -> None:
@@ -330,8 +359,11 @@ def _worker(folder: Path) -> None:
         except BaseException as err:
             code = getattr(err, "exit_code", EXIT_INTERRUPTED if isinstance(err, KeyboardInterrupt)
                            else EXIT_TRAINING_FAILED)
+            lost = _lost_peer(err)
             (folder / f"rank-{rank}.json").write_text(json.dumps({"error": f"{type(err).__name__}: {err}",
-                                                                  "exit_code": code}))
+                                                                  "exit_code": code, "lost_peer": lost}))
+            if lost:  # the launcher reports the process that is gone; this one's error is only its echo
+                raise SystemExit(EXIT_TRAINING_FAILED) from None
             raise
         if rank == 0:
             tmp = folder / "result.json.tmp"
