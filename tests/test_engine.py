@@ -263,3 +263,12 @@ def test_a_filter_on_an_event_without_a_count_is_refused_when_attached():
 
     with pytest.raises(ef.RecipeError, match="keeps no count of its own, so it takes no filter"):
         engine_with(once)
+
+
+def test_a_thousand_engines_leave_one_handler_on_their_shared_logger():
+    """Every StepEngine logs to the one logger Ignite names after the class: it gets one NullHandler."""
+    import logging
+
+    engines = [make_engine(StepSpec("train", lambda batch: {"loss": batch}), {}) for _ in range(1001)]
+    assert len({id(e.logger) for e in engines}) == 1
+    assert sum(isinstance(h, logging.NullHandler) for h in engines[0].logger.handlers) == 1

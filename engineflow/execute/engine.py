@@ -56,8 +56,10 @@ class StepEngine(HookedEngine):
         super().__init__(process_function)
         # Ignite logs every exception that ends a run (KeyboardInterrupt after an interrupt checkpoint,
         # a NaN loss) at ERROR; with no logging configured Python would print those to stderr beside
-        # engineflow's own message. A NullHandler keeps them for users who do configure logging.
-        self.logger.addHandler(logging.NullHandler())
+        # engineflow's own message. A NullHandler keeps them for users who do configure logging; the
+        # logger is the one every StepEngine shares (Ignite names it after the class), so one is enough.
+        if not any(isinstance(handler, logging.NullHandler) for handler in self.logger.handlers):
+            self.logger.addHandler(logging.NullHandler())
         self.kind = kind
         self.batch_skipped = False
         # True once handlers declared with ef.on(Events.EXCEPTION_RAISED) are attached: they clean up,
