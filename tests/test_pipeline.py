@@ -192,8 +192,13 @@ def test_every_stage_runs_in_order_and_is_recorded_under_its_name(unbroken):
     assert [row["epoch"] for row in shown["history"]] == [1, 2, 3, 4, 5, 6]
     assert set(shown["history"][0]) == {"epoch", "warmup/train/loss", "warmup/labelled/accuracy",
                                         "warmup/valid/accuracy"}
-    assert set(shown["history"][5]) == {"epoch", "finetune/train/loss", "finetune/valid/accuracy"}
+    # the test pass's metrics count at the pipeline's last epoch (as in TensorBoard and MLflow)
+    assert set(shown["history"][5]) == {"epoch", "finetune/train/loss", "finetune/valid/accuracy",
+                                        "test/test/accuracy"}
     assert record["history"] == shown["history"]
+    lines = [json.loads(line) for line in (Path(shown["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    assert [(e["epoch"], e["value"]) for e in lines if e["name"] == "test/test/accuracy"] == [
+        (6, shown["metrics"]["test/test/accuracy"])]
     assert shown["metrics"]["test/test/accuracy"] == finetune_free(shown)["test/test/accuracy"]
     # predictions of the infer pass: one per test sample, from the finished model
     run_dir = Path(shown["run_dir"])
@@ -279,6 +284,9 @@ def test_a_pipeline_killed_anywhere_resumes_bit_identical(folder, unbroken, tmp_
     (run_dir,) = (p.parent for p in runs.glob("*/*/run.json"))
     (ref_dir,) = (p.parent for p in unbroken[0].glob("*/*/run.json"))
     assert (run_dir / "wide.jsonl").read_text() == (ref_dir / "wide.jsonl").read_text()
+    # each metric once, the test pass's too (a resume after it runs it again)
+    assert sorted((run_dir / "metrics.jsonl").read_text().splitlines()) == sorted(
+        (ref_dir / "metrics.jsonl").read_text().splitlines())
     assert torch.equal(torch.load(run_dir / "predictions" / "predict" / "test.pt", weights_only=True),
                        torch.load(ref_dir / "predictions" / "predict" / "test.pt", weights_only=True))
 

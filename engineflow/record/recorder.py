@@ -200,8 +200,7 @@ class RunRecorder:
         row = stage.row(fit.history[-1])  # the pipeline's epoch, the stage's prefix
         epoch = row["epoch"]
         values = {k: v for k, v in row.items() if k != "epoch"}
-        with (self.run_dir / "metrics.jsonl").open("a", encoding="utf-8") as out:
-            out.writelines(json.dumps({"epoch": epoch, "name": k, "value": v}) + "\n" for k, v in values.items())
+        self._append_metrics(epoch, values)
         self.tb.epoch(epoch, values)
         if self.mirror is not None:
             self.mirror.epoch(epoch, values)
@@ -236,12 +235,29 @@ class RunRecorder:
         if not pipeline.staged:
             return
         fields: dict[str, Any] = {"stages": self._stages_with(pipeline.info, public_stage(summary))}
-        if summary["kind"] == "test":
-            fields["metrics"] = {**(self.record.get("metrics") or {}), **summary["metrics"]}
-            self.tb.epoch(pipeline.epochs_completed(), summary["metrics"])
+        rows: list[Row] = []
+        if summary["kind"] == "test":  # its metrics count at the pipeline's latest epoch, as in MLflow
+            epoch, values = pipeline.epochs_completed(), summary["metrics"]
+            fields["metrics"] = {**(self.record.get("metrics") or {}), **values}
+            self._append_metrics(epoch, values, replace=True)
+            rows = [(epoch, k, v) for k, v in values.items()]
+            self.tb.epoch(epoch, values)
             if self.mirror is not None:
-                self.mirror.epoch(pipeline.epochs_completed(), summary["metrics"])
-        self.update(**fields)
+                self.mirror.epoch(epoch, values)
+        self._save(fields, rows)
+
+    def _append_metrics(self, epoch: int, values: Mapping[str, Any], *, replace: bool = False) -> None:
+        """One ``metrics.jsonl`` line per value; ``replace``: earlier lines of the same epoch and names
+        go first (a test pass run again after a resume from the end of the stage before it)."""
+        path = self.run_dir / "metrics.jsonl"
+        if replace:
+            kept = [line for line, seen in _metric_lines(path, names=True) if seen not in
+                    {(epoch, name) for name in values}]
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_bytes(b"".join(kept))
+            tmp.replace(path)
+        with path.open("a", encoding="utf-8") as out:
+            out.writelines(json.dumps({"epoch": epoch, "name": k, "value": v}) + "\n" for k, v in values.items())
 
     def predictions(self, pipeline: Any, loader: str, outputs: Any) -> None:
         """An infer pass's predictions on one loader: ``predictions/<stage>/<loader>.pt``."""
@@ -323,18 +339,21 @@ def _best_meta(state: Mapping[str, Any]) -> dict[str, Any]:
     return {"epoch": recorded.pop("epoch"), "metrics": recorded}
 
 
-def _metric_lines(path: Path) -> list[tuple[bytes, int]]:
-    """The readable lines of a metrics.jsonl with their epochs; a damaged line is left out."""
+def _metric_lines(path: Path, *, names: bool = False) -> list[tuple[bytes, Any]]:
+    """The readable lines of a metrics.jsonl with their epochs (``names``: ``(epoch, name)``); a
+    damaged line is left out."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         return []
-    found = []
+    found: list[tuple[bytes, Any]] = []
     for line in data.splitlines(keepends=True):
         try:
-            epoch = json.loads(line.decode("utf-8"))["epoch"]
+            entry = json.loads(line.decode("utf-8"))
+            epoch = entry["epoch"]
         except (ValueError, TypeError, KeyError, IndexError):  # UnicodeDecodeError is a ValueError
             continue
         if isinstance(epoch, int):
-            found.append((line if line.endswith(b"\n") else line + b"\n", epoch))
+            found.append((line if line.endswith(b"\n") else line + b"\n",
+                          (epoch, entry.get("name")) if names else epoch))
     return found
