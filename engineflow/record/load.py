@@ -25,7 +25,13 @@ from engineflow.naming import option
 from engineflow.record.snapshot import capture
 from engineflow.record.store import RunStore
 from engineflow.runtime import runs_in_use, using_run
-from engineflow.state.checkpoint_files import best_checkpoint, load_checkpoint_weights, load_latest, load_weights
+from engineflow.state.checkpoint_files import (
+    best_checkpoint,
+    checkpoint_files,
+    load_checkpoint_weights,
+    load_weights,
+    newest_intact,
+)
 from engineflow.state.components import modules_of
 from engineflow.state.rng import rng_state, set_rng_state
 
@@ -149,14 +155,38 @@ def _load_chosen_weights(record: dict[str, Any], run_dir: Path, which: str,
         return
     # The weights files are written when a run ends; a run still going, or killed, has checkpoints.
     folder = run_dir / "checkpoints" / "state"
-    found = load_latest(folder, _quiet) if which == "last" else best_checkpoint(folder, _quiet)
+    damaged: list[tuple[Path, str]] = []
+
+    def skip(path: Path, problem: str) -> None:
+        damaged.append((path, problem))
+
+    found = newest_intact(folder, skip) if which == "last" else best_checkpoint(folder, skip)
     if found is None:
-        raise RecipeError(f"run {record['id']} has no {which} weights; it ended before its first epoch completed")
+        raise RecipeError(_no_checkpoint(record["id"], which, folder, damaged))
+    if damaged:  # as --resume does: an older file than the newest is used, and why is said
+        print(f"run {record['id']}: {_damaged(damaged)}; its {which} weights come from {found[0].name}",
+              file=sys.stderr)
     load_checkpoint_weights(found[1], modules, found[0])
 
 
-def _quiet(line: str) -> None:
-    """Damaged checkpoints are skipped silently here: the one loaded is the newest valid one."""
+def _damaged(damaged: list[tuple[Path, str]]) -> str:
+    if len(damaged) == 1:
+        return f"checkpoint {damaged[0][0]} is damaged ({damaged[0][1]})"
+    return "checkpoints " + ", ".join(f"{path} ({problem})" for path, problem in damaged) + " are damaged"
+
+
+def _no_checkpoint(run_id: str, which: str, folder: Path, damaged: list[tuple[Path, str]]) -> str:
+    """Why run ``run_id`` has no checkpoint to take its ``which`` weights from."""
+    skipped = {path for path, _ in damaged}
+    intact = [path for path in checkpoint_files(folder) if path not in skipped]
+    if not damaged and not intact:
+        return f"run {run_id} has no {which} weights; it ended before its first epoch completed"
+    if not intact:
+        return (f"run {run_id} has no {which} weights: every checkpoint is damaged ({_damaged(damaged)}); "
+                "restore them from a copy, or train the run again")
+    lost = f": {_damaged(damaged)}" if damaged else " (the files its newest intact checkpoint ranks best are gone)"
+    return (f"run {run_id} has no intact checkpoint of its best epoch{lost}; "
+            f"ef.load_run({run_id!r}, which='last') loads the newest intact one, {intact[-1].name}")
 
 
 def _snapshot_recipe(record: dict[str, Any], run_dir: Path) -> Recipe:
