@@ -4,12 +4,16 @@ Also the rule ``test`` and ``eval`` follow to pick a run: the latest completed r
 (``--check`` smoke runs aside; ``--run last`` means the newest of any kind), refused
 when the recipe's code changed since, unless ``--ignore-changes`` (today's code, that run's
 weights) or ``--run ID`` (that run's own code from its snapshot).
+
+A snapshot is imported only once :mod:`engineflow.record.trust` has checked it, and its imports write
+no ``__pycache__`` into it.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -24,6 +28,7 @@ from engineflow.execute.fit import Fit
 from engineflow.naming import option
 from engineflow.record.snapshot import capture
 from engineflow.record.store import RunStore
+from engineflow.record.trust import checked_recipe, writing_no_bytecode
 from engineflow.runtime import runs_in_use, using_run
 from engineflow.state.checkpoint_files import (
     best_checkpoint,
@@ -71,6 +76,7 @@ def load_run(
     device: str = "cpu",
     experiment: str | None = None,
     recipe: str | Path | None = None,
+    trust_code: bool = False,
 ) -> LoadedRun:
     """Load run ``ref`` ("last", an id or a unique id prefix) with its code, config and weights.
 
@@ -81,6 +87,12 @@ def load_run(
         device: where to put the model.
         experiment: restrict "last" to one experiment.
         recipe: use this recipe file instead of the run's snapshot (today's code).
+        trust_code: import the snapshot although nothing shows that this user recorded it: a run of
+            another user or machine, or of an earlier engineflow version. Its files must still be
+            those the run recorded, when it recorded them (see :mod:`engineflow.record.trust`).
+
+    Raises:
+        UntrustedCodeError: the snapshot changed since the run was recorded, or needs ``trust_code``.
 
     Example::
 
@@ -99,14 +111,16 @@ def load_run(
     with RunStore.open(root) as store:
         record = _resolve_not_in_use(store, ref, experiment)
     run_dir = Path(record["run_dir"])
-    loaded = load_recipe(recipe) if recipe is not None else _snapshot_recipe(record, run_dir)
+    snapshot = None if recipe is not None else checked_recipe(record, run_dir, trust_code=trust_code)
     context = RunContext(record["id"], record["experiment"], run_dir, resolve_device(device), record["seed"],
                          runs_dir=root)
     # build() seeds every RNG with the past run's seed; a setup() loading a run for fine-tuning must
     # go on drawing from its own seed's RNGs afterwards.
     caller_rngs, hash_seed = rng_state(), os.environ.get("PYTHONHASHSEED")
+    importing = writing_no_bytecode() if snapshot is not None else nullcontext()  # setup() may import from it too
     try:
-        with using_run(record["id"]):
+        with using_run(record["id"]), importing:
+            loaded = load_recipe(recipe) if snapshot is None else _snapshot_recipe(record, snapshot)
             pipeline, cfg, _ = build_pipeline(loaded, record["config"], seed=record["seed"], context=context)
             # a pipeline's components are what its stages' prepare made them (a new head, an optimizer)
             pipeline.enter(max(i for i, s in enumerate(loaded.stages) if s.kind == "train") if loaded.stages else 0)
@@ -189,10 +203,9 @@ def _no_checkpoint(run_id: str, which: str, folder: Path, damaged: list[tuple[Pa
             f"ef.load_run({run_id!r}, which='last') loads the newest intact one, {intact[-1].name}")
 
 
-def _snapshot_recipe(record: dict[str, Any], run_dir: Path) -> Recipe:
-    files_dir = run_dir / "code" / "files"
+def _snapshot_recipe(record: dict[str, Any], path: Path) -> Recipe:
+    """Import the recipe ``path`` of run ``record``'s snapshot, once :func:`checked_recipe` allowed it."""
     recipe_rel = record["code"]["files"][0]
-    path = files_dir / recipe_rel
     if not path.is_file():
         raise RecipeError(f"run {record['id']} has no code snapshot at {path}; it cannot be loaded as it was")
     # The snapshot's helper modules must win over today's copies that may already be imported.
@@ -223,8 +236,12 @@ def select_run(
     runs_dir: str | Path | None,
     device: str = "cpu",
     which: str = "best",
+    trust_code: bool = False,
 ) -> LoadedRun:
-    """The run ``test``/``eval`` use (see the module docstring); refuses when the code changed."""
+    """The run ``test``/``eval`` use (see the module docstring); refuses when the code changed.
+
+    ``trust_code``: for ``ref`` an id, import its snapshot as :func:`load_run` does with it.
+    """
     from engineflow.record.runs import resolve_runs_dir
 
     recipe = load_recipe(recipe_path)
@@ -235,7 +252,7 @@ def select_run(
         else:
             record = store.resolve(ref, recipe.name)
     if ref is not None and ref != "last":
-        return load_run(record["id"], runs_dir=root, which=which, device=device)
+        return load_run(record["id"], runs_dir=root, which=which, device=device, trust_code=trust_code)
     today = capture(recipe.path).source
     if today != record["code"]["source"] and not ignore_changes:
         raise RecipeError(
