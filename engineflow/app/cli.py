@@ -38,6 +38,9 @@ oversubscribe_option = click.option("--oversubscribe", is_flag=True,
                                     help="With --nproc: start more processes than CPUs (GPUs on CUDA).")
 ignore_changes_option = click.option("--ignore-changes", is_flag=True,
                                      help="Use the run even if the recipe's code changed since.")
+trust_code_option = click.option("--trust-code", is_flag=True,
+                                 help="With --run ID: import that run's code snapshot even if another user or machine "
+                                      "or an earlier engineflow version recorded it (review its code/ first).")
 
 
 class OneLineUsageError(click.UsageError):
@@ -164,18 +167,20 @@ def run_command(recipe: str, assignments: tuple[str, ...], check: bool, device: 
 @recipe_argument
 @run_ref_option
 @ignore_changes_option
+@trust_code_option
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @runs_dir_option
 @json_option
 @nproc_option
 @oversubscribe_option
 @debug_option
-def test_command(recipe: str, run_ref: str | None, ignore_changes: bool, device: str, runs_dir: str, as_json: bool,
-                 nproc: int | None, oversubscribe: bool, debug: bool) -> None:
+def test_command(recipe: str, run_ref: str | None, ignore_changes: bool, trust_code: bool, device: str, runs_dir: str,
+                 as_json: bool, nproc: int | None, oversubscribe: bool, debug: bool) -> None:
     """Evaluate a run's best weights on RECIPE's "test" loader and store the results with the run.
 
     Uses the latest run of the recipe; refuses if the recipe's code changed since that run,
-    unless --ignore-changes (today's code, that run's weights) or --run ID (that run's code).
+    unless --ignore-changes (today's code, that run's weights) or --run ID (that run's code,
+    checked against what the run recorded; --trust-code for a run this user did not record).
     """
 
     def go() -> None:
@@ -185,7 +190,7 @@ def test_command(recipe: str, run_ref: str | None, ignore_changes: bool, device:
         from engineflow.app.views import to_json
 
         result = evaluate_test(recipe, ref=run_ref, ignore_changes=ignore_changes, runs_dir=runs_dir, device=device,
-                               nproc=nproc, oversubscribe=oversubscribe)
+                               nproc=nproc, oversubscribe=oversubscribe, trust_code=trust_code)
         if rank_of_this_process() > 0:  # under torchrun: rank 0 prints
             return
         if as_json:
@@ -202,13 +207,14 @@ def test_command(recipe: str, run_ref: str | None, ignore_changes: bool, device:
 @click.argument("output_path", metavar="OUTPUT", type=click.Path(dir_okay=False, path_type=str))
 @run_ref_option
 @ignore_changes_option
+@trust_code_option
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True,
               help="Inputs per infer batch when INPUT is a folder.")
 @runs_dir_option
 @debug_option
 def eval_command(recipe: str, input_path: str, output_path: str, run_ref: str | None, ignore_changes: bool,
-                 device: str, batch_size: int, runs_dir: str, debug: bool) -> None:
+                 trust_code: bool, device: str, batch_size: int, runs_dir: str, debug: bool) -> None:
     """Predict INPUT (a file, or every file of a folder) with a run's model and write OUTPUT.
 
     The recipe's load_sample(path) and store_result(path, predictions, files) read and write;
@@ -220,7 +226,7 @@ def eval_command(recipe: str, input_path: str, output_path: str, run_ref: str | 
         from engineflow.app.report import plural
 
         result = predict_files(recipe, input_path, output_path, ref=run_ref, ignore_changes=ignore_changes,
-                            runs_dir=runs_dir, device=device, batch_size=batch_size)
+                            runs_dir=runs_dir, device=device, batch_size=batch_size, trust_code=trust_code)
         click.echo(f"run {result['run']}: {plural(result['inputs'], 'input')} -> {result['output']}")
 
     _guarded(go, debug, "eval failed")
@@ -228,7 +234,8 @@ def eval_command(recipe: str, input_path: str, output_path: str, run_ref: str | 
 
 @main.group("runs")
 def runs_group() -> None:
-    """List, show, compare and plot recorded runs; rebuild the store from run folders; sync MLflow mirrors."""
+    """List, show, compare and plot recorded runs; rebuild the store from run folders; sync MLflow mirrors;
+    trust a run's code."""
 
 
 @runs_group.command("list")
@@ -328,6 +335,31 @@ def runs_reindex(runs_dir: str, debug: bool) -> None:
         click.echo(f"indexed {plural(done.runs, 'run')}{damaged} into {runs_dir}/engineflow.db")
 
     _guarded(go, debug, "runs reindex failed")
+
+
+@runs_group.command("trust")
+@click.argument("run_ref", metavar="RUN")
+@runs_dir_option
+@debug_option
+def runs_trust(run_ref: str, runs_dir: str, debug: bool) -> None:
+    """Sign RUN's code snapshot as it is now with your key, once you have reviewed its code/ folder.
+
+    Loading a run imports its snapshot: one recorded by another user or machine, or by an earlier
+    engineflow version, needs --trust-code until it is signed; a snapshot changed since the run was
+    recorded is refused until it is signed again.
+    """
+
+    def go() -> None:
+        from pathlib import Path
+
+        from engineflow.record.trust import key_path, trust_run
+
+        record = trust_run(runs_dir, run_ref)
+        files = len(record["code"]["digests"]["files"])
+        click.echo(f"signed run {record['id']}: the {files} files of {Path(record['run_dir']) / 'code'} as they are "
+                   f"now, with your key {key_path()}")
+
+    _guarded(go, debug, "runs trust failed")
 
 
 @runs_group.command("sync")

@@ -59,8 +59,11 @@ def store_result(path: Path, predictions: Any, files: Sequence[str]) -> None:
 
 def predict_files(recipe: str | Path, source: str | Path, output: str | Path, *, ref: str | None = None,
                ignore_changes: bool = False, runs_dir: str | Path | None = None, device: str = "cpu",
-               batch_size: int = 64) -> dict[str, Any]:
+               batch_size: int = 64, trust_code: bool = False) -> dict[str, Any]:
     """Run a past run's infer step on a file or every file of a folder and write OUTPUT.
+
+    ``trust_code``: with ``ref`` an id, import its code snapshot although nothing shows that this
+    user recorded it (see :func:`engineflow.record.load.load_run`).
 
     Returns:
         ``{"run": id, "inputs": n, "output": path}``.
@@ -69,7 +72,8 @@ def predict_files(recipe: str | Path, source: str | Path, output: str | Path, *,
 
     source, output = Path(source), Path(output)
     files = _input_files(source)
-    past = select_run(recipe, ref=ref, ignore_changes=ignore_changes, runs_dir=runs_dir, device=device)
+    past = select_run(recipe, ref=ref, ignore_changes=ignore_changes, runs_dir=runs_dir, device=device,
+                      trust_code=trust_code)
     infer = past.recipe.steps.get("infer")
     if infer is None:
         raise RecipeError(f"{past.recipe.path}: no infer step; decorate one with @ef.infer_step")

@@ -13,13 +13,15 @@ from engineflow.errors import RecipeError
 
 
 def evaluate_test(recipe: str | Path, *, ref: str | None = None, ignore_changes: bool = False,
-             runs_dir: str | Path | None = None, device: str = "cpu", nproc: int | None = None,
-             oversubscribe: bool = False) -> dict[str, Any]:
+                  runs_dir: str | Path | None = None, device: str = "cpu", nproc: int | None = None,
+                  oversubscribe: bool = False, trust_code: bool = False) -> dict[str, Any]:
     """Evaluate a run's best weights on the recipe's "test" loader and store the results with the run.
 
     ``nproc``: on that many local processes, each on its share of the test loader (nothing padded,
     nothing dropped: the metrics are one process's); under ``torchrun``, on its processes. More
     processes than CPUs (GPUs on CUDA) need ``oversubscribe``.
+    ``trust_code``: with ``ref`` an id, import its code snapshot although nothing shows that this
+    user recorded it (see :func:`engineflow.record.load.load_run`).
 
     Returns:
         ``{"run": id, "metrics": {"test/accuracy": ...}}``.
@@ -30,20 +32,21 @@ def evaluate_test(recipe: str | Path, *, ref: str | None = None, ignore_changes:
         check_nproc(nproc, device, oversubscribe=oversubscribe)
     if nproc is not None and nproc > 1 and not distributed_env():
         kwargs = dict(recipe=str(recipe), ref=ref, ignore_changes=ignore_changes,
-                      runs_dir=None if runs_dir is None else str(runs_dir), device=device)
+                      runs_dir=None if runs_dir is None else str(runs_dir), device=device, trust_code=trust_code)
         return launch("test", kwargs, nproc, runs_dir=runs_dir)
     with process_group(device) as world:
         return _evaluate_test(recipe, ref=ref, ignore_changes=ignore_changes, runs_dir=runs_dir, device=device,
-                              world=world)
+                              world=world, trust_code=trust_code)
 
 
 def _evaluate_test(recipe: str | Path, *, ref: str | None, ignore_changes: bool, runs_dir: str | Path | None,
-                   device: str, world: Any) -> dict[str, Any]:
+                   device: str, world: Any, trust_code: bool) -> dict[str, Any]:
     from engineflow.execute.fit import evaluate_loader
     from engineflow.execute.parallel import shard_loader
     from engineflow.record.load import select_run
 
-    past = select_run(recipe, ref=ref, ignore_changes=ignore_changes, runs_dir=runs_dir, device=device)
+    past = select_run(recipe, ref=ref, ignore_changes=ignore_changes, runs_dir=runs_dir, device=device,
+                      trust_code=trust_code)
     loaders = past.components["loaders"]  # setup()'s, also for a pipeline whose last stage trained on others
     if "test" not in loaders:
         raise RecipeError(f"{past.recipe.path}: setup() returned no 'test' loader (loaders: "

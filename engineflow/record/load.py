@@ -4,12 +4,16 @@ Also the rule ``test`` and ``eval`` follow to pick a run: the latest completed r
 (``--check`` smoke runs aside; ``--run last`` means the newest of any kind), refused
 when the recipe's code changed since, unless ``--ignore-changes`` (today's code, that run's
 weights) or ``--run ID`` (that run's own code from its snapshot).
+
+A snapshot is imported only once :mod:`engineflow.record.trust` has checked it, and its imports write
+no ``__pycache__`` into it.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -24,8 +28,15 @@ from engineflow.execute.fit import Fit
 from engineflow.naming import option
 from engineflow.record.snapshot import capture
 from engineflow.record.store import RunStore
+from engineflow.record.trust import checked_recipe, writing_no_bytecode
 from engineflow.runtime import runs_in_use, using_run
-from engineflow.state.checkpoint_files import best_checkpoint, load_checkpoint_weights, load_latest, load_weights
+from engineflow.state.checkpoint_files import (
+    best_checkpoint,
+    checkpoint_files,
+    load_checkpoint_weights,
+    load_weights,
+    newest_intact,
+)
 from engineflow.state.components import modules_of
 from engineflow.state.rng import rng_state, set_rng_state
 
@@ -65,6 +76,7 @@ def load_run(
     device: str = "cpu",
     experiment: str | None = None,
     recipe: str | Path | None = None,
+    trust_code: bool = False,
 ) -> LoadedRun:
     """Load run ``ref`` ("last", an id or a unique id prefix) with its code, config and weights.
 
@@ -75,6 +87,12 @@ def load_run(
         device: where to put the model.
         experiment: restrict "last" to one experiment.
         recipe: use this recipe file instead of the run's snapshot (today's code).
+        trust_code: import the snapshot although nothing shows that this user recorded it: a run of
+            another user or machine, or of an earlier engineflow version. Its files must still be
+            those the run recorded, when it recorded them (see :mod:`engineflow.record.trust`).
+
+    Raises:
+        UntrustedCodeError: the snapshot changed since the run was recorded, or needs ``trust_code``.
 
     Example::
 
@@ -93,14 +111,16 @@ def load_run(
     with RunStore.open(root) as store:
         record = _resolve_not_in_use(store, ref, experiment)
     run_dir = Path(record["run_dir"])
-    loaded = load_recipe(recipe) if recipe is not None else _snapshot_recipe(record, run_dir)
+    snapshot = None if recipe is not None else checked_recipe(record, run_dir, trust_code=trust_code)
     context = RunContext(record["id"], record["experiment"], run_dir, resolve_device(device), record["seed"],
                          runs_dir=root)
     # build() seeds every RNG with the past run's seed; a setup() loading a run for fine-tuning must
     # go on drawing from its own seed's RNGs afterwards.
     caller_rngs, hash_seed = rng_state(), os.environ.get("PYTHONHASHSEED")
+    importing = writing_no_bytecode() if snapshot is not None else nullcontext()  # setup() may import from it too
     try:
-        with using_run(record["id"]):
+        with using_run(record["id"]), importing:
+            loaded = load_recipe(recipe) if snapshot is None else _snapshot_recipe(record, snapshot)
             pipeline, cfg, _ = build_pipeline(loaded, record["config"], seed=record["seed"], context=context)
             # a pipeline's components are what its stages' prepare made them (a new head, an optimizer)
             pipeline.enter(max(i for i, s in enumerate(loaded.stages) if s.kind == "train") if loaded.stages else 0)
@@ -149,20 +169,43 @@ def _load_chosen_weights(record: dict[str, Any], run_dir: Path, which: str,
         return
     # The weights files are written when a run ends; a run still going, or killed, has checkpoints.
     folder = run_dir / "checkpoints" / "state"
-    found = load_latest(folder, _quiet) if which == "last" else best_checkpoint(folder, _quiet)
+    damaged: list[tuple[Path, str]] = []
+
+    def skip(path: Path, problem: str) -> None:
+        damaged.append((path, problem))
+
+    found = newest_intact(folder, skip) if which == "last" else best_checkpoint(folder, skip)
     if found is None:
-        raise RecipeError(f"run {record['id']} has no {which} weights; it ended before its first epoch completed")
+        raise RecipeError(_no_checkpoint(record["id"], which, folder, damaged))
+    if damaged:  # as --resume does: an older file than the newest is used, and why is said
+        print(f"run {record['id']}: {_damaged(damaged)}; its {which} weights come from {found[0].name}",
+              file=sys.stderr)
     load_checkpoint_weights(found[1], modules, found[0])
 
 
-def _quiet(line: str) -> None:
-    """Damaged checkpoints are skipped silently here: the one loaded is the newest valid one."""
+def _damaged(damaged: list[tuple[Path, str]]) -> str:
+    if len(damaged) == 1:
+        return f"checkpoint {damaged[0][0]} is damaged ({damaged[0][1]})"
+    return "checkpoints " + ", ".join(f"{path} ({problem})" for path, problem in damaged) + " are damaged"
 
 
-def _snapshot_recipe(record: dict[str, Any], run_dir: Path) -> Recipe:
-    files_dir = run_dir / "code" / "files"
+def _no_checkpoint(run_id: str, which: str, folder: Path, damaged: list[tuple[Path, str]]) -> str:
+    """Why run ``run_id`` has no checkpoint to take its ``which`` weights from."""
+    skipped = {path for path, _ in damaged}
+    intact = [path for path in checkpoint_files(folder) if path not in skipped]
+    if not damaged and not intact:
+        return f"run {run_id} has no {which} weights; it ended before its first epoch completed"
+    if not intact:
+        return (f"run {run_id} has no {which} weights: every checkpoint is damaged ({_damaged(damaged)}); "
+                "restore them from a copy, or train the run again")
+    lost = f": {_damaged(damaged)}" if damaged else " (the files its newest intact checkpoint ranks best are gone)"
+    return (f"run {run_id} has no intact checkpoint of its best epoch{lost}; "
+            f"ef.load_run({run_id!r}, which='last') loads the newest intact one, {intact[-1].name}")
+
+
+def _snapshot_recipe(record: dict[str, Any], path: Path) -> Recipe:
+    """Import the recipe ``path`` of run ``record``'s snapshot, once :func:`checked_recipe` allowed it."""
     recipe_rel = record["code"]["files"][0]
-    path = files_dir / recipe_rel
     if not path.is_file():
         raise RecipeError(f"run {record['id']} has no code snapshot at {path}; it cannot be loaded as it was")
     # The snapshot's helper modules must win over today's copies that may already be imported.
@@ -193,8 +236,12 @@ def select_run(
     runs_dir: str | Path | None,
     device: str = "cpu",
     which: str = "best",
+    trust_code: bool = False,
 ) -> LoadedRun:
-    """The run ``test``/``eval`` use (see the module docstring); refuses when the code changed."""
+    """The run ``test``/``eval`` use (see the module docstring); refuses when the code changed.
+
+    ``trust_code``: for ``ref`` an id, import its snapshot as :func:`load_run` does with it.
+    """
     from engineflow.record.runs import resolve_runs_dir
 
     recipe = load_recipe(recipe_path)
@@ -205,7 +252,7 @@ def select_run(
         else:
             record = store.resolve(ref, recipe.name)
     if ref is not None and ref != "last":
-        return load_run(record["id"], runs_dir=root, which=which, device=device)
+        return load_run(record["id"], runs_dir=root, which=which, device=device, trust_code=trust_code)
     today = capture(recipe.path).source
     if today != record["code"]["source"] and not ignore_changes:
         raise RecipeError(

@@ -39,6 +39,7 @@ from engineflow.record.snapshot import CodeState, save
 from engineflow.record.staleness import HEARTBEAT_INTERVAL_S, is_stale
 from engineflow.record.store import RunStore
 from engineflow.record.tblog import TensorBoardLog
+from engineflow.record.trust import seal
 
 if TYPE_CHECKING:
     from engineflow.record.mirror import Mirror
@@ -89,7 +90,8 @@ class RunRecorder:
         save(code, self.run_dir / "code")
         write_json(self.run_dir / "config.json", self.record["config"])
         (self.run_dir / "metrics.jsonl").touch()
-        self.update(status="running", pid=os.getpid(), hostname=socket.gethostname(), heartbeat_at=now_iso())
+        self.update(status="running", pid=os.getpid(), hostname=socket.gethostname(), heartbeat_at=now_iso(),
+                    code={**self.record["code"], **seal(self.record["id"], self.run_dir / "code")})
         self._start_heartbeat()
         self.tb.open()
         if self.mirror is not None:

@@ -230,9 +230,12 @@ def ranked_by_score(scores: Mapping[Any, float], mode: str) -> list[Any]:
     return sorted(scores, key=lambda key: sign * scores[key], reverse=True)
 
 
-def best_checkpoint(folder: Path, warn: Callable[[str], None]) -> tuple[Path, dict[str, Any]] | None:
-    """The kept checkpoint of the best epoch, as the newest valid checkpoint ranks them, or None."""
-    newest = load_latest(folder, warn)
+def best_checkpoint(folder: Path, skip: Callable[[Path, str], None]) -> tuple[Path, dict[str, Any]] | None:
+    """The kept checkpoint of the best epoch, as the newest intact checkpoint ranks them, or None.
+
+    Each damaged file passed over (the newest ones, a better-ranked one) is given to ``skip`` with why.
+    """
+    newest = newest_intact(folder, skip)
     if newest is None:
         return None
     state = newest[1]
@@ -240,8 +243,11 @@ def best_checkpoint(folder: Path, warn: Callable[[str], None]) -> tuple[Path, di
         path = folder / name
         if path == newest[0]:
             return newest
-        if path.is_file() and verify(path) is None:
-            return path, load_state(path)
+        if path.is_file():
+            loaded, problem = _intact(path)
+            if loaded is not None:
+                return path, loaded
+            skip(path, problem)
     return None
 
 
@@ -317,17 +323,35 @@ def load_latest(folder: Path, warn: Callable[[str], None]) -> tuple[Path, dict[s
     :class:`UnsafeCheckpointError` instead of falling back: an intact file with such content was
     put there on purpose, and training on from an older file of the same folder would hide that.
     """
+    return newest_intact(folder, lambda path, problem: warn(f"checkpoint {path} is damaged ({problem}); "
+                                                            "trying the previous one"))
+
+
+def newest_intact(folder: Path, skip: Callable[[Path, str], None]) -> tuple[Path, dict[str, Any]] | None:
+    """:func:`load_latest`, giving each damaged checkpoint passed over to ``skip`` with why."""
     for path in reversed(checkpoint_files(folder)):
-        problem = verify(path)
-        if problem is None:
-            try:
-                return path, load_state(path)
-            except UnsafeCheckpointError:
-                raise
-            except Exception as err:
-                problem = f"{type(err).__name__}: {err}"
-        warn(f"checkpoint {path} is damaged ({problem}); trying the previous one")
+        loaded, problem = _intact(path)
+        if loaded is not None:
+            return path, loaded
+        skip(path, problem)
     return None
+
+
+def _intact(path: Path) -> tuple[dict[str, Any] | None, str]:
+    """The checkpoint's content when it passes its checksum and loads, else None and why not.
+
+    Raises:
+        UnsafeCheckpointError: it passes its checksum but holds objects engineflow does not load.
+    """
+    problem = verify(path)
+    if problem is None:
+        try:
+            return load_state(path), ""
+        except UnsafeCheckpointError:
+            raise
+        except Exception as err:
+            problem = f"{type(err).__name__}: {err}"
+    return None, problem
 
 
 def prune(folder: Path, keep: set[Path]) -> None:
