@@ -285,3 +285,27 @@ def test_when_every_checkpoint_is_damaged_the_error_says_so(run, cli, which):
     if which == "best":
         done = cli("test", str(recipe), "--run", run_id, "--runs-dir", str(runs))
         assert done.exit_code == 2 and "damaged" in done.stderr and files[-1].name in done.stderr
+
+
+FROZEN = BASE_RECIPE.replace("model = torch.nn.Linear(4, 2)",
+                             "model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))") + '''
+@ef.on(ef.Events.STARTED)
+def freeze_the_first_layer(model):
+    model[0].requires_grad_(False)  # frozen by a handler: setup() alone builds it trainable
+'''
+
+
+@pytest.mark.parametrize("which", ["best", "last"])
+def test_a_loaded_run_trains_the_parameters_it_ended_training(tmp_path, which):
+    """ef.load_run gives the modules with the requires_grad flags the run ended with, from last.pt, or
+    from the newest checkpoint of a run that has no last.pt (killed)."""
+    recipe = tmp_path / "frozen.py"
+    recipe.write_text(FROZEN)
+    result = ef.run(recipe, runs_dir=tmp_path / "runs", device="cpu", stream=io.StringIO(), progress=False)
+    past = ef.load_run(result.run_id, runs_dir=tmp_path / "runs", which=which)
+    assert [p.requires_grad for p in past.model.parameters()] == [False, False, True, True]
+    assert torch.load(result.run_dir / "checkpoints" / "last.pt", weights_only=True)["requires_grad"] == {
+        "model": [False, False, True, True]}
+    (result.run_dir / "checkpoints" / "last.pt").unlink()  # as a killed run has none
+    past = ef.load_run(result.run_id, runs_dir=tmp_path / "runs", which=which)
+    assert [p.requires_grad for p in past.model.parameters()] == [False, False, True, True]

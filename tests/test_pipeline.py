@@ -228,6 +228,23 @@ def test_tensorboard_tags_carry_the_stage_and_steps_count_across_stages(unbroken
         [row["finetune/valid/accuracy"] for row in shown["history"][4:]])
 
 
+def test_a_loaded_pipeline_evaluates_any_of_setups_loaders(unbroken):
+    """Its fit is the last train stage's, which trains on 'labelled' as 'train'; evaluate() also reaches
+    setup()'s other loaders, and a name that is neither is refused naming the stage's mapping."""
+    import engineflow as ef
+
+    runs, _ = unbroken
+    shown = read_run(runs)
+    past = ef.load_run(shown["id"], runs_dir=runs, which="last")
+    # the test pass ran the same eval step on the same weights
+    assert past.fit.evaluate("test") == {"test/accuracy": shown["metrics"]["test/test/accuracy"]}
+    assert set(past.fit.evaluate("labelled")) == {"labelled/accuracy"}
+    with pytest.raises(ef.RecipeError) as refused:
+        past.fit.evaluate("tset")
+    assert str(refused.value) == ("no loader named 'tset': stage 'finetune' uses loaders train (setup()'s "
+                                  "'labelled'), valid, and setup() returned loaders train, labelled, valid, test")
+
+
 def test_a_pipeline_wide_handler_counts_across_stages_and_a_stage_handler_restarts(unbroken):
     runs, _ = unbroken
     (run_dir,) = (p.parent for p in runs.glob("*/*/run.json"))

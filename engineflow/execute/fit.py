@@ -54,6 +54,35 @@ from engineflow.state.rng import rng_state, set_rng_state
 RANK_STATE = ("rng", "loss", "train_metrics")
 
 
+@dataclass(frozen=True)
+class LoaderScope:
+    """Where :meth:`Fit.evaluate` finds a loader by name: the fit's own loaders (a stage's, by the
+    names the stage uses), then setup()'s by their own names.
+
+    Attributes:
+        stage: the stage's name; None for a recipe without stages (its loaders are setup()'s).
+        sources: the stage's name of each of its loaders -> setup()'s name.
+        setup: setup()'s loaders.
+    """
+
+    stage: str | None = None
+    sources: Mapping[str, str] = field(default_factory=dict)
+    setup: Mapping[str, Iterable[Any]] = field(default_factory=dict)
+
+    def find(self, loaders: Mapping[str, Iterable[Any]], name: str) -> Iterable[Any]:
+        """The loader called ``name``; a RecipeError naming what there is when none is."""
+        if name in loaders:
+            return loaders[name]
+        if name in self.setup:
+            return self.setup[name]
+        if self.stage is None:
+            raise RecipeError(f"no loader named {name!r}; setup() returned loaders {', '.join(loaders)}")
+        uses = ", ".join(n if self.sources.get(n, n) == n else f"{n} (setup()'s {self.sources[n]!r})"
+                         for n in loaders)
+        raise RecipeError(f"no loader named {name!r}: stage {self.stage!r} uses loaders {uses}, and setup() "
+                          f"returned loaders {', '.join(self.setup) or '(none)'}")
+
+
 @dataclass
 class Fit:
     """The engines of one fit and what they record.
@@ -92,6 +121,7 @@ class Fit:
     world_size: int = 1
     # on several processes: every rank's value, in rank order (a collective), for the per-rank state
     gather: Callable[[Any], list[Any]] | None = None
+    scope: LoaderScope = field(default_factory=LoaderScope)
     # where the fit stands in its epochs, kept by its own handlers (see position())
     _epoch_start: int = field(default=0, repr=False)
     _epoch_done: bool = field(default=False, repr=False)
@@ -104,14 +134,15 @@ class Fit:
         """Run the eval step and its metrics over one loader; returns ``{"<loader>/<metric>": value}``.
 
         A run stopped before the end of the loader (StopFit raised by an eval handler) returns ``{}``:
-        its metrics would describe part of the data, and the previous run's are not this one's.
+        its metrics would describe part of the data, and the previous run's are not this one's. In a
+        stage of a pipeline, ``loader`` is a name the stage uses, or else one of setup()'s loaders.
 
         Example::
 
             fit, cfg, ctx = ef.build("recipes/digits.py")
             fit.evaluate("valid")  # {'valid/accuracy': 0.1, 'valid/loss': 2.3} before training
         """
-        return evaluate_loader(self.eval, self.loaders, loader)
+        return evaluate_loader(self.eval, self.loaders, loader, self.scope)
 
     def check_eval_outputs(self) -> None:
         """Run the eval step on the first batch of the first validation loader and feed its output to
@@ -333,6 +364,7 @@ def build_fit(
     stage: Stage | None = None,
     loaders: Mapping[str, Iterable[Any]] | None = None,
     info: StageInfo | None = None,
+    scope: LoaderScope | None = None,
 ) -> Fit:
     """Build the engines of a fit from a recipe and the components its ``setup`` returned.
 
@@ -346,6 +378,7 @@ def build_fit(
             for it (pipeline-wide ones count iterations and epochs across stages).
         loaders: the stage's loaders (default: setup()'s).
         info: the stage's place in the pipeline (default: a recipe without stages).
+        scope: where ``evaluate`` finds a loader the stage does not name (default: its loaders only).
     """
     info = info or StageInfo()
     loaders = dict(loaders) if loaders is not None else loaders_of(components, recipe)
@@ -363,7 +396,8 @@ def build_fit(
     if eval_spec is not None:
         evaluator = make_engine(eval_spec, provided)
         attach_metrics(evaluator, eval_spec.metrics)
-    provided["evaluate"] = partial(evaluate_loader, evaluator, loaders)
+    scope = scope or LoaderScope()
+    provided["evaluate"] = partial(evaluate_loader, evaluator, loaders, scope=scope)
     # on several processes the train step gets DDP-wrapped modules; everything else the plain ones
     train = make_engine(train_spec, {**provided, **train_wrappers(components)} if distributed else provided)
     progress.engine = train
@@ -371,7 +405,7 @@ def build_fit(
     fit = Fit(train, evaluator, components, loaders, eval_loaders, best, monitor, history,
               {f"train/{name}": m for name, m in train_spec.metrics.items()}, seed, eval_spec, info,
               getattr(provided.get("run"), "rank", 0), getattr(provided.get("run"), "world_size", 1),
-              gather_objects if distributed else None)
+              gather_objects if distributed else None, scope)
 
     own = [*_own_handlers(fit, eval_spec), *(s for make in extras for s in make(fit))]
     everything = [*own, *(stage_handlers(recipe.handlers, stage) if stage is not None else recipe.handlers)]
@@ -398,13 +432,12 @@ def stage_handlers(handlers: Iterable[HandlerSpec], stage: Stage) -> list[Handle
 
 
 def evaluate_loader(evaluator: StepEngine | None, loaders: Mapping[str, Iterable[Any]],
-                    loader: str = "valid") -> dict[str, float]:
+                    loader: str = "valid", scope: LoaderScope | None = None) -> dict[str, float]:
     """The eval engine's metrics over one loader, ``{"<loader>/<metric>": value}`` (see :meth:`Fit.evaluate`)."""
     if evaluator is None:
         raise RecipeError("the recipe has no eval step; decorate one with @ef.eval_step")
-    if loader not in loaders:
-        raise RecipeError(f"no loader named {loader!r}; setup() returned loaders {', '.join(loaders)}")
-    state = evaluator.run(loaders[loader], max_epochs=1)
+    found = (scope or LoaderScope()).find(loaders, loader)
+    state = evaluator.run(found, max_epochs=1)
     return {f"{loader}/{name}": value for name, value in state.metrics.items()}
 
 

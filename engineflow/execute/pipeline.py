@@ -30,7 +30,7 @@ from engineflow.declare.handlers import HandlerSpec
 from engineflow.declare.recipe import Recipe
 from engineflow.declare.stages import Stage
 from engineflow.errors import EngineflowError, RecipeError, SetupError
-from engineflow.execute.fit import Fit, build_fit, stage_handlers
+from engineflow.execute.fit import Fit, LoaderScope, build_fit, stage_handlers
 from engineflow.execute.injection import describe, make_caller
 from engineflow.execute.parallel import current_world
 from engineflow.execute.passes import evaluation_pass, inference_pass
@@ -194,10 +194,19 @@ class Pipeline:
 
     def stage_loaders(self, index: int) -> dict[str, Iterable[Any]]:
         """The loaders of stage ``index`` by their names in the stage (``--check``: cut short)."""
+        available = self._setup_loaders()
+        return {name: available[source] for name, source in self._loader_sources(index).items()}
+
+    def _setup_loaders(self) -> Mapping[str, Iterable[Any]]:
         available = self.components.get("loaders")
         if not isinstance(available, Mapping):
             raise RecipeError(f"{self.recipe.path}: setup() returned no loaders dict; return "
                               "loaders={'train': ..., 'valid': ...} with the other components")
+        return available
+
+    def _loader_sources(self, index: int) -> dict[str, str]:
+        """Stage ``index``'s name of each of its loaders -> setup()'s name."""
+        available = self._setup_loaders()
         stage = self.stages[index] if self.staged else None
         wanted = stage.loaders if stage is not None else None
         if wanted is None:
@@ -212,7 +221,7 @@ class Pipeline:
             raise RecipeError(f"{self.recipe.path}: stage {self.info_name(index)!r} uses loader "
                               f"{', '.join(map(repr, missing))}, but setup() returned loaders "
                               f"{', '.join(available) or '(none)'}; name them with ef.stage(..., loaders={{...}})")
-        return {name: available[source] for name, source in wanted.items()}
+        return dict(wanted)
 
     def info_name(self, index: int) -> str:
         return self.stages[index].name if self.staged else "fit"
@@ -221,8 +230,10 @@ class Pipeline:
         stage = self.stages[index] if self.staged else None
         provided = {**self.provided, **self.components, "run": self._context(self.info.name)}  # build_fit adds its own
         seed = stage_seed(self.seed, index) if self.staged else self.seed
+        scope = LoaderScope(stage.name, self._loader_sources(index), self._setup_loaders()) if stage else None
         return build_fit(self.recipe, self.components, provided, seed=seed, extras=self.extras, stage=stage,
-                         loaders=self.stage_loaders(index) if stage is not None else None, info=self.info)
+                         loaders=self.stage_loaders(index) if stage is not None else None, info=self.info,
+                         scope=scope)
 
     # running ----------------------------------------------------------------------------------
     def run(self, *, only: bool = False) -> None:

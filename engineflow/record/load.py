@@ -31,11 +31,13 @@ from engineflow.record.store import RunStore
 from engineflow.record.trust import checked_recipe, writing_no_bytecode
 from engineflow.runtime import runs_in_use, using_run
 from engineflow.state.checkpoint_files import (
+    apply_flags,
     best_checkpoint,
     checkpoint_files,
     load_checkpoint_weights,
     load_weights,
     newest_intact,
+    saved_flags,
 )
 from engineflow.state.components import modules_of
 from engineflow.state.rng import rng_state, set_rng_state
@@ -136,6 +138,7 @@ def load_run(
     modules = modules_of(fit.components)
     if modules:
         _load_chosen_weights(record, run_dir, which, modules)
+        _train_as_it_ended(run_dir, modules)
     model = fit.components.get("model")
     return LoadedRun(record, loaded.module, loaded, cfg, model, dict(fit.components), fit, run_dir)
 
@@ -181,6 +184,18 @@ def _load_chosen_weights(record: dict[str, Any], run_dir: Path, which: str,
         print(f"run {record['id']}: {_damaged(damaged)}; its {which} weights come from {found[0].name}",
               file=sys.stderr)
     load_checkpoint_weights(found[1], modules, found[0])
+
+
+def _train_as_it_ended(run_dir: Path, modules: dict[str, torch.nn.Module]) -> None:
+    """Which parameters train, as at the run's end (a frozen encoder comes back frozen, whatever
+    froze it): from ``last.pt``, or from a run still going or killed, its newest intact checkpoint.
+    Runs recorded before engineflow kept them get the flags their setup() and stages give."""
+    flags = saved_flags(run_dir / "checkpoints" / "last.pt")
+    if flags is None:
+        found = newest_intact(run_dir / "checkpoints" / "state", lambda path, problem: None)
+        flags = found[1].get("requires_grad") if found is not None else None
+    if flags:
+        apply_flags(modules, flags)
 
 
 def _damaged(damaged: list[tuple[Path, str]]) -> str:

@@ -176,10 +176,38 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def save_weights(path: Path, modules: Mapping[str, torch.nn.Module], meta: Mapping[str, Any]) -> None:
-    """Save every module's ``state_dict`` (moved to CPU) and ``meta`` atomically to ``path``."""
+    """Save every module's ``state_dict`` (moved to CPU), which of its parameters train
+    (``requires_grad``) and ``meta`` atomically to ``path``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     states = {name: {k: v.detach().cpu() for k, v in m.state_dict().items()} for name, m in modules.items()}
-    atomic_save({"weights": states, "meta": dict(meta)}, path)
+    flags = {name: [p.requires_grad for p in m.parameters()] for name, m in modules.items()}
+    atomic_save({"weights": states, "meta": dict(meta), "requires_grad": flags}, path)
+
+
+def saved_flags(path: Path) -> dict[str, list[bool]] | None:
+    """Which parameters of each module trained when the weights file ``path`` was written, or None
+    (no such file, or one written before engineflow kept them). Reads nothing but plain values."""
+    if not path.is_file():
+        return None
+    try:
+        saved = _load(path, [], instead="Delete it, or use weights from a run you trust.", mmap=True)
+    except UnsafeCheckpointError:
+        raise
+    except Exception:
+        return None
+    flags = saved.get("requires_grad")
+    return dict(flags) if isinstance(flags, Mapping) else None
+
+
+def apply_flags(modules: Mapping[str, torch.nn.Module], flags: Mapping[str, list[bool]]) -> None:
+    """Set ``requires_grad`` of each module's parameters as ``flags`` (a weights file's or a
+    checkpoint's) has them; modules it does not name, or names with another number of parameters
+    (another structure), are left as they are."""
+    for name, module in modules.items():
+        wanted, params = flags.get(name), list(module.parameters())
+        if wanted is not None and len(wanted) == len(params):
+            for param, flag in zip(params, wanted, strict=True):
+                param.requires_grad_(bool(flag))
 
 
 def load_weights(path: Path, modules: Mapping[str, torch.nn.Module]) -> dict[str, Any]:
@@ -208,7 +236,9 @@ def export_weights(checkpoint: Path | Mapping[str, Any], path: Path, names: list
     epoch's weights, taken from its checkpoint when a run ends."""
     state = load_state(checkpoint) if isinstance(checkpoint, Path) else checkpoint
     where = checkpoint if isinstance(checkpoint, Path) else source
-    atomic_save({"weights": _module_states(state["components"], names, where), "meta": dict(meta)}, path)
+    flags = {name: list(state["requires_grad"][name]) for name in names if name in state.get("requires_grad", {})}
+    atomic_save({"weights": _module_states(state["components"], names, where), "meta": dict(meta),
+                 "requires_grad": flags}, path)
 
 
 def _module_states(saved: Mapping[str, Any], names: Iterable[str], path: Path) -> dict[str, Any]:
