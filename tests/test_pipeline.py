@@ -329,6 +329,11 @@ def test_one_stage_from_another_runs_state_equals_that_stage_of_the_whole_run(fo
     new_state = torch.load(Path(shown["run_dir"]) / "checkpoints" / "stages" / "finetune.pt", weights_only=True)
     expected, _ = final_components(unbroken[0])
     assert differing(tensors(new_state["components"]), expected) == []
+    # `engineflow test` takes the newest run of every stage over a newer run of one stage, and says so first
+    tested = engineflow("test", str(folder / "pipe.py"), "--runs-dir", str(runs), cwd=tmp_path)
+    assert tested.returncode == 0, tested.stderr
+    assert tested.stdout.splitlines()[0] == f"testing run {source} (the latest completed run of pipe that ran every stage)"
+    assert tested.stdout.splitlines()[-1].startswith(f"run {source}: test/accuracy ")
 
 
 @pytest.mark.slow

@@ -190,7 +190,8 @@ def test_command(recipe: str, run_ref: str | None, ignore_changes: bool, trust_c
         from engineflow.app.views import to_json
 
         result = evaluate_test(recipe, ref=run_ref, ignore_changes=ignore_changes, runs_dir=runs_dir, device=device,
-                               nproc=nproc, oversubscribe=oversubscribe, trust_code=trust_code)
+                               nproc=nproc, oversubscribe=oversubscribe, trust_code=trust_code,
+                               announce=None if as_json else "stdout")  # JSON names the run itself
         if rank_of_this_process() > 0:  # under torchrun: rank 0 prints
             return
         if as_json:
@@ -226,7 +227,8 @@ def eval_command(recipe: str, input_path: str, output_path: str, run_ref: str | 
         from engineflow.app.report import plural
 
         result = predict_files(recipe, input_path, output_path, ref=run_ref, ignore_changes=ignore_changes,
-                            runs_dir=runs_dir, device=device, batch_size=batch_size, trust_code=trust_code)
+                               runs_dir=runs_dir, device=device, batch_size=batch_size, trust_code=trust_code,
+                               announce=click.echo)
         click.echo(f"run {result['run']}: {plural(result['inputs'], 'input')} -> {result['output']}")
 
     _guarded(go, debug, "eval failed")

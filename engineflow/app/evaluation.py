@@ -59,11 +59,13 @@ def store_result(path: Path, predictions: Any, files: Sequence[str]) -> None:
 
 def predict_files(recipe: str | Path, source: str | Path, output: str | Path, *, ref: str | None = None,
                ignore_changes: bool = False, runs_dir: str | Path | None = None, device: str = "cpu",
-               batch_size: int = 64, trust_code: bool = False) -> dict[str, Any]:
+               batch_size: int = 64, trust_code: bool = False,
+               announce: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run a past run's infer step on a file or every file of a folder and write OUTPUT.
 
     ``trust_code``: with ``ref`` an id, import its code snapshot although nothing shows that this
-    user recorded it (see :func:`engineflow.record.load.load_run`).
+    user recorded it (see :func:`engineflow.record.load.load_run`). ``announce``: told which run
+    predicts, and why that one, before it is loaded.
 
     Returns:
         ``{"run": id, "inputs": n, "output": path}``.
@@ -72,8 +74,9 @@ def predict_files(recipe: str | Path, source: str | Path, output: str | Path, *,
 
     source, output = Path(source), Path(output)
     files = _input_files(source)
+    say = None if announce is None else lambda record, why: announce(f"predicting with run {record['id']} ({why})")
     past = select_run(recipe, ref=ref, ignore_changes=ignore_changes, runs_dir=runs_dir, device=device,
-                      trust_code=trust_code)
+                      trust_code=trust_code, announce=say)
     infer = past.recipe.steps.get("infer")
     if infer is None:
         raise RecipeError(f"{past.recipe.path}: no infer step; decorate one with @ef.infer_step")

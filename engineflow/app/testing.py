@@ -14,14 +14,16 @@ from engineflow.errors import RecipeError
 
 def evaluate_test(recipe: str | Path, *, ref: str | None = None, ignore_changes: bool = False,
                   runs_dir: str | Path | None = None, device: str = "cpu", nproc: int | None = None,
-                  oversubscribe: bool = False, trust_code: bool = False) -> dict[str, Any]:
+                  oversubscribe: bool = False, trust_code: bool = False,
+                  announce: str | None = None) -> dict[str, Any]:
     """Evaluate a run's best weights on the recipe's "test" loader and store the results with the run.
 
     ``nproc``: on that many local processes, each on its share of the test loader (nothing padded,
     nothing dropped: the metrics are one process's); under ``torchrun``, on its processes. More
     processes than CPUs (GPUs on CUDA) need ``oversubscribe``.
     ``trust_code``: with ``ref`` an id, import its code snapshot although nothing shows that this
-    user recorded it (see :func:`engineflow.record.load.load_run`).
+    user recorded it (see :func:`engineflow.record.load.load_run`). ``announce`` ("stdout"): print
+    which run is tested, and why that one, before it is loaded.
 
     Returns:
         ``{"run": id, "metrics": {"test/accuracy": ...}}``.
@@ -32,21 +34,27 @@ def evaluate_test(recipe: str | Path, *, ref: str | None = None, ignore_changes:
         check_nproc(nproc, device, oversubscribe=oversubscribe)
     if nproc is not None and nproc > 1 and not distributed_env():
         kwargs = dict(recipe=str(recipe), ref=ref, ignore_changes=ignore_changes,
-                      runs_dir=None if runs_dir is None else str(runs_dir), device=device, trust_code=trust_code)
+                      runs_dir=None if runs_dir is None else str(runs_dir), device=device, trust_code=trust_code,
+                      announce=announce)
         return launch("test", kwargs, nproc, runs_dir=runs_dir)
     with process_group(device) as world:
         return _evaluate_test(recipe, ref=ref, ignore_changes=ignore_changes, runs_dir=runs_dir, device=device,
-                              world=world, trust_code=trust_code)
+                              world=world, trust_code=trust_code, announce=announce)
 
 
 def _evaluate_test(recipe: str | Path, *, ref: str | None, ignore_changes: bool, runs_dir: str | Path | None,
-                   device: str, world: Any, trust_code: bool) -> dict[str, Any]:
+                   device: str, world: Any, trust_code: bool, announce: str | None) -> dict[str, Any]:
+    import sys
+
     from engineflow.execute.fit import evaluate_loader
     from engineflow.execute.parallel import shard_loader
     from engineflow.record.load import select_run
 
+    def say(record: dict[str, Any], why: str) -> None:
+        print(f"testing run {record['id']} ({why})", file=sys.stdout, flush=True)
+
     past = select_run(recipe, ref=ref, ignore_changes=ignore_changes, runs_dir=runs_dir, device=device,
-                      trust_code=trust_code)
+                      trust_code=trust_code, announce=say if announce and world.rank == 0 else None)
     loaders = past.components["loaders"]  # setup()'s, also for a pipeline whose last stage trained on others
     if "test" not in loaders:
         raise RecipeError(f"{past.recipe.path}: setup() returned no 'test' loader (loaders: "

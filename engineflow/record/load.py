@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,11 +233,22 @@ def _snapshot_recipe(record: dict[str, Any], path: Path) -> Recipe:
     return load_recipe(path)
 
 
-def _latest_trained(store: RunStore, recipe: Recipe) -> dict[str, Any]:
-    """The newest completed run of the recipe that is not a ``--check`` smoke run."""
+def _latest_trained(store: RunStore, recipe: Recipe) -> tuple[dict[str, Any], str]:
+    """The newest completed run of the recipe that is not a ``--check`` smoke run, and why it is the
+    one: a run of every stage before a run of one stage alone (``--stage``), whatever their order."""
+    alone = None
     for record in store.list_runs(experiment=recipe.name, status="completed"):
-        if not record.get("check"):
-            return store.get_run(record["id"])
+        if record.get("check"):
+            continue
+        if not record.get("start"):
+            every = " that ran every stage" if recipe.stages else ""
+            return store.get_run(record["id"]), f"the latest completed run of {recipe.name}{every}"
+        alone = alone or record
+    if alone is not None:
+        started = alone["start"]
+        origin = f" from run {started['from']}" if started.get("from") else ""
+        return store.get_run(alone["id"]), (f"the latest completed run of {recipe.name}, which ran stage "
+                                            f"{started['stage']} alone{origin}: no run of every stage completed")
     raise RecipeError(
         f"no completed run of {recipe.name!r} yet; train it with 'engineflow run {recipe.path}', "
         f"or pick a run with {option('run', 'ID')} ({option('check')} runs are not used unless named)"
@@ -252,10 +264,12 @@ def select_run(
     device: str = "cpu",
     which: str = "best",
     trust_code: bool = False,
+    announce: Callable[[dict[str, Any], str], None] | None = None,
 ) -> LoadedRun:
     """The run ``test``/``eval`` use (see the module docstring); refuses when the code changed.
 
     ``trust_code``: for ``ref`` an id, import its snapshot as :func:`load_run` does with it.
+    ``announce``: told the chosen run's record and why it is the one, before it is loaded.
     """
     from engineflow.record.runs import resolve_runs_dir
 
@@ -263,9 +277,12 @@ def select_run(
     root = resolve_runs_dir(runs_dir)
     with RunStore.open(root) as store:
         if ref is None:
-            record = _latest_trained(store, recipe)
+            record, why = _latest_trained(store, recipe)
         else:
             record = store.resolve(ref, recipe.name)
+            why = f"the latest run of {recipe.name}" if ref == "last" else option("run", ref)
+    if announce is not None:
+        announce(record, why)
     if ref is not None and ref != "last":
         return load_run(record["id"], runs_dir=root, which=which, device=device, trust_code=trust_code)
     today = capture(recipe.path).source
