@@ -238,3 +238,21 @@ def test_test_refuses_more_processes_than_cores_too(cli, write_recipe, tmp_path)
     with pytest.raises(ef.RecipeError, match=r"nproc=\d+: .*oversubscribe=True"):
         ef.run(recipe, runs_dir=tmp_path / "runs", nproc=cpus + 1)
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("returned", "fragment"), [
+    ('device="gpu9"', "returned 'device', a name engineflow provides itself (the device the run trains on)"),
+    ('cfg=3', "returned 'cfg', a name engineflow provides itself (the run's config)"),
+    ('run="mine"', "returned 'run', a name engineflow provides itself"),
+    ('**{"my model": 1}', "returned the key 'my model'; steps and handlers ask for components by parameter name"),
+    ("3", "returned the key 3;"),
+])
+def test_setup_returning_a_name_nobody_can_ask_for_or_engineflows_own_exits_2(cli, write_recipe, tmp_path,
+                                                                             returned, fragment):
+    if returned == "3":  # a key that is not a string: dict() cannot take it as a keyword
+        recipe = write_recipe(edit("return dict(model=model,", "return {3: 1} | dict(model=model,"))
+    else:
+        recipe = write_recipe(edit("return dict(model=model,", f"return dict({returned}, model=model,"))
+    line = assert_clean_error(cli("run", str(recipe)), fragment)
+    assert "setup 'setup' (" in line
+    assert not list((tmp_path / "runs").glob("*/*/run.json"))

@@ -332,7 +332,8 @@ def test_one_stage_from_another_runs_state_equals_that_stage_of_the_whole_run(fo
     # `engineflow test` takes the newest run of every stage over a newer run of one stage, and says so first
     tested = engineflow("test", str(folder / "pipe.py"), "--runs-dir", str(runs), cwd=tmp_path)
     assert tested.returncode == 0, tested.stderr
-    assert tested.stdout.splitlines()[0] == f"testing run {source} (the latest completed run of pipe that ran every stage)"
+    assert tested.stdout.splitlines()[0] == (f"testing run {source} (the latest completed run of pipe that ran "
+                                             "every stage)")
     assert tested.stdout.splitlines()[-1].startswith(f"run {source}: test/accuracy ")
 
 
@@ -421,6 +422,24 @@ def test_a_bad_stage_declaration_exits_2_with_one_line(folder, tmp_path, cli, de
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.output
     assert str(recipe) in lines[0]  # the file it is in
+
+
+@pytest.mark.parametrize(("returned", "fragment"), [
+    ('"cfg": 3', "returned 'cfg', a name engineflow provides itself (the run's config)"),
+    ('"device": "gpu9"', "returned 'device', a name engineflow provides itself"),
+    ('"run": None', "returned 'run', a name engineflow provides itself"),
+])
+def test_a_prepare_returning_engineflows_own_names_exits_2_naming_it(folder, tmp_path, cli, returned, fragment):
+    """Such a name would replace what later stages are given (or be ignored): refused when the stage starts."""
+    recipe = tmp_path / "bad.py"
+    recipe.write_text(RECIPE.replace('return {"head": head, "optimizer"',
+                                     f'return {{{returned}, "head": head, "optimizer"'))
+    result = cli("run", str(recipe))
+    assert result.exit_code == 2, result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert fragment in line and "prepare 'freeze' (" in line and "of stage 'frozen'" in line
+    assert "Traceback" not in result.output
+    assert read_run(tmp_path / "runs")["status"] == "failed"  # the stage before it trained: the run is recorded
 
 
 def test_a_handler_for_an_unknown_stage_is_refused(folder, tmp_path, cli):

@@ -16,7 +16,7 @@ from engineflow.declare.handlers import HandlerSpec
 from engineflow.declare.recipe import Recipe, load_recipe
 from engineflow.errors import EngineflowError, RecipeError, SetupError
 from engineflow.execute.fit import Fit
-from engineflow.execute.injection import describe, make_caller
+from engineflow.execute.injection import check_component_names, describe, make_caller
 from engineflow.execute.parallel import World, shard_loaders, train_loader_names
 from engineflow.execute.pipeline import CHECK_BATCHES, Pipeline, stage_epochs, to_device
 from engineflow.execute.wiring import take
@@ -125,6 +125,7 @@ def _setup(recipe: Recipe, cfg: Config, context: RunContext) -> dict[str, Any]:
             "such as dict(model=..., optimizer=..., loaders={'train': ..., 'valid': ...})"
         )
     components = dict(components)
+    check_component_names(components, f"setup {describe(recipe.setup)}")
     if "loaders" not in components:
         raise RecipeError(
             f"setup {describe(recipe.setup)} returned no 'loaders'; return "

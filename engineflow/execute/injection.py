@@ -9,10 +9,42 @@ what is available.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Collection, Mapping
+import keyword
+from collections.abc import Callable, Collection, Iterable, Mapping
 from typing import Any
 
 from engineflow.errors import RecipeError
+
+# The names engineflow itself gives steps, handlers, setup() and a stage's prepare: a component
+# returned under one of them would be silently shadowed, or would shadow engineflow's own.
+PROVIDED_NAMES = {
+    "cfg": "the run's config", "device": "the device the run trains on", "run": "the run's id, folder and world",
+    "batch": "the current batch", "engine": "the Ignite engine", "state": "the engine's state",
+    "output": "the step's output", "metrics": "the epoch's metrics", "history": "every epoch's metrics",
+    "best": "the best epoch", "evaluate": "the function that evaluates a loader",
+    "pipeline": "where a pipeline stands", "exception": "the error that ends a run",
+    "iter_counter": "the iteration count of TERMINATE_SINGLE_EPOCH",
+}
+
+
+def check_component_names(names: Iterable[Any], what: str) -> None:
+    """Refuse component names that no parameter could ask for, or that engineflow provides itself.
+
+    Example:
+        >>> check_component_names(["model", "optimizer"], "setup")
+        >>> try:
+        ...     check_component_names(["device"], "setup")
+        ... except RecipeError as err:
+        ...     print(err)
+        setup returned 'device', a name engineflow provides itself (the device the run trains on); give the ...
+    """
+    for name in names:
+        if not isinstance(name, str) or not name.isidentifier() or keyword.iskeyword(name):
+            raise RecipeError(f"{what} returned the key {name!r}; steps and handlers ask for components by parameter "
+                              "name, so each key must be a Python identifier (e.g. 'encoder')")
+        if name in PROVIDED_NAMES:
+            raise RecipeError(f"{what} returned {name!r}, a name engineflow provides itself "
+                              f"({PROVIDED_NAMES[name]}); give the component another name")
 
 
 def describe(fn: Callable[..., Any]) -> str:

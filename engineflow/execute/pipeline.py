@@ -31,7 +31,7 @@ from engineflow.declare.recipe import Recipe
 from engineflow.declare.stages import Stage
 from engineflow.errors import EngineflowError, RecipeError, SetupError
 from engineflow.execute.fit import Fit, LoaderScope, build_fit, stage_handlers
-from engineflow.execute.injection import describe, make_caller
+from engineflow.execute.injection import check_component_names, describe, make_caller
 from engineflow.execute.parallel import current_world
 from engineflow.execute.passes import evaluation_pass, inference_pass
 from engineflow.execute.stage import Progress, StageInfo
@@ -175,6 +175,7 @@ class Pipeline:
             raise RecipeError(f"prepare {describe(stage.prepare)} of stage {stage.name!r} returned "
                               f"{type(changed).__name__}; return a dict of the components it adds or replaces "
                               "(e.g. {'optimizer': ...}), or None")
+        check_component_names(changed, f"prepare {describe(stage.prepare)} of stage {stage.name!r}")
         if "loaders" in changed:  # they are cut for --check and sharded for several processes once, after setup()
             raise RecipeError(f"prepare {describe(stage.prepare)} of stage {stage.name!r} returned loaders; return "
                               "every loader from setup() and pick a stage's with ef.stage(..., loaders={...})")
