@@ -447,12 +447,35 @@ def test_a_killed_worker_ends_every_rank_and_fails_the_run_naming_it(tmp_path):
     assert "rank 1" in err
 
 
+def _listening(pid: int) -> list[str]:
+    """The local addresses of the TCP sockets process ``pid`` listens on (hex, as /proc/net/tcp has them)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # state LISTEN, this process's socket
+                found.append(fields[1].split(":")[0])
+    return found
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_a_killed_launcher_leaves_no_worker(tmp_path):
+def test_a_killed_launcher_leaves_no_worker_and_its_workers_listen_on_loopback_only(tmp_path):
     launcher, _ = _start_long_run(tmp_path)
     workers = _workers_of(launcher.pid)
     assert len(workers) == 2
+    # one machine: the processes meet through a file and connect over loopback; nothing listens outside
+    loopback = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1 and ::1
+    listening = [address for pid in workers for address in _listening(pid)]
+    assert listening and set(listening) <= loopback, listening
     launcher.kill()
     launcher.wait()
     deadline = time.monotonic() + 10

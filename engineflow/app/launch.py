@@ -2,8 +2,10 @@
 
 The launcher starts N workers, ``python -m engineflow.app.launch FOLDER``, with the variables
 ``torchrun`` sets (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), so
-a worker is exactly a ``torchrun`` worker: :func:`process_group` initialises ``ignite.distributed``
-from them (gloo on CPU, NCCL on CUDA) and the command runs as it would under ``torchrun``.
+a worker runs the command as it would under ``torchrun``: :func:`process_group` initialises
+``ignite.distributed`` from them (gloo on CPU, NCCL on CUDA). Being on one machine, they meet
+through a file store in FOLDER (``mkdtemp``: this user's alone) instead of a TCP store, which would
+listen on every interface, and gloo connects them over loopback (``GLOO_SOCKET_IFNAME=lo``).
 
 What the launcher guarantees:
 
@@ -94,7 +96,11 @@ def process_group(device: str) -> Iterator[World]:
         return
     cuda = device != "cpu" and torch.cuda.is_available()
     timeout = timedelta(seconds=float(os.environ.get(TIMEOUT_ENV, "1800")))
-    idist.initialize("nccl" if cuda else "gloo", timeout=timeout)
+    folder = os.environ.get(FOLDER_ENV)
+    # engineflow's own launcher starts every process on this machine: they meet through a file in its
+    # private folder, not a TCP store that would listen on every interface (torchrun's is its user's)
+    found = {"init_method": f"file://{Path(folder) / 'store'}"} if folder else {}
+    idist.initialize("nccl" if cuda else "gloo", timeout=timeout, **found)
     try:
         yield current_world()
     finally:
@@ -188,6 +194,8 @@ def _die_with_parent(parent: int) -> Callable[[], None]:
 def _start(folder: Path, nproc: int, *, pipe_rank0: bool) -> list[subprocess.Popen[bytes]]:
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(nproc),
            "LOCAL_WORLD_SIZE": str(nproc), FOLDER_ENV: str(folder), "PYTHONUNBUFFERED": "1"}
+    if sys.platform.startswith("linux"):  # gloo's connections between the processes: on loopback too
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     workers = []
     for rank in range(nproc):
         log = None if rank == 0 else (folder / f"rank-{rank}.log").open("wb")
