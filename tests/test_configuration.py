@@ -59,6 +59,22 @@ def test_value_of_the_wrong_type_is_refused(key, raw, expects):
         CFG.override({key: raw})
 
 
+@pytest.mark.parametrize("raw", ["1e400", "-1e999", "nan", "inf", "-inf", float("nan"), float("inf")])
+def test_a_float_that_is_not_finite_is_refused_where_the_default_is_finite(raw):
+    with pytest.raises(ef.ConfigError, match=r"'lr' expects a finite float \(default 0.1\), got"):
+        CFG.override({"lr": raw})
+    unbounded = ef.config(limit=float("inf"))  # a non-finite default: inf and nan are its kind of value
+    assert unbounded.override({"limit": "inf"}).limit == float("inf")
+
+
+@pytest.mark.parametrize(("key", "raw"), [("epochs", "\uff11\uff12"), ("lr", "\uff10.5"), ("epochs", "\u0661\u0662")])
+def test_numbers_take_ascii_digits_only(key, raw):
+    """int() and float() read full-width and Arabic-Indic digits; a config value is typed in ASCII."""
+    with pytest.raises(ef.ConfigError, match=f"'{key}' expects"):
+        CFG.override({key: raw})
+    assert CFG.override({"name": "caf\u00e9"}).name == "caf\u00e9"  # text values keep any character
+
+
 def test_a_group_cannot_be_set_whole():
     with pytest.raises(ef.ConfigError, match=r"is a group; set one of its keys: optim\.momentum"):
         CFG.override({"optim": "1"})

@@ -8,6 +8,7 @@ Nested groups are plain dicts in the defaults and dotted keys on the command lin
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -171,12 +172,14 @@ def coerce(key: str, raw: Any, default: Any) -> Any:
         return _parse_literal(raw) if isinstance(raw, str) else raw
     if not isinstance(raw, str):
         if isinstance(raw, expected) and not (expected is int and isinstance(raw, bool)):
-            return raw
+            return _finite(key, raw, raw, default) if expected is float else raw
         if expected is float and isinstance(raw, int) and not isinstance(raw, bool):
-            return float(raw)
+            return _finite(key, raw, float(raw), default)
         raise _type_error(key, raw, default)
     text = raw.strip()
     try:
+        if expected in (int, float) and not text.isascii():  # int() and float() read any script's digits
+            raise ValueError(text)
         if expected is bool:
             if text.lower() in _TRUE:
                 return True
@@ -186,7 +189,7 @@ def coerce(key: str, raw: Any, default: Any) -> Any:
         if expected is int:
             return int(text)
         if expected is float:
-            return float(text)
+            return _finite(key, raw, float(text), default)
         if expected is str:
             return raw
         if expected in (list, tuple):
@@ -200,6 +203,14 @@ def coerce(key: str, raw: Any, default: Any) -> Any:
         f"config key {key!r} has a default of type {expected.__name__}, which engineflow cannot parse from text; "
         "use int, float, bool, str, list or None defaults for settable keys"
     )
+
+
+def _finite(key: str, raw: Any, value: float, default: float) -> float:
+    """``value``, unless it is NaN or infinite (``1e400`` reads as inf) where the default is finite."""
+    if math.isfinite(value) or not math.isfinite(default):
+        return value
+    raise ConfigError(f"config key {key!r} expects a finite float (default {default!r}), got {raw!r}, which is "
+                      f"{value!r}")
 
 
 def _parse_literal(text: str) -> Any:
