@@ -367,7 +367,16 @@ def test_the_setting_and_the_flags_are_checked_before_anything_is_recorded(cli, 
     assert result.exit_code == 2 and "'mlflow' must be an MLflow tracking URI" in result.output
     both = cli("run", str(recipe), "--mlflow", "http://127.0.0.1:1", "--no-mlflow")
     assert both.exit_code == 2 and "exclude each other" in both.output
-    assert not (tmp_path / "runs" / "recipe").exists()
+    plain = write_recipe(BASE_RECIPE, name="plain.py")
+    for bad in ("not a uri", "localhost:5000", "http://", "./mlruns"):
+        result = cli("run", str(plain), "--mlflow", bad)
+        assert result.exit_code == 2, result.output
+        assert result.output.strip() == (f"error: --mlflow {bad!r} is not an MLflow tracking URI: give a server's "
+                                         "http://HOST:PORT (or https://), a file:///path, a database such as "
+                                         "sqlite:///mlflow.db, or databricks")
+    named = cli("run", str(write_recipe(BASE_RECIPE + '\nmlflow = "mlflow server"\n', name="named.py")))
+    assert named.exit_code == 2 and "named.py: 'mlflow' 'mlflow server' is not an MLflow tracking URI" in named.output
+    assert not list((tmp_path / "runs").glob("*/*/run.json"))  # nothing recorded
     off = cli("run", str(recipe), "--no-mlflow")  # the recipe's setting is not even read
     assert off.exit_code == 0, off.output
     assert "mlflow" not in read_run(tmp_path / "runs")

@@ -76,6 +76,39 @@ def mirror_uri(given: str | bool | None, setting: Any, recorded: str | None = No
     return recorded
 
 
+# MLflow's stores that a tracking URI may name besides an HTTP server (its database and file stores)
+_STORE_SCHEMES = ("file", "sqlite", "postgresql", "mysql", "mssql")
+
+
+def check_uri(uri: str, *, where: str = "--mlflow") -> None:
+    """Refuse what is not an MLflow tracking URI: an ``http(s)://`` server, a ``file:`` folder, a
+    database store (``sqlite:///mlflow.db``, ``postgresql://...``) or ``databricks``.
+
+    Example:
+        >>> check_uri("http://127.0.0.1:5000")
+        >>> check_uri("sqlite:///mlflow.db")
+        >>> try:
+        ...     check_uri("not a uri")
+        ... except RecipeError as err:
+        ...     print(err)
+        --mlflow 'not a uri' is not an MLflow tracking URI: give a server's http://HOST:PORT (or https://), ...
+    """
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(uri)
+    except ValueError:
+        parts = None
+    scheme = parts.scheme.split("+")[0].lower() if parts is not None else ""
+    fine = parts is not None and not any(c.isspace() for c in uri) and (
+        (scheme in ("http", "https") and bool(parts.hostname))
+        or (scheme in _STORE_SCHEMES and bool(parts.path or parts.netloc))
+        or scheme in ("databricks", "databricks-uc") or uri in ("databricks", "databricks-uc"))
+    if not fine:
+        raise RecipeError(f"{where} {uri!r} is not an MLflow tracking URI: give a server's http://HOST:PORT (or "
+                          "https://), a file:///path, a database such as sqlite:///mlflow.db, or databricks")
+
+
 def mirror_for(given: str | bool | None, recipe: Recipe, record: Mapping[str, Any],
                notify: Callable[[str], None] | None = None) -> Mirror | None:
     """The :class:`Mirror` of a run about to start, or None when it mirrors nothing.
@@ -102,6 +135,8 @@ def mirror_for(given: str | bool | None, recipe: Recipe, record: Mapping[str, An
         raise RecipeError("--mlflow needs a tracking URI, e.g. --mlflow http://127.0.0.1:5000")
     recorded = (record.get("mlflow") or {}).get("uri") if isinstance(record.get("mlflow"), dict) else None
     uri = mirror_uri(given, setting, recorded)
+    if uri is not None:
+        check_uri(uri, where="--mlflow" if isinstance(given, str) else f"{recipe.path}: '{RECIPE_SETTING}'")
     if uri is None or os.environ.get("RANK", "0") not in ("0", ""):  # one process of a torchrun job mirrors
         return None
     if importlib.util.find_spec("mlflow") is None:
