@@ -256,3 +256,14 @@ def test_setup_returning_a_name_nobody_can_ask_for_or_engineflows_own_exits_2(cl
     line = assert_clean_error(cli("run", str(recipe)), fragment)
     assert "setup 'setup' (" in line
     assert not list((tmp_path / "runs").glob("*/*/run.json"))
+
+
+def test_ignore_changes_without_resume_is_refused_not_ignored(cli, write_recipe, tmp_path):
+    import engineflow as ef
+
+    recipe = write_recipe(BASE_RECIPE)
+    assert_clean_error(cli("run", str(recipe), "--ignore-changes"),
+                       "--ignore-changes goes with --resume RUN", "add --resume last")
+    with pytest.raises(ef.RecipeError, match=r"ignore_changes=True goes with resume='RUN'"):
+        ef.run(recipe, runs_dir=tmp_path / "runs", ignore_changes=True)
+    assert not (tmp_path / "runs").exists()

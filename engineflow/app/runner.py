@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from engineflow.app.launch import check_nproc, distributed_env, launch, process_group
+from engineflow.errors import RecipeError
+from engineflow.naming import option
 
 
 @dataclass
@@ -115,6 +117,10 @@ def run(
         result.best  # {'metric': 'valid/accuracy', 'mode': 'max', 'epoch': 5, 'value': 0.94...}
     """
 
+    if ignore_changes and resume is None:
+        raise RecipeError(f"{option('ignore_changes')} goes with {option('resume', 'RUN')}: it continues a run whose "
+                          "code or config changed since (a new run always uses today's). Drop it, or add "
+                          f"{option('resume', 'last')}")
     if nproc is not None and not distributed_env():
         check_nproc(nproc, device, oversubscribe=oversubscribe)
     if nproc is not None and nproc > 1 and not distributed_env():
