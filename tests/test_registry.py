@@ -69,6 +69,17 @@ def test_two_runs_are_listed_with_config_and_metrics_and_compared(cli, recipe):
                      "metrics": shown["metrics"]}
     listed = cli("runs", "list", "--runs-dir", runs_dir)
     assert runs[0]["id"] in listed.output and "completed" in listed.output
+    # several runs at once (a sweep compares dozens): a column each, in the order named
+    assert cli("run", str(recipe), "--set", "lr=0.2").exit_code == 0
+    third = as_json(cli("runs", "show", "last", "--runs-dir", runs_dir, "--json"))
+    many = as_json(cli("runs", "compare", runs[0]["id"], runs[1]["id"], third["id"], "--runs-dir", runs_dir, "--json"))
+    assert many["runs"] == [runs[0]["id"], runs[1]["id"], third["id"]]
+    assert many["config"] == {"epochs": [3, 2, 2], "lr": [0.5, 0.1, 0.2]}
+    assert many["best"] == [runs[0]["best"], runs[1]["best"], third["best"]]
+    table = cli("runs", "compare", runs[0]["id"], runs[1]["id"], third["id"], "--runs-dir", runs_dir).output
+    assert third["id"] in table.splitlines()[1] and "0.2" in table
+    alone = cli("runs", "compare", third["id"], "--runs-dir", runs_dir)
+    assert alone.exit_code == 2 and "runs compare takes two runs or more" in alone.output
 
 
 def test_same_code_and_config_refuses_then_force_and_retrain(cli, recipe):

@@ -279,19 +279,21 @@ def runs_show(run_ref: str, runs_dir: str, as_json: bool, debug: bool) -> None:
 
 
 @runs_group.command("compare")
-@click.argument("first", metavar="RUN")
-@click.argument("second", metavar="RUN")
+@click.argument("run_refs", metavar="RUN RUN [RUN...]", nargs=-1, required=True)
 @runs_dir_option
 @json_option
 @debug_option
-def runs_compare(first: str, second: str, runs_dir: str, as_json: bool, debug: bool) -> None:
-    """Config differences and metrics of two runs side by side."""
+def runs_compare(run_refs: tuple[str, ...], runs_dir: str, as_json: bool, debug: bool) -> None:
+    """Config differences and metrics of two or more runs side by side."""
 
     def go() -> None:
         from engineflow.app.views import compare, compare_text, to_json
+        from engineflow.errors import RecipeError
         from engineflow.record.runs import get_run
 
-        diff = compare(get_run(runs_dir, first), get_run(runs_dir, second))
+        if len(run_refs) < 2:
+            raise RecipeError(f"runs compare takes two runs or more; got only {run_refs[0]!r}")
+        diff = compare(*(get_run(runs_dir, ref) for ref in run_refs))
         click.echo(to_json(diff) if as_json else compare_text(diff))
 
     _guarded(go, debug, "runs compare failed")

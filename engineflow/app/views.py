@@ -107,23 +107,33 @@ def show_text(record: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def compare(a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
-    """Config differences and the metrics of two runs side by side."""
-    ca, cb = flatten(a.get("config") or {}), flatten(b.get("config") or {})
-    config = {k: [ca.get(k), cb.get(k)] for k in sorted(set(ca) | set(cb)) if ca.get(k) != cb.get(k)}
-    ma, mb = a.get("metrics") or {}, b.get("metrics") or {}
-    metrics = {k: [ma.get(k), mb.get(k)] for k in sorted(set(ma) | set(mb))}
-    best = {"a": a.get("best"), "b": b.get("best")}
-    return {"runs": [a["id"], b["id"]], "config": config, "metrics": metrics, "best": best}
+def compare(*records: Mapping[str, Any]) -> dict[str, Any]:
+    """Config differences and the metrics of runs side by side: each value is a list, one entry per
+    run in the order given (``runs``); ``config`` holds the keys whose values are not all the same.
+
+    Example:
+        >>> a = {"id": "a", "config": {"lr": 0.1, "epochs": 2}, "metrics": {"acc": 0.9}, "best": {}}
+        >>> b = {"id": "b", "config": {"lr": 0.5, "epochs": 2}, "metrics": {"acc": 0.8}, "best": {}}
+        >>> compare(a, b)["config"], compare(a, b)["metrics"]
+        ({'lr': [0.1, 0.5]}, {'acc': [0.9, 0.8]})
+    """
+    configs = [flatten(r.get("config") or {}) for r in records]
+    keys = sorted(set().union(*configs))
+    values = {k: [c.get(k) for c in configs] for k in keys}
+    config = {k: v for k, v in values.items() if any(x != v[0] for x in v[1:])}
+    metrics_of = [r.get("metrics") or {} for r in records]
+    metrics = {k: [m.get(k) for m in metrics_of] for k in sorted(set().union(*metrics_of))}
+    return {"runs": [r["id"] for r in records], "config": config, "metrics": metrics,
+            "best": [r.get("best") for r in records]}
 
 
 def compare_text(diff: Mapping[str, Any]) -> str:
-    a, b = diff["runs"]
+    ids = diff["runs"]
     parts = ["config differences:"]
-    parts.append(table([[k, *v] for k, v in diff["config"].items()], ["key", a, b]) if diff["config"]
+    parts.append(table([[k, *v] for k, v in diff["config"].items()], ["key", *ids]) if diff["config"]
                  else "  (same config)")
     parts.append("metrics (last epoch):")
-    parts.append(table([[k, *v] for k, v in diff["metrics"].items()], ["metric", a, b]))
+    parts.append(table([[k, *v] for k, v in diff["metrics"].items()], ["metric", *ids]))
     return "\n".join(parts)
 
 
