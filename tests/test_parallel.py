@@ -476,12 +476,38 @@ def test_a_killed_launcher_leaves_no_worker_and_its_workers_listen_on_loopback_o
     loopback = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1 and ::1
     listening = [address for pid in workers for address in _listening(pid)]
     assert listening and set(listening) <= loopback, listening
+    env = dict(item.split(b"=", 1) for item in Path(f"/proc/{workers[0]}/environ").read_bytes().split(b"\0") if item)
+    folder = Path(env[b"ENGINEFLOW_LAUNCH_DIR"].decode())
     launcher.kill()
     launcher.wait()
     deadline = time.monotonic() + 10
     while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not any(_alive(pid) for pid in workers)
+    # its folder (the command's arguments) outlived it; the next command that settles dead runs removes it
+    assert (folder / "spec.json").is_file()
+    listed = run_engineflow("runs", "list", "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path)
+    assert listed.returncode == 0 and not folder.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_sigterm_while_the_processes_start_is_an_interrupt(tmp_path):
+    """Rank 0 is killed by the SIGTERM it is handed before it can catch it: exit 130, one line."""
+    launcher = subprocess.Popen([sys.executable, "-m", "engineflow", "run", str(DIGITS), "--nproc", "2",
+                                 "--runs-dir", str(tmp_path / "runs")], cwd=tmp_path, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while len(_workers_of(launcher.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    workers = _workers_of(launcher.pid)
+    launcher.terminate()
+    out, err = launcher.communicate(timeout=60)
+    assert launcher.returncode == 130, out + err
+    assert err.strip() == "error: interrupted by SIGTERM while the processes were starting"
+    assert not any(_alive(pid) for pid in workers)
+    listed = run_engineflow("runs", "list", "--json", "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path)
+    assert all(r["status"] == "interrupted" for r in json.loads(listed.stdout))  # no run left running
 
 
 @pytest.mark.slow

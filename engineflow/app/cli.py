@@ -251,9 +251,11 @@ def runs_list(experiment: str | None, status: str | None, runs_dir: str, as_json
     """List runs, newest first."""
 
     def go() -> None:
+        from engineflow.app.launch import remove_abandoned
         from engineflow.app.views import list_table, public, to_json
         from engineflow.record.runs import list_runs
 
+        remove_abandoned()  # with the runs found dead, the folders their killed launchers left
         records = list_runs(runs_dir, experiment=experiment, status=status)
         click.echo(to_json([public(r) for r in records]) if as_json else list_table(records))
 
@@ -269,9 +271,11 @@ def runs_show(run_ref: str, runs_dir: str, as_json: bool, debug: bool) -> None:
     """Show one run (an id, a unique id prefix, or "last")."""
 
     def go() -> None:
+        from engineflow.app.launch import remove_abandoned
         from engineflow.app.views import public, show_text, to_json
         from engineflow.record.runs import get_run
 
+        remove_abandoned()
         record = get_run(runs_dir, run_ref)
         click.echo(to_json(public(record)) if as_json else show_text(record))
 

@@ -154,21 +154,67 @@ def launch(command: str, kwargs: Mapping[str, Any], nproc: int, *, runs_dir: str
            stream: IO[str] | None = None) -> dict[str, Any]:
     """Run ``command`` ("run" or "test") with ``kwargs`` on ``nproc`` local processes; returns rank
     0's result. Raises :class:`WorkerError` when a rank failed (after every rank has ended)."""
-    folder = Path(tempfile.mkdtemp(prefix="engineflow-launch-"))
+    remove_abandoned()
+    folder = Path(tempfile.mkdtemp(prefix=LAUNCH_PREFIX))
+    held = _hold(folder)
+    asked: list[int] = []  # the interrupts this launcher was sent
     try:
         (folder / "spec.json").write_text(json.dumps({"command": command, "kwargs": dict(kwargs)}))
-        workers = _start(folder, nproc, pipe_rank0=stream is not None)
-        copier = _copy_output(workers[0], stream) if stream is not None else None
-        with _forward_interrupts(workers[0]):
-            failed = _watch(workers)
+        with _forward_interrupts(asked) as forward_to:
+            workers = _start(folder, nproc, pipe_rank0=stream is not None)
+            forward_to(workers[0])
+            copier = _copy_output(workers[0], stream) if stream is not None else None
+            failed = _watch(workers, asked)
         if copier is not None:
             copier.join()
         if failed is not None:
             rank, code = failed
-            raise _failure(folder, workers, rank, code, runs_dir)
+            raise _failure(folder, workers, rank, code, runs_dir, asked)
         return json.loads((folder / "result.json").read_text())
     finally:
+        held.close()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+LAUNCH_PREFIX = "engineflow-launch-"
+ABANDONED_AFTER_S = 3600.0  # a launch folder that never got its lock (its launcher died at once) this old goes
+
+
+def _hold(folder: Path) -> IO[str]:
+    """Lock a file of the launch folder for as long as this launcher lives: the kernel lets go of it
+    when the process ends, however it ends, which tells the next command that the folder is left over."""
+    held = (folder / ".lock").open("w")
+    with contextlib.suppress(ImportError, OSError):
+        import fcntl
+
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return held
+
+
+def remove_abandoned() -> list[Path]:
+    """Remove this user's launch folders whose launcher is gone (killed before it could clean up:
+    they hold the command's arguments); returns them. A folder whose lock is held is in use."""
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): nothing tells a live launch from a dead one
+        return []
+    removed = []
+    for folder in Path(tempfile.gettempdir()).glob(LAUNCH_PREFIX + "*"):
+        try:
+            if folder.stat().st_uid != os.getuid() or not folder.is_dir():
+                continue
+            lock = folder / ".lock"
+            if not lock.exists():
+                if time.time() - folder.stat().st_mtime < ABANDONED_AFTER_S:
+                    continue  # a launcher between making the folder and locking it
+            else:
+                with lock.open("a") as probe:
+                    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while its launcher lives
+        except OSError:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
 
 
 def _free_port() -> int:
@@ -222,26 +268,40 @@ def _copy_output(worker: subprocess.Popen[bytes], stream: IO[str]) -> threading.
 
 
 @contextlib.contextmanager
-def _forward_interrupts(rank0: subprocess.Popen[bytes]) -> Iterator[None]:
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+def _forward_interrupts(asked: list[int]) -> Iterator[Callable[[subprocess.Popen[bytes]], None]]:
+    """SIGINT and SIGTERM go to rank 0 (noted in ``asked``); one that comes before rank 0 exists goes
+    to it as soon as the block names it (the function it yields)."""
+    rank0: list[subprocess.Popen[bytes]] = []
+
+    def send(signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            rank0[0].send_signal(signum)
 
     def forward(signum: int, frame: Any) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            rank0.send_signal(signum)
+        asked.append(signum)
+        if rank0:
+            send(signum)
 
+    def target(worker: subprocess.Popen[bytes]) -> None:
+        rank0.append(worker)
+        for signum in asked:
+            send(signum)
+
+    if threading.current_thread() is not threading.main_thread():
+        yield target
+        return
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield target
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
-def _watch(workers: list[subprocess.Popen[bytes]]) -> tuple[int, int] | None:
+def _watch(workers: list[subprocess.Popen[bytes]], asked: list[int]) -> tuple[int, int] | None:
     """Wait for every worker; after the first failure, end the others. Returns (rank, exit code)
-    of the first failure (a negative code: killed by that signal), or None."""
+    of the first failure (a negative code: killed by that signal), or None. Rank 0 ended by an
+    interrupt it was handed (``asked``) before it could act on it: the others are ended at once."""
     failed: tuple[int, int] | None = None
     deadline = term_deadline = None
     while True:
@@ -254,7 +314,8 @@ def _watch(workers: list[subprocess.Popen[bytes]]) -> tuple[int, int] | None:
             if failed is None and codes[0] == EXIT_INTERRUPTED:
                 failed = (0, EXIT_INTERRUPTED)
             if failed is not None:
-                deadline = time.monotonic() + GRACE_S
+                unheeded = failed[0] == 0 and -failed[1] in asked
+                deadline = time.monotonic() + (0.0 if unheeded else GRACE_S)
         if all(c is not None for c in codes):
             return failed
         now = time.monotonic()
@@ -271,7 +332,7 @@ def _watch(workers: list[subprocess.Popen[bytes]]) -> tuple[int, int] | None:
 
 
 def _failure(folder: Path, workers: list[subprocess.Popen[bytes]], first: int, code: int,
-             runs_dir: str | Path | None) -> WorkerError:
+             runs_dir: str | Path | None, asked: list[int] = ()) -> WorkerError:  # type: ignore[assignment]
     """What failed, printed once and recorded: the run (if rank 0 recorded one) is marked failed,
     naming the rank; an interrupt of rank 0 keeps rank 0's own "interrupted".
 
@@ -281,6 +342,15 @@ def _failure(folder: Path, workers: list[subprocess.Popen[bytes]], first: int, c
     if code == EXIT_INTERRUPTED:  # every rank checkpointed and stopped; rank 0 marked the run interrupted
         return WorkerError(f"rank {first} (pid {workers[first].pid}) was interrupted", EXIT_INTERRUPTED,
                            already_reported=True)
+    if asked and workers[0].returncode in [-s for s in asked]:
+        # rank 0 was still starting when the interrupt came: nothing to checkpoint; a recorded run is
+        # marked interrupted (resumable), as it would be had rank 0 caught the signal
+        run_id_file = folder / "run_id"
+        if run_id_file.is_file():
+            _mark_failed(run_id_file.read_text().strip(), "interrupted while starting", runs_dir,
+                         status="interrupted")
+        return WorkerError(f"interrupted by {signal.Signals(asked[0]).name} while the processes were starting",
+                           EXIT_INTERRUPTED, already_reported=False)
     codes = {r: w.returncode for r, w in enumerate(workers)}
     infos = {r: _read_json(folder / f"rank-{r}.json") for r in codes}
     failed = [r for r, c in codes.items() if c not in (None, 0, EXIT_INTERRUPTED)]
@@ -324,14 +394,19 @@ def _lost_peer(error: BaseException) -> bool:
     return False
 
 
-def _mark_failed(run_id: str, message: str, runs_dir: str | Path | None) -> None:
+def _mark_failed(run_id: str, message: str, runs_dir: str | Path | None, *, status: str = "failed") -> None:
+    """Mark run ``run_id`` ``status`` with ``message`` (naming the failed rank), unless it completed
+    or, for an interrupt, already stopped on its own."""
     from engineflow.record.recorder import now_iso
     from engineflow.record.runs import resolve_runs_dir, update_record
     from engineflow.record.store import RunStore
 
     with RunStore.open(resolve_runs_dir(runs_dir)) as store:
         record = store.get_run(run_id)
-        if record["status"] == "completed":
+        if record["status"] == "completed" or (status != "failed" and record["status"] != "running"):
+            return
+        if status != "failed":
+            update_record(store, record, {"status": status, "error": None, "ended_at": now_iso(), "pid": None})
             return
         earlier = record.get("error")
         error = message if not earlier or earlier == message else f"{message} (rank 0 then: {earlier})"
