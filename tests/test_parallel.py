@@ -383,27 +383,43 @@ def test_digits_on_two_processes_trains_records_once_and_tests_exactly(tmp_path)
         assert test(nproc) == pytest.approx(one, abs=1e-6)
 
 
-def _workers_of(launcher: int) -> list[int]:
+def _children_of(parent: int) -> list[int]:
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        if int(fields[1]) == launcher:
+        if int(fields[1]) == parent:
             found.append(int(stat.parent.name))
     return found
 
 
-def _rank_of(pid: int) -> int | None:
+def _environ(pid: int) -> dict[bytes, bytes]:
     try:
-        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        return dict(item.split(b"=", 1) for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                    if b"=" in item)
     except OSError:
-        return None
-    for item in env:
-        if item.startswith(b"RANK="):
-            return int(item[5:])
-    return None
+        return {}
+
+
+def _workers_of(launcher: int) -> list[int]:
+    """A launcher's workers in rank order: its children, or the children of the one process it forks
+    them from (engineflow.app.workers), as that process records them in the launch folder."""
+    children = _children_of(launcher)
+    ranked = {}
+    for child in children:
+        rank = _environ(child).get(b"RANK")
+        if rank is not None:
+            ranked[int(rank)] = child
+        else:  # the forking process: its workers' ranks are in pids.json
+            folder = _environ(child).get(b"ENGINEFLOW_LAUNCH_DIR")
+            try:
+                pids = json.loads((Path(folder.decode()) / "pids.json").read_text()) if folder else {}
+            except OSError:
+                pids = {}
+            ranked.update({int(r): pid for r, pid in pids.items() if pid in _children_of(child)})
+    return [ranked[r] for r in sorted(ranked)]
 
 
 def _alive(pid: int) -> bool:
@@ -434,7 +450,7 @@ def _start_long_run(tmp_path: Path) -> tuple[subprocess.Popen[str], Path]:
 def test_a_killed_worker_ends_every_rank_and_fails_the_run_naming_it(tmp_path):
     launcher, runs = _start_long_run(tmp_path)
     workers = _workers_of(launcher.pid)
-    rank1 = next(pid for pid in workers if _rank_of(pid) == 1)
+    rank1 = workers[1]
     os.kill(rank1, signal.SIGKILL)
     started = time.monotonic()
     _, err = launcher.communicate(timeout=60)
@@ -472,12 +488,12 @@ def test_a_killed_launcher_leaves_no_worker_and_its_workers_listen_on_loopback_o
     launcher, _ = _start_long_run(tmp_path)
     workers = _workers_of(launcher.pid)
     assert len(workers) == 2
+    workers += [pid for pid in _children_of(launcher.pid) if pid not in workers]  # the process they forked from
     # one machine: the processes meet through a file and connect over loopback; nothing listens outside
     loopback = {"0100007F", "00000000000000000000000001000000"}  # 127.0.0.1 and ::1
     listening = [address for pid in workers for address in _listening(pid)]
     assert listening and set(listening) <= loopback, listening
-    env = dict(item.split(b"=", 1) for item in Path(f"/proc/{workers[0]}/environ").read_bytes().split(b"\0") if item)
-    folder = Path(env[b"ENGINEFLOW_LAUNCH_DIR"].decode())
+    folder = Path(_environ(workers[0])[b"ENGINEFLOW_LAUNCH_DIR"].decode())
     launcher.kill()
     launcher.wait()
     deadline = time.monotonic() + 10

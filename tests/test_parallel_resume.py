@@ -26,8 +26,8 @@ SAMPLES, BATCH, EPOCHS = 50, 2, 4
 AGREE_EVERY = 8  # engineflow.state.checkpointer.AGREE_EVERY: where the processes agree on an interrupt
 
 # Dropout draws from each rank's own RNG. The process whose rank is given by KILL ("iteration:rank:KILL"
-# or "...:INT") SIGKILLs itself at that iteration, or sends Ctrl-C as a terminal would (to the launcher,
-# its parent; on one process, to itself) and waits a second, so that the interrupt is known to rank 0
+# or "...:INT") SIGKILLs itself at that iteration, or sends Ctrl-C as a terminal would (to the launcher;
+# on one process, to itself) and waits a second, so that the interrupt is known to rank 0
 # before any rank reaches the next point where they agree on it.
 RECIPE = f'''
 import os, signal, time
@@ -47,6 +47,16 @@ def setup(cfg):
                 loaders={{"train": DataLoader(data, batch_size={BATCH}, shuffle=True),
                           "valid": DataLoader(data, batch_size=16)}})
 
+def launcher():
+    """The process a terminal's Ctrl-C reaches: this one's parent, or that parent's if it is the
+    process the workers are forked from."""
+    parent = os.getppid()
+    with open(f"/proc/{{parent}}/cmdline", "rb") as cmdline:
+        if b"--fork" in cmdline.read():
+            with open(f"/proc/{{parent}}/stat") as stat:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+    return parent
+
 @ef.train_step
 def train(batch, model, optimizer, state, run):
     kill = os.environ.get("KILL", "")
@@ -56,7 +66,7 @@ def train(batch, model, optimizer, state, run):
             open(os.environ["MARKER"], "w").close()
             if how == "KILL":
                 os.kill(os.getpid(), signal.SIGKILL)
-            os.kill(os.getppid() if run.world_size > 1 else os.getpid(), signal.SIGINT)
+            os.kill(launcher() if run.world_size > 1 else os.getpid(), signal.SIGINT)
             time.sleep(1.0)
     x, y = batch
     loss = F.cross_entropy(model(x), y)

@@ -1,8 +1,9 @@
 """Several processes on one machine: ``engineflow run RECIPE --nproc N`` and ``ef.run(..., nproc=N)``.
 
-The launcher starts N workers, ``python -m engineflow.app.launch FOLDER``, with the variables
-``torchrun`` sets (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), so
-a worker runs the command as it would under ``torchrun``: :func:`process_group` initialises
+The launcher starts N workers (:mod:`engineflow.app.workers`: spawned, or forked from one process
+that imports torch once) with the variables ``torchrun`` sets (``RANK``, ``LOCAL_RANK``,
+``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), so a worker runs the command as it would under
+``torchrun``: :func:`process_group` initialises
 ``ignite.distributed`` from them (gloo on CPU, NCCL on CUDA). Being on one machine, they meet
 through a file store in FOLDER (``mkdtemp``: this user's alone) instead of a TCP store, which would
 listen on every interface, and gloo connects them over loopback (``GLOO_SOCKET_IFNAME=lo``).
@@ -32,7 +33,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -42,6 +42,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from engineflow.app.workers import Worker, forking, serve, start
 from engineflow.errors import EXIT_INTERRUPTED, EXIT_TRAINING_FAILED, EngineflowError, RecipeError
 
 if TYPE_CHECKING:
@@ -161,15 +162,15 @@ def launch(command: str, kwargs: Mapping[str, Any], nproc: int, *, runs_dir: str
     try:
         (folder / "spec.json").write_text(json.dumps({"command": command, "kwargs": dict(kwargs)}))
         with _forward_interrupts(asked) as forward_to:
-            workers = _start(folder, nproc, pipe_rank0=stream is not None)
-            forward_to(workers[0])
-            copier = _copy_output(workers[0], stream) if stream is not None else None
-            failed = _watch(workers, asked)
+            started = _start(folder, nproc, str(kwargs.get("device", "auto")), pipe_rank0=stream is not None)
+            forward_to(started[0])
+            copier = _copy_output(started[0], stream) if stream is not None else None
+            failed = _watch(started, asked)
         if copier is not None:
             copier.join()
         if failed is not None:
             rank, code = failed
-            raise _failure(folder, workers, rank, code, runs_dir, asked)
+            raise _failure(folder, started, rank, code, runs_dir, asked)
         return json.loads((folder / "result.json").read_text())
     finally:
         held.close()
@@ -223,39 +224,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _die_with_parent(parent: int) -> Callable[[], None]:
-    def setup() -> None:
-        os.setpgrp()  # a terminal's Ctrl-C reaches the launcher only, which hands it to rank 0
-        if sys.platform.startswith("linux"):
-            import ctypes
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the launcher died before the line above
-            os._exit(1)
-
-    return setup
-
-
-def _start(folder: Path, nproc: int, *, pipe_rank0: bool) -> list[subprocess.Popen[bytes]]:
+def _start(folder: Path, nproc: int, device: str, *, pipe_rank0: bool) -> list[Worker]:
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(nproc),
            "LOCAL_WORLD_SIZE": str(nproc), FOLDER_ENV: str(folder), "PYTHONUNBUFFERED": "1"}
     if sys.platform.startswith("linux"):  # gloo's connections between the processes: on loopback too
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    workers = []
-    for rank in range(nproc):
-        log = None if rank == 0 else (folder / f"rank-{rank}.log").open("wb")
-        out = subprocess.PIPE if rank == 0 and pipe_rank0 else log
-        workers.append(subprocess.Popen(
-            [sys.executable, "-m", "engineflow.app.launch", str(folder)],
-            env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, stdout=out,
-            stderr=subprocess.STDOUT if out is not None else None, preexec_fn=_die_with_parent(os.getpid())))
-        if log is not None:
-            log.close()
-    return workers
+    return start(folder, nproc, env, pipe_rank0=pipe_rank0, fork=forking(device))
 
 
-def _copy_output(worker: subprocess.Popen[bytes], stream: IO[str]) -> threading.Thread:
+def _copy_output(worker: Worker, stream: IO[str]) -> threading.Thread:
     def copy() -> None:
         assert worker.stdout is not None
         for line in iter(worker.stdout.readline, b""):
@@ -268,10 +245,10 @@ def _copy_output(worker: subprocess.Popen[bytes], stream: IO[str]) -> threading.
 
 
 @contextlib.contextmanager
-def _forward_interrupts(asked: list[int]) -> Iterator[Callable[[subprocess.Popen[bytes]], None]]:
+def _forward_interrupts(asked: list[int]) -> Iterator[Callable[[Worker], None]]:
     """SIGINT and SIGTERM go to rank 0 (noted in ``asked``); one that comes before rank 0 exists goes
     to it as soon as the block names it (the function it yields)."""
-    rank0: list[subprocess.Popen[bytes]] = []
+    rank0: list[Worker] = []
 
     def send(signum: int) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -282,7 +259,7 @@ def _forward_interrupts(asked: list[int]) -> Iterator[Callable[[subprocess.Popen
         if rank0:
             send(signum)
 
-    def target(worker: subprocess.Popen[bytes]) -> None:
+    def target(worker: Worker) -> None:
         rank0.append(worker)
         for signum in asked:
             send(signum)
@@ -298,7 +275,7 @@ def _forward_interrupts(asked: list[int]) -> Iterator[Callable[[subprocess.Popen
             signal.signal(sig, handler)
 
 
-def _watch(workers: list[subprocess.Popen[bytes]], asked: list[int]) -> tuple[int, int] | None:
+def _watch(workers: list[Worker], asked: list[int]) -> tuple[int, int] | None:
     """Wait for every worker; after the first failure, end the others. Returns (rank, exit code)
     of the first failure (a negative code: killed by that signal), or None. Rank 0 ended by an
     interrupt it was handed (``asked``) before it could act on it: the others are ended at once."""
@@ -331,7 +308,7 @@ def _watch(workers: list[subprocess.Popen[bytes]], asked: list[int]) -> tuple[in
         time.sleep(POLL_S)
 
 
-def _failure(folder: Path, workers: list[subprocess.Popen[bytes]], first: int, code: int,
+def _failure(folder: Path, workers: list[Worker], first: int, code: int,
              runs_dir: str | Path | None, asked: list[int] = ()) -> WorkerError:  # type: ignore[assignment]
     """What failed, printed once and recorded: the run (if rank 0 recorded one) is marked failed,
     naming the rank; an interrupt of rank 0 keeps rank 0's own "interrupted".
@@ -473,4 +450,7 @@ def _command(name: str) -> Callable[..., Any]:
 
 
 if __name__ == "__main__":
-    _worker(Path(sys.argv[1]))
+    if sys.argv[1] == "--fork":  # the process the workers are forked from (engineflow.app.workers)
+        serve(Path(sys.argv[2]), int(sys.argv[3]), _worker)
+    else:
+        _worker(Path(sys.argv[1]))
