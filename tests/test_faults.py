@@ -137,12 +137,16 @@ def test_a_config_value_tensorboard_cannot_hold_is_written_as_text(cli, write_re
 def test_a_weights_file_that_cannot_be_written_fails_the_run_and_its_mirror_hears_it(cli, write_recipe, tmp_path):
     # the run's end cannot write last.pt (a folder is in its place); MLflow's server is down, its outbox says
     recipe = write_recipe(BASE_RECIPE + '''
+from pathlib import Path
+
 mlflow = "http://127.0.0.1:9"
 
 @ef.on(ef.Events.COMPLETED)
 def block_last_pt(run):
-    (run.run_dir / "checkpoints" / "last.pt").mkdir(parents=True)
+    if Path(__file__).with_name("block").exists():
+        (run.run_dir / "checkpoints" / "last.pt").mkdir(parents=True)
 ''')
+    (tmp_path / "block").touch()
     result = cli("run", str(recipe))
     assert result.exit_code == 1
     last_pt = tmp_path / "runs" / "recipe"
@@ -157,6 +161,14 @@ def block_last_pt(run):
     lines = (Path(record["run_dir"]) / "mlflow" / "outbox.jsonl").read_text().splitlines()
     statuses = [entry["status"] for entry in map(json.loads, lines) if entry["op"] == "status"]
     assert statuses == ["FAILED"]
+
+    (tmp_path / "block").unlink()
+    (Path(record["run_dir"]) / "checkpoints" / "last.pt").rmdir()
+    resumed = cli("run", str(recipe), "--resume", "last")
+    assert resumed.exit_code == 0, resumed.output
+    record = read_run(tmp_path / "runs")
+    assert record["status"] == "completed" and record["error"] is None
+    assert (Path(record["run_dir"]) / "checkpoints" / "last.pt").is_file()
 
 
 # ------------------------------------------------------------------------------------------- item 14
@@ -311,25 +323,28 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 60) -> N
 
 @pytest.mark.slow
 def test_a_folder_left_by_a_setup_killed_outright_is_removed_by_the_next_command(cli, write_recipe, tmp_path):
+    from engineflow.record.setups import claim, release
+
     recipe = write_recipe(SETUP_STUCK)
     runs, ready = tmp_path / "runs", tmp_path / "ready"
     ready.mkdir()
     env = {**os.environ, "READY": str(ready), "PYTHONPATH": str(REPO)}
-    procs = [subprocess.Popen([sys.executable, "-m", "engineflow", "run", str(recipe), "--runs-dir", str(runs)],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
+    proc = subprocess.Popen([sys.executable, "-m", "engineflow", "run", str(recipe), "--runs-dir", str(runs)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_for(lambda: all((ready / str(p.pid)).exists() for p in procs), "both setup()s to start")
-        killed, live = (Path((ready / str(p.pid)).read_text()) for p in procs)
-        assert killed.is_dir() and live.is_dir()
-        procs[0].send_signal(signal.SIGKILL)
-        procs[0].wait()
-        assert killed.is_dir(), "SIGKILL leaves the folder"
-        assert as_json(cli("runs", "list", "--runs-dir", str(runs), "--json")) == []
-        assert not killed.exists(), "the next command removed the abandoned folder"
-        assert live.is_dir(), "the folder of a setup() still running is kept"
+        wait_for((ready / str(proc.pid)).exists, "setup() to start")
+        killed = Path((ready / str(proc.pid)).read_text())
+        assert killed.is_dir()
     finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert killed.is_dir(), "SIGKILL leaves the folder"
+    live = runs / "recipe" / "20261123-080000-live"
+    claim(live)  # this process, alive, is in a setup() of its own
+    assert as_json(cli("runs", "list", "--runs-dir", str(runs), "--json")) == []
+    assert not killed.exists(), "the next command removed the abandoned folder"
+    assert live.is_dir(), "the folder of a setup() still running is kept"
+    live.rmdir()
+    release(live)
     assert cli("runs", "list", "--runs-dir", str(runs)).exit_code == 0
-    assert sorted(p.name for p in runs.iterdir()) == [DB_NAME], "no folder, no note left"
+    assert sorted(p.name for p in runs.iterdir()) == [DB_NAME, "recipe"], "no note left"
