@@ -6,6 +6,8 @@
 * :class:`StoreError` (exit 1): the run index could not be read or written (locked too long, disk
   full); the run folders still hold every run. Its :class:`StoreUsageError` branch (exit 2) is a
   request the index cannot serve: an unknown or ambiguous run id, a damaged or newer index file.
+* :class:`WriteError` (exit 1): a file of a run could not be written; the message names the file.
+  :class:`DiskFullError` when no space was left (a full disk or quota, or the file size limit).
 """
 
 from __future__ import annotations
@@ -42,6 +44,29 @@ class StoreError(EngineflowError):
     """The run index (``<runs_dir>/engineflow.db``) failed to read or write; the message says what to do."""
 
     exit_code = EXIT_TRAINING_FAILED
+
+
+class WriteError(EngineflowError):
+    """A file engineflow writes could not be written; the message names the file and why.
+
+    Attributes:
+        path: the file.
+    """
+
+    exit_code = EXIT_TRAINING_FAILED
+
+    def __init__(self, message: str, path: object = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class DiskFullError(WriteError):
+    """No space was left for a file: the disk or a quota is full, or the process's file size limit
+    (``ulimit -f``) was reached. The message starts "No space left on device while writing FILE"."""
+
+
+class StoreFullError(StoreError, DiskFullError):
+    """The run index could not grow: no space was left for it (see :class:`DiskFullError`)."""
 
 
 class StoreUsageError(StoreError, RecipeError):

@@ -6,6 +6,7 @@ recipe; 130 interrupted.
 
 from __future__ import annotations
 
+import errno
 import sys
 import traceback
 from collections.abc import Callable
@@ -21,6 +22,7 @@ from engineflow.errors import (
     SetupError,
     StepCheckError,
 )
+from engineflow.files import NO_SPACE, write_error
 from engineflow.naming import command_line
 
 runs_dir_option = click.option(
@@ -198,6 +200,8 @@ def test_command(recipe: str, run_ref: str | None, ignore_changes: bool, trust_c
             click.echo(to_json(result))
         else:
             click.echo(f"run {result['run']}: {format_metrics(result['metrics'])}")
+        if not result.get("stored", True):
+            click.echo(f"note: {result['note']}", err=True)
 
     _guarded(go, debug, "test failed")
 
@@ -251,11 +255,15 @@ def runs_list(experiment: str | None, status: str | None, runs_dir: str, as_json
     """List runs, newest first."""
 
     def go() -> None:
+        from pathlib import Path
+
         from engineflow.app.launch import remove_abandoned
         from engineflow.app.views import list_table, public, to_json
-        from engineflow.record.runs import list_runs
+        from engineflow.record.runs import list_runs, no_runs_message
 
         remove_abandoned()  # with the runs found dead, the folders their killed launchers left
+        if not Path(runs_dir).is_dir() and not as_json:  # nothing is created: a mistyped folder lists no runs
+            click.echo(no_runs_message(Path(runs_dir)), err=True)
         records = list_runs(runs_dir, experiment=experiment, status=status)
         click.echo(to_json([public(r) for r in records]) if as_json else list_table(records))
 
@@ -416,6 +424,12 @@ def _guarded(action: Callable[[], Any], debug: bool, failed: str) -> None:
         click.echo("interrupted", err=True)
         sys.exit(EXIT_INTERRUPTED)
     except Exception as err:
+        if isinstance(err, OSError) and (err.errno in NO_SPACE or err.errno == errno.EROFS):
+            # a write engineflow does not make itself (a library's, the recipe's): one line naming the file
+            if debug:
+                traceback.print_exc()
+            click.echo(f"error: {write_error(err, err.filename or 'a file')}", err=True)
+            sys.exit(EXIT_TRAINING_FAILED)
         if debug:
             traceback.print_exc()
         else:

@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
+from engineflow.files import append_text
+
 if TYPE_CHECKING:
     from engineflow.declare.handlers import HandlerSpec
     from engineflow.execute.engine import StepEngine
@@ -132,8 +134,7 @@ class Reporter:
         if bar is not None:
             bar.refresh()
         if self.log_path is not None:
-            with self.log_path.open("a", encoding="utf-8") as log:
-                log.write(text + "\n")
+            append_text(self.log_path, text + "\n")
 
     def close(self) -> None:
         """End the bar if one is showing: it stays on screen with a newline after it (idempotent)."""

@@ -62,17 +62,23 @@ def _evaluate_test(recipe: str | Path, *, ref: str | None, ignore_changes: bool,
     if world.distributed:
         loaders = {"test": shard_loader(loaders["test"], world, pad=False, name="test")}
     metrics = evaluate_loader(past.fit.eval, loaders, "test")  # the metrics all-reduce themselves
-    if world.rank == 0:
-        _store_test_metrics(past, metrics)
-    return {"run": past.record["id"], "metrics": metrics}
+    note = _store_test_metrics(past, metrics) if world.rank == 0 else None
+    return {"run": past.record["id"], "metrics": metrics, "stored": note is None, **({"note": note} if note else {})}
 
 
-def _store_test_metrics(past: Any, metrics: dict[str, float]) -> None:
+def _store_test_metrics(past: Any, metrics: dict[str, float]) -> str | None:
+    """Store the metrics with the run; on a runs folder that cannot be written, say so instead (None: stored)."""
     from engineflow.record.recorder import now_iso
     from engineflow.record.runs import update_record
-    from engineflow.record.store import RunStore
+    from engineflow.record.store import ReadOnlyStoreError, RunStore
 
     record = past.record
     fields = {"metrics": {**record.get("metrics", {}), **metrics}, "tested_at": now_iso()}
     with RunStore.open(past.run_dir.parent.parent) as store:
-        update_record(store, record, fields)
+        if store.read_only:
+            return f"the metrics were not stored with run {record['id']}: {store.path.parent} is read-only here"
+        try:
+            update_record(store, record, fields)
+        except ReadOnlyStoreError as err:
+            return f"the metrics were not stored with run {record['id']}: {err}"
+    return None

@@ -28,11 +28,13 @@ from engineflow.declare.recipe import Recipe, load_recipe
 from engineflow.errors import RecipeError
 from engineflow.execute.build import build_pipeline, resolve_config
 from engineflow.execute.fit import Fit
+from engineflow.execute.notes import add_note
 from engineflow.execute.parallel import ONE_PROCESS, World, max_over_ranks, share_json
 from engineflow.execute.pipeline import Pipeline
 from engineflow.naming import option
 from engineflow.record.mirror import mirror_for
 from engineflow.record.runs import resolve_runs_dir
+from engineflow.record.setups import claim, release
 from engineflow.runtime import using_run
 from engineflow.state.checkpoint_files import load_state, verify
 from engineflow.state.checkpointer import Checkpointer, every_iterations_policy, policy_of
@@ -251,16 +253,17 @@ def _train(loaded: Recipe, start: Session, *, stream: IO[str] | None, progress: 
         result = RunResult(context.run_id, loaded.name, "running", context.run_dir, start.cfg.to_dict(),
                            context.seed, str(context.device))
         started = time.monotonic()
+        failure: BaseException | None = None
         try:
             with reporter, Interrupts() as interrupts:
                 interrupts.target = checkpointer
                 _fit(pipeline, found, start, reporter, only=origin is not None, world_size=world.size)
             result.status = "completed"
-        except KeyboardInterrupt:
-            result.status = "interrupted"
+        except KeyboardInterrupt as err:
+            result.status, failure = "interrupted", err
             raise
         except BaseException as err:
-            result.status, result.error = "failed", f"{type(err).__name__}: {err}"
+            result.status, result.error, failure = "failed", f"{type(err).__name__}: {err}", err
             raise
         finally:
             trained = pipeline.epochs_run()
@@ -271,12 +274,29 @@ def _train(loaded: Recipe, start: Session, *, stream: IO[str] | None, progress: 
                               **pipeline.metrics()}
             result.best = pipeline.best()
             if leader:
-                recorder.finish(result.status, error=result.error, final=result.metrics, fit=pipeline.last_fit,
-                                best_checkpoint=checkpointer.best_file(), best=result.best)
+                _record_end(recorder, result, failure, fit=pipeline.last_fit, best_checkpoint=checkpointer.best_file())
         if leader:
             start.completed()
     _summarise(reporter, result, trained)
     return result
+
+
+def _record_end(recorder: Any, result: RunResult, failure: BaseException | None, *, fit: Fit | None,
+                best_checkpoint: Path | None) -> None:
+    """Record how the run ended (:meth:`~engineflow.record.recorder.RunRecorder.finish`).
+
+    What fails while finishing (the weights files, TensorBoard, the index) fails a run that had
+    completed, and is raised; a run that had failed or was interrupted keeps its own error as the
+    one reported, with the other added to it as a note.
+    """
+    try:
+        result.status = recorder.finish(result.status, error=result.error, final=result.metrics, fit=fit,
+                                        best_checkpoint=best_checkpoint, best=result.best)
+    except BaseException as err:
+        if failure is None:
+            result.status, result.error = recorder.record.get("status", "failed"), f"{type(err).__name__}: {err}"
+            raise
+        add_note(failure, f"while recording the run's end: {type(err).__name__}: {err}")
 
 
 def _prepare(loaded: Recipe, start: Session, *, extras: tuple[Callable[[Fit], Iterable[HandlerSpec]], ...],
@@ -289,7 +309,7 @@ def _prepare(loaded: Recipe, start: Session, *, extras: tuple[Callable[[Fit], It
     made_run_dir = not start.resumed and not context.run_dir.exists() and context.rank == 0
     made_experiment_dir = made_run_dir and not context.run_dir.parent.exists()
     if made_run_dir:
-        context.run_dir.mkdir(parents=True)
+        claim(context.run_dir)  # noted, so that the next command removes it if this process is killed
     try:
         pipeline, _, _ = build_pipeline(loaded, start.cfg, seed=context.seed, check=context.check, context=context,
                                         extras=extras, listeners=listeners, epochs=list(start.stage_epochs))
@@ -304,6 +324,7 @@ def _prepare(loaded: Recipe, start: Session, *, extras: tuple[Callable[[Fit], It
     except BaseException:
         if made_run_dir:
             shutil.rmtree(context.run_dir, ignore_errors=True)
+            release(context.run_dir)
         if made_experiment_dir:
             with contextlib.suppress(OSError):  # another run of the experiment may have started in it meanwhile
                 context.run_dir.parent.rmdir()

@@ -35,7 +35,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from engineflow.errors import RecipeError
+from engineflow.errors import RecipeError, WriteError
 from engineflow.record.outbox import MLFLOW_STATUS, Outbox, first_entries, mirrored, now_ms, reconcile, stage_names
 from engineflow.record.push import Pushed, mlflow_client, push
 
@@ -222,7 +222,11 @@ class Mirror:
             entries.append({"op": "artifacts", "items": [["checkpoints/best.pt", "checkpoints"]]})
         entries.append({"op": "tags", "tags": {"engineflow.stage": stage_names(record)}})
         entries.append({"op": "status", "status": MLFLOW_STATUS.get(status, "FAILED"), "time": now_ms()})
-        self.box.append(*entries)
+        try:
+            self.box.append(*entries)
+        except WriteError as err:  # the run's own record is written; `runs sync` queues its end from it
+            self._notify(f"MLflow: the run's end could not be queued ({err}); `engineflow runs sync {self._run_id}` "
+                         "sends it")
         self.close(drain_s)
 
     def close(self, drain_s: float = DRAIN_S) -> None:
@@ -309,11 +313,14 @@ def sync(runs_dir: str | Path, ref: str | None = None) -> list[Synced]:
         for line in sync("runs"):
             print(line.line())   # 20261123-084512-3fa2: pushed 12 entries to http://... (MLflow run 9f...)
     """
-    from engineflow.record.runs import settle_stale
-    from engineflow.record.store import RunStore
+    from engineflow.errors import UnknownRunError
+    from engineflow.record.runs import no_runs_message, reading
 
-    with RunStore.open(Path(runs_dir)) as store:
-        settle_stale(store)
+    with reading(runs_dir) as store:  # dead runs settled first; nothing created where there is no index
+        if store is None:
+            if ref is not None:
+                raise UnknownRunError(no_runs_message(Path(runs_dir)))
+            return []
         records = [store.resolve(ref)] if ref is not None else list(reversed(store.list_runs()))
     found = []
     for record in records:
@@ -327,7 +334,7 @@ def sync(runs_dir: str | Path, ref: str | None = None) -> list[Synced]:
     cache: dict[str, str | None] = {}
     results = []
     for record, box in found:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, WriteError):
             reconcile(record, box)
         results.append(Synced(record["id"], push(box, reachable=cache)))
     return results

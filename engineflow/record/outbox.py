@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from engineflow.declare.configuration import flatten
-from engineflow.files import write_json
+from engineflow.errors import WriteError
+from engineflow.files import append_text, write_json
 from engineflow.record.staleness import parse_time
 
 __all__ = ["MLFLOW_STATUS", "Outbox", "first_entries", "mirrored", "push_settled", "queue_killed", "reconcile",
@@ -89,9 +90,8 @@ class Outbox:
     def append(self, *entries: Mapping[str, Any]) -> None:
         """Add entries at the end, one JSON line each (no fsync: a killed process tears at most
         the last line, which readers skip)."""
-        text = "".join(json.dumps(entry, separators=(",", ":"), default=str) + "\n" for entry in entries)
-        with self.path.open("a", encoding="utf-8") as out:
-            out.write(text)
+        append_text(self.path, "".join(json.dumps(entry, separators=(",", ":"), default=str) + "\n"
+                                       for entry in entries))
 
     def state(self) -> dict[str, Any]:
         """``state.json`` as a dict; empty when missing or unreadable (then everything is pushed again)."""
@@ -208,7 +208,7 @@ def queue_killed(record: Mapping[str, Any]) -> None:
     box = mirrored(record)
     if box is None:
         return
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError, WriteError):
         reconcile(record, box)
 
 

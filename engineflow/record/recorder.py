@@ -31,10 +31,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from engineflow.declare.handlers import HandlerSpec
-from engineflow.errors import RecipeError, StoreError
-from engineflow.files import write_json
+from engineflow.errors import (
+    DiskFullError,
+    EngineflowError,
+    RecipeError,
+    StoreError,
+    StoreFullError,
+    TrainingError,
+    WriteError,
+)
+from engineflow.files import append_text, write_json, writing
 from engineflow.record.runs import update_record
 from engineflow.record.schema import Row
+from engineflow.record.setups import release
 from engineflow.record.snapshot import CodeState, save
 from engineflow.record.staleness import HEARTBEAT_INTERVAL_S, is_stale
 from engineflow.record.store import RunStore
@@ -86,12 +95,14 @@ class RunRecorder:
 
     def begin_new(self, code: CodeState) -> None:
         """Create the folder with its snapshot and record, then index it (status "running")."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)  # the runner may have made it for setup()
-        save(code, self.run_dir / "code")
+        with writing(self.run_dir):
+            self.run_dir.mkdir(parents=True, exist_ok=True)  # the runner may have made it for setup()
+            save(code, self.run_dir / "code")
+            (self.run_dir / "metrics.jsonl").touch()
         write_json(self.run_dir / "config.json", self.record["config"])
-        (self.run_dir / "metrics.jsonl").touch()
         self.update(status="running", pid=os.getpid(), hostname=socket.gethostname(), heartbeat_at=now_iso(),
                     code={**self.record["code"], **seal(self.record["id"], self.run_dir / "code")})
+        release(self.run_dir)  # a run now: settled as one if its process dies
         self._start_heartbeat()
         self.tb.open()
         if self.mirror is not None:
@@ -134,8 +145,12 @@ class RunRecorder:
         path = self.run_dir / "metrics.jsonl"
         kept = [line for line, epoch in _metric_lines(path) if epoch <= epochs_completed]
         tmp = path.with_name(path.name + ".tmp")
-        tmp.write_bytes(b"".join(kept))
-        tmp.replace(path)
+        try:
+            with writing(path):
+                tmp.write_bytes(b"".join(kept))
+                tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
         try:
             with self.store.transaction() as tx:
                 tx.delete_metrics(self.record["id"], after_epoch=epochs_completed)
@@ -172,8 +187,12 @@ class RunRecorder:
             written = update_record(self.store, self.record, fields, rows=rows or ())
         except StoreError as err:
             self.record.update(fields)
-            raise StoreError(f"{err} The run's own record is safe in {self.run_dir / 'run.json'} (and its metrics "
-                             "in metrics.jsonl); `engineflow runs reindex` brings the index up to date.") from err
+            kind = StoreFullError if isinstance(err, DiskFullError) else StoreError
+            raise kind(f"{err} The run's own record is safe in {self.run_dir / 'run.json'} (and its metrics "
+                       "in metrics.jsonl); `engineflow runs reindex` brings the index up to date.") from err
+        except WriteError:
+            self.record.update(fields)  # the index has them
+            raise
         if written is not None:
             self.record.update(written)
 
@@ -256,10 +275,14 @@ class RunRecorder:
             kept = [line for line, seen in _metric_lines(path, names=True) if seen not in
                     {(epoch, name) for name in values}]
             tmp = path.with_name(path.name + ".tmp")
-            tmp.write_bytes(b"".join(kept))
-            tmp.replace(path)
-        with path.open("a", encoding="utf-8") as out:
-            out.writelines(json.dumps({"epoch": epoch, "name": k, "value": v}) + "\n" for k, v in values.items())
+            try:
+                with writing(path):
+                    tmp.write_bytes(b"".join(kept))
+                    tmp.replace(path)
+            finally:
+                tmp.unlink(missing_ok=True)
+        append_text(path, "".join(json.dumps({"epoch": epoch, "name": k, "value": v}) + "\n"
+                                  for k, v in values.items()))
 
     def predictions(self, pipeline: Any, loader: str, outputs: Any) -> None:
         """An infer pass's predictions on one loader: ``predictions/<stage>/<loader>.pt``."""
@@ -273,42 +296,94 @@ class RunRecorder:
         self.update(artifacts=artifacts)
 
     def finish(self, status: str, *, error: str | None = None, final: Mapping[str, float] | None = None,
-               fit: Any = None, best_checkpoint: Path | None = None, best: Mapping[str, Any] | None = None) -> None:
+               fit: Any = None, best_checkpoint: Path | None = None, best: Mapping[str, Any] | None = None) -> str:
         """Write the weights files, close TensorBoard and mark the run ``status`` with its end time.
 
         ``last.pt``: the weights as training left them, unless it failed (they may be NaN).
         ``best.pt``: exported from ``best_checkpoint`` (the best epoch's full state), when the
         checkpointer keeps one (then :meth:`epoch_completed` did not write it).
+
+        The weights and TensorBoard's last writes are part of completing: when one of them fails, a
+        run that would have completed is recorded failed with that error (a completed run always
+        has its weights files). The MLflow mirror is told the status recorded, last.
+
+        Returns:
+            the status recorded.
+
+        Raises:
+            EngineflowError: the first error of finishing (a :class:`~engineflow.errors.WriteError`
+                naming the file, a :class:`~engineflow.errors.StoreError`, or a
+                :class:`~engineflow.errors.TrainingError` that says what failed). The run's record
+                says how it ended all the same, in run.json at least. For a run that had failed or
+                was interrupted, its own error is the one to report.
         """
+        self._stop_beating.set()
+        artifacts = dict(self.record.get("artifacts") or {})
+        problem: BaseException | None = None
+        try:
+            self._write_weights(status, artifacts, final, fit, best_checkpoint)
+        except Exception as err:
+            problem = _finishing_error(err, "writing the weights files")
+        try:
+            self.tb.close(self.record["config"], final or {})
+        except Exception as err:
+            problem = problem or _finishing_error(err, "closing TensorBoard's files")
+        if problem is not None and status == "completed":
+            status, error = "failed", f"{type(problem).__name__}: {problem}"
+        stages = [dict(s) for s in self.record.get("stages") or []]
+        for entry in stages:
+            if entry.get("status") == "running":
+                entry["status"] = status
+        try:
+            self.update(status=status, ended_at=now_iso(), error=error, pid=None, artifacts=artifacts,
+                        **({"stages": stages} if stages else {}), **({"best": dict(best)} if best else {}))
+        except Exception as err:
+            problem = problem or err
+        if self.mirror is not None:  # after the record: what MLflow is told never waits for it
+            self.mirror.finish(status, self.record)
+        if problem is not None:
+            raise problem
+        return status
+
+    def _write_weights(self, status: str, artifacts: dict[str, Any], final: Mapping[str, float] | None, fit: Any,
+                       best_checkpoint: Path | None) -> None:
+        """``last.pt`` (not for a failed run) and ``best.pt`` from the best checkpoint; each file
+        enters ``artifacts`` once written, and one that fails does not keep the other from it."""
         from engineflow.state.checkpoint_files import export_weights, load_state, save_weights
         from engineflow.state.components import modules_of
 
-        self._stop_beating.set()
-        artifacts = dict(self.record.get("artifacts") or {})
-        try:
-            modules = modules_of(fit.components) if fit is not None else {}
-            if modules and status != "failed":
-                meta = {"epoch": fit.history[-1]["epoch"] if fit.history else 0, "status": status,
-                        "iteration": fit.train.state.iteration, "metrics": dict(final or {})}
+        modules = modules_of(fit.components) if fit is not None else {}
+        first: Exception | None = None
+        if modules and status != "failed":
+            meta = {"epoch": fit.history[-1]["epoch"] if fit.history else 0, "status": status,
+                    "iteration": fit.train.state.iteration, "metrics": dict(final or {})}
+            try:
                 save_weights(self.run_dir / "checkpoints" / "last.pt", modules, meta)
                 artifacts["weights_last"] = "checkpoints/last.pt"
-            if modules and best_checkpoint is not None:
+            except Exception as err:
+                first = err
+        if modules and best_checkpoint is not None:
+            try:
                 # the best epoch may be an earlier stage's, from before a prepare added a module
                 state = load_state(best_checkpoint)
                 names = [name for name in modules if name in state["components"]]
                 export_weights(state, self.run_dir / "checkpoints" / "best.pt", names, _best_meta(state),
                                source=best_checkpoint)
                 artifacts["weights_best"] = "checkpoints/best.pt"
-            self.tb.close(self.record["config"], final or {})
-        finally:
-            stages = [dict(s) for s in self.record.get("stages") or []]
-            for entry in stages:
-                if entry.get("status") == "running":
-                    entry["status"] = status
-            self.update(status=status, ended_at=now_iso(), error=error, pid=None, artifacts=artifacts,
-                        **({"stages": stages} if stages else {}), **({"best": dict(best)} if best else {}))
-        if self.mirror is not None:  # after the record: what MLflow is told never waits for it
-            self.mirror.finish(status, self.record)
+            except Exception as err:
+                first = first or err
+        if first is not None:
+            raise first
+
+
+def _finishing_error(err: Exception, what: str) -> EngineflowError:
+    """An error of a run's finishing as engineflow reports it: as it is when it is engineflow's own
+    (a write error names its file), else a :class:`TrainingError` that says what failed."""
+    if isinstance(err, EngineflowError):
+        return err
+    failed = TrainingError(f"the run could not be completed: {what} failed with {type(err).__name__}: {err}")
+    failed.__cause__ = err
+    return failed
 
 
 def run_best(fit: Any) -> dict[str, Any]:

@@ -9,36 +9,79 @@ Imports no torch, so ``runs list`` is quick.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from engineflow.errors import StoreError
+from engineflow.errors import DiskFullError, StoreError, UnknownRunError, WriteError
 from engineflow.files import write_json
 from engineflow.record import outbox
 from engineflow.record.folders import read_record
 from engineflow.record.schema import Row
+from engineflow.record.setups import clean_abandoned
 from engineflow.record.staleness import interrupted, still_stale
-from engineflow.record.store import Rebuilt, RunStore, RunTransaction
+from engineflow.record.store import DB_NAME, ReadOnlyStoreError, Rebuilt, RunStore, RunTransaction
 from engineflow.record.store import rebuild as rebuild_index
 
-__all__ = ["get_run", "list_runs", "rebuild", "reindex", "settle_stale", "update_record"]
+__all__ = ["get_run", "list_runs", "no_runs_message", "reading", "rebuild", "reindex", "settle_stale",
+           "update_record"]
 
 
 def list_runs(
     runs_dir: str | Path, *, experiment: str | None = None, status: str | None = None
 ) -> list[dict[str, Any]]:
-    """Runs newest first. A "running" run whose process is gone is marked interrupted first."""
-    with RunStore.open(Path(runs_dir)) as store:
-        settle_stale(store)
-        return store.list_runs(experiment=experiment, status=status)
+    """Runs newest first; none (and nothing created) when the folder has no index.
+
+    A "running" run whose process is gone is listed as interrupted, and marked so first where the
+    runs folder can be written (see :func:`reading`).
+    """
+    with reading(runs_dir) as store:
+        return [] if store is None else store.list_runs(experiment=experiment, status=status)
 
 
 def get_run(runs_dir: str | Path, ref: str) -> dict[str, Any]:
-    """One run by id, unique id prefix or "last", with its per-epoch ``history``."""
-    with RunStore.open(Path(runs_dir)) as store:
-        settle_stale(store)
+    """One run by id, unique id prefix or "last", with its per-epoch ``history``.
+
+    Raises:
+        UnknownRunError: no such run, or no index in ``runs_dir`` (nothing is created).
+    """
+    with reading(runs_dir) as store:
+        if store is None:
+            raise UnknownRunError(no_runs_message(Path(runs_dir)))
         return store.get_run(store.resolve(ref)["id"])
+
+
+@contextmanager
+def reading(runs_dir: str | Path) -> Iterator[RunStore | None]:
+    """The index of ``runs_dir`` for a command that reads it; None when there is none (nothing is created).
+
+    Where the index can be written, dead runs are settled first (:func:`settle_stale`); where it
+    cannot (a read-only folder, a full disk), it is opened read-only and read as it is: a dead run
+    still reads as interrupted.
+    """
+    folder = Path(runs_dir)
+    if not (folder / DB_NAME).is_file():
+        yield None
+        return
+    try:
+        store = RunStore.open(folder)
+    except DiskFullError:  # the index cannot even be opened for writing: read it as it is
+        store = RunStore.open(folder, read_only=True)
+    with store:
+        if not store.read_only:
+            with contextlib.suppress(WriteError, ReadOnlyStoreError):  # settled by the next command that can
+                settle_stale(store)
+        yield store
+
+
+def no_runs_message(runs_dir: Path) -> str:
+    """Why a runs folder has no runs to show: it does not exist, or it has no index."""
+    if not runs_dir.is_dir():
+        return f"no runs: the runs folder {runs_dir} does not exist (--runs-dir or $ENGINEFLOW_RUNS_DIR names another)"
+    return (f"no runs recorded in {runs_dir} yet (it has no {DB_NAME}; if it holds run folders, "
+            "`engineflow runs reindex` indexes them)")
 
 
 def reindex(runs_dir: str | Path) -> int:
@@ -79,18 +122,24 @@ def update_record(store: RunStore, record: Mapping[str, Any], fields: Mapping[st
     Raises:
         StoreError: the index could not be written; run.json has the change all the same
             (unless ``check`` was given: then nothing is written).
+        WriteError: run.json could not be written (no space left, not even in place); the index
+            has the change.
     """
     run_id = record["id"]
     folder = _folder(record)
     written: dict[str, Any] | None = None
+    unwritten: WriteError | None = None
 
     def write_folder() -> None:
-        nonlocal written
+        nonlocal written, unwritten
         on_disk = read_record(folder) if folder is not None else None
         base = on_disk if on_disk is not None and on_disk.get("id") == run_id else record
         written = {k: v for k, v in {**base, **fields}.items() if k != "history"}
         if folder is not None:  # a folder deleted by hand: the index still learns the change
-            write_json(folder / "run.json", written)
+            try:
+                write_json(folder / "run.json", written, in_place_when_full=True)
+            except WriteError as err:  # the index still learns the change; the error is raised after it
+                unwritten = err
 
     try:
         with store.transaction() as tx:
@@ -103,6 +152,8 @@ def update_record(store: RunStore, record: Mapping[str, Any], fields: Mapping[st
         if written is None and check is None:
             write_folder()
         raise
+    if unwritten is not None:
+        raise unwritten
     return written
 
 
@@ -115,7 +166,11 @@ def settle_stale(store: RunStore) -> list[dict[str, Any]]:
     finished or beat since (:func:`~engineflow.record.staleness.still_stale`). When its run.json
     tells of another life than the index (a process whose index write failed), the folder is the
     truth: the index takes run.json as it is.
+
+    Run folders left by a process killed during ``setup()`` are removed too
+    (:func:`~engineflow.record.setups.clean_abandoned`).
     """
+    clean_abandoned(store.path.parent)
     settled = []
     for judged in store.stale_runs():
         with store.transaction() as tx:
@@ -142,7 +197,7 @@ def _settle(tx: RunTransaction, current: dict[str, Any]) -> dict[str, Any] | Non
     fields = interrupted(current)
     if folder is not None:
         base = on_disk if on_disk is not None and on_disk.get("id") == current["id"] else current
-        write_json(folder / "run.json", {**base, **fields})
+        write_json(folder / "run.json", {**base, **fields}, in_place_when_full=True)
     return tx.update(current["id"], fields)
 
 

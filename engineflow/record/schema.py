@@ -18,7 +18,7 @@ from engineflow.errors import StoreUsageError
 from engineflow.record.staleness import utc
 
 __all__ = ["APPLICATION_ID", "BUSY_TIMEOUT_S", "COLUMNS", "MIGRATIONS", "SCHEMA_VERSION", "STATUSES",
-           "NewerStoreError", "Row", "UnusableStoreError", "connect", "dumps", "metric", "row"]
+           "NewerStoreError", "Row", "UnusableStoreError", "connect", "connect_read_only", "dumps", "metric", "row"]
 
 SCHEMA_VERSION = 2
 # "damaged": rebuilt from a run folder whose run.json could not be read (see engineflow.record.folders)
@@ -79,6 +79,32 @@ def connect(path: Path, busy_timeout_s: float = BUSY_TIMEOUT_S) -> sqlite3.Conne
         _enable_wal(conn, busy_timeout_s)
         conn.execute("PRAGMA synchronous = NORMAL")  # WAL + NORMAL survives a killed process; the folders back it up
         _migrate(conn, path)
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def connect_read_only(path: Path, busy_timeout_s: float = BUSY_TIMEOUT_S) -> sqlite3.Connection:
+    """Open for reading only: nothing is created, migrated or written (a folder that cannot be written).
+
+    A WAL database opens read-only only where its ``-shm`` file exists or can be made (and sized);
+    on a read-only filesystem without one, or a full disk, it is opened as immutable, which reads the
+    database file as it is (commits still in a ``-wal`` file left there are not seen).
+    """
+    uri = path.absolute().as_uri()
+    try:
+        return _open_uri(f"{uri}?mode=ro", path, busy_timeout_s)
+    except sqlite3.OperationalError as err:
+        if not any(words in str(err) for words in ("unable to open", "disk I/O error")):
+            raise
+    return _open_uri(f"{uri}?mode=ro&immutable=1", path, busy_timeout_s)
+
+
+def _open_uri(uri: str, path: Path, busy_timeout_s: float) -> sqlite3.Connection:
+    conn = sqlite3.connect(uri, uri=True, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
+    try:
+        check_identity(conn, path)  # the first read: where a failed open shows
     except BaseException:
         conn.close()
         raise

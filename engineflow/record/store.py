@@ -33,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sqlite3
@@ -43,7 +44,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from engineflow.errors import AmbiguousRunError, StoreError, StoreUsageError, UnknownRunError
+from engineflow.errors import AmbiguousRunError, StoreError, StoreFullError, StoreUsageError, UnknownRunError
+from engineflow.files import no_space_message, out_of_space, writing
 from engineflow.record.folders import FolderRun, read_folder, scan
 from engineflow.record.schema import (
     BUSY_TIMEOUT_S,
@@ -55,6 +57,7 @@ from engineflow.record.schema import (
     Row,
     UnusableStoreError,
     connect,
+    connect_read_only,
     metric,
     row,
 )
@@ -68,8 +71,8 @@ from engineflow.record.staleness import (
 
 __all__ = [
     "DB_NAME", "HEARTBEAT_INTERVAL_S", "HEARTBEAT_TIMEOUT_S", "SCHEMA_VERSION", "STATUSES", "AmbiguousRunError",
-    "NewerStoreError", "Rebuilt", "RunStore", "RunTransaction", "StoreError", "StoreUsageError", "UnknownRunError",
-    "UnusableStoreError", "is_stale", "rebuild", "reindex",
+    "NewerStoreError", "ReadOnlyStoreError", "Rebuilt", "RunStore", "RunTransaction", "StoreError", "StoreUsageError",
+    "UnknownRunError", "UnusableStoreError", "is_stale", "rebuild", "reindex",
 ]
 
 DB_NAME = "engineflow.db"
@@ -78,6 +81,10 @@ DB_NAME = "engineflow.db"
 # replaced (closing it would checkpoint into, then delete, the -wal and -shm files at the path,
 # which may by then belong to the new file).
 _UNCLOSED: list[sqlite3.Connection] = []
+
+
+class ReadOnlyStoreError(StoreError):
+    """The run index cannot be written here (it or its folder is read-only); reading it still works."""
 
 
 class Rebuilt(NamedTuple):
@@ -174,29 +181,35 @@ class RunStore:
     Args:
         db_path: the database file; created (with its folder) when missing.
         busy_timeout_s: how long a write waits for another process's write lock before failing.
+        read_only: open the file for reading only: nothing is created, migrated or written, and a
+            write raises :class:`StoreError`. None (the default): read-only when the file exists but
+            it or its folder cannot be written (a read-only mount, another user's runs).
 
     Raises:
         UnusableStoreError: the file is corrupt or not an engineflow index.
         NewerStoreError: a newer engineflow wrote the file.
     """
 
-    def __init__(self, db_path: Path, *, busy_timeout_s: float = BUSY_TIMEOUT_S) -> None:
+    def __init__(self, db_path: Path, *, busy_timeout_s: float = BUSY_TIMEOUT_S, read_only: bool | None = None) -> None:
         self.path = Path(db_path)
         self.busy_timeout_s = busy_timeout_s
         self._where = self.path.absolute()  # the same file even if the process changes directory
+        self.read_only = _cannot_write(self._where) if read_only is None else read_only
         self._conn: sqlite3.Connection | None = None
         self._file: tuple[int, int] | None = None
         self._pid = 0
         self._lock = threading.RLock()
         self._closed = False
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not self.read_only:
+            with writing(self.path.parent):
+                self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._session():  # open now, so a damaged file is reported where the store is opened
             pass
 
     @classmethod
-    def open(cls, runs_dir: Path, *, busy_timeout_s: float = BUSY_TIMEOUT_S) -> RunStore:
-        """The store of ``runs_dir``: ``<runs_dir>/engineflow.db``."""
-        return cls(Path(runs_dir) / DB_NAME, busy_timeout_s=busy_timeout_s)
+    def open(cls, runs_dir: Path, *, busy_timeout_s: float = BUSY_TIMEOUT_S, read_only: bool | None = None) -> RunStore:
+        """The store of ``runs_dir``: ``<runs_dir>/engineflow.db`` (see the class for ``read_only``)."""
+        return cls(Path(runs_dir) / DB_NAME, busy_timeout_s=busy_timeout_s, read_only=read_only)
 
     def close(self) -> None:
         """Close this process's connection; the store cannot be used afterwards."""
@@ -439,6 +452,10 @@ class RunStore:
     @contextmanager
     def _writing(self) -> Iterator[sqlite3.Connection]:
         """One short write transaction; the write lock is taken at BEGIN, so waits go to the busy timeout."""
+        if self.read_only:
+            raise ReadOnlyStoreError(f"the run index {self.path} was opened read-only (it or its folder cannot be "
+                                     "written here), so nothing can be recorded in it; use a runs folder you can "
+                                     "write to (--runs-dir)")
         with self._session() as conn:
             conn.execute("BEGIN IMMEDIATE")
             try:
@@ -457,7 +474,7 @@ class RunStore:
             self._conn = None
         if self._conn is None:
             self._pid = os.getpid()
-            self._conn = connect(self._where, self.busy_timeout_s)
+            self._conn = (connect_read_only if self.read_only else connect)(self._where, self.busy_timeout_s)
             self._file = _identity(self._where)
         return self._conn
 
@@ -471,9 +488,14 @@ class RunStore:
         if code.startswith(("SQLITE_CORRUPT", "SQLITE_NOTADB")) or any(word in text for word in damaged):
             return UnusableStoreError(f"the run index {self.path} is damaged or is not an engineflow database "
                                       f"({text}). {REINDEX_HINT}")
-        if code.startswith("SQLITE_FULL") or "is full" in text:
-            return StoreError(f"the run index {self.path} cannot grow: the disk (or its quota) is full ({text}). "
-                              "Free some space; the run folders hold every run.")
+        files = [Path(f"{self._where}{suffix}") for suffix in ("", "-wal", "-shm")]
+        if (code.startswith("SQLITE_FULL") or "is full" in text
+                or ((code.startswith("SQLITE_IOERR") or "disk I/O error" in text) and out_of_space(self._where.parent,
+                                                                                                  files))):
+            return StoreFullError(no_space_message(self.path, OSError(errno.ENOSPC, text)), self.path)
+        if code.startswith("SQLITE_READONLY") or "readonly database" in text:
+            return ReadOnlyStoreError(f"the run index {self.path} cannot be written ({text}): it or its folder is "
+                                      "read-only here; use a runs folder you can write to (--runs-dir)")
         return StoreError(f"the run index {self.path} cannot be used: {text}")
 
 
@@ -505,6 +527,11 @@ def rebuild(runs_dir: Path) -> Rebuilt:
 
 
 # ----------------------------------------------------------------------------------------------- helpers
+def _cannot_write(db: Path) -> bool:
+    """Whether an existing index file, or its folder, cannot be written by this process."""
+    return db.exists() and not (os.access(db, os.W_OK) and os.access(db.parent, os.W_OK))
+
+
 def _as_seen(record: dict[str, Any]) -> dict[str, Any]:
     return {**record, **interrupted(record)} if is_stale(record) else record
 

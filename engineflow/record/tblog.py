@@ -1,63 +1,147 @@
-"""TensorBoard event files (tensorboardX), imported only when a run writes them.
+"""TensorBoard event files (tensorboardX's format), imported only when a run writes them.
 
 Scalars: the train loss every 50 iterations (tag ``iteration/train/loss``, step = the
 iteration; the recorder's handler fires only then), every per-epoch metric under its own name
 (``valid/accuracy``, step = the epoch), and at the end the config as hparams with the final
-metrics.
+metrics (in ``hparams/``).
+
+The events are written by the calling thread, with tensorboardX's summaries and record writer,
+not by its ``SummaryWriter``: that one writes from a thread of its own, where a failed write (a
+full disk) only prints a traceback and stops the writing, and it registers an ``atexit`` close
+that fails again at exit. Here a failed write raises :class:`~engineflow.errors.WriteError`
+naming the event file, where it happens.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
+import os
+import socket
 import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from engineflow.declare.configuration import flatten
+from engineflow.files import writing
 
 FLUSH_EVERY_S = 5.0
+# TensorBoard's hparams plugin stores numbers as float64: an int beyond this loses digits there
+EXACT_INT = 2**53
 
 
 class TensorBoardLog:
-    """A tensorboardX ``SummaryWriter`` in ``folder``, opened on first use."""
+    """A run's TensorBoard event file in ``folder``, created on first use."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        self._writer: Any = None
+        self._events: EventFile | None = None
         self._flushed_at = float("-inf")
 
     def open(self) -> None:
         """Create the event file now (a one-off cost that then does not land inside an epoch)."""
-        _ = self.writer
+        _ = self.events
 
     @property
-    def writer(self) -> Any:
-        if self._writer is None:
-            from tensorboardX import SummaryWriter
-
-            self._writer = SummaryWriter(logdir=str(self.folder), flush_secs=30)
-        return self._writer
+    def events(self) -> EventFile:
+        if self._events is None:
+            self._events = EventFile(self.folder)
+        return self._events
 
     def iteration(self, iteration: int, loss: float | None, prefix: str = "") -> None:
         if loss is not None:
-            self.writer.add_scalar(f"iteration/{prefix}train/loss", loss, iteration)
+            self.events.scalar(f"iteration/{prefix}train/loss", loss, iteration)
 
     def epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
         for name, value in metrics.items():
             if name != "epoch":
-                self.writer.add_scalar(name, value, epoch)
+                self.events.scalar(name, value, epoch)
         # Flushing fsyncs the event file: after each epoch when epochs are long, every few seconds
         # when they are not (and always at close).
         if time.monotonic() - self._flushed_at >= FLUSH_EVERY_S:
-            self.writer.flush()
+            self.events.flush()
             self._flushed_at = time.monotonic()
 
-    def close(self, config: Mapping[str, Any], final: Mapping[str, float]) -> None:
-        """Write the hparams summary and close the files."""
-        hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten(config).items()}
-        metrics = {f"hparam/{k}": v for k, v in final.items() if k != "epoch"}
-        if metrics:
-            self.writer.add_hparams(hparams, metrics, name="hparams")
-        if self._writer is not None:
-            self._writer.close()
+    def close(self, config: Mapping[str, Any], final: Mapping[str, Any]) -> None:
+        """Write the hparams summary and close the files (closed even when a write fails)."""
+        try:
+            metrics = {f"hparam/{k}": v for k, v in final.items() if k != "epoch" and _is_number(v)}
+            if metrics:
+                from tensorboardX.summary import hparams
 
+                experiment, start, end = hparams({k: hparam_value(v) for k, v in flatten(config).items()}, metrics)
+                summary = EventFile(self.folder / "hparams")
+                try:
+                    for part in (experiment, start, end):
+                        summary.write(part)
+                    for name, value in metrics.items():
+                        summary.scalar(name, value, None)
+                finally:
+                    summary.close()
+        finally:
+            events, self._events = self._events, None
+            if events is not None:
+                events.close()
+
+
+def hparam_value(value: Any) -> bool | int | float | str:
+    """A config value as TensorBoard's hparams can hold it: a number it can store exactly, a flag, or text.
+
+    Example:
+        >>> [hparam_value(v) for v in (3, 0.5, True, "adam", None, 99999999999999999999, float("nan"), [1, 2])]
+        [3, 0.5, True, 'adam', 'None', '99999999999999999999', 'nan', '[1, 2]']
+    """
+    if isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, int):
+        return value if -EXACT_INT <= value <= EXACT_INT else str(value)
+    if isinstance(value, float):
+        return value if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+class EventFile:
+    """One TensorBoard event file, written synchronously; errors name the file."""
+
+    def __init__(self, folder: Path) -> None:
+        from tensorboardX.record_writer import RecordWriter
+
+        # the pid keeps apart two files opened in one second (a run resumed at once)
+        self.path = folder / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
+        with writing(self.path):
+            folder.mkdir(parents=True, exist_ok=True)
+            self._writer = RecordWriter(str(self.path))
+        self._write_event(file_version="brain.Event:2")
+
+    def scalar(self, tag: str, value: float, step: int | None) -> None:
+        from tensorboardX.summary import scalar
+
+        self.write(scalar(tag, value), step)
+
+    def write(self, summary: Any, step: int | None = None) -> None:
+        """Append a ``Summary`` protocol buffer at ``step``."""
+        self._write_event(summary=summary, **({} if step is None else {"step": int(step)}))
+
+    def _write_event(self, **fields: Any) -> None:
+        from tensorboardX.proto.event_pb2 import Event
+
+        with writing(self.path):
+            self._writer.write(Event(wall_time=time.time(), **fields).SerializeToString())
+
+    def flush(self) -> None:
+        """Write what is buffered and fsync it."""
+        with writing(self.path):
+            self._writer.flush()
+
+    def close(self) -> None:
+        """Flush and close; the file is closed even when the flush fails (the error is raised)."""
+        try:
+            self.flush()
+        finally:
+            with contextlib.suppress(OSError):  # a failed flush above raises; what the buffer held is lost either way
+                self._writer.close()

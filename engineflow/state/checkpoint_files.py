@@ -19,7 +19,9 @@ code, copied into a run folder; a checksum beside it proves nothing, anyone can 
 :class:`UnsafeCheckpointError` naming it; it is never skipped silently for an older checkpoint.
 
 Every file goes to a temporary name in the same folder, is fsynced, renamed over the target, and
-the folder is fsynced (Ignite's ``DiskSaver(atomic=True)`` renames without the fsyncs).
+the folder is fsynced (Ignite's ``DiskSaver(atomic=True)`` renames without the fsyncs). A write that
+fails (no space left) removes its temporary file and raises :class:`~engineflow.errors.WriteError`
+naming the file; the files written before it are untouched.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import torch
 import xxhash
 
 from engineflow.errors import RecipeError
+from engineflow.files import writing
 
 _USE_ANOTHER_CHECKPOINT = ("Delete it and its checksum file (a checksum proves nothing here: anyone can compute "
                            "one) to use the previous checkpoint, or use a checkpoint from a run you trust.")
@@ -119,24 +122,36 @@ def atomic_save(obj: Any, path: Path, *, sync_folder: bool = True, checksum: boo
     ``checksum=True`` returns the file's XXH3-128 (hex), computed as it is written (no second read),
     and skips torch's per-record CRC32 (which ``torch.load`` never checks).
     ``sync_folder=False`` leaves the folder's fsync to the caller, who renames more files first.
+
+    Raises:
+        WriteError: the file could not be written (:class:`~engineflow.errors.DiskFullError`: no space
+            left); the temporary file is gone and ``path`` is as it was.
     """
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with tmp.open("wb") as out:
-            hashing = _HashingWriter(out) if checksum else None
-            if hashing is None:
-                torch.save(obj, out)
-            else:
-                with _no_torch_crc32():
-                    torch.save(obj, hashing)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
+        with writing(path):
+            with tmp.open("wb") as out:
+                writer = _Writer(out, checksum=checksum)
+                try:
+                    if checksum:
+                        with _no_torch_crc32():
+                            torch.save(obj, writer)
+                    else:
+                        torch.save(obj, writer)
+                except Exception:
+                    # torch reports a failed write as its own RuntimeError ("unexpected pos"); the
+                    # OSError the file raised says what happened
+                    if writer.failure is not None:
+                        raise writer.failure from None
+                    raise
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     if sync_folder:
         _fsync_dir(path.parent)
-    return hashing.digest.hexdigest() if hashing is not None else None
+    return writer.digest.hexdigest() if writer.digest is not None else None
 
 
 @contextmanager
@@ -151,19 +166,30 @@ def _no_torch_crc32() -> Iterator[None]:
         torch.serialization.set_crc32_options(before)
 
 
-class _HashingWriter:
-    """A binary file for ``torch.save`` that hashes what passes through to ``out``."""
+class _Writer:
+    """The binary file ``torch.save`` writes to: passes the data to ``out``, hashing it when asked,
+    and keeps the ``OSError`` a write raised (torch replaces it with an error of its own)."""
 
-    def __init__(self, out: Any) -> None:
+    def __init__(self, out: Any, *, checksum: bool) -> None:
         self.out = out
-        self.digest = CHECKSUMS[CHECKSUM_SUFFIX]()  # the hash that save_checkpoint records
+        self.digest = CHECKSUMS[CHECKSUM_SUFFIX]() if checksum else None  # the hash that save_checkpoint records
+        self.failure: OSError | None = None
 
     def write(self, data: Any) -> int:
-        self.digest.update(data)
-        return self.out.write(data)
+        if self.digest is not None:
+            self.digest.update(data)
+        try:
+            return self.out.write(data)
+        except OSError as err:
+            self.failure = err
+            raise
 
     def flush(self) -> None:
-        self.out.flush()
+        try:
+            self.out.flush()
+        except OSError as err:
+            self.failure = err
+            raise
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -178,7 +204,8 @@ def _fsync_dir(folder: Path) -> None:
 def save_weights(path: Path, modules: Mapping[str, torch.nn.Module], meta: Mapping[str, Any]) -> None:
     """Save every module's ``state_dict`` (moved to CPU), which of its parameters train
     (``requires_grad``) and ``meta`` atomically to ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with writing(path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
     states = {name: {k: v.detach().cpu() for k, v in m.state_dict().items()} for name, m in modules.items()}
     flags = {name: [p.requires_grad for p in m.parameters()] for name, m in modules.items()}
     atomic_save({"weights": states, "meta": dict(meta), "requires_grad": flags}, path)
@@ -303,16 +330,23 @@ def save_checkpoint(folder: Path, name: str, state: Mapping[str, Any]) -> Path:
     The checksum is written last: a crash before it leaves a file that :func:`verify` does not
     trust, and the previous checkpoint is used.
     """
-    folder.mkdir(parents=True, exist_ok=True)
+    with writing(folder):
+        folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
     digest = atomic_save(dict(state), path, sync_folder=False, checksum=True)
     checksum = path.with_name(path.name + CHECKSUM_SUFFIX)
     tmp = checksum.with_name(f".{checksum.name}.tmp{os.getpid()}")
-    with tmp.open("w") as out:
-        out.write(f"{digest}  {path.name}\n")
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, checksum)
+    try:
+        with writing(checksum):
+            with tmp.open("w") as out:
+                out.write(f"{digest}  {path.name}\n")
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, checksum)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        path.unlink(missing_ok=True)  # a checkpoint without its checksum is never used: its space is freed
+        raise
     # One folder fsync for both renames: both files' contents are already on disk, so whichever
     # renames a crash keeps, a checksum never vouches for a partial file.
     _fsync_dir(folder)
