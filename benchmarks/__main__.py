@@ -20,6 +20,7 @@ FAMILIES = {
     "compute": "benchmarks.compute",
     "paired": "benchmarks.paired",
     "ddp": "benchmarks.ddp",
+    "ddp3": "benchmarks.ddp3",
     "end_to_end": "benchmarks.end_to_end",
     "startup": "benchmarks.startup",
     "checkpoint": "benchmarks.checkpoint",

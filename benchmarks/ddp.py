@@ -1,6 +1,7 @@
 """Two processes (gloo): engineflow's data-parallel fit against a hand-written DDP loop, paired by epoch.
 
-The case's worker process (:mod:`benchmarks.worker`) forks two ranks with ``torch.multiprocessing``
+The case's worker process (:mod:`benchmarks.worker`) forks two ranks (three for :mod:`benchmarks.ddp3`,
+which runs the same loops through :func:`run_ranks` and :func:`paired`) with ``torch.multiprocessing``
 (each: one thread, gloo on 127.0.0.1 at a free port, killed by the kernel if the worker dies, a
 300-s collective timeout) and returns rank 0's result. Inside every rank, on the compute-bound MLP
 (784-1024-1024-10, batch 256 per process, data, model and optimizer built as
@@ -11,6 +12,9 @@ each, rotated every block in whole rotations as in :mod:`benchmarks.paired`:
   ``DataLoader`` with a ``DistributedSampler`` (``set_epoch`` each epoch), the same
   :func:`benchmarks.loops.sgd_step` (``cross_entropy``, ``zero_grad``, ``backward``, ``step``), the
   loss summed with ``.item()`` and all-reduced once per epoch (total and count) for reporting;
+* ``raw_ordered`` (the ``ddp3`` family, :mod:`benchmarks.ddp3`): the same loop with engineflow's DDP
+  communication hook :func:`engineflow.execute.parallel.ordered_sum` registered on its wrapper, as
+  ``train_wrappers`` registers it from 3 gloo processes on;
 * ``ignite``: a plain Ignite ``Engine`` around the same step, DDP model and loader (the control:
   Ignite's loop without engineflow);
 * ``engineflow``: a real fit from :func:`engineflow.execute.fit.build_fit`, as ``engineflow run
@@ -27,14 +31,15 @@ optimizer state and dataset, so that the loops differ by their code only (not by
 loops in a ``DistributedDataParallel`` built by hand, engineflow in the one ``train_wrappers`` builds
 (``idist.auto_model`` calls ``DistributedDataParallel(model)`` with the same arguments on CPU). Two
 DDP wrappers of one module are two reducers whose hooks sit on the same parameters; the one not in
-use returns at once (no forward prepared it), in every loop alike. Checked: training alternately
-through the two wrappers gives the weights of training through one, on both ranks.
+use returns at once (no forward prepared it), in every loop alike. Checked (:func:`check_weights`):
+training in turn through four wrappers gives the weights of training through one, on 2 ranks, and on
+3 with ``ordered_sum`` on every wrapper (gloo's own sums then differ by each wrapper's first step).
 
 Rank 0's CPU time (user + system of the process, gloo's threads included) is the headline, per
-iteration; the per-block ratios ``<loop>_ratio`` (CPU), ``<loop>_wall_ratio`` and, for rank 1,
-``<loop>_rank1_ratio`` are medians over blocks of the ratio to the reference epoch of the same block.
-The ranks wait for each other at every all-reduce, so one rank's slow spell shows in both clocks of
-the other; both ranks run the same epochs in the same order.
+iteration; the per-block ratios ``<loop>_ratio`` (CPU), ``<loop>_wall_ratio`` and, for each other
+rank r, ``<loop>_rank<r>_ratio`` are medians over blocks of the ratio to the reference epoch of the
+same block. The ranks wait for each other at every all-reduce, so one rank's slow spell shows in both
+clocks of the others; every rank runs the same epochs in the same order.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ from benchmarks.workloads import MLP, Workload
 WORLD = 2
 BLOCKS = 4  # epochs of each loop per process, at least
 LOOPS = ["raw", "ignite", "engineflow"]  # the first is the reference
-# 32 steps of ~45 ms a rank (the MLP's step and an all-reduce of 3.3M gradients): ~1.5-s epochs.
+# 32 steps of ~45 ms a rank (the MLP's step and an all-reduce of 1.9M gradients): ~1.5-s epochs.
 SAMPLES = 16384
 TIMEOUT_S = 300  # a collective that waits longer than this fails (a rank died)
 Result = dict[str, Any]
@@ -91,15 +96,26 @@ def measure(case: str, *, workload: dict[str, Any], loops: list[str], blocks: in
     """What :mod:`benchmarks.worker` calls: ``world`` ranks train; rank 0's timing and ratios."""
     if case != "paired":
         raise ValueError(f"unknown case {case!r}; use paired")
+    return run_ranks(paired_rank, world, {"workload": workload, "loops": loops, "blocks": blocks})
+
+
+def paired_rank(*, rank: int, world: int, workload: dict[str, Any], loops: list[str], blocks: int) -> Result:
+    """One rank's part of :func:`measure` (its ``params`` as JSON gave them)."""
+    return paired(Workload(**{**workload, "hidden": tuple(workload["hidden"])}), rank=rank, world=world,
+                  loops=loops, blocks=blocks)
+
+
+def run_ranks(target: Callable[..., Result], world: int, params: dict[str, Any]) -> Result:
+    """Fork ``world`` ranks of a gloo group; each calls ``target(rank=, world=, **params)`` and rank 0's
+    return value is the result. A rank that fails ends the others and raises here."""
     import torch.multiprocessing as mp
 
-    params = {"workload": workload, "loops": loops, "blocks": blocks}
     _import_once()
     with tempfile.TemporaryDirectory(prefix="engineflow-bench-ddp-") as folder:
         out = Path(folder) / "rank0.json"
         # fork: the ranks start with their imports done (the quick check stays short); like a DataLoader
         # forking its workers, the worker has computed nothing, so no thread pool is copied half-made.
-        context = mp.start_processes(_rank, args=(world, _free_port(), os.getpid(), str(out), params),
+        context = mp.start_processes(_rank, args=(world, _free_port(), os.getpid(), str(out), target, params),
                                      nprocs=world, join=False, start_method="fork")
         try:
             while not context.join():  # raises when a rank failed, after ending the others
@@ -141,8 +157,9 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
-def _rank(rank: int, world: int, port: int, parent: int, out: str, params: dict[str, Any]) -> None:
-    """One rank: join the group, train the loops in turn, rank 0 writes the result."""
+def _rank(rank: int, world: int, port: int, parent: int, out: str, target: Callable[..., Result],
+          params: dict[str, Any]) -> None:
+    """One rank: join the group, run ``target``, rank 0 writes its result."""
     _die_with_parent(parent)
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
                        "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
@@ -153,9 +170,7 @@ def _rank(rank: int, world: int, port: int, parent: int, out: str, params: dict[
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=TIMEOUT_S))
     try:
-        workload = params["workload"]
-        result = paired(Workload(**{**workload, "hidden": tuple(workload["hidden"])}), rank=rank, world=world,
-                        loops=params["loops"], blocks=params["blocks"])
+        result = target(rank=rank, world=world, **params)
         if rank == 0:
             Path(out).write_text(json.dumps(result))
     finally:
@@ -163,9 +178,14 @@ def _rank(rank: int, world: int, port: int, parent: int, out: str, params: dict[
 
 
 # inside a rank ---------------------------------------------------------------------------------
-def paired(workload: Workload, *, rank: int, world: int, loops: list[str], blocks: int) -> Result:
+def paired(workload: Workload, *, rank: int, world: int, loops: list[str], blocks: int,
+           against: tuple[tuple[str, str], ...] = (), traffic: bool = False) -> Result:
     """The loops an epoch each in turn on one model, optimizer and dataset; rank 0 returns the timing
-    of the reference loop (the first) and each loop's medians over blocks (see the module)."""
+    of the reference loop (the first) and each loop's medians over blocks (see the module).
+
+    ``against``: pairs ``(a, b)`` of loops also compared with each other, ``<a>_over_<b>_ratio`` (rank
+    0's CPU time, median over blocks). ``traffic``: ``<loop>_mb``, the megabytes rank 0's process wrote
+    per iteration (sockets included: the gradients it sent), median over blocks; Linux only."""
     import statistics
 
     import torch
@@ -184,13 +204,17 @@ def paired(workload: Workload, *, rank: int, world: int, loops: list[str], block
 
     cpu: dict[str, list[float]] = {name: [] for name in loops}
     wall: dict[str, list[float]] = {name: [] for name in loops}
+    sent: dict[str, list[float]] = {name: [] for name in loops}
     reference = {"seconds": 0.0, "cpu_seconds": 0.0, "iterations": 0}
     for block in range(blocks):
         shift = block % len(loops)
         for name in loops[shift:] + loops[:shift]:
             dist.barrier()  # every rank starts the epoch together, outside the clock
+            written = bytes_written() if traffic else None
             clock = timing.Clock()
             result = clock.stop(epochs[name]())
+            if written is not None:
+                sent[name].append((bytes_written() - written) / 1e6 / result["iterations"])
             cpu[name].append(1e6 * result["cpu_seconds"] / result["iterations"])
             wall[name].append(1e6 * result["seconds"] / result["iterations"])
             if name == loops[0]:
@@ -198,30 +222,46 @@ def paired(workload: Workload, *, rank: int, world: int, loops: list[str], block
     others = [None] * world
     dist.all_gather_object(others, cpu)
 
-    base, base_wall, base_rank1 = cpu[loops[0]], wall[loops[0]], others[1][loops[0]] if world > 1 else []
+    def ratio(values: list[float], base: list[float]) -> float:
+        return statistics.median(v / b for v, b in zip(values, base, strict=True))
+
+    base, base_wall = cpu[loops[0]], wall[loops[0]]
     details: dict[str, float] = {}
     for name in loops:
         details[f"{name}_us"] = statistics.median(cpu[name])
         details[f"{name}_wall_us"] = statistics.median(wall[name])
+        if sent[name]:
+            details[f"{name}_mb"] = statistics.median(sent[name])
         if name == loops[0]:
             continue
         details[f"{name}_extra_us"] = statistics.median(v - b for v, b in zip(cpu[name], base, strict=True))
-        details[f"{name}_ratio"] = statistics.median(v / b for v, b in zip(cpu[name], base, strict=True))
-        details[f"{name}_wall_ratio"] = statistics.median(v / b for v, b in zip(wall[name], base_wall, strict=True))
-        if world > 1:
-            details[f"{name}_rank1_ratio"] = statistics.median(
-                v / b for v, b in zip(others[1][name], base_rank1, strict=True))
+        details[f"{name}_ratio"] = ratio(cpu[name], base)
+        details[f"{name}_wall_ratio"] = ratio(wall[name], base_wall)
+        for other in range(1, world):
+            details[f"{name}_rank{other}_ratio"] = ratio(others[other][name], others[other][loops[0]])
+    for a, b in against:
+        details[f"{a}_over_{b}_ratio"] = ratio(cpu[a], cpu[b])
     return {**reference, **details}
+
+
+def bytes_written() -> int | None:
+    """What this process (every thread) has written so far, files and sockets: ``wchar`` of
+    ``/proc/self/io``; None where there is no such file."""
+    try:
+        lines = Path("/proc/self/io").read_text().splitlines()
+    except OSError:
+        return None
+    return next(int(line.split(":")[1]) for line in lines if line.startswith("wchar:"))
 
 
 def _epoch_runner(name: str, model: Any, optimizer: Any, dataset: Any, workload: Workload, rank: int,
                   world: int) -> Callable[[], int]:
     """A function that trains one epoch with the loop ``name`` and returns its iterations."""
-    if name in ("raw", "ignite"):
+    if name in ("raw", "raw_ordered", "ignite"):
         return _hand_written(name, model, optimizer, dataset, workload, rank, world)
     if name == "engineflow":
         return _engineflow(model, optimizer, dataset, workload, rank, world)
-    raise ValueError(f"unknown loop {name!r}; use raw, ignite or engineflow")
+    raise ValueError(f"unknown loop {name!r}; use raw, raw_ordered, ignite or engineflow")
 
 
 def _hand_written(name: str, model: Any, optimizer: Any, dataset: Any, workload: Workload, rank: int,
@@ -235,6 +275,10 @@ def _hand_written(name: str, model: Any, optimizer: Any, dataset: Any, workload:
     from benchmarks.loops import sgd_step
 
     ddp = DistributedDataParallel(model)
+    if name == "raw_ordered":
+        from engineflow.execute.parallel import ordered_sum
+
+        ddp.register_comm_hook(None, ordered_sum)
     sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=0)
     loader = DataLoader(dataset, batch_size=workload.batch_size, sampler=sampler, num_workers=0)
     epoch = 0
@@ -245,7 +289,7 @@ def _hand_written(name: str, model: Any, optimizer: Any, dataset: Any, workload:
         dist.all_reduce(summed)  # once per epoch: the loss of every rank's batches
         return float(summed[0] / summed[1])
 
-    if name == "raw":
+    if name in ("raw", "raw_ordered"):
         def raw_epoch() -> int:
             nonlocal epoch
             epoch += 1
@@ -319,12 +363,13 @@ def _engineflow(model: Any, optimizer: Any, dataset: Any, workload: Workload, ra
     return engineflow_epoch
 
 
-def check_weights(steps: int = 3) -> None:
-    """Two ranks training alternately through two DDP wrappers of one module end with the weights of
-    training through one wrapper (``python -c "import benchmarks.ddp as d; d.check_weights()"``)."""
+def check_weights(steps: int = 8, world: int = WORLD) -> None:
+    """``world`` ranks training in turn through four DDP wrappers of one module end with the weights of
+    training through one wrapper (``python -c "import benchmarks.ddp as d; d.check_weights(world=3)"``);
+    from 3 ranks on, every wrapper sums with ``ordered_sum``, as engineflow's does."""
     import torch.multiprocessing as mp
 
-    mp.start_processes(_check_rank, args=(WORLD, _free_port(), steps), nprocs=WORLD, start_method="fork")
+    mp.start_processes(_check_rank, args=(world, _free_port(), steps), nprocs=world, start_method="fork")
     print("same weights")
 
 
@@ -335,6 +380,15 @@ def _check_rank(rank: int, world: int, port: int, steps: int) -> None:
 
     from benchmarks.loops import sgd_step
     from benchmarks.workloads import make_data, make_model, make_optimizer
+    from engineflow.execute.parallel import ordered_sum
+
+    def wrap(model: Any) -> Any:
+        wrapper = DistributedDataParallel(model)
+        # From 3 ranks on, gloo's sums depend on the bucket layout, which each wrapper's first step
+        # has alone: without the ordered sum, four wrappers differ from one by their first steps.
+        if world > 2:
+            wrapper.register_comm_hook(None, ordered_sum)
+        return wrapper
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
@@ -343,11 +397,11 @@ def _check_rank(rank: int, world: int, port: int, steps: int) -> None:
         small = replace(MLP, hidden=(64, 64), samples=64 * steps * world)
         x, y, _, _ = make_data(small)
         weights = []
-        for wrappers in (1, 2):
+        for wrappers in (1, 4):
             torch.manual_seed(0)
             model = make_model(small)
             optimizer = make_optimizer(model, small)
-            ddps = [DistributedDataParallel(model) for _ in range(wrappers)]
+            ddps = [wrap(model) for _ in range(wrappers)]
             for step in range(steps):
                 start = (step * world + rank) * 64
                 sgd_step(ddps[step % wrappers], optimizer, x[start:start + 64], y[start:start + 64])

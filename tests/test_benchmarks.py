@@ -50,8 +50,8 @@ def assert_positive_cases(family: dict[str, Any], names: set[str]) -> None:
 
 # Each case is a fresh process (~4 s of imports here); one run of every family with the cases that
 # cover each family's code paths (engineflow's loop, TensorLoader, the recipe runner, handlers and
-# dispatch, two ranks of a data-parallel fit, a full-state checkpoint, the command's start-up, the GPU
-# loop) is what the checks below read.
+# dispatch, two and three ranks of a data-parallel fit, a full-state checkpoint, the command's start-up,
+# the GPU loop) is what the checks below read. `mlp` is the case of both ddp families.
 QUICK_CASES = ("raw,engineflow,engineflow_tensor,engineflow_recipe,handlers,dispatch,full_state,help,import_engineflow,"
                "engineflow_resident,mlp")
 
@@ -85,6 +85,16 @@ def test_quick_run_writes_results(quick_results: dict[str, Any]) -> None:
     ddp = results["families"]["ddp"]["cases"]["mlp"]["details_median"]
     assert ddp["engineflow_ratio"] > 0 and ddp["engineflow_rank1_ratio"] > 0 and ddp["ignite_wall_ratio"] > 0
     assert next(t for name, t in by_name.items() if name.startswith("ddp"))["value"] == ddp["engineflow_ratio"]
+    # Three ranks: the hook alone (the hand-written loop with ordered_sum), and one bucket reduced both ways
+    assert_positive_cases(results["families"]["ddp3"], {"mlp"})
+    ddp3 = results["families"]["ddp3"]["cases"]["mlp"]["details_median"]
+    assert ddp3["raw_ordered_ratio"] > 0 and ddp3["engineflow_over_raw_ordered_ratio"] > 0
+    assert ddp3["engineflow_rank2_ratio"] > 0 and ddp3["bucket_ordered_ratio"] > 0
+    assert ddp3["bucket_allreduce_us"] > 0 and ddp3["bucket_ordered_us"] > 0
+    if sys.platform.startswith("linux"):  # bytes written, from /proc/self/io
+        # An all-gather sends more than a ring all-reduce; engineflow's fit sends what the hooked loop sends.
+        assert ddp3["raw_ordered_mb"] > ddp3["raw_mb"] and ddp3["bucket_ordered_mb"] > ddp3["bucket_allreduce_mb"]
+        assert ddp3["engineflow_mb"] > ddp3["raw_mb"] and ddp3["ignite_mb"] < ddp3["raw_ordered_mb"]
     assert results["families"]["overhead"]["cases"]["raw"]["ratio"] == 1.0
     assert results["families"]["overhead"]["unit"] == "us/iteration"
     assert {t["target"] for t in results["targets"]} and all("met" in t for t in results["targets"])
@@ -98,7 +108,7 @@ def test_every_family_runs(quick_results: dict[str, Any]) -> None:
         assert family["cases"] or family["skipped"], name
         for case in family["cases"].values():
             assert case["median"] > 0
-    assert set(results["families"]) == {"overhead", "compute", "paired", "ddp", "end_to_end", "startup",
+    assert set(results["families"]) == {"overhead", "compute", "paired", "ddp", "ddp3", "end_to_end", "startup",
                                         "checkpoint", "gpu"}
     assert {"raw", "engineflow", "engineflow_recipe", "engineflow_tensor"} <= set(
         results["families"]["overhead"]["cases"])
