@@ -17,6 +17,23 @@ from engineflow.app.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The test files that take longest, longest first. pytest-xdist hands whole files to its two workers
+# (--dist loadfile): started first, they leave the many short files to fill in, so that both workers
+# finish together.
+LONGEST_FIRST = ("test_resume.py", "test_parallel_resume.py", "test_parallel.py", "test_benchmarks.py",
+                 "test_pipeline.py", "test_recipes.py", "test_registry.py", "test_mirror.py")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # pytest-xdist 3.8 orders files by their number of tests unless told otherwise; the order above counts
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: index for index, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its order
+
 
 @pytest.fixture(scope="session", autouse=True)
 def signing_key_in_a_temporary_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
