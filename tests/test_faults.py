@@ -5,6 +5,7 @@ small tmpfs, a read-only bind mount), else the process's file size limit (RLIMIT
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import resource
@@ -136,10 +137,10 @@ def test_a_config_value_tensorboard_cannot_hold_is_written_as_text(cli, write_re
 
 def test_a_weights_file_that_cannot_be_written_fails_the_run_and_its_mirror_hears_it(cli, write_recipe, tmp_path):
     # the run's end cannot write last.pt (a folder is in its place); MLflow's server is down, its outbox says
-    recipe = write_recipe(BASE_RECIPE + '''
+    # (where the mlflow extra is installed: the lowest-versions job runs without it)
+    mirrored = importlib.util.find_spec("mlflow") is not None
+    recipe = write_recipe(BASE_RECIPE + ('\nmlflow = "http://127.0.0.1:9"\n' if mirrored else "") + '''
 from pathlib import Path
-
-mlflow = "http://127.0.0.1:9"
 
 @ef.on(ef.Events.COMPLETED)
 def block_last_pt(run):
@@ -158,9 +159,10 @@ def block_last_pt(run):
     assert record["artifacts"] == {"weights_best": "checkpoints/best.pt"}, "best.pt is still exported"
     shown = as_json(cli("runs", "show", "last", "--runs-dir", str(tmp_path / "runs"), "--json"))
     assert shown["status"] == "failed" and shown["error"] == record["error"]
-    lines = (Path(record["run_dir"]) / "mlflow" / "outbox.jsonl").read_text().splitlines()
-    statuses = [entry["status"] for entry in map(json.loads, lines) if entry["op"] == "status"]
-    assert statuses == ["FAILED"]
+    if mirrored:
+        lines = (Path(record["run_dir"]) / "mlflow" / "outbox.jsonl").read_text().splitlines()
+        statuses = [entry["status"] for entry in map(json.loads, lines) if entry["op"] == "status"]
+        assert statuses == ["FAILED"]
 
     (tmp_path / "block").unlink()
     (Path(record["run_dir"]) / "checkpoints" / "last.pt").rmdir()

@@ -347,7 +347,7 @@ def _failure(folder: Path, workers: list[Worker], first: int, code: int,
         log = folder / f"rank-{rank}.log"
         tail = log.read_text(errors="replace")[-4000:] if log.is_file() else ""
         if tail.strip():
-            print(tail.rstrip("\n"), file=sys.stderr)
+            print(tail.rstrip("\n"), file=sys.stderr, flush=True)
     run_id_file = folder / "run_id"
     if run_id_file.is_file():
         _mark_failed(run_id_file.read_text().strip(), message, runs_dir)

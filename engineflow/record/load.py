@@ -183,7 +183,7 @@ def _load_chosen_weights(record: dict[str, Any], run_dir: Path, which: str,
         raise RecipeError(_no_checkpoint(record["id"], which, folder, damaged))
     if damaged:  # as --resume does: an older file than the newest is used, and why is said
         print(f"run {record['id']}: {_damaged(damaged)}; its {which} weights come from {found[0].name}",
-              file=sys.stderr)
+              file=sys.stderr, flush=True)
     load_checkpoint_weights(found[1], modules, found[0])
 
 
