@@ -23,6 +23,7 @@ FAMILIES = {
     "ddp3": "benchmarks.ddp3",
     "end_to_end": "benchmarks.end_to_end",
     "startup": "benchmarks.startup",
+    "launch": "benchmarks.launch",
     "checkpoint": "benchmarks.checkpoint",
     "gpu": "benchmarks.gpu",
 }

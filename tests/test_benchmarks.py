@@ -109,7 +109,7 @@ def test_every_family_runs(quick_results: dict[str, Any]) -> None:
         for case in family["cases"].values():
             assert case["median"] > 0
     assert set(results["families"]) == {"overhead", "compute", "paired", "ddp", "ddp3", "end_to_end", "startup",
-                                        "checkpoint", "gpu"}
+                                        "launch", "checkpoint", "gpu"}
     assert {"raw", "engineflow", "engineflow_recipe", "engineflow_tensor"} <= set(
         results["families"]["overhead"]["cases"])
 

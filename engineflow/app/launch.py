@@ -42,7 +42,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from engineflow.app.workers import Worker, forking, serve, start
+from engineflow.app.workers import Worker, forking, reap, serve, start
 from engineflow.errors import EXIT_INTERRUPTED, EXIT_TRAINING_FAILED, EngineflowError, RecipeError
 
 if TYPE_CHECKING:
@@ -166,6 +166,7 @@ def launch(command: str, kwargs: Mapping[str, Any], nproc: int, *, runs_dir: str
             forward_to(started[0])
             copier = _copy_output(started[0], stream) if stream is not None else None
             failed = _watch(started, asked)
+            reap(started)
         if copier is not None:
             copier.join()
         if failed is not None:

@@ -144,6 +144,18 @@ class Forked:
         self.send_signal(signal.SIGKILL)
 
 
+def reap(workers: list[Worker]) -> None:
+    """Once every worker ended: wait for the process they were forked from, which ends right after
+    it reaped the last one (so that it is this process's to reap, its CPU time counted in this one's)."""
+    forkers = {id(w.forker): w.forker for w in workers if isinstance(w, Forked)}
+    for forker in forkers.values():
+        try:
+            forker.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            forker.kill()
+            forker.wait()
+
+
 def serve(folder: Path, nproc: int, worker: Callable[[Path], None]) -> None:
     """The forking process: import what every worker needs, fork the ``nproc`` workers (each runs
     ``worker(folder)`` as rank ``r``), then wait for them, writing each pid and exit status into
