@@ -143,14 +143,7 @@ class RunRecorder:
         """Note which checkpoint the latest resume continued from; epochs after it will be recorded
         again, so their earlier lines (and unreadable ones) leave ``metrics.jsonl``."""
         path = self.run_dir / "metrics.jsonl"
-        kept = [line for line, epoch in _metric_lines(path) if epoch <= epochs_completed]
-        tmp = path.with_name(path.name + ".tmp")
-        try:
-            with writing(path):
-                tmp.write_bytes(b"".join(kept))
-                tmp.replace(path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        _keep_lines(path, [line for line, epoch in _metric_lines(path) if epoch <= epochs_completed])
         try:
             with self.store.transaction() as tx:
                 tx.delete_metrics(self.record["id"], after_epoch=epochs_completed)
@@ -272,15 +265,8 @@ class RunRecorder:
         go first (a test pass run again after a resume from the end of the stage before it)."""
         path = self.run_dir / "metrics.jsonl"
         if replace:
-            kept = [line for line, seen in _metric_lines(path, names=True) if seen not in
-                    {(epoch, name) for name in values}]
-            tmp = path.with_name(path.name + ".tmp")
-            try:
-                with writing(path):
-                    tmp.write_bytes(b"".join(kept))
-                    tmp.replace(path)
-            finally:
-                tmp.unlink(missing_ok=True)
+            _keep_lines(path, [line for line, seen in _metric_lines(path, names=True)
+                               if seen not in {(epoch, name) for name in values}])
         append_text(path, "".join(json.dumps({"epoch": epoch, "name": k, "value": v}) + "\n"
                                   for k, v in values.items()))
 
@@ -414,6 +400,17 @@ def _best_meta(state: Mapping[str, Any]) -> dict[str, Any]:
     row = next((row for row in state["history"] if row["epoch"] == epoch), {"epoch": epoch})
     recorded = info.row(row)
     return {"epoch": recorded.pop("epoch"), "metrics": recorded}
+
+
+def _keep_lines(path: Path, lines: list[bytes]) -> None:
+    """Rewrite ``path`` (atomically) with ``lines`` only; no temporary file is left, however it ends."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with writing(path):
+            tmp.write_bytes(b"".join(lines))
+            tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _metric_lines(path: Path, *, names: bool = False) -> list[tuple[bytes, Any]]:
