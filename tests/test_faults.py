@@ -350,3 +350,17 @@ def test_a_folder_left_by_a_setup_killed_outright_is_removed_by_the_next_command
     release(live)
     assert cli("runs", "list", "--runs-dir", str(runs)).exit_code == 0
     assert sorted(p.name for p in runs.iterdir()) == [DB_NAME, "recipe"], "no note left"
+
+
+@pytest.mark.parametrize("named", ["../outside", "recipe/../../outside", "/tmp/outside", "recipe/.", "a/b/c"])
+def test_a_setup_note_naming_a_folder_outside_the_runs_folder_removes_nothing(cli, tmp_path, named):
+    """A note in runs/.setup/ is only ever a pointer to <runs>/<experiment>/<id>: a crafted one that
+    names another folder (a dead pid, this host) leaves that folder alone."""
+    runs, outside = tmp_path / "runs", tmp_path / "outside"
+    (outside / "keep").mkdir(parents=True)
+    (runs / ".setup").mkdir(parents=True)
+    stem = Path(named).name or "x"
+    (runs / ".setup" / f"{stem}.json").write_text(json.dumps({"run_dir": named, "pid": dead_pid(),
+                                                              "hostname": socket.gethostname()}))
+    assert cli("runs", "list", "--runs-dir", str(runs)).exit_code == 0
+    assert (outside / "keep").is_dir()

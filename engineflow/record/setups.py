@@ -78,9 +78,13 @@ def clean_abandoned(runs_dir: Path) -> list[Path]:
         if found is None or not is_stale({"status": "running", "pid": found.get("pid"),
                                           "hostname": found.get("hostname")}):
             continue  # alive, another host's, or not a note of ours: left alone
-        folder = runs_dir / str(found.get("run_dir"))
-        if folder.parent.parent != runs_dir or folder.name != note.stem:
+        parts = Path(str(found.get("run_dir"))).parts
+        if len(parts) != 2 or any(part in ("", ".", "..") for part in parts) or parts[1] != note.stem:
             continue  # a note that names a folder elsewhere is not one this module wrote
+        folder = runs_dir / parts[0] / parts[1]
+        if folder.is_symlink() or folder.parent.is_symlink() \
+                or folder.resolve().parent.parent != runs_dir.resolve():
+            continue
         if folder.is_dir() and not (folder / "run.json").exists():
             shutil.rmtree(folder, ignore_errors=True)
             with contextlib.suppress(OSError):  # the experiment's other runs keep its folder
