@@ -508,22 +508,60 @@ def test_a_killed_launcher_leaves_no_worker_and_its_workers_listen_on_loopback_o
 
 @pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
-def test_sigterm_while_the_processes_start_is_an_interrupt(tmp_path):
-    """Rank 0 is killed by the SIGTERM it is handed before it can catch it: exit 130, one line."""
+@pytest.mark.parametrize(("signum", "fork"), [(signal.SIGINT, "1"), (signal.SIGINT, "0"), (signal.SIGTERM, "1")],
+                         ids=["ctrl-c-forked", "ctrl-c-spawned", "sigterm-forked"])
+def test_an_interrupt_while_the_processes_start_stops_them_with_130(tmp_path, signum, fork):
+    """The launcher is interrupted as soon as it has started its processes, before rank 0 can act on
+    it (forked: before rank 0 even exists): every process ends, exit 130, one line, no run left running."""
+    env = {**os.environ, "ENGINEFLOW_FORK_WORKERS": fork}
     launcher = subprocess.Popen([sys.executable, "-m", "engineflow", "run", str(DIGITS), "--nproc", "2",
                                  "--runs-dir", str(tmp_path / "runs")], cwd=tmp_path, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 30
-    while len(_workers_of(launcher.pid)) < 2 and time.monotonic() < deadline:
-        time.sleep(0.02)
-    workers = _workers_of(launcher.pid)
-    launcher.terminate()
+    while not _children_of(launcher.pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    started = _children_of(launcher.pid)
+    time.sleep(0.5)  # past the interpreter's own start (a signal inside it is Python's to report), into the imports
+    launcher.send_signal(signum)
     out, err = launcher.communicate(timeout=60)
     assert launcher.returncode == 130, out + err
-    assert err.strip() == "error: interrupted by SIGTERM while the processes were starting"
-    assert not any(_alive(pid) for pid in workers)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "interrupted" in lines[0], err
+    assert not any(_alive(pid) for pid in started)
     listed = run_engineflow("runs", "list", "--json", "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path)
     assert all(r["status"] == "interrupted" for r in json.loads(listed.stdout))  # no run left running
+
+
+@pytest.mark.slow
+def test_an_error_every_process_hits_is_printed_once_by_rank_0(tmp_path):
+    recipe = tmp_path / "broken.py"
+    recipe.write_text(BROKEN)
+    done = run_engineflow("run", str(recipe), "--nproc", "2", "--runs-dir", str(tmp_path / "runs"), cwd=tmp_path)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert done.stderr.count("Traceback") == 1 and done.stderr.count("ValueError: a batch it cannot take") == 1
+    assert [line for line in done.stderr.splitlines() if line.startswith("error: ")] == [
+        "error: training failed with the exception above"]
+    assert _show(tmp_path / "runs")["error"].startswith("rank 0 (pid ")
+
+
+BROKEN = """
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+import engineflow as ef
+
+config = ef.config(epochs=1, seed=0)
+
+def setup(cfg):
+    model = torch.nn.Linear(4, 2)
+    return dict(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                loaders={"train": DataLoader(TensorDataset(torch.randn(16, 4)), batch_size=4)})
+
+@ef.train_step
+def train(batch, model, optimizer, state):
+    if state.iteration == 2:
+        raise ValueError("a batch it cannot take")
+    return {"loss": model(batch[0]).sum()}
+"""
 
 
 @pytest.mark.slow

@@ -3,7 +3,8 @@
 Each world size trains one unbroken run and one run interrupted four times, each interruption
 resumed with ``--resume last`` on the same number of processes; the final weights are compared
 tensor by tensor (``torch.equal``). On three processes and more gloo's all-reduce adds in an order
-that depends on DDP's bucket layout, which a resumed run used to build anew.
+that depends on DDP's bucket layout, which DDP lays out anew after its first step in every process
+it starts, a resumed one included (engineflow then sums in rank order: ``ordered_sum``).
 """
 
 from __future__ import annotations

@@ -6,10 +6,11 @@ recipe; 130 interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
@@ -53,12 +54,18 @@ class OneLineUsageError(click.UsageError):
         click.echo(f"error: {self.message} ({where} -h lists the options)", err=True)
 
 
+@contextlib.contextmanager
+def _one_line() -> Iterator[None]:
+    try:
+        yield
+    except click.UsageError as err:
+        raise OneLineUsageError(err.format_message(), err.ctx) from None
+
+
 class _Command(click.Command):
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        try:
+        with _one_line():
             return super().parse_args(ctx, args)
-        except click.UsageError as err:
-            raise OneLineUsageError(err.format_message(), err.ctx) from None
 
 
 class _Group(click.Group):
@@ -66,17 +73,13 @@ class _Group(click.Group):
     group_class = type  # subgroups are of this class too
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        try:
+        with _one_line():
             return super().parse_args(ctx, args)
-        except click.UsageError as err:
-            raise OneLineUsageError(err.format_message(), err.ctx) from None
 
     def resolve_command(self, ctx: click.Context, args: list[str]) -> tuple[str | None, click.Command | None,
                                                                              list[str]]:
-        try:
+        with _one_line():
             return super().resolve_command(ctx, args)
-        except click.UsageError as err:
-            raise OneLineUsageError(err.format_message(), err.ctx) from None
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -257,7 +260,7 @@ def runs_list(experiment: str | None, status: str | None, runs_dir: str, as_json
     def go() -> None:
         from pathlib import Path
 
-        from engineflow.app.launch import remove_abandoned
+        from engineflow.app.launch_folders import remove_abandoned
         from engineflow.app.views import list_table, public, to_json
         from engineflow.record.runs import list_runs, no_runs_message
 
@@ -279,7 +282,7 @@ def runs_show(run_ref: str, runs_dir: str, as_json: bool, debug: bool) -> None:
     """Show one run (an id, a unique id prefix, or "last")."""
 
     def go() -> None:
-        from engineflow.app.launch import remove_abandoned
+        from engineflow.app.launch_folders import remove_abandoned
         from engineflow.app.views import public, show_text, to_json
         from engineflow.record.runs import get_run
 

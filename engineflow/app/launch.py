@@ -34,15 +34,15 @@ import shutil
 import signal
 import socket
 import sys
-import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from engineflow.app.workers import Worker, forking, reap, serve, start
+from engineflow.app import launch_folders
+from engineflow.app.workers import Worker, forking, reap, serve, start, warm_spawned
 from engineflow.errors import EXIT_INTERRUPTED, EXIT_TRAINING_FAILED, EngineflowError, RecipeError
 
 if TYPE_CHECKING:
@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 FOLDER_ENV = "ENGINEFLOW_LAUNCH_DIR"
 TIMEOUT_ENV = "ENGINEFLOW_DIST_TIMEOUT_S"
 GRACE_S = 10.0  # after one rank failed, how long the others get to end on their own
+INTERRUPTED_GRACE_S = 2.0  # after rank 0 ended on an interrupt, how long the others get
 TERM_S = 5.0  # after SIGTERM, how long before SIGKILL
 POLL_S = 0.05
 
@@ -109,55 +110,12 @@ def process_group(device: str) -> Iterator[World]:
 
 
 # the launcher ----------------------------------------------------------------------------------
-def check_nproc(nproc: Any, device: str, *, oversubscribe: bool = False) -> None:
-    """Refuse a number of local processes that is not a whole number >= 1, or that is more than the
-    machine has CPUs this process may use (GPUs when it trains on CUDA), unless ``oversubscribe``.
-
-    Example:
-        >>> check_nproc(1, "cpu")
-        >>> check_nproc(0, "cpu")
-        Traceback (most recent call last):
-        ...
-        engineflow.errors.RecipeError: nproc=0: the number of processes must be a whole number >= 1
-    """
-    from engineflow.naming import option
-
-    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
-        raise RecipeError(f"{option('nproc', nproc)}: the number of processes must be a whole number >= 1")
-    if oversubscribe or nproc == 1:
-        return
-    gpus = _gpus() if device != "cpu" else 0
-    have = gpus or _cpus()
-    if nproc > have:
-        why = (f"{have} GPU(s), and each process trains on one of its own" if gpus else
-               f"{have} CPU core(s) for this process, and more processes would share cores and train slower")
-        raise RecipeError(f"{option('nproc', nproc)}: this machine has {why}. Ask for at most {have}, or pass "
-                          f"{option('oversubscribe')} to start them anyway")
-
-
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))  # the cores this process may run on (a container's share)
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def _gpus() -> int:
-    """CUDA devices visible here; the launcher imports torch only on a machine with NVIDIA's driver."""
-    if not os.path.exists("/proc/driver/nvidia") and sys.platform.startswith("linux"):
-        return 0
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
 def launch(command: str, kwargs: Mapping[str, Any], nproc: int, *, runs_dir: str | Path | None = None,
            stream: IO[str] | None = None) -> dict[str, Any]:
     """Run ``command`` ("run" or "test") with ``kwargs`` on ``nproc`` local processes; returns rank
     0's result. Raises :class:`WorkerError` when a rank failed (after every rank has ended)."""
-    remove_abandoned()
-    folder = Path(tempfile.mkdtemp(prefix=LAUNCH_PREFIX))
-    held = _hold(folder)
+    launch_folders.remove_abandoned()
+    folder, held = launch_folders.make()
     asked: list[int] = []  # the interrupts this launcher was sent
     try:
         (folder / "spec.json").write_text(json.dumps({"command": command, "kwargs": dict(kwargs)}))
@@ -174,49 +132,9 @@ def launch(command: str, kwargs: Mapping[str, Any], nproc: int, *, runs_dir: str
             raise _failure(folder, started, rank, code, runs_dir, asked)
         return json.loads((folder / "result.json").read_text())
     finally:
-        held.close()
+        if held is not None:
+            held.close()
         shutil.rmtree(folder, ignore_errors=True)
-
-
-LAUNCH_PREFIX = "engineflow-launch-"
-ABANDONED_AFTER_S = 3600.0  # a launch folder that never got its lock (its launcher died at once) this old goes
-
-
-def _hold(folder: Path) -> IO[str]:
-    """Lock a file of the launch folder for as long as this launcher lives: the kernel lets go of it
-    when the process ends, however it ends, which tells the next command that the folder is left over."""
-    held = (folder / ".lock").open("w")
-    with contextlib.suppress(ImportError, OSError):
-        import fcntl
-
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    return held
-
-
-def remove_abandoned() -> list[Path]:
-    """Remove this user's launch folders whose launcher is gone (killed before it could clean up:
-    they hold the command's arguments); returns them. A folder whose lock is held is in use."""
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): nothing tells a live launch from a dead one
-        return []
-    removed = []
-    for folder in Path(tempfile.gettempdir()).glob(LAUNCH_PREFIX + "*"):
-        try:
-            if folder.stat().st_uid != os.getuid() or not folder.is_dir():
-                continue
-            lock = folder / ".lock"
-            if not lock.exists():
-                if time.time() - folder.stat().st_mtime < ABANDONED_AFTER_S:
-                    continue  # a launcher between making the folder and locking it
-            else:
-                with lock.open("a") as probe:
-                    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fails while its launcher lives
-        except OSError:
-            continue
-        shutil.rmtree(folder, ignore_errors=True)
-        removed.append(folder)
-    return removed
 
 
 def _free_port() -> int:
@@ -228,8 +146,9 @@ def _free_port() -> int:
 def _start(folder: Path, nproc: int, device: str, *, pipe_rank0: bool) -> list[Worker]:
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": str(nproc),
            "LOCAL_WORLD_SIZE": str(nproc), FOLDER_ENV: str(folder), "PYTHONUNBUFFERED": "1"}
-    if sys.platform.startswith("linux"):  # gloo's connections between the processes: on loopback too
+    if sys.platform.startswith("linux"):  # the processes' connections to each other: on loopback too
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        env.setdefault("NCCL_SOCKET_IFNAME", "lo")
     return start(folder, nproc, env, pipe_rank0=pipe_rank0, fork=forking(device))
 
 
@@ -292,8 +211,11 @@ def _watch(workers: list[Worker], asked: list[int]) -> tuple[int, int] | None:
             if failed is None and codes[0] == EXIT_INTERRUPTED:
                 failed = (0, EXIT_INTERRUPTED)
             if failed is not None:
+                # rank 0 ended by an interrupt it was handed before it could act on it: nothing to wait
+                # for; after an interrupt rank 0 acted on, the others stop at the same point
                 unheeded = failed[0] == 0 and -failed[1] in asked
-                deadline = time.monotonic() + (0.0 if unheeded else GRACE_S)
+                grace = 0.0 if unheeded else INTERRUPTED_GRACE_S if asked and failed[0] == 0 else GRACE_S
+                deadline = time.monotonic() + grace
         if all(c is not None for c in codes):
             return failed
         now = time.monotonic()
@@ -310,15 +232,17 @@ def _watch(workers: list[Worker], asked: list[int]) -> tuple[int, int] | None:
 
 
 def _failure(folder: Path, workers: list[Worker], first: int, code: int,
-             runs_dir: str | Path | None, asked: list[int] = ()) -> WorkerError:  # type: ignore[assignment]
+             runs_dir: str | Path | None, asked: Sequence[int] = ()) -> WorkerError:
     """What failed, printed once and recorded: the run (if rank 0 recorded one) is marked failed,
     naming the rank; an interrupt of rank 0 keeps rank 0's own "interrupted".
 
     The rank reported is the cause: one killed by a signal, else one whose error is its own (rank 0
     first: it printed its error itself), not one that only lost its peers (see :func:`_lost_peer`).
     The other ranks' logs are printed only when the rank reported is one of them."""
-    if code == EXIT_INTERRUPTED:  # every rank checkpointed and stopped; rank 0 marked the run interrupted
-        return WorkerError(f"rank {first} (pid {workers[first].pid}) was interrupted", EXIT_INTERRUPTED,
+    if workers[0].returncode == EXIT_INTERRUPTED:
+        # rank 0 stopped on the interrupt (with a checkpoint once training ran) and said so; the others'
+        # errors, if any, are their lost connection to it
+        return WorkerError(f"rank 0 (pid {workers[0].pid}) was interrupted", EXIT_INTERRUPTED,
                            already_reported=True)
     if asked and workers[0].returncode in [-s for s in asked]:
         # rank 0 was still starting when the interrupt came: nothing to checkpoint; a recorded run is
@@ -344,14 +268,19 @@ def _failure(folder: Path, workers: list[Worker], first: int, code: int,
         what = f"failed: {info.get('error') or f'exit code {code}'}"
         exit_code = code
     message = f"rank {rank} (pid {workers[rank].pid}) {what}"
+    forker = getattr(workers[rank], "forker", None)
+    if workers[rank].pid is None and forker is not None:  # it was never forked: its parent is what ended
+        message = f"rank {rank} was not started: the process it was to be forked from (pid {forker.pid}) {what}"
     if rank != 0:
         log = folder / f"rank-{rank}.log"
         tail = log.read_text(errors="replace")[-4000:] if log.is_file() else ""
-        if tail.strip():
-            print(tail.rstrip("\n"), file=sys.stderr, flush=True)
+        # its traceback, not its "error: ..." line: the launcher's own line below says what failed
+        shown = [line for line in tail.splitlines() if not line.startswith("error: ")]
+        if any(line.strip() for line in shown):
+            print("\n".join(shown).rstrip("\n"), file=sys.stderr, flush=True)
     run_id_file = folder / "run_id"
     if run_id_file.is_file():
-        _mark_failed(run_id_file.read_text().strip(), message, runs_dir)
+        _mark_failed(run_id_file.read_text().strip(), message, runs_dir, rank=rank)
     return WorkerError(message, exit_code, already_reported=rank == 0 and code > 0 and not info.get("lost_peer"))
 
 
@@ -372,7 +301,8 @@ def _lost_peer(error: BaseException) -> bool:
     return False
 
 
-def _mark_failed(run_id: str, message: str, runs_dir: str | Path | None, *, status: str = "failed") -> None:
+def _mark_failed(run_id: str, message: str, runs_dir: str | Path | None, *, status: str = "failed",
+                 rank: int | None = None) -> None:
     """Mark run ``run_id`` ``status`` with ``message`` (naming the failed rank), unless it completed
     or, for an interrupt, already stopped on its own."""
     from engineflow.record.recorder import now_iso
@@ -387,9 +317,9 @@ def _mark_failed(run_id: str, message: str, runs_dir: str | Path | None, *, stat
             update_record(store, record, {"status": status, "error": None, "ended_at": now_iso(), "pid": None})
             return
         earlier = record.get("error")
-        error = message if not earlier or earlier == message else f"{message} (rank 0 then: {earlier})"
+        error = message if not earlier or earlier in message else f"{message} (rank 0 then: {earlier})"
         update_record(store, record, {"status": "failed", "error": error, "ended_at": now_iso(), "pid": None,
-                                      "failed_rank": int(message.split()[1])})
+                                      "failed_rank": rank})
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -451,7 +381,12 @@ def _command(name: str) -> Callable[..., Any]:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "--fork":  # the process the workers are forked from (engineflow.app.workers)
-        serve(Path(sys.argv[2]), int(sys.argv[3]), _worker)
-    else:
-        _worker(Path(sys.argv[1]))
+    try:
+        if sys.argv[1] == "--fork":  # the process the workers are forked from (engineflow.app.workers)
+            serve(Path(sys.argv[2]), int(sys.argv[3]), _worker)
+        else:
+            warm_spawned()
+            _worker(Path(sys.argv[1]))
+    except KeyboardInterrupt:  # Ctrl-C while the worker still imports: as the command says it
+        print("interrupted", file=sys.stderr, flush=True)
+        os._exit(EXIT_INTERRUPTED)

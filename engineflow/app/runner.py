@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from engineflow.app.launch import check_nproc, distributed_env, launch, process_group
+from engineflow.app.launch import distributed_env, launch, process_group
+from engineflow.app.workers import check_nproc
 from engineflow.errors import RecipeError
 from engineflow.naming import option
 
@@ -117,6 +118,10 @@ def run(
         result.best  # {'metric': 'valid/accuracy', 'mode': 'max', 'epoch': 5, 'value': 0.94...}
     """
 
+    if isinstance(mlflow, str) and mlflow.strip():  # a mistyped URI: refused before anything is made
+        from engineflow.record.mirror import check_uri
+
+        check_uri(mlflow.strip())
     if ignore_changes and resume is None:
         raise RecipeError(f"{option('ignore_changes')} goes with {option('resume', 'RUN')}: it continues a run whose "
                           "code or config changed since (a new run always uses today's). Drop it, or add "

@@ -28,7 +28,8 @@ def evaluate_test(recipe: str | Path, *, ref: str | None = None, ignore_changes:
     Returns:
         ``{"run": id, "metrics": {"test/accuracy": ...}}``.
     """
-    from engineflow.app.launch import check_nproc, distributed_env, launch, process_group
+    from engineflow.app.launch import distributed_env, launch, process_group
+    from engineflow.app.workers import check_nproc
 
     if nproc is not None and not distributed_env():
         check_nproc(nproc, device, oversubscribe=oversubscribe)

@@ -372,6 +372,11 @@ def _fit(pipeline: Pipeline, found: tuple[Path, dict[str, Any]] | None, start: S
         on = f" on {plural(saved, 'process', 'processes')}" if saved != world_size else ""
         reporter.line(f"from checkpoint {path.name}: {stage}epoch {epochs_done + 1}, batch {batches + 1} "
                       f"of {engine['epoch_length']}{on}")
+        partial = pipeline.fit.partial_metrics if pipeline.fit is not None else []
+        if partial:
+            reporter.line(f"note: {', '.join(partial)} cannot add up the states of the {plural(saved, 'process')} "
+                          f"that saved this epoch: this epoch's value counts the steps since the resume and those "
+                          f"of the first {min(saved, world_size)} processes before it")
     if start.recorder is not None:
         start.recorder.resumed_from(path, engine["iteration"], where.get("epochs_before", 0) + epochs_done)
     pipeline.run(only=only)

@@ -23,7 +23,9 @@ import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, Any, Protocol
+
+from engineflow.errors import EXIT_INTERRUPTED, RecipeError
 
 FORK_ENV = "ENGINEFLOW_FORK_WORKERS"
 # what every worker imports before it trains; the forking process imports it once for all of them
@@ -49,11 +51,62 @@ class Worker(Protocol):
     def kill(self) -> None: ...
 
 
+# what a machine whose processes may see a GPU has: NVIDIA's driver, WSL2's GPU device, ROCm's
+GPU_DRIVERS = ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/dxg", "/dev/kfd")
+
+
+def gpu_driver() -> bool:
+    """Whether a GPU driver may be here (off Linux: assume so). Asking torch would import it."""
+    return not sys.platform.startswith("linux") or any(os.path.exists(path) for path in GPU_DRIVERS)
+
+
 def forking(device: str) -> bool:
     """Whether a launch on ``device`` forks its workers from one process (see the module)."""
     if not sys.platform.startswith("linux") or os.environ.get(FORK_ENV, "1") == "0":
         return False
-    return device == "cpu" or not os.path.exists("/proc/driver/nvidia")
+    return device == "cpu" or not gpu_driver()
+
+
+def check_nproc(nproc: Any, device: str, *, oversubscribe: bool = False) -> None:
+    """Refuse a number of local processes that is not a whole number >= 1, or that is more than the
+    machine has CPUs this process may use (GPUs when it trains on CUDA), unless ``oversubscribe``.
+
+    Example:
+        >>> check_nproc(1, "cpu")
+        >>> check_nproc(0, "cpu")
+        Traceback (most recent call last):
+        ...
+        engineflow.errors.RecipeError: nproc=0: the number of processes must be a whole number >= 1
+    """
+    from engineflow.naming import option
+
+    if isinstance(nproc, bool) or not isinstance(nproc, int) or nproc < 1:
+        raise RecipeError(f"{option('nproc', nproc)}: the number of processes must be a whole number >= 1")
+    if oversubscribe or nproc == 1:
+        return
+    gpus = _gpus() if device != "cpu" else 0
+    have = gpus or _cpus()
+    if nproc > have:
+        why = (f"{have} GPU(s), and each process trains on one of its own" if gpus else
+               f"{have} CPU core(s) for this process, and more processes would share cores and train slower")
+        raise RecipeError(f"{option('nproc', nproc)}: this machine has {why}. Ask for at most {have}, or pass "
+                          f"{option('oversubscribe')} to start them anyway")
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # the cores this process may run on (a container's share)
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _gpus() -> int:
+    """CUDA devices visible here; torch is imported only where a GPU driver may be (see :func:`gpu_driver`)."""
+    if not gpu_driver():
+        return 0
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def start(folder: Path, nproc: int, env: dict[str, str], *, pipe_rank0: bool, fork: bool) -> list[Worker]:
@@ -159,14 +212,25 @@ def reap(workers: list[Worker]) -> None:
 def serve(folder: Path, nproc: int, worker: Callable[[Path], None]) -> None:
     """The forking process: import what every worker needs, fork the ``nproc`` workers (each runs
     ``worker(folder)`` as rank ``r``), then wait for them, writing each pid and exit status into
-    ``folder`` (a signal as its negative number)."""
-    import importlib
+    ``folder`` (a signal as its negative number).
 
-    # Ctrl-C is the launcher's to hand on (this process is in a group of its own, but a signal sent to
-    # that group must not end it and, with it, every worker before rank 0 checkpoints)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for name in WARM:
-        importlib.import_module(name)
+    A SIGINT or SIGTERM it is sent (the launcher hands an interrupt to it while rank 0 does not exist
+    yet) goes on to rank 0, at once or as soon as it is forked: never lost, and never ending this
+    process, and with it every worker, before rank 0 could checkpoint.
+    """
+    rank0: list[int] = []
+    pending: list[int] = []
+
+    def hand_on(signum: int, frame: object) -> None:
+        if rank0:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(rank0[0], signum)
+        else:
+            pending.append(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, hand_on)
+    _import_warm()
     me = os.getpid()
     pids: dict[int, int] = {}
     for rank in range(nproc):
@@ -174,7 +238,11 @@ def serve(folder: Path, nproc: int, worker: Callable[[Path], None]) -> None:
         if pid == 0:
             _child(folder, rank, me, worker)
         pids[pid] = rank
+        if rank == 0:
+            rank0.append(pid)
     _write(folder / "pids.json", json.dumps({str(rank): pid for pid, rank in pids.items()}))
+    for signum in pending:
+        hand_on(signum, None)
     while pids:
         try:
             pid, status = os.wait()
@@ -186,9 +254,36 @@ def serve(folder: Path, nproc: int, worker: Callable[[Path], None]) -> None:
     os._exit(0)
 
 
+def warm_spawned() -> None:
+    """A spawned worker imports what every worker needs first, an interrupt held back until it has:
+    an import cut short by a KeyboardInterrupt can leave a module half made (numpy's lazy attributes
+    then recurse without end), so the interrupt is raised between imports, not inside one."""
+    held: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: held.append(signum))
+    try:
+        _import_warm()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        raise KeyboardInterrupt
+
+
+def _import_warm() -> None:
+    import importlib
+    import traceback
+
+    for name in WARM:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # a worker imports what it needs itself; this is only a head start
+            traceback.print_exc()
+
+
 def _child(folder: Path, rank: int, parent: int, worker: Callable[[Path], None]) -> None:
     try:
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a worker takes Ctrl-C as any process does
+        # a worker takes interrupts as any process does
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.environ["RANK"] = os.environ["LOCAL_RANK"] = str(rank)
         _die_with_parent(parent)
         if rank > 0:
@@ -197,6 +292,14 @@ def _child(folder: Path, rank: int, parent: int, worker: Callable[[Path], None])
             os.dup2(log, 2)
             os.close(log)
         worker(folder)
+    except KeyboardInterrupt:  # Ctrl-C before the worker's own handling of it: as the command says it
+        print("interrupted", file=sys.stderr, flush=True)
+        os._exit(EXIT_INTERRUPTED)
+    except BaseException:  # the worker ends the process itself; anything that escapes it is shown
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.flush()
     finally:
         os._exit(1)  # never back into the forking process's loop
 

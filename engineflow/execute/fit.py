@@ -122,6 +122,9 @@ class Fit:
     # on several processes: every rank's value, in rank order (a collective), for the per-rank state
     gather: Callable[[Any], list[Any]] | None = None
     scope: LoaderScope = field(default_factory=LoaderScope)
+    # after a load on another number of processes mid-epoch: train metrics whose saved states could
+    # not all be added up (they count the steps since the resume and the first processes' before it)
+    partial_metrics: list[str] = field(default_factory=list)
     # where the fit stands in its epochs, kept by its own handlers (see position())
     _epoch_start: int = field(default=0, repr=False)
     _epoch_done: bool = field(default=False, repr=False)
@@ -300,6 +303,8 @@ class Fit:
         self._whole_epoch = normal if normal is not None and normal != length else None
 
         share = _rank_share(state, ranks, self.rank, moved, self.train_metrics, self.world_size)
+        # train metrics that count only some of the epoch's steps before the resume (see regrouped_metric_state)
+        self.partial_metrics = list(share.get("partial", ())) if within else []
         # the running loss (the progress line's) goes on across epochs; the epoch's sums only within one
         self.loss.load_running(share["loss"])
 
@@ -347,10 +352,13 @@ def _rank_share(state: Mapping[str, Any], ranks: list[Mapping[str, Any]] | None,
     share: dict[str, Any] = {"loss": LossMonitor.regrouped([s["loss"] for s in saved], rank), "train_metrics": {}}
     if rank < len(saved):
         share["rng"] = saved[rank]["rng"]
+    share["partial"] = []
     for name, metric in metrics.items():
         # every rank saved the same list of every rank's state (Ignite gathers it)
-        share["train_metrics"][name], _ = regrouped_metric_state(metric, saved[0]["train_metrics"].get(name), rank,
-                                                                 world_size)
+        share["train_metrics"][name], complete = regrouped_metric_state(
+            metric, saved[0]["train_metrics"].get(name), rank, world_size)
+        if not complete:
+            share["partial"].append(name)
     return share
 
 

@@ -32,7 +32,6 @@ from engineflow.record.store import RunStore
 from engineflow.record.trust import checked_recipe, writing_no_bytecode
 from engineflow.runtime import runs_in_use, using_run
 from engineflow.state.checkpoint_files import (
-    apply_flags,
     best_checkpoint,
     checkpoint_files,
     load_checkpoint_weights,
@@ -40,7 +39,7 @@ from engineflow.state.checkpoint_files import (
     newest_intact,
     saved_flags,
 )
-from engineflow.state.components import modules_of
+from engineflow.state.components import modules_of, set_trainable
 from engineflow.state.rng import rng_state, set_rng_state
 
 
@@ -196,7 +195,7 @@ def _train_as_it_ended(run_dir: Path, modules: dict[str, torch.nn.Module]) -> No
         found = newest_intact(run_dir / "checkpoints" / "state", lambda path, problem: None)
         flags = found[1].get("requires_grad") if found is not None else None
     if flags:
-        apply_flags(modules, flags)
+        set_trainable(modules, flags, strict=False)
 
 
 def _damaged(damaged: list[tuple[Path, str]]) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 import socket
 import time
 from collections.abc import Mapping
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from engineflow.declare.configuration import flatten
+from engineflow.errors import RecipeError
 from engineflow.files import writing
 
 FLUSH_EVERY_S = 5.0
@@ -105,11 +107,39 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+# [lowest, first unverified): the tensorboardX releases whose record writer, summaries and Event
+# protocol buffer this module was read in and tested with (modules of tensorboardX below its API)
+VERIFIED = ((2, 6, 2, 2), (2, 7))
+
+
+def check_version(version: str) -> None:
+    """Raise RecipeError unless tensorboardX ``version`` lies in :data:`VERIFIED`.
+
+    Example:
+        >>> check_version("2.6.5")
+        >>> try:
+        ...     check_version("2.7.0")
+        ... except RecipeError as err:
+        ...     print(str(err).split(";")[0])
+        engineflow writes TensorBoard files with tensorboardX 2.6.2.2 up to, not including, 2.7
+    """
+    found = tuple(int(part) for part in re.findall(r"\d+", version)[:4])
+    low, high = VERIFIED
+    if not low <= found < high:
+        show = ".".join
+        raise RecipeError(f"engineflow writes TensorBoard files with tensorboardX {show(map(str, low))} up to, not "
+                          f"including, {show(map(str, high))}; tensorboardX {version} is installed. Install one of "
+                          f"those: pip install 'tensorboardX>={show(map(str, low))},<{show(map(str, high))}'")
+
+
 class EventFile:
     """One TensorBoard event file, written synchronously; errors name the file."""
 
     def __init__(self, folder: Path) -> None:
+        import tensorboardX
         from tensorboardX.record_writer import RecordWriter
+
+        check_version(tensorboardX.__version__)
 
         # the pid keeps apart two files opened in one second (a run resumed at once)
         self.path = folder / f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"

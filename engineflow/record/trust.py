@@ -105,9 +105,11 @@ def seal(run_id: str, code_dir: Path, *, signed: bool = True) -> dict[str, Any]:
     digests = {"algorithm": DIGEST, "files": {rel: _digest(path) for rel, path in _entries(code_dir)}}
     try:
         key = user_key()
-    except (OSError, RecipeError):
+    except (OSError, RecipeError) as err:
         if not signed:
             raise
+        print(f"note: run {run_id}'s code snapshot is recorded unsigned ({err}); loading it will need "
+              f"{option('trust_code')}", file=sys.stderr, flush=True)
         return {"digests": digests}
     return {"digests": digests, "signature": {"algorithm": SIGNING, "value": _sign(key, run_id, digests)}}
 
@@ -207,12 +209,13 @@ def _check_files(run_id: str, code_dir: Path, digests: Any) -> None:
 
 
 def other_owner(run_dir: Path) -> tuple[Path, int] | None:
-    """The first of the run folder, its ``code/`` and everything in it that another user owns, with its uid."""
+    """The first of the runs folder, the experiment's and the run's folders, its ``code/`` and everything
+    in it that another user owns, with its uid (who owns a folder above may swap what is below)."""
     if not hasattr(os, "geteuid"):
         return None
     me = os.geteuid()
     code_dir = run_dir / "code"
-    paths = [run_dir]
+    paths = [run_dir.parent.parent, run_dir.parent, run_dir]
     for folder, dirs, files in os.walk(code_dir):
         paths += [Path(folder), *(Path(folder, name) for name in (*dirs, *files))]
     for path in paths:

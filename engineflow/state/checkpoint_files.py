@@ -40,6 +40,7 @@ import xxhash
 
 from engineflow.errors import RecipeError
 from engineflow.files import writing
+from engineflow.state.components import trainable
 
 _USE_ANOTHER_CHECKPOINT = ("Delete it and its checksum file (a checksum proves nothing here: anyone can compute "
                            "one) to use the previous checkpoint, or use a checkpoint from a run you trust.")
@@ -207,8 +208,7 @@ def save_weights(path: Path, modules: Mapping[str, torch.nn.Module], meta: Mappi
     with writing(path.parent):
         path.parent.mkdir(parents=True, exist_ok=True)
     states = {name: {k: v.detach().cpu() for k, v in m.state_dict().items()} for name, m in modules.items()}
-    flags = {name: [p.requires_grad for p in m.parameters()] for name, m in modules.items()}
-    atomic_save({"weights": states, "meta": dict(meta), "requires_grad": flags}, path)
+    atomic_save({"weights": states, "meta": dict(meta), "requires_grad": trainable(modules)}, path)
 
 
 def saved_flags(path: Path) -> dict[str, list[bool]] | None:
@@ -224,17 +224,6 @@ def saved_flags(path: Path) -> dict[str, list[bool]] | None:
         return None
     flags = saved.get("requires_grad")
     return dict(flags) if isinstance(flags, Mapping) else None
-
-
-def apply_flags(modules: Mapping[str, torch.nn.Module], flags: Mapping[str, list[bool]]) -> None:
-    """Set ``requires_grad`` of each module's parameters as ``flags`` (a weights file's or a
-    checkpoint's) has them; modules it does not name, or names with another number of parameters
-    (another structure), are left as they are."""
-    for name, module in modules.items():
-        wanted, params = flags.get(name), list(module.parameters())
-        if wanted is not None and len(wanted) == len(params):
-            for param, flag in zip(params, wanted, strict=True):
-                param.requires_grad_(bool(flag))
 
 
 def load_weights(path: Path, modules: Mapping[str, torch.nn.Module]) -> dict[str, Any]:

@@ -38,14 +38,31 @@ def modules_of(components: Mapping[str, Any]) -> dict[str, torch.nn.Module]:
     return find_components(components, lambda value: isinstance(value, torch.nn.Module))
 
 
+def trainable(modules: Mapping[str, torch.nn.Module]) -> dict[str, list[bool]]:
+    """Which parameters of each module train (``requires_grad``), in ``parameters()`` order."""
+    return {name: [p.requires_grad for p in module.parameters()] for name, module in modules.items()}
+
+
+def set_trainable(modules: Mapping[str, torch.nn.Module], flags: Mapping[str, list[bool]], *,
+                  strict: bool = True) -> None:
+    """Set ``requires_grad`` of each module's parameters as ``flags`` (:func:`trainable`'s) has them.
+    Modules it does not name are left as they are; ``strict=False`` also leaves those with another
+    number of parameters (another structure) instead of raising."""
+    for name, module in modules.items():
+        wanted, params = flags.get(name), list(module.parameters())
+        if wanted is None or (not strict and len(wanted) != len(params)):
+            continue
+        for param, flag in zip(params, wanted, strict=True):
+            param.requires_grad_(bool(flag))
+
+
 def component_states(components: Mapping[str, Any]) -> dict[str, Any]:
     """The states of the stateful components, and which parameters of each module train.
 
     ``requires_grad`` is part of it: a model frozen or unfrozen part-way must resume the same.
     """
     return {"components": {name: obj.state_dict() for name, obj in stateful_components(components).items()},
-            "requires_grad": {name: [p.requires_grad for p in module.parameters()]
-                              for name, module in modules_of(components).items()}}
+            "requires_grad": trainable(modules_of(components))}
 
 
 def load_component_states(components: Mapping[str, Any], state: Mapping[str, Any]) -> None:
@@ -59,8 +76,4 @@ def load_component_states(components: Mapping[str, Any], state: Mapping[str, Any
         if name not in saved:
             raise KeyError(name)
         obj.load_state_dict(saved[name])
-    for name, flags in state.get("requires_grad", {}).items():  # absent from older checkpoints
-        module = modules_of(components).get(name)
-        if module is not None:
-            for param, flag in zip(module.parameters(), flags, strict=True):
-                param.requires_grad_(flag)
+    set_trainable(modules_of(components), state.get("requires_grad", {}))  # absent from older checkpoints
