@@ -35,7 +35,7 @@ def family(quick: bool = False) -> Family:
     ]
     skipped: dict[str, str] = {}
     if quick:
-        skipped = {case.name: "not run with --quick (each case is several processes' imports)" for case in cases}
+        skipped = {case.name: "not run with --quick: each case is several processes' imports" for case in cases}
         cases = []
     elif not sys.platform.startswith("linux"):
         skipped["forked"] = "workers are forked on Linux only"

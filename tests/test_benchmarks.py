@@ -51,9 +51,10 @@ def assert_positive_cases(family: dict[str, Any], names: set[str]) -> None:
 # Each case is a fresh process (~4 s of imports here); one run of every family with the cases that
 # cover each family's code paths (engineflow's loop, TensorLoader, the recipe runner, handlers and
 # dispatch, two and three ranks of a data-parallel fit, a full-state checkpoint, the command's start-up,
-# the GPU loop) is what the checks below read. `mlp` is the case of both ddp families.
+# the GPU loop) is what the checks below read. `mlp` is the case of both ddp families; `forked` (the
+# launch family) says why --quick skips it.
 QUICK_CASES = ("raw,engineflow,engineflow_tensor,engineflow_recipe,handlers,dispatch,full_state,help,import_engineflow,"
-               "engineflow_resident,mlp")
+               "engineflow_resident,mlp,forked")
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +113,7 @@ def test_every_family_runs(quick_results: dict[str, Any]) -> None:
                                         "launch", "checkpoint", "gpu"}
     assert {"raw", "engineflow", "engineflow_recipe", "engineflow_tensor"} <= set(
         results["families"]["overhead"]["cases"])
+    assert "--quick" in results["families"]["launch"]["skipped"]["forked"]
 
 
 def fake_family() -> Family:
