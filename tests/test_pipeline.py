@@ -442,6 +442,19 @@ def test_a_prepare_returning_engineflows_own_names_exits_2_naming_it(folder, tmp
     assert read_run(tmp_path / "runs")["status"] == "failed"  # the stage before it trained: the run is recorded
 
 
+def test_a_prepare_that_asks_for_the_pipeline_sees_its_own_stage(tmp_path):
+    """``prepare`` runs as its stage begins: ``pipeline`` (and ``run``) name that stage, not the one before."""
+    import engineflow as ef
+
+    recipe = tmp_path / "pipe.py"
+    recipe.write_text(RECIPE.replace("def freeze(encoder, cfg):\n",
+                                     "SEEN = []\n\ndef freeze(encoder, cfg, pipeline, run):\n"
+                                     "    SEEN.append((pipeline.stage, pipeline.index, run.stage))\n"))
+    pipeline, _, _ = ef.build(recipe, device="cpu")
+    pipeline.enter(1)  # prepares stage 1, "frozen"; nothing trains
+    assert pipeline.recipe.module.SEEN == [("frozen", 1, "frozen")]
+
+
 def test_a_handler_for_an_unknown_stage_is_refused(folder, tmp_path, cli):
     recipe = tmp_path / "bad.py"
     recipe.write_text(RECIPE.replace('@ef.every_n_iterations(5, stage="finetune")',

@@ -161,7 +161,8 @@ class Pipeline:
         self._prepared = index
         if stage.prepare is None:
             return
-        call = make_caller(stage.prepare, provided=self._provided(stage.name), what=f"prepare of stage {stage.name!r}")
+        call = make_caller(stage.prepare, provided=self._provided(stage.name, self._info(index)),
+                           what=f"prepare of stage {stage.name!r}")
         try:
             changed = call({})
         except EngineflowError:
@@ -182,9 +183,11 @@ class Pipeline:
         device = self.provided.get("device")
         self.components.update({name: to_device(value, device) for name, value in changed.items()})
 
-    def _provided(self, name: str) -> dict[str, Any]:
-        """What steps, handlers and ``prepare`` of stage ``name`` may ask for, besides a fit's own names."""
-        provided = {**self.provided, **self.components, "run": self._context(name), "pipeline": Progress(self.info)}
+    def _provided(self, name: str, info: StageInfo | None = None) -> dict[str, Any]:
+        """What steps, handlers and ``prepare`` of stage ``name`` (its place ``info``, by default the
+        current stage's) may ask for, besides a fit's own names."""
+        provided = {**self.provided, **self.components, "run": self._context(name),
+                    "pipeline": Progress(info or self.info)}
         if self.last_fit is not None:  # a test or inference pass after a train stage
             provided.update(history=self.history(), best=self.last_fit.best)
         return provided
