@@ -45,7 +45,7 @@ _EXPORTS = {
     "supervised_train_step": "engineflow.declare.supervised",
     "supervised_eval_step": "engineflow.declare.supervised",
     "prepare_batch": "engineflow.declare.supervised",
-    "Best": "engineflow.execute.best",
+    "Best": "engineflow.state.best",
     "Fit": "engineflow.execute.fit",
     "RunContext": "engineflow.runtime",
     "RunResult": "engineflow.app.runner",
@@ -109,7 +109,6 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the same names as _EXPORTS
         StoreError,
         TrainingError,
     )
-    from engineflow.execute.best import Best
     from engineflow.execute.build import build
     from engineflow.execute.engine import engine, make_engine
     from engineflow.execute.fit import Fit
@@ -117,4 +116,5 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the same names as _EXPORTS
     from engineflow.execute.stage import Progress
     from engineflow.record.load import LoadedRun, load_run
     from engineflow.runtime import RunContext
+    from engineflow.state.best import Best
     from engineflow.state.checkpointer import CheckpointPolicy, checkpoints

@@ -45,7 +45,7 @@ and divide by ``N``: on ``(N, 64)`` outputs Ignite's ``MeanSquaredError`` is 64 
 ``ignite.metrics.MeanAbsoluteError`` and ``ignite.metrics.RootMeanSquaredError``. On ``(N,)`` or
 ``(N, 1)`` outputs both agree.
 
-The main metric's mode comes from its name (:func:`engineflow.execute.best.infer_mode`): names containing
+The main metric's mode comes from its name (:func:`engineflow.state.best.infer_mode`): names containing
 ``loss``, ``error``, ``mse``, ``mae`` or ``rmse`` are minimised, other names maximised.
 
 Example:

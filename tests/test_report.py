@@ -12,7 +12,7 @@ import pytest
 from ignite.engine import Engine, Events
 
 from engineflow.app.report import Reporter, format_duration, format_metrics, format_value, plural
-from engineflow.execute.stage import StageInfo
+from engineflow.state.resume import StageInfo
 
 
 @pytest.mark.parametrize(("value", "text"), [

@@ -36,8 +36,9 @@ from engineflow.record.mirror import mirror_for
 from engineflow.record.runs import resolve_runs_dir
 from engineflow.record.setups import claim, release
 from engineflow.runtime import using_run
-from engineflow.state.checkpoint_files import load_state, verify
+from engineflow.state.checkpoint_files import load_record, verify
 from engineflow.state.checkpointer import Checkpointer, every_iterations_policy, policy_of
+from engineflow.state.resume import ResumeRecord
 
 
 def run_in_world(recipe: str | Path, overrides: Mapping[str, Any] | None, world: World, *, check: bool,
@@ -195,7 +196,7 @@ def stage_origin(recipe: Recipe, store: Any, stage: str | None, from_run: str | 
     if problem is not None:
         raise RecipeError(f"run {record['id']} has no state from the end of stage {trained[-1]!r} ({path}: {problem}); "
                           f"pick a run that finished that stage")
-    return {"stage": stage, "from": record["id"], "state": load_state(path)}
+    return {"stage": stage, "from": record["id"], "state": load_record(path)}
 
 
 def _train(loaded: Recipe, start: Session, *, stream: IO[str] | None, progress: bool | None,
@@ -333,7 +334,7 @@ def _prepare(loaded: Recipe, start: Session, *, extras: tuple[Callable[[Fit], It
 
 
 def _continue_from(pipeline: Pipeline, checkpointer: Checkpointer,
-                   world: World) -> tuple[Path, dict[str, Any]] | None:
+                   world: World) -> tuple[Path, ResumeRecord] | None:
     """Load a resumed run's latest valid checkpoint into the pipeline and the checkpointer; None when
     it has none. On several processes rank 0 picks the file and every rank reads that one (collective):
     the runs folder must be on a filesystem every node shares."""
@@ -347,13 +348,13 @@ def _continue_from(pipeline: Pipeline, checkpointer: Checkpointer,
         if problem is not None:
             raise RecipeError(f"rank {world.rank} cannot read the checkpoint rank 0 resumes from ({path}: {problem}); "
                               "resuming on several machines needs the runs folder on a filesystem they all share")
-        found = path, load_state(path)
+        found = path, load_record(path)
     checkpointer.load_state_dict(found[1])
     pipeline.load_state_dict(found[1])
     return found
 
 
-def _fit(pipeline: Pipeline, found: tuple[Path, dict[str, Any]] | None, start: Session, reporter: Reporter, *,
+def _fit(pipeline: Pipeline, found: tuple[Path, ResumeRecord] | None, start: Session, reporter: Reporter, *,
          only: bool, world_size: int = 1) -> None:
     """Run the stages from the start, or from the checkpoint a resumed run loaded (:func:`_continue_from`)."""
     if found is None:
@@ -361,24 +362,23 @@ def _fit(pipeline: Pipeline, found: tuple[Path, dict[str, Any]] | None, start: S
             reporter.line("no valid checkpoint: training from the first epoch")
         pipeline.run(only=only)
         return
-    path, state = found
-    engine, where = state["engine"], state.get("stage") or {}
-    epochs_done, batches = engine["epochs_completed"], engine["batches_in_epoch"]
-    stage = f"stage {where['name']}, " if pipeline.staged else ""
-    if where.get("finished"):
-        reporter.line(f"from checkpoint {path.name}: stage {where['name']} had ended")
+    path, record = found
+    position, where = record.position, record.stage
+    stage = f"stage {where.name}, " if pipeline.staged else ""
+    if record.finished:
+        reporter.line(f"from checkpoint {path.name}: stage {where.name} had ended")
     else:
-        saved = len(state.get("ranks") or ()) or 1  # the batches are those of the processes that saved it
+        saved = record.world_size  # the batches are those of the processes that saved it
         on = f" on {plural(saved, 'process', 'processes')}" if saved != world_size else ""
-        reporter.line(f"from checkpoint {path.name}: {stage}epoch {epochs_done + 1}, batch {batches + 1} "
-                      f"of {engine['epoch_length']}{on}")
+        reporter.line(f"from checkpoint {path.name}: {stage}epoch {position.epochs_completed + 1}, batch "
+                      f"{position.batches_in_epoch + 1} of {position.epoch_length}{on}")
         partial = pipeline.fit.partial_metrics if pipeline.fit is not None else []
         if partial:
             reporter.line(f"note: {', '.join(partial)} cannot add up the states of the {plural(saved, 'process')} "
                           f"that saved this epoch: this epoch's value counts the steps since the resume and those "
                           f"of the first {min(saved, world_size)} processes before it")
     if start.recorder is not None:
-        start.recorder.resumed_from(path, engine["iteration"], where.get("epochs_before", 0) + epochs_done)
+        start.recorder.resumed_from(path, position.iteration, where.epochs_before + position.epochs_completed)
     pipeline.run(only=only)
 
 

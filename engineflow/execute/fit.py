@@ -28,7 +28,6 @@ from engineflow.declare.recipe import Recipe
 from engineflow.declare.stages import Stage
 from engineflow.declare.steps import StepSpec, wraps_around
 from engineflow.errors import EngineflowError, RecipeError, StepCheckError
-from engineflow.execute.best import Best
 from engineflow.execute.dispatch import attach_in_order
 from engineflow.execute.engine import StepEngine, make_engine
 from engineflow.execute.injection import describe
@@ -45,13 +44,17 @@ from engineflow.execute.parallel import (
 from engineflow.execute.stage import Progress, StageInfo
 from engineflow.execute.wiring import eval_loaders_of, loaders_of, main_metric, resolve_steps
 from engineflow.metrics import attach_metrics, check_metric_takes
-from engineflow.shards import consumed
-from engineflow.state.components import component_states, load_component_states
-from engineflow.state.position import EpochData
+from engineflow.state.best import Best
+from engineflow.state.components import (
+    component_states,
+    is_stateful,
+    load_component_states,
+    modules_of,
+    trainable,
+)
+from engineflow.state.position import EpochData, EpochTracker, plan_resume
+from engineflow.state.resume import Position, RankState, ResumeRecord
 from engineflow.state.rng import rng_state, set_rng_state
-
-# what each rank of a data-parallel fit keeps for itself (``state_dict()["ranks"]``)
-RANK_STATE = ("rng", "loss", "train_metrics")
 
 
 @dataclass(frozen=True)
@@ -125,13 +128,24 @@ class Fit:
     # after a load on another number of processes mid-epoch: train metrics whose saved states could
     # not all be added up (they count the steps since the resume and the first processes' before it)
     partial_metrics: list[str] = field(default_factory=list)
-    # where the fit stands in its epochs, kept by its own handlers (see position())
-    _epoch_start: int = field(default=0, repr=False)
-    _epoch_done: bool = field(default=False, repr=False)
-    _restored: bool = field(default=False, repr=False)
-    _resume_within_epoch: Callable[[], None] | None = field(default=None, repr=False)
-    _resume_batches: int | None = field(default=None, repr=False)
-    _whole_epoch: int | None = field(default=None, repr=False)
+    # other stateful pieces (their state goes in the record's ``parts``), by name
+    parts: dict[str, Any] = field(default_factory=dict)
+    tracker: EpochTracker = field(default_factory=EpochTracker, repr=False)
+    # after a load: the batches of the resumed epoch to skip, and what this rank restores after them
+    _resume: tuple[int, RankState | None] | None = field(default=None, repr=False)
+
+    def register(self, name: str, part: Any) -> None:
+        """Keep ``part`` (anything with ``state_dict``/``load_state_dict``, the same on every process)
+        in the fit's checkpoints under ``name``.
+
+        Example::
+
+            fit.register("early_stopping", stopper)   # its state_dict() is saved and loaded on resume
+        """
+        if not is_stateful(part):
+            raise TypeError(f"Fit.register({name!r}, ...) expects an object with state_dict() and "
+                            f"load_state_dict(), got {type(part).__name__}")
+        self.parts[name] = part
 
     def evaluate(self, loader: str = "valid") -> dict[str, float]:
         """Run the eval step and its metrics over one loader; returns ``{"<loader>/<metric>": value}``.
@@ -176,22 +190,26 @@ class Fit:
                 check_metric_takes(metric, name, output, step)
 
     def run(self, epochs: int) -> State:
-        """Train for ``epochs`` epochs (validating as the eval step asks); returns the train state.
+        """Train until ``epochs`` epochs are complete (validating as the eval step asks); returns the
+        train state.
 
         Each epoch's RNGs start from ``(seed, epoch)`` (see :mod:`engineflow.state.rng`). After
-        :meth:`load_state_dict` the fit continues where that state stood: mid-epoch, the batches
-        already trained on are skipped, then the RNGs, the running loss and the train metrics are
-        restored as they were at that batch.
+        :meth:`load_state_dict` the fit continues where that state stood, up to ``epochs`` in all:
+        mid-epoch, the batches already trained on are skipped, then the RNGs, the running loss and the
+        train metrics are restored as they were at that batch.
         """
         data = EpochData(self.loaders["train"], self.seed, lambda: self.train.state.epoch, self.rank)
-        if self._resume_batches is None:
+        if self._resume is None:
             return self.train.run(data, max_epochs=epochs)
-        batches, within = self._resume_batches, self._resume_within_epoch
-        self._resume_batches = self._resume_within_epoch = None
-        if within is not None:
+        (skip, share), self._resume = self._resume, None
+        loaded = self.resume_position().epoch
+        if epochs < loaded:
+            raise RecipeError(f"Fit.run(epochs={epochs}): the state it loaded is in epoch {loaded}; "
+                              "ask for that many epochs or more")
+        if share is not None:
             # at an epoch boundary the next epoch's seeding defines every RNG: nothing more to restore
-            data.resume_at(batches, within)
-        return self.train.run(data)
+            data.resume_at(skip, partial(self._restore_within_epoch, share))
+        return self.train.run(data, max_epochs=epochs)
 
     def summary(self, status: str) -> dict[str, Any]:
         """The fit as its run records its stage (see :meth:`StageInfo.summary`)."""
@@ -200,135 +218,99 @@ class Fit:
     def position(self) -> dict[str, int]:
         """Where the fit stands: epochs completed and batches done in the epoch in progress.
 
-        Counted from the events, not from ``iteration % epoch_length``: after an ``EndEpoch`` the
-        iteration is no longer a multiple of the epoch length at epoch boundaries.
-        """
-        state = self.train.state
-        if self._epoch_done:
-            return {"epochs_completed": state.epoch, "batches_in_epoch": 0}
-        return {"epochs_completed": max(state.epoch - 1, 0), "batches_in_epoch": state.iteration - self._epoch_start}
+        Example::
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything a resume needs: the engine's counts and position, every stateful component
-        (models, optimizers with their param groups, schedulers, a TensorLoader...), which parameters
-        train (``requires_grad``), the train metrics, the losses, the best epoch, the history, the RNG
-        states and the seed. Tensors and plain values only."""
-        engine = self.train.state
+            fit.position()   # {'epochs_completed': 2, 'batches_in_epoch': 5}
+        """
+        position = self.resume_position()
+        return {"epochs_completed": position.epochs_completed, "batches_in_epoch": position.batches_in_epoch}
+
+    def resume_position(self) -> Position:
+        """Where the fit stands, as its checkpoints record it (see :class:`~engineflow.state.resume.Position`)."""
+        return self.tracker.position(self.train.state)
+
+    def resume_record(self) -> ResumeRecord:
+        """Everything a resume needs (see :class:`~engineflow.state.resume.ResumeRecord`): the engine's
+        position, every stateful component (models, optimizers with their param groups, schedulers, a
+        TensorLoader...), which parameters train, the best epoch, the history, the seed, the parts
+        registered, and what each process keeps for itself (RNG states, losses, train metrics).
+
+        Collective on several processes: every rank takes it at the same iteration."""
         metrics = {}
         for name, metric in self.train_metrics.items():
             try:
                 metrics[name] = metric.state_dict()
             except (NotImplementedError, AttributeError):
                 metrics[name] = None
-        state = {
-            "engine": {"iteration": engine.iteration, "epoch_length": engine.epoch_length,
-                       "max_epochs": engine.max_epochs, **self.position()},
-                **component_states(self.components),
-            "train_metrics": metrics, "loss": self.loss.state_dict(), "best": self.best.state_dict(),
-            "history": list(self.history), "rng": rng_state(), "seed": self.seed, "stage": self.stage.state_dict(),
-            "order": order_layout(self.loaders["train"]),
-        }
-        if self.gather is not None:
-            # Models and optimizers are the same on every rank; what each rank drew and summed is its
-            # own. Collective: every rank writes its state_dict at the same iteration.
-            state["ranks"] = self.gather({k: state[k] for k in RANK_STATE})
-        return state
+        own = RankState(rng_state(), self.loss.state_dict(), metrics)
+        # Models and optimizers are the same on every rank; what each rank drew and summed is its own.
+        ranks = self.gather(own) if self.gather is not None else [own]
+        return ResumeRecord(
+            position=self.resume_position(), stage=self.stage, seed=self.seed,
+            components=component_states(self.components), requires_grad=trainable(modules_of(self.components)),
+            best=self.best.state_dict(), history=list(self.history), layout=order_layout(self.loaders["train"]),
+            ranks=ranks, parts={name: part.state_dict() for name, part in self.parts.items()})
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Load a :meth:`state_dict`; the next :meth:`run` continues from it.
+    def state_dict(self) -> dict[str, Any]:
+        """:meth:`resume_record` as a checkpoint holds it (tensors and plain values)."""
+        return self.resume_record().to_dict()
+
+    def load_state_dict(self, state: ResumeRecord | Mapping[str, Any]) -> None:
+        """Load a :meth:`resume_record` (or its :meth:`state_dict`); the next :meth:`run` continues from it.
 
         Saved in the middle of an epoch on another number of processes, the epoch continues after
         the positions of its order the processes had trained on, each later one once (see
         :mod:`engineflow.shards`); this needs a train loader engineflow deals out itself
         (a ``DataLoader`` it sharded, a ``TensorLoader``).
         """
-        engine = state["engine"]
-        within = engine["batches_in_epoch"]
-        layout = state.get("order")
-        if layout is not None:  # a loader sharded when saved is sharded here too (its orders are those)
-            self.loaders["train"] = positioned(self.loaders["train"], layout)
-        normal = _length(self.loaders["train"])  # batches in a whole epoch here
-        try:
-            load_component_states(self.components, state)
-        except KeyError as err:
-            raise RecipeError(f"the checkpoint has no state for component {err.args[0]!r} (it holds "
-                              f"{', '.join(state['components'])}); did setup() change since the run started?") from None
-        self.best.load_state_dict(state["best"])
-        self.history[:] = state["history"]
-
-        ranks = state.get("ranks")
-        saved_world = len(ranks) if ranks is not None else 1
-        # the processes each pass is dealt out to, then and here (a loader not dealt out by position: the world's)
-        here = order_layout(self.loaders["train"])
-        moved = bool(within) and ((layout["world"] if layout else saved_world)
-                                  != (here["world"] if here is not None else self.world_size))
-        if within and layout is not None:
-            fits = here is not None and all(here[k] == layout[k] for k in ("kind", "samples", "batch", "drop_last"))
-            if not fits and moved:
-                raise RecipeError(f"the latest checkpoint was written in the middle of an epoch whose train loader "
-                                  f"dealt out {layout['samples']} samples in batches of {layout['batch']}; this "
-                                  f"run's does not ({here}). Resume with the same data, or on "
-                                  f"{saved_world} process(es) (--nproc {saved_world})")
-            if moved:  # continue after the positions the saved processes had trained on
-                position = consumed(layout["samples"], layout["world"], layout["batch"], offset=layout["offset"],
-                                    done=within, drop_last=layout["drop_last"])
-                if position >= layout["samples"]:
-                    raise RecipeError("the state was taken after its epoch's last batch, before the epoch completed; "
-                                      "take it at EPOCH_COMPLETED (engineflow's checkpoints are) to resume it on "
-                                      "another number of processes")
-                resume_order(self.loaders["train"], position)
-                within = 0
-            elif layout["kind"] == "shard":
-                resume_order(self.loaders["train"], layout["offset"])  # the same pass again, then skip
-        elif within and saved_world != self.world_size:
-            raise RecipeError(f"the latest checkpoint was written in the middle of an epoch on {saved_world} "
-                              f"process(es) by a train loader engineflow does not deal out itself; resume it on "
-                              f"{saved_world} (--nproc {saved_world}), or give setup() a DataLoader with "
-                              "shuffle=True or False or an ef.data.TensorLoader. A checkpoint at an epoch's end "
-                              "resumes on any number")
-        length = _length(self.loaders["train"])
+        record = state if isinstance(state, ResumeRecord) else ResumeRecord.from_dict(state)
+        if record.layout is not None:  # a loader sharded when saved is sharded here too (its orders are those)
+            self.loaders["train"] = positioned(self.loaders["train"], record.layout)
+        loader = self.loaders["train"]
+        whole = _length(loader)  # batches in a whole epoch here
+        plan = plan_resume(record, order_layout(loader), self.world_size)
+        self._restore(record)
+        if plan.start_at is not None:
+            resume_order(loader, plan.start_at)
+        length, position = _length(loader), record.position
         # Ignite derives the epoch from iteration // epoch_length, which an EndEpoch, or epochs of
         # another length on another number of processes, makes wrong: load the epochs the state
         # counted, then its iteration (the first epoch then runs only the remaining batches, as in
         # Ignite's own mid-epoch resume).
-        self.train.load_state_dict({"epoch": engine["epochs_completed"],
-                                    "epoch_length": length if length is not None else engine["epoch_length"],
-                                    "max_epochs": engine["max_epochs"]})
-        self.train.state.iteration = engine["iteration"]
-        self.train.start_epoch_after(within)
-        self._epoch_start = engine["iteration"] - within
-        self._epoch_done = engine["batches_in_epoch"] == 0
-        self._restored = True
-        self._resume_batches = within
-        self._whole_epoch = normal if normal is not None and normal != length else None
-
-        share = _rank_share(state, ranks, self.rank, moved, self.train_metrics, self.world_size)
+        self.train.load_state_dict({"epoch": position.epochs_completed,
+                                    "epoch_length": length if length is not None else position.epoch_length,
+                                    "max_epochs": position.max_epochs})
+        self.train.state.iteration = position.iteration
+        self.train.start_epoch_after(plan.skip)
+        self.tracker.restore(position, plan.skip, whole if whole is not None and whole != length else None)
+        share, partial_metrics = _rank_share(record, self.rank, plan.moved, self.train_metrics, self.world_size)
         # train metrics that count only some of the epoch's steps before the resume (see regrouped_metric_state)
-        self.partial_metrics = list(share.get("partial", ())) if within else []
+        self.partial_metrics = partial_metrics if position.mid_epoch else []
         # the running loss (the progress line's) goes on across epochs; the epoch's sums only within one
-        self.loss.load_running(share["loss"])
+        self.loss.load_running(share.loss)
+        self._resume = (plan.skip, share if position.mid_epoch else None)
 
-        def within_epoch() -> None:
-            self.loss.load_state_dict(share["loss"])
-            for name, metric_state in share["train_metrics"].items():
-                if metric_state is not None:
-                    self.train_metrics[name].load_state_dict(metric_state)
-            if "rng" in share:  # a rank new to the epoch keeps the epoch's seeding
-                set_rng_state(share["rng"])
+    def _restore(self, record: ResumeRecord) -> None:
+        """The components, the best epoch, the history and the registered parts, as ``record`` has them."""
+        try:
+            load_component_states(self.components, record.components, record.requires_grad)
+        except KeyError as err:
+            raise RecipeError(f"the checkpoint has no state for component {err.args[0]!r} (it holds "
+                              f"{', '.join(record.components)}); did setup() change since the run started?") from None
+        self.best.load_state_dict(record.best)
+        self.history[:] = record.history
+        for name, part in self.parts.items():
+            if name in record.parts:  # a part registered since the checkpoint was written starts afresh
+                part.load_state_dict(record.parts[name])
 
-        self._resume_within_epoch = within_epoch if engine["batches_in_epoch"] else None
-
-    def _epoch_started(self, engine: StepEngine) -> None:
-        self._epoch_done = False
-        if self._restored:  # the resumed epoch started before the kill, at the restored count
-            self._restored = False
-            return
-        self._epoch_start = engine.state.iteration
-        if self._whole_epoch is not None:  # the epoch resumed part-way had a length of its own
-            engine.state.epoch_length, self._whole_epoch = self._whole_epoch, None
-
-    def _epoch_completed(self, engine: StepEngine) -> None:
-        self._epoch_done = True
+    def _restore_within_epoch(self, share: RankState) -> None:
+        """Mid-epoch, once the batches already trained on are skipped: this rank's sums, metrics and RNGs."""
+        self.loss.load_state_dict(share.loss)
+        for name, metric_state in share.train_metrics.items():
+            if metric_state is not None:
+                self.train_metrics[name].load_state_dict(metric_state)
+        if share.rng:  # a rank new to the epoch keeps the epoch's seeding
+            set_rng_state(share.rng)
 
 
 def _length(loader: Any) -> int | None:
@@ -338,28 +320,24 @@ def _length(loader: Any) -> int | None:
         return None
 
 
-def _rank_share(state: Mapping[str, Any], ranks: list[Mapping[str, Any]] | None, rank: int, moved: bool,
-                metrics: Mapping[str, Any], world_size: int) -> dict[str, Any]:
-    """What this rank restores within an epoch: its own saved RNGs, sums and train metrics; after a
-    change of the number of processes, rank 0 the sum of every saved rank's losses, every rank its
-    namesake's RNGs (new ranks keep the epoch's seeding), and each train metric's state regrouped
-    for this number (see :func:`~engineflow.execute.parallel.regrouped_metric_state`)."""
-    saved = list(ranks) if ranks is not None else [{k: state[k] for k in RANK_STATE}]
+def _rank_share(record: ResumeRecord, rank: int, moved: bool, metrics: Mapping[str, Any],
+                world_size: int) -> tuple[RankState, list[str]]:
+    """What this rank restores within an epoch, and the train metrics that cannot count every saved
+    step: its own saved RNGs, sums and train metrics; after a change of the number of processes,
+    rank 0 the sum of every saved rank's losses, every rank its namesake's RNGs (new ranks keep the
+    epoch's seeding), and each train metric's state regrouped for this number (see
+    :func:`~engineflow.execute.parallel.regrouped_metric_state`)."""
+    saved = record.ranks
     if not moved:
-        share = dict(saved[rank] if ranks is not None else saved[0])
-        share["train_metrics"] = share.get("train_metrics") or {}
-        return share
-    share: dict[str, Any] = {"loss": LossMonitor.regrouped([s["loss"] for s in saved], rank), "train_metrics": {}}
-    if rank < len(saved):
-        share["rng"] = saved[rank]["rng"]
-    share["partial"] = []
+        return saved[rank if len(saved) > 1 else 0], []
+    loss = LossMonitor.regrouped([s.loss for s in saved], rank)
+    regrouped, partial_metrics = {}, []
     for name, metric in metrics.items():
         # every rank saved the same list of every rank's state (Ignite gathers it)
-        share["train_metrics"][name], complete = regrouped_metric_state(
-            metric, saved[0]["train_metrics"].get(name), rank, world_size)
+        regrouped[name], complete = regrouped_metric_state(metric, saved[0].train_metrics.get(name), rank, world_size)
         if not complete:
-            share["partial"].append(name)
-    return share
+            partial_metrics.append(name)
+    return RankState(saved[rank].rng if rank < len(saved) else {}, loss, regrouped), partial_metrics
 
 
 def build_fit(
@@ -471,8 +449,8 @@ def _own_handlers(fit: Fit, eval_spec: StepSpec | None) -> list[HandlerSpec]:
         return HandlerSpec(fn, event, "train", order, seq=-1, raw=True)
 
     own = [
-        spec(fit._epoch_started, Events.EPOCH_STARTED, -2000),
-        spec(fit._epoch_completed, Events.EPOCH_COMPLETED, -3000),
+        spec(fit.tracker.epoch_started, Events.EPOCH_STARTED, -2000),
+        spec(fit.tracker.epoch_completed, Events.EPOCH_COMPLETED, -3000),
         spec(clear_metrics, Events.EPOCH_STARTED, -1000),
         spec(fit.loss.epoch_started, Events.EPOCH_STARTED, -900),
         spec(fit.loss.iteration_completed, Events.ITERATION_COMPLETED, -1000),

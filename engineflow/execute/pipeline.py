@@ -34,9 +34,10 @@ from engineflow.execute.fit import Fit, LoaderScope, build_fit, stage_handlers
 from engineflow.execute.injection import check_component_names, describe, make_caller
 from engineflow.execute.parallel import current_world
 from engineflow.execute.passes import evaluation_pass, inference_pass
-from engineflow.execute.stage import Progress, StageInfo
+from engineflow.execute.stage import Progress
 from engineflow.execute.wiring import eval_loaders_of, main_metric
 from engineflow.state.components import load_component_states
+from engineflow.state.resume import ResumeRecord, StageInfo
 from engineflow.state.rng import seed_rngs, stage_seed
 
 CHECK_BATCHES = 2  # --check: the first 2 batches of every loader
@@ -264,8 +265,8 @@ class Pipeline:
             getattr(listener, "stage_started", _nothing)(self)
         index = self.info.index
         if self.fit is not None:
-            position = self.fit.position()
-            if position["epochs_completed"] < self.epochs[index] or position["batches_in_epoch"]:
+            position = self.fit.resume_position()
+            if position.epochs_completed < self.epochs[index] or position.mid_epoch:
                 self.fit.run(self.epochs[index])
         elif self.info.kind == "test":
             self._test(index)
@@ -340,41 +341,40 @@ class Pipeline:
         return self.info.epochs_before + (len(self.fit.history) if self.fit is not None else 0)
 
     # state ------------------------------------------------------------------------------------
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, record: ResumeRecord) -> None:
         """Continue from a checkpoint (a train stage's fit state): the stages before its stage are
         prepared again (structure), its stage is entered and its fit loads the state. A stage the
         checkpoint marks finished is not run again by :meth:`run`."""
-        where = state.get("stage") or {}  # absent from checkpoints of earlier versions: one fit
-        index = where.get("index", 0) if self.staged else 0
-        if self.staged and (index >= len(self.stages) or self.stages[index].name != where.get("name")):
+        where = record.stage
+        index = where.index if self.staged else 0
+        if self.staged and (index >= len(self.stages) or self.stages[index].name != where.name):
             names = ", ".join(s.name for s in self.stages)
-            raise RecipeError(f"the checkpoint was written in stage {where.get('name')!r} (number {index + 1}), "
+            raise RecipeError(f"the checkpoint was written in stage {where.name!r} (number {index + 1}), "
                               f"which this recipe's stages ({names}) do not have there; did the stages change?")
-        self.summaries = [dict(d) for d in where.get("done", ())]
+        self.summaries = [dict(d) for d in where.done]
         if self.fit is None or self.info.index != index or self.fit.train.state.iteration:
             self.enter(index)  # the stage built at start-up (not yet run) takes the state as it is
         assert self.fit is not None
-        self.fit.load_state_dict(state)
-        self._stage_done = bool(where.get("finished"))
+        self.fit.load_state_dict(record)
+        self._stage_done = record.finished
 
-    def start_from(self, index: int, state: Mapping[str, Any], source: str) -> None:
-        """``--stage``: make stage ``index`` current, with the components as ``state`` (a checkpoint
+    def start_from(self, index: int, record: ResumeRecord, source: str) -> None:
+        """``--stage``: make stage ``index`` current, with the components as ``record`` (a checkpoint
         written at the end of an earlier train stage of run ``source``) left them. The stages before
         it are recorded as that run's, ``"from": source``."""
-        where = state["stage"]
         while self._prepared < index - 1:
             self._prepare(self._prepared + 1)
         try:
-            load_component_states(self.components, state)
+            load_component_states(self.components, record.components, record.requires_grad)
         except KeyError as err:
             raise RecipeError(f"run {source}'s state has no component {err.args[0]!r} (it holds "
-                              f"{', '.join(state['components'])}); did setup() or a prepare change since?") from None
+                              f"{', '.join(record.components)}); did setup() or a prepare change since?") from None
         except (RuntimeError, ValueError) as err:  # a shape or a param group that differs: another config
             raise RecipeError(f"run {source}'s state does not fit the components this config builds (was it run "
                               f"with another config?): {' '.join(str(err).split())[:300]}") from None
-        info = StageInfo.from_state(where)
-        last = info.summary("completed", state["history"], state["best"], state["engine"]["iteration"])
-        done = [*where.get("done", ()), last]
+        info = record.stage
+        last = info.summary("completed", record.history, record.best, record.position.iteration)
+        done = [*info.done, last]
         for position, later in enumerate(self.stages[len(done):index], start=len(done)):
             # test or infer passes after it, which this run does not repeat
             done.append(StageInfo(later.name, position, later.kind, epochs_before=info.epochs_before + last["epochs"],

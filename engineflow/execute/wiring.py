@@ -12,8 +12,8 @@ from engineflow.declare.recipe import Recipe
 from engineflow.declare.steps import StepSpec, step_spec
 from engineflow.declare.supervised import supervised_eval_step, supervised_train_step
 from engineflow.errors import RecipeError
-from engineflow.execute.best import infer_mode
 from engineflow.execute.losses import is_loss
+from engineflow.state.best import infer_mode
 
 HELD_OUT = ("train", "test")
 

@@ -40,6 +40,7 @@ from engineflow.state.checkpoint_files import (
     saved_flags,
 )
 from engineflow.state.components import modules_of, set_trainable
+from engineflow.state.resume import ResumeRecord
 from engineflow.state.rng import rng_state, set_rng_state
 
 
@@ -183,7 +184,7 @@ def _load_chosen_weights(record: dict[str, Any], run_dir: Path, which: str,
     if damaged:  # as --resume does: an older file than the newest is used, and why is said
         print(f"run {record['id']}: {_damaged(damaged)}; its {which} weights come from {found[0].name}",
               file=sys.stderr, flush=True)
-    load_checkpoint_weights(found[1], modules, found[0])
+    load_checkpoint_weights(ResumeRecord.from_dict(found[1]), modules, found[0])
 
 
 def _train_as_it_ended(run_dir: Path, modules: dict[str, torch.nn.Module]) -> None:
@@ -193,7 +194,7 @@ def _train_as_it_ended(run_dir: Path, modules: dict[str, torch.nn.Module]) -> No
     flags = saved_flags(run_dir / "checkpoints" / "last.pt")
     if flags is None:
         found = newest_intact(run_dir / "checkpoints" / "state", lambda path, problem: None)
-        flags = found[1].get("requires_grad") if found is not None else None
+        flags = ResumeRecord.from_dict(found[1]).requires_grad if found is not None else None
     if flags:
         set_trainable(modules, flags, strict=False)
 

@@ -51,7 +51,10 @@ from engineflow.record.tblog import TensorBoardLog
 from engineflow.record.trust import seal
 
 if TYPE_CHECKING:
+    from engineflow.execute.fit import Fit
+    from engineflow.execute.pipeline import Pipeline
     from engineflow.record.mirror import Mirror
+    from engineflow.state.resume import ResumeRecord, StageInfo
 
 TB_EVERY_ITERATIONS = 50  # the loss per iteration for TensorBoard; epochs log every metric
 
@@ -189,7 +192,7 @@ class RunRecorder:
         if written is not None:
             self.record.update(written)
 
-    def handlers(self, fit: Any) -> list[HandlerSpec]:
+    def handlers(self, fit: Fit) -> list[HandlerSpec]:
         """Handlers on the train engine: per-iteration TensorBoard and heartbeat, per-epoch records."""
         from ignite.engine import Events
 
@@ -206,7 +209,7 @@ class RunRecorder:
                             every=every),
                 HandlerSpec(epoch, Events.EPOCH_COMPLETED, "train", 900, -1, raw=True)]
 
-    def epoch_completed(self, fit: Any) -> None:
+    def epoch_completed(self, fit: Fit) -> None:
         from engineflow.state.checkpoint_files import save_weights
         from engineflow.state.components import modules_of
 
@@ -236,15 +239,15 @@ class RunRecorder:
         self._save(fields, [(epoch, k, v) for k, v in values.items()])
 
     # stage boundaries (the pipeline's listeners) --------------------------------------------------
-    def _stages_with(self, stage: Any, entry: Mapping[str, Any]) -> list[dict[str, Any]]:
+    def _stages_with(self, stage: StageInfo, entry: Mapping[str, Any]) -> list[dict[str, Any]]:
         """The run's stages: those before ``stage`` as its pipeline recorded them, then ``entry``."""
         return [*(public_stage(done) for done in stage.done), dict(entry)]
 
-    def stage_started(self, pipeline: Any) -> None:
+    def stage_started(self, pipeline: Pipeline) -> None:
         if pipeline.staged:
             self.update(stages=self._stages_with(pipeline.info, public_stage(pipeline.summary())))
 
-    def stage_completed(self, pipeline: Any, summary: Mapping[str, Any]) -> None:
+    def stage_completed(self, pipeline: Pipeline, summary: Mapping[str, Any]) -> None:
         """A stage ended: its entry in ``stages``; a test pass's metrics join the run's."""
         if not pipeline.staged:
             return
@@ -270,7 +273,7 @@ class RunRecorder:
         append_text(path, "".join(json.dumps({"epoch": epoch, "name": k, "value": v}) + "\n"
                                   for k, v in values.items()))
 
-    def predictions(self, pipeline: Any, loader: str, outputs: Any) -> None:
+    def predictions(self, pipeline: Pipeline, loader: str, outputs: Any) -> None:
         """An infer pass's predictions on one loader: ``predictions/<stage>/<loader>.pt``."""
         from engineflow.state.checkpoint_files import atomic_save
 
@@ -282,7 +285,8 @@ class RunRecorder:
         self.update(artifacts=artifacts)
 
     def finish(self, status: str, *, error: str | None = None, final: Mapping[str, float] | None = None,
-               fit: Any = None, best_checkpoint: Path | None = None, best: Mapping[str, Any] | None = None) -> str:
+               fit: Fit | None = None, best_checkpoint: Path | None = None,
+               best: Mapping[str, Any] | None = None) -> str:
         """Write the weights files, close TensorBoard and mark the run ``status`` with its end time.
 
         ``last.pt``: the weights as training left them, unless it failed (they may be NaN).
@@ -331,11 +335,11 @@ class RunRecorder:
             raise problem
         return status
 
-    def _write_weights(self, status: str, artifacts: dict[str, Any], final: Mapping[str, float] | None, fit: Any,
+    def _write_weights(self, status: str, artifacts: dict[str, Any], final: Mapping[str, float] | None, fit: Fit | None,
                        best_checkpoint: Path | None) -> None:
         """``last.pt`` (not for a failed run) and ``best.pt`` from the best checkpoint; each file
         enters ``artifacts`` once written, and one that fails does not keep the other from it."""
-        from engineflow.state.checkpoint_files import export_weights, load_state, save_weights
+        from engineflow.state.checkpoint_files import export_weights, load_record, save_weights
         from engineflow.state.components import modules_of
 
         modules = modules_of(fit.components) if fit is not None else {}
@@ -351,9 +355,9 @@ class RunRecorder:
         if modules and best_checkpoint is not None:
             try:
                 # the best epoch may be an earlier stage's, from before a prepare added a module
-                state = load_state(best_checkpoint)
-                names = [name for name in modules if name in state["components"]]
-                export_weights(state, self.run_dir / "checkpoints" / "best.pt", names, _best_meta(state),
+                record = load_record(best_checkpoint)
+                names = [name for name in modules if name in record.components]
+                export_weights(record, self.run_dir / "checkpoints" / "best.pt", names, _best_meta(record),
                                source=best_checkpoint)
                 artifacts["weights_best"] = "checkpoints/best.pt"
             except Exception as err:
@@ -372,7 +376,7 @@ def _finishing_error(err: Exception, what: str) -> EngineflowError:
     return failed
 
 
-def run_best(fit: Any) -> dict[str, Any]:
+def run_best(fit: Fit) -> dict[str, Any]:
     """A fit's best epoch as the run records it: the stage's prefix, the pipeline's epoch."""
     best, stage = fit.best.as_dict(), fit.stage
     if best["metric"]:
@@ -391,14 +395,11 @@ def public_stage(summary: Mapping[str, Any]) -> dict[str, Any]:
     return {k: summary[k] for k in keep if k in summary}
 
 
-def _best_meta(state: Mapping[str, Any]) -> dict[str, Any]:
+def _best_meta(record: ResumeRecord) -> dict[str, Any]:
     """The best epoch of a checkpoint's stage, as the run records it (pipeline epoch, prefixed names)."""
-    from engineflow.execute.stage import StageInfo
-
-    info = StageInfo.from_state(state["stage"]) if state.get("stage") else StageInfo()
-    epoch = state["best"]["epoch"]
-    row = next((row for row in state["history"] if row["epoch"] == epoch), {"epoch": epoch})
-    recorded = info.row(row)
+    epoch = record.best["epoch"]
+    row = next((row for row in record.history if row["epoch"] == epoch), {"epoch": epoch})
+    recorded = record.stage.row(row)
     return {"epoch": recorded.pop("epoch"), "metrics": recorded}
 
 

@@ -40,7 +40,9 @@ import xxhash
 
 from engineflow.errors import RecipeError
 from engineflow.files import writing
+from engineflow.state.best import ranked
 from engineflow.state.components import trainable
+from engineflow.state.resume import ResumeRecord, best_files_of
 
 _USE_ANOTHER_CHECKPOINT = ("Delete it and its checksum file (a checksum proves nothing here: anyone can compute "
                            "one) to use the previous checkpoint, or use a checkpoint from a run you trust.")
@@ -105,6 +107,11 @@ def _load(path: Path, extra: list[Any], *, mmap: bool = False, instead: str = _U
         name = re.search(r"GLOBAL (\S+)", detail)
         found = f"a reference to {name.group(1)}" if name else detail.split(". ")[0]
         raise UnsafeCheckpointError(path, found, instead) from None
+
+
+def load_record(path: Path) -> ResumeRecord:
+    """The record of the full-state checkpoint ``path`` (see :func:`load_state`)."""
+    return ResumeRecord.from_dict(load_state(path))
 
 
 def load_state(path: Path, *, mmap: bool = False) -> dict[str, Any]:
@@ -240,20 +247,20 @@ def load_weights(path: Path, modules: Mapping[str, torch.nn.Module]) -> dict[str
     return saved["meta"]
 
 
-def load_checkpoint_weights(state: Mapping[str, Any], modules: Mapping[str, torch.nn.Module], path: Path) -> None:
-    """Load the modules' weights from a full-state checkpoint (``path`` names it in errors)."""
-    _load_states(modules, _module_states(state.get("components", {}), modules, path))
+def load_checkpoint_weights(record: ResumeRecord, modules: Mapping[str, torch.nn.Module], path: Path) -> None:
+    """Load the modules' weights from a full-state checkpoint's record (``path`` names it in errors)."""
+    _load_states(modules, _module_states(record.components, modules, path))
 
 
-def export_weights(checkpoint: Path | Mapping[str, Any], path: Path, names: list[str], meta: Mapping[str, Any],
+def export_weights(checkpoint: Path | ResumeRecord, path: Path, names: list[str], meta: Mapping[str, Any],
                    *, source: Path | None = None) -> None:
     """Write the weights file ``path`` (as :func:`save_weights` does) from the modules ``names`` of the
-    full-state ``checkpoint`` (its file, or its loaded content read from ``source``): the best
-    epoch's weights, taken from its checkpoint when a run ends."""
-    state = load_state(checkpoint) if isinstance(checkpoint, Path) else checkpoint
+    full-state ``checkpoint`` (its file, or its record read from ``source``): the best epoch's
+    weights, taken from its checkpoint when a run ends."""
+    record = load_record(checkpoint) if isinstance(checkpoint, Path) else checkpoint
     where = checkpoint if isinstance(checkpoint, Path) else source
-    flags = {name: list(state["requires_grad"][name]) for name in names if name in state.get("requires_grad", {})}
-    atomic_save({"weights": _module_states(state["components"], names, where), "meta": dict(meta),
+    flags = {name: list(record.requires_grad[name]) for name in names if name in record.requires_grad}
+    atomic_save({"weights": _module_states(record.components, names, where), "meta": dict(meta),
                  "requires_grad": flags}, path)
 
 
@@ -270,12 +277,6 @@ def _load_states(modules: Mapping[str, torch.nn.Module], states: Mapping[str, An
         module.load_state_dict(states[name])
 
 
-def ranked_by_score(scores: Mapping[Any, float], mode: str) -> list[Any]:
-    """The keys of ``scores``, best first: highest for mode "max", lowest for "min"."""
-    sign = 1.0 if mode == "max" else -1.0
-    return sorted(scores, key=lambda key: sign * scores[key], reverse=True)
-
-
 def best_checkpoint(folder: Path, skip: Callable[[Path, str], None]) -> tuple[Path, dict[str, Any]] | None:
     """The kept checkpoint of the best epoch, as the newest intact checkpoint ranks them, or None.
 
@@ -284,8 +285,8 @@ def best_checkpoint(folder: Path, skip: Callable[[Path, str], None]) -> tuple[Pa
     newest = newest_intact(folder, skip)
     if newest is None:
         return None
-    state = newest[1]
-    for name in ranked_by_score(state.get("best_checkpoints", {}), state.get("best_mode") or state["best"]["mode"]):
+    files, mode = best_files_of(newest[1])
+    for name in ranked(files.scores, mode):
         path = folder / name
         if path == newest[0]:
             return newest

@@ -14,30 +14,50 @@ before the run exits with code 130; a second signal stops at once.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from ignite.engine import Events
 
 from engineflow.declare.handlers import HandlerSpec
 from engineflow.errors import RecipeError
+from engineflow.state.best import Best, ranked
 from engineflow.state.checkpoint_files import (
     UnsafeCheckpointError,
     checkpoint_files,
     load_latest,
     load_state,
     prune,
-    ranked_by_score,
     save_checkpoint,
 )
+from engineflow.state.resume import STAGE_END, BestFiles, Position, ResumeRecord, StageInfo
 
-FORMAT = 1
 # On several processes the ranks agree on interrupts and the clock every this many iterations
 # (and at every epoch's end): a collective per iteration would cost more than it saves.
 AGREE_EVERY = 8
-STAGE_END = "stage-end"
+
+
+class Resumable(Protocol):
+    """What the checkpointer needs of a fit (:class:`~engineflow.execute.fit.Fit` is one)."""
+
+    stage: StageInfo
+    best: Best
+
+    def resume_position(self) -> Position: ...
+
+    def resume_record(self) -> ResumeRecord: ...
+
+
+class Staged(Protocol):
+    """What the checkpointer needs of a pipeline at a stage's boundaries."""
+
+    @property
+    def staged(self) -> bool: ...
+
+    @property
+    def fit(self) -> Resumable | None: ...
 
 
 @dataclass(frozen=True)
@@ -110,8 +130,7 @@ class Checkpointer:
         run_id: recorded in each file.
         warn: how to report a damaged checkpoint (a line on the run's output).
 
-    :meth:`handlers` attaches it to a fit: anything with ``state_dict()``, ``position()``, ``train``
-    (its engine) and ``best`` (:class:`~engineflow.execute.fit.Fit`).
+    :meth:`handlers` attaches it to a fit (a :class:`Resumable`).
     """
 
     def __init__(self, folder: Path, policy: CheckpointPolicy, run_id: str, warn: Callable[[str], None], *,
@@ -125,7 +144,7 @@ class Checkpointer:
         # makes the decisions that differ between ranks (an interrupt, the clock) the same on all.
         self.writes = writes
         self.agree = agree
-        self.fit: Any = None
+        self.fit: Resumable | None = None
         self.interrupt_requested = False
         self._last_time = time.monotonic()
         self._score_mode: str | None = None
@@ -134,29 +153,26 @@ class Checkpointer:
         self._load_checked = False
 
     # what goes in -------------------------------------------------------------------------------
-    def state(self, reason: str) -> dict[str, Any]:
-        """A checkpoint's content: the fit's state, and which files hold the best epochs (so that
+    def record(self, reason: str) -> ResumeRecord:
+        """A checkpoint's content: the fit's record, and which files hold the best epochs (so that
         ``keep_best`` survives a resume). ``reason`` "stage-end" marks its stage finished."""
-        state = {"format": FORMAT, "run_id": self.run_id, "reason": reason, "saved_at": time.time(),
-                 **self.fit.state_dict(), "best_checkpoints": {p.name: v for p, v in self._scores.items()},
-                 "best_stage": self._score_stage, "best_mode": self._score_mode}
-        if reason == STAGE_END:
-            state["stage"] = {**state["stage"], "finished": True}
-        return state
+        files = BestFiles({p.name: v for p, v in self._scores.items()}, self._score_stage, self._score_mode)
+        return self._fit().resume_record().with_reason(reason, run_id=self.run_id, saved_at=time.time(),
+                                                        best_files=files)
 
     def save(self, reason: str, *, also: Path | None = None) -> Path:
         """Write a checkpoint now (and the same state to ``also``, when given); returns its path."""
-        engine, stage = self.fit.train, self.fit.stage
+        fit = self._fit()
+        position, stage, best = fit.resume_position(), fit.stage, fit.best
         # numbered by the pipeline's iteration: a later stage's files sort after an earlier one's
-        path = self.folder / f"state-{stage.iterations_before + engine.state.iteration:09d}.pt"
-        best = self.fit.best
-        if self.fit.position()["batches_in_epoch"] == 0 and best.value is not None and best.epoch == engine.state.epoch:
+        path = self.folder / f"state-{stage.iterations_before + position.iteration:09d}.pt"
+        if not position.mid_epoch and best.value is not None and best.epoch == position.epochs_completed:
             if stage.index != self._score_stage:  # the run's best is now this stage's: earlier ones may go
                 self._scores.clear()
                 self._score_stage = stage.index
             self._scores[path] = best.value
             self._score_mode = best.mode
-        state = self.state(reason)
+        state = self.record(reason).to_dict()
         if not self.writes:
             return path
         save_checkpoint(self.folder, path.name, state)
@@ -167,6 +183,11 @@ class Checkpointer:
         self._last_time = time.monotonic()
         self._prune()
         return path
+
+    def _fit(self) -> Resumable:
+        if self.fit is None:
+            raise RuntimeError("Checkpointer.handlers(fit) attaches it to a fit before it saves")
+        return self.fit
 
     def _check_loads(self, path: Path) -> None:
         """Stop at the first checkpoint if a resume could not read it back.
@@ -193,14 +214,15 @@ class Checkpointer:
         prune(self.folder, keep)
 
     def _ranked_best(self) -> list[Path]:
-        return [p for p in ranked_by_score(self._scores, self._score_mode or self.fit.best.mode) if p.exists()]
+        mode = self._score_mode or (self.fit.best.mode if self.fit is not None else "max")
+        return [p for p in ranked(self._scores, mode) if p.exists()]
 
-    def stage_started(self, pipeline: Any) -> None:
+    def stage_started(self, pipeline: Staged) -> None:
         """An interrupt that came during a test or inference pass stops the run before the next stage."""
         if pipeline.staged and self._requests(True)[0]:  # every rank agrees (a collective on several)
             raise KeyboardInterrupt("the latest checkpoint is from before this stage")
 
-    def stage_completed(self, pipeline: Any, summary: Any) -> None:
+    def stage_completed(self, pipeline: Staged, summary: Any) -> None:
         """At the end of each train stage of a pipeline: a checkpoint marked finished (a resume
         goes on with the next stage), also kept as ``stages/<name>.pt``, the state the next stage
         starts from (``engineflow run --stage NEXT --from RUN``)."""
@@ -216,7 +238,7 @@ class Checkpointer:
         return ranked[0] if ranked else None
 
     # when ---------------------------------------------------------------------------------------
-    def handlers(self, fit: Any) -> list[HandlerSpec]:
+    def handlers(self, fit: Resumable) -> list[HandlerSpec]:
         """Attach to ``fit``: handlers on its train engine, at order 950, after the history and the records."""
         self.fit = fit
 
@@ -224,7 +246,7 @@ class Checkpointer:
             state = engine.state
             # At an epoch's last batch the checkpoint (and an interrupt) waits for EPOCH_COMPLETED,
             # so the epoch is validated and recorded first.
-            if state.epoch_length and fit.position()["batches_in_epoch"] >= state.epoch_length:
+            if state.epoch_length and fit.resume_position().batches_in_epoch >= state.epoch_length:
                 return
             interrupt, timed = self._requests(state.iteration % AGREE_EVERY == 0)
             if interrupt:
@@ -267,17 +289,17 @@ class Checkpointer:
         return every is not None and time.monotonic() - self._last_time >= every
 
     # how a fit continues --------------------------------------------------------------------------
-    def latest(self) -> tuple[Path, dict[str, Any]] | None:
-        """The newest valid checkpoint (damaged ones are reported and skipped), or None."""
-        return load_latest(self.folder, self.warn)
+    def latest(self) -> tuple[Path, ResumeRecord] | None:
+        """The newest valid checkpoint and its record (damaged ones are reported and skipped), or None."""
+        found = load_latest(self.folder, self.warn)
+        return (found[0], ResumeRecord.from_dict(found[1])) if found is not None else None
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Continue from a checkpoint's content: check its format, take its record of the best files.
+    def load_state_dict(self, record: ResumeRecord) -> None:
+        """Continue from a checkpoint's record: take its record of the best files.
 
-        The fit's own part is the fit's to load (``fit.load_state_dict(state)``).
+        The fit's own part is the fit's to load (``fit.load_state_dict(record)``).
         """
-        if state.get("format") != FORMAT:
-            raise RecipeError(f"checkpoint format {state.get('format')!r} is not one this engineflow reads")
-        self._scores = {self.folder / name: value for name, value in state.get("best_checkpoints", {}).items()}
-        self._score_stage = state.get("best_stage", 0)
-        self._score_mode = state.get("best_mode") or state["best"]["mode"]
+        files = record.best_files
+        self._scores = {self.folder / name: value for name, value in files.scores.items()}
+        self._score_stage = files.stage
+        self._score_mode = record.best_mode

@@ -57,23 +57,21 @@ def set_trainable(modules: Mapping[str, torch.nn.Module], flags: Mapping[str, li
 
 
 def component_states(components: Mapping[str, Any]) -> dict[str, Any]:
-    """The states of the stateful components, and which parameters of each module train.
-
-    ``requires_grad`` is part of it: a model frozen or unfrozen part-way must resume the same.
-    """
-    return {"components": {name: obj.state_dict() for name, obj in stateful_components(components).items()},
-            "requires_grad": trainable(modules_of(components))}
+    """The ``state_dict`` of every stateful component, by name (see :func:`stateful_components`)."""
+    return {name: obj.state_dict() for name, obj in stateful_components(components).items()}
 
 
-def load_component_states(components: Mapping[str, Any], state: Mapping[str, Any]) -> None:
-    """Load what :func:`component_states` returned into ``components`` (the same names and structure).
+def load_component_states(components: Mapping[str, Any], saved: Mapping[str, Any],
+                          requires_grad: Mapping[str, list[bool]]) -> None:
+    """Load what :func:`component_states` returned into ``components`` (the same names and structure),
+    and which parameters of each module train (``requires_grad``, :func:`trainable`'s; a module it
+    does not name is left as it is).
 
     Raises:
-        KeyError: the state has no entry for a stateful component (its name is the error's argument).
+        KeyError: ``saved`` has no entry for a stateful component (its name is the error's argument).
     """
-    saved = state["components"]
     for name, obj in stateful_components(components).items():
         if name not in saved:
             raise KeyError(name)
         obj.load_state_dict(saved[name])
-    set_trainable(modules_of(components), state.get("requires_grad", {}))  # absent from older checkpoints
+    set_trainable(modules_of(components), requires_grad)

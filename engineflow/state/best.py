@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+
+K = TypeVar("K", bound=Hashable)
 
 _LOWER_IS_BETTER = ("loss", "error", "mse", "mae", "rmse", "perplexity", "distance")
 # short names that would match inside other words ("fid" in "confidence"): whole words of the name only
@@ -43,11 +46,8 @@ class Best:
     value: float | None = None
 
     def is_better(self, value: float) -> bool:
-        if math.isnan(value):
-            return False
-        if self.value is None:
-            return True
-        return value > self.value if self.mode == "max" else value < self.value
+        """Whether ``value`` beats the best so far (NaN never does)."""
+        return better(value, self.value, self.mode)
 
     def update(self, epoch: int, value: float) -> bool:
         """Record ``value`` for ``epoch``; True when it is a new best."""
@@ -65,3 +65,29 @@ class Best:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.metric, self.mode = state["metric"], state["mode"]
         self.epoch, self.value = state["epoch"], state["value"]
+
+
+def better(value: float, than: float | None, mode: str) -> bool:
+    """Whether ``value`` beats ``than`` (None: nothing yet) in ``mode``; NaN beats nothing.
+
+    Example:
+        >>> better(0.9, 0.8, "max"), better(0.9, 0.8, "min"), better(float("nan"), None, "max")
+        (True, False, False)
+    """
+    if math.isnan(value):
+        return False
+    if than is None or math.isnan(than):
+        return True
+    return value > than if mode == "max" else value < than
+
+
+def ranked(scores: Mapping[K, float], mode: str) -> list[K]:
+    """The keys of ``scores``, best first as :class:`Best` ranks them (NaN last).
+
+    Example:
+        >>> ranked({"a": 0.5, "b": float("nan"), "c": 0.9}, "max"), ranked({"a": 0.5, "c": 0.9}, "min")
+        (['c', 'a', 'b'], ['a', 'c'])
+    """
+    sign = 1.0 if mode == "max" else -1.0
+    return sorted(scores, key=lambda key: (math.isnan(scores[key]), -sign * scores[key] if not math.isnan(scores[key])
+                                           else 0.0))
