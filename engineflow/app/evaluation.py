@@ -12,13 +12,16 @@ import csv
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from engineflow.errors import RecipeError
 from engineflow.execute.injection import describe
+
+if TYPE_CHECKING:
+    from engineflow.record.load import LoadedRun
 
 SUFFIXES = (".pt", ".npy", ".csv")
 
@@ -118,7 +121,7 @@ def _read(read: Callable[[Path], Any], path: Path) -> torch.Tensor:
     return torch.as_tensor(sample)
 
 
-def _predict(infer: Any, past: Any, samples: list[torch.Tensor], files: list[Path], batch_size: int,
+def _predict(infer: Any, past: LoadedRun, samples: list[torch.Tensor], files: list[Path], batch_size: int,
              device: torch.device) -> Any:
     from ignite.engine import Events
 

@@ -24,6 +24,8 @@ from engineflow.files import append_text
 if TYPE_CHECKING:
     from engineflow.declare.handlers import HandlerSpec
     from engineflow.execute.engine import StepEngine
+    from engineflow.execute.fit import Fit
+    from engineflow.execute.pipeline import Pipeline
 
 SIGNIFICANT_DIGITS = 4
 
@@ -149,7 +151,7 @@ class Reporter:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def stage_started(self, pipeline: Any) -> None:
+    def stage_started(self, pipeline: Pipeline) -> None:
         """A line as each stage of a pipeline starts."""
         if not pipeline.staged:
             return
@@ -158,7 +160,7 @@ class Reporter:
                 "infer": "inference pass"}[info.kind]
         self.line(f"stage {info.index + 1}/{count} {info.name}: {what}")
 
-    def stage_completed(self, pipeline: Any, summary: Mapping[str, Any]) -> None:
+    def stage_completed(self, pipeline: Pipeline, summary: Mapping[str, Any]) -> None:
         """A test pass's metrics, an inference pass's prediction counts."""
         if summary["kind"] == "test" and summary["metrics"]:
             self.line(f"{summary['name']}  {format_metrics(summary['metrics'])}")
@@ -172,7 +174,7 @@ class Reporter:
         if bar is not None:
             bar.close()  # leave=False: tqdm erases it
 
-    def handlers(self, fit: Any) -> list[HandlerSpec]:
+    def handlers(self, fit: Fit) -> list[HandlerSpec]:
         """The reporter's handlers on the train engine of ``fit``."""
         from ignite.engine import Events
 
@@ -214,7 +216,7 @@ class Reporter:
         return specs
 
 
-def _epoch_bar(engine: StepEngine, stream: IO[str], fit: Any) -> Any:
+def _epoch_bar(engine: StepEngine, stream: IO[str], fit: Fit) -> Any:
     """A tqdm bar for the epoch that starts, from the batch it starts at (a resumed run's is not 0)."""
     state = engine.state
     length = state.epoch_length
@@ -234,7 +236,7 @@ def _bar_class() -> type:
 
         # tqdm's monitor thread would redraw from another thread, between the reporter's own writes
         monitor_interval = 0
-        fit: Any = None
+        fit: Fit | None = None
 
         @property
         def format_dict(self) -> dict[str, Any]:

@@ -7,9 +7,12 @@ from a launcher that needs neither.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from engineflow.errors import RecipeError
+
+if TYPE_CHECKING:
+    from engineflow.record.load import LoadedRun
 
 
 def evaluate_test(recipe: str | Path, *, ref: str | None = None, ignore_changes: bool = False,
@@ -67,7 +70,7 @@ def _evaluate_test(recipe: str | Path, *, ref: str | None, ignore_changes: bool,
     return {"run": past.record["id"], "metrics": metrics, "stored": note is None, **({"note": note} if note else {})}
 
 
-def _store_test_metrics(past: Any, metrics: dict[str, float]) -> str | None:
+def _store_test_metrics(past: LoadedRun, metrics: dict[str, float]) -> str | None:
     """Store the metrics with the run; on a runs folder that cannot be written, say so instead (None: stored)."""
     from engineflow.record.recorder import now_iso
     from engineflow.record.runs import update_record
