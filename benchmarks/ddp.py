@@ -339,7 +339,9 @@ def _engineflow(model: Any, optimizer: Any, dataset: Any, workload: Workload, ra
     from engineflow.declare.steps import StepSpec
     from engineflow.execute.fit import build_fit
     from engineflow.execute.parallel import World, shard_loaders, train_loader_names
+    from engineflow.execute.scope import StageScope
     from engineflow.runtime import RunContext
+    from engineflow.state.resume import StageInfo
 
     def train_step(batch: tuple[Any, Any], model: Any, optimizer: Any) -> dict[str, Any]:
         x, y = batch
@@ -353,8 +355,8 @@ def _engineflow(model: Any, optimizer: Any, dataset: Any, workload: Workload, ra
     components = {"model": model, "optimizer": optimizer, "loaders": loaders}
     context = RunContext("bench-ddp", "ddp", Path(tempfile.gettempdir()), torch.device("cpu"), 0, rank=rank,
                          world_size=world)
-    provided = {"cfg": Config({}), "device": context.device, "run": context, **components}
-    fit = build_fit(recipe, components, provided, seed=0)
+    scope = StageScope(StageInfo(), {"cfg": Config({}), "device": context.device, "run": context}, components)
+    fit = build_fit(recipe, components, scope, seed=0)
 
     def engineflow_epoch() -> int:
         fit.run(1)  # the engine's run restarts at epoch 1: reseeded alike every time

@@ -41,7 +41,7 @@ from engineflow.execute.parallel import (
     sum_over_ranks,
     train_wrappers,
 )
-from engineflow.execute.stage import Progress, StageInfo
+from engineflow.execute.scope import StageScope
 from engineflow.execute.wiring import eval_loaders_of, loaders_of, main_metric, resolve_steps
 from engineflow.metrics import attach_metrics, check_metric_takes
 from engineflow.state.best import Best
@@ -53,7 +53,7 @@ from engineflow.state.components import (
     trainable,
 )
 from engineflow.state.position import EpochData, EpochTracker, plan_resume
-from engineflow.state.resume import Position, RankState, ResumeRecord
+from engineflow.state.resume import Position, RankState, ResumeRecord, StageInfo
 from engineflow.state.rng import rng_state, set_rng_state
 
 
@@ -343,55 +343,51 @@ def _rank_share(record: ResumeRecord, rank: int, moved: bool, metrics: Mapping[s
 def build_fit(
     recipe: Recipe,
     components: Mapping[str, Any],
-    provided: Mapping[str, Any],
+    scope: StageScope,
     *,
     seed: int = 0,
     extras: Iterable[Callable[[Fit], Iterable[HandlerSpec]]] = (),
     stage: Stage | None = None,
     loaders: Mapping[str, Iterable[Any]] | None = None,
-    info: StageInfo | None = None,
-    scope: LoaderScope | None = None,
+    loader_scope: LoaderScope | None = None,
 ) -> Fit:
     """Build the engines of a fit from a recipe and the components its ``setup`` returned.
 
     Args:
         recipe: the loaded recipe.
         components: what ``setup`` returned; ``loaders`` must hold a "train" loader.
-        provided: everything steps and handlers may ask for by name (components included).
+        scope: the stage's names (its place in the pipeline, ``cfg``, ``run``, the components...);
+            the fit adds its own ``history``, ``best`` and ``evaluate``.
         extras: functions of the fit that return more handlers (progress, logging), attached with
             the recipe's by order.
         stage: in a pipeline, the train stage this fit runs: its steps, and the recipe's handlers
             for it (pipeline-wide ones count iterations and epochs across stages).
         loaders: the stage's loaders (default: setup()'s).
-        info: the stage's place in the pipeline (default: a recipe without stages).
-        scope: where ``evaluate`` finds a loader the stage does not name (default: its loaders only).
+        loader_scope: where ``evaluate`` finds a loader the stage does not name (default: its loaders only).
     """
-    info = info or StageInfo()
+    info = scope.info
     loaders = dict(loaders) if loaders is not None else loaders_of(components, recipe)
     train_spec, eval_spec = (stage.train, stage.eval) if stage is not None else resolve_steps(recipe, components)
     eval_loaders = eval_loaders_of(eval_spec, loaders, recipe)
     best = Best(*main_metric(eval_spec, eval_loaders, train_spec, recipe))
-    distributed = getattr(provided.get("run"), "world_size", 1) > 1
+    run = scope.base.get("run")
+    distributed = getattr(run, "world_size", 1) > 1
     monitor = LossMonitor(reduce=sum_over_ranks if distributed else None)
     history: list[dict[str, Any]] = []
     # Two phases: the eval engine first, then the train engine, whose steps and handlers may ask for
     # `evaluate` (a function of the eval engine and the loaders).
-    progress = Progress(info)
-    provided = {**provided, "history": history, "best": best, "pipeline": progress}
-    evaluator = None
-    if eval_spec is not None:
-        evaluator = make_engine(eval_spec, provided)
-        attach_metrics(evaluator, eval_spec.metrics)
-    scope = scope or LoaderScope()
-    provided["evaluate"] = partial(evaluate_loader, evaluator, loaders, scope=scope)
+    provided = scope.names(history=history, best=best)
+    evaluator = eval_engine(eval_spec, provided) if eval_spec is not None else None
+    loader_scope = loader_scope or LoaderScope()
+    provided["evaluate"] = partial(evaluate_loader, evaluator, loaders, scope=loader_scope)
     # on several processes the train step gets DDP-wrapped modules; everything else the plain ones
     train = make_engine(train_spec, {**provided, **train_wrappers(components)} if distributed else provided)
-    progress.engine = train
+    scope.progress.engine = train
     attach_metrics(train, train_spec.metrics, prefix="train/")
     fit = Fit(train, evaluator, components, loaders, eval_loaders, best, monitor, history,
               {f"train/{name}": m for name, m in train_spec.metrics.items()}, seed, eval_spec, info,
-              getattr(provided.get("run"), "rank", 0), getattr(provided.get("run"), "world_size", 1),
-              gather_objects if distributed else None, scope)
+              getattr(run, "rank", 0), getattr(run, "world_size", 1),
+              gather_objects if distributed else None, loader_scope)
 
     own = [*_own_handlers(fit, eval_spec), *(s for make in extras for s in make(fit))]
     everything = [*own, *(stage_handlers(recipe.handlers, stage) if stage is not None else recipe.handlers)]
@@ -415,6 +411,15 @@ def stage_handlers(handlers: Iterable[HandlerSpec], stage: Stage) -> list[Handle
     steps = stage.steps()
     return [h for h in handlers if h.stage in (None, stage.name)
             and (h.step is None or any(s.fn is h.step or wraps_around(s.fn, h.step) for s in steps))]
+
+
+def eval_engine(spec: StepSpec, provided: Mapping[str, Any], handlers: Iterable[HandlerSpec] = ()) -> StepEngine:
+    """An eval step's engine with its metrics and its ``engine="eval"`` handlers (those of ``handlers``):
+    how every eval engine is built (a fit's validation, a test pass)."""
+    evaluator = make_engine(spec, provided)
+    attach_metrics(evaluator, spec.metrics)
+    attach_in_order(evaluator, [h for h in handlers if h.engine == "eval"], provided)
+    return evaluator
 
 
 def evaluate_loader(evaluator: StepEngine | None, loaders: Mapping[str, Iterable[Any]],

@@ -14,19 +14,16 @@ from engineflow.declare.stages import Stage
 from engineflow.errors import RecipeError
 from engineflow.execute.dispatch import attach_in_order
 from engineflow.execute.engine import make_engine
-from engineflow.execute.fit import evaluate_loader
+from engineflow.execute.fit import eval_engine, evaluate_loader
 from engineflow.execute.injection import describe
 from engineflow.execute.parallel import World, gather_each
-from engineflow.metrics import attach_metrics
 
 
 def evaluation_pass(stage: Stage, provided: Mapping[str, Any], handlers: Sequence[HandlerSpec],
               loaders: Mapping[str, Iterable[Any]]) -> dict[str, Any]:
     """The eval step of a test stage over every loader: ``{"<loader>/<metric>": value}``. Its
     ``engine="eval"`` handlers attach; the metrics all-reduce themselves on several processes."""
-    evaluator = make_engine(stage.eval, provided)
-    attach_metrics(evaluator, stage.eval.metrics)
-    attach_in_order(evaluator, [h for h in handlers if h.engine == "eval"], provided)
+    evaluator = eval_engine(stage.eval, provided, handlers)
     metrics: dict[str, Any] = {}
     for name in loaders:
         metrics.update(evaluate_loader(evaluator, loaders, name))

@@ -34,7 +34,7 @@ from engineflow.execute.fit import Fit, LoaderScope, build_fit, stage_handlers
 from engineflow.execute.injection import check_component_names, describe, make_caller
 from engineflow.execute.parallel import current_world
 from engineflow.execute.passes import evaluation_pass, inference_pass
-from engineflow.execute.stage import Progress
+from engineflow.execute.scope import StageScope
 from engineflow.execute.wiring import eval_loaders_of, main_metric
 from engineflow.state.components import load_component_states
 from engineflow.state.resume import ResumeRecord, StageInfo
@@ -123,10 +123,7 @@ class Pipeline:
     def enter(self, index: int) -> None:
         """Make stage ``index`` the current one: prepare it (and, first, any before it not yet
         prepared) and build its engines. Nothing runs."""
-        while self._prepared < index - 1:
-            self._prepare(self._prepared + 1)
-        if self.staged and self._prepared < index:
-            self._prepare(index)
+        self._prepare_through(index)
         self.info = self._info(index)
         self._stage_done = False
         self.fit = None
@@ -146,7 +143,11 @@ class Pipeline:
     def prepare_all(self) -> None:
         """Run the ``prepare`` of every stage not yet prepared, in order: the components as the
         whole pipeline leaves them (structure; ``ef.load_run`` then loads the weights)."""
-        while self.staged and self._prepared < len(self.stages) - 1:
+        self._prepare_through(len(self.stages) - 1)
+
+    def _prepare_through(self, index: int) -> None:
+        """Run the ``prepare`` of every stage up to ``index`` not yet prepared, in order."""
+        while self.staged and self._prepared < index:
             self._prepare(self._prepared + 1)
 
     def _info(self, index: int) -> StageInfo:
@@ -162,8 +163,7 @@ class Pipeline:
         self._prepared = index
         if stage.prepare is None:
             return
-        call = make_caller(stage.prepare, provided=self._provided(stage.name, self._info(index)),
-                           what=f"prepare of stage {stage.name!r}")
+        call = make_caller(stage.prepare, provided=self.scope(index).names(), what=f"prepare of stage {stage.name!r}")
         try:
             changed = call({})
         except EngineflowError:
@@ -184,18 +184,14 @@ class Pipeline:
         device = self.provided.get("device")
         self.components.update({name: to_device(value, device) for name, value in changed.items()})
 
-    def _provided(self, name: str, info: StageInfo | None = None) -> dict[str, Any]:
-        """What steps, handlers and ``prepare`` of stage ``name`` (its place ``info``, by default the
-        current stage's) may ask for, besides a fit's own names."""
-        provided = {**self.provided, **self.components, "run": self._context(name),
-                    "pipeline": Progress(info or self.info)}
-        if self.last_fit is not None:  # a test or inference pass after a train stage
-            provided.update(history=self.history(), best=self.last_fit.best)
-        return provided
-
-    def _context(self, name: str) -> Any:
+    def scope(self, index: int) -> StageScope:
+        """What the user functions of stage ``index`` may ask for (see :mod:`engineflow.execute.scope`)."""
+        info = self._info(index)
         run = self.provided.get("run")
-        return replace(run, stage=name) if run is not None and self.staged else run
+        base = {**self.provided, "run": replace(run, stage=info.name) if run is not None and self.staged else run}
+        last = self.last_fit  # after a train stage: its tracker, the pipeline's history (a fit gives its own)
+        return StageScope(info, base, self.components, history=self.history() if last is not None else None,
+                          best=last.best if last is not None else None)
 
     def stage_loaders(self, index: int) -> dict[str, Iterable[Any]]:
         """The loaders of stage ``index`` by their names in the stage (``--check``: cut short)."""
@@ -233,12 +229,11 @@ class Pipeline:
 
     def _build_fit(self, index: int) -> Fit:
         stage = self.stages[index] if self.staged else None
-        provided = {**self.provided, **self.components, "run": self._context(self.info.name)}  # build_fit adds its own
         seed = stage_seed(self.seed, index) if self.staged else self.seed
-        scope = LoaderScope(stage.name, self._loader_sources(index), self._setup_loaders()) if stage else None
-        return build_fit(self.recipe, self.components, provided, seed=seed, extras=self.extras, stage=stage,
-                         loaders=self.stage_loaders(index) if stage is not None else None, info=self.info,
-                         scope=scope)
+        loaders = LoaderScope(stage.name, self._loader_sources(index), self._setup_loaders()) if stage else None
+        return build_fit(self.recipe, self.components, self.scope(index), seed=seed, extras=self.extras,
+                         stage=stage, loaders=self.stage_loaders(index) if stage is not None else None,
+                         loader_scope=loaders)
 
     # running ----------------------------------------------------------------------------------
     def run(self, *, only: bool = False) -> None:
@@ -275,13 +270,13 @@ class Pipeline:
 
     def _test(self, index: int) -> None:
         stage = self.stages[index]
-        metrics = evaluation_pass(stage, self._provided(stage.name), stage_handlers(self.recipe.handlers, stage),
+        metrics = evaluation_pass(stage, self.scope(index).names(), stage_handlers(self.recipe.handlers, stage),
                                   self.stage_loaders(index))
         self._test_metrics = {self.info.metric(k): _scalar(v) for k, v in metrics.items()}
 
     def _infer(self, index: int) -> None:
         stage = self.stages[index]
-        provided, handlers = self._provided(stage.name), stage_handlers(self.recipe.handlers, stage)
+        provided, handlers = self.scope(index).names(), stage_handlers(self.recipe.handlers, stage)
         found: dict[str, Any] = {}
         for name, loader in self.stage_loaders(index).items():
             found[name] = inference_pass(stage, provided, handlers, loader, current_world())
@@ -362,8 +357,7 @@ class Pipeline:
         """``--stage``: make stage ``index`` current, with the components as ``record`` (a checkpoint
         written at the end of an earlier train stage of run ``source``) left them. The stages before
         it are recorded as that run's, ``"from": source``."""
-        while self._prepared < index - 1:
-            self._prepare(self._prepared + 1)
+        self._prepare_through(index - 1)
         try:
             load_component_states(self.components, record.components, record.requires_grad)
         except KeyError as err:
