@@ -64,6 +64,10 @@ def test_no_parameter_takes_a_fit_or_a_pipeline_typed_any():
     assert untyped == []
 
 
+def loss(running: float) -> dict:
+    return {"running": running, "totals": {}, "counts": {}, "main": None}
+
+
 def test_a_record_goes_through_a_checkpoint_file_unchanged(tmp_path):
     record = ResumeRecord(
         run_id="r1", reason="interrupt", saved_at=12.5, position=Position(7, 2, 1, 3, 4),
@@ -72,9 +76,8 @@ def test_a_record_goes_through_a_checkpoint_file_unchanged(tmp_path):
         seed=3, components={"model": {"weight": torch.arange(4.0)}}, requires_grad={"model": [True, False]},
         best={"metric": "valid/accuracy", "mode": "max", "epoch": 1, "value": 0.5}, history=[{"epoch": 1, "x": 1.0}],
         layout={"kind": "tensor", "samples": 10, "batch": 4, "world": 2, "offset": 0, "drop_last": False},
-        ranks=[RankState({"torch": torch.get_rng_state()}, {"running": 0.5, "totals": {}, "counts": {}, "main": None},
-                         {"train/accuracy": None}),
-               RankState({"torch": torch.get_rng_state()}, {"running": 0.25, "totals": {}, "counts": {}, "main": None})],
+        ranks=[RankState({"torch": torch.get_rng_state()}, loss(0.5), {"train/accuracy": None}),
+               RankState({"torch": torch.get_rng_state()}, loss(0.25))],
         parts={"early_stopping": {"counter": 2}})
     save_checkpoint(tmp_path, "state-000000013.pt", record.to_dict())
     back = load_record(tmp_path / "state-000000013.pt")
