@@ -8,6 +8,7 @@ import pytest
 
 import engineflow as ef
 from engineflow.execute.losses import LossMonitor
+from engineflow.state.resume import ResumeRecord
 from tests.conftest import BASE_RECIPE, read_run
 
 TWO_LOSSES = BASE_RECIPE.replace('''    optimizer.step()
@@ -34,8 +35,11 @@ def test_a_non_finite_second_loss_stops_the_run_naming_it(write_recipe, tmp_path
 
 
 def test_the_state_of_single_loss_checkpoints_still_loads():
+    # the checkpoint's record reads the single-loss layout (total, count) as today's
+    old = {"format": 1, "engine": {"iteration": 3, "epochs_completed": 0, "batches_in_epoch": 3}, "rng": {},
+           "loss": {"running": 0.5, "total": 1.5, "count": 3}}
     monitor = LossMonitor()
-    monitor.load_state_dict({"running": 0.5, "total": 1.5, "count": 3})
+    monitor.load_state_dict(ResumeRecord.from_dict(old).ranks[0].loss)
     assert monitor.epoch_means() == {"train/loss": 0.5} and monitor.running == 0.5
     again = LossMonitor()
     again.load_state_dict(monitor.state_dict())

@@ -108,10 +108,7 @@ class LossMonitor:
         self._main = state.get("main", "loss" if state["running"] is not None else None)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Load a :meth:`state_dict` (older checkpoints' layouts are read as this one by
+        :class:`~engineflow.state.resume.ResumeRecord`)."""
         self.running = state["running"]
-        if "totals" in state:
-            self.totals, self.counts, self._main = dict(state["totals"]), dict(state["counts"]), state["main"]
-        else:  # the single-loss layout (total, count) that older run folders' checkpoints hold
-            self.totals = {"loss": state["total"]} if state["count"] else {}
-            self.counts = {"loss": state["count"]} if state["count"] else {}
-            self._main = "loss" if state["running"] is not None else None
+        self.totals, self.counts, self._main = dict(state["totals"]), dict(state["counts"]), state["main"]

@@ -72,7 +72,7 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore what :func:`rng_state` captured (also the NumPy key as an array, as earlier versions saved it)."""
+    """Restore what :func:`rng_state` captured (NumPy takes its key as a list or as an array)."""
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
     if "numpy" in state:
