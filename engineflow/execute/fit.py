@@ -382,7 +382,7 @@ def build_fit(
     provided["evaluate"] = partial(evaluate_loader, evaluator, loaders, scope=loader_scope)
     # on several processes the train step gets DDP-wrapped modules; everything else the plain ones
     train = make_engine(train_spec, {**provided, **train_wrappers(components)} if distributed else provided)
-    scope.progress.engine = train
+    scope.progress.follow(train)
     attach_metrics(train, train_spec.metrics, prefix="train/")
     fit = Fit(train, evaluator, components, loaders, eval_loaders, best, monitor, history,
               {f"train/{name}": m for name, m in train_spec.metrics.items()}, seed, eval_spec, info,

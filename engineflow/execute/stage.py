@@ -28,7 +28,12 @@ class Progress:
 
     def __init__(self, info: StageInfo, engine: Any = None) -> None:
         self.info = info
-        self.engine = engine  # the stage's train engine, set once it is built
+        self.engine = engine  # the stage's train engine, once it is built (see follow)
+
+    def follow(self, engine: Any) -> None:
+        """Count the iterations and epochs of ``engine``, the stage's train engine (built after the
+        steps that may ask for ``pipeline``)."""
+        self.engine = engine
 
     @property
     def stage(self) -> str:
