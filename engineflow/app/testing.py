@@ -50,8 +50,8 @@ def _evaluate_test(recipe: str | Path, *, ref: str | None, ignore_changes: bool,
                    device: str, world: Any, trust_code: bool, announce: str | None) -> dict[str, Any]:
     import sys
 
-    from engineflow.execute.fit import evaluate_loader
     from engineflow.execute.parallel import shard_loader
+    from engineflow.execute.validation import evaluate_loader
     from engineflow.record.load import select_run
 
     def say(record: dict[str, Any], why: str) -> None:

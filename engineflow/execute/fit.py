@@ -42,6 +42,7 @@ from engineflow.execute.parallel import (
     train_wrappers,
 )
 from engineflow.execute.scope import StageScope
+from engineflow.execute.validation import LoaderScope, eval_engine, evaluate_loader
 from engineflow.execute.wiring import eval_loaders_of, loaders_of, main_metric, resolve_steps
 from engineflow.metrics import attach_metrics, check_metric_takes
 from engineflow.state.best import Best
@@ -55,35 +56,6 @@ from engineflow.state.components import (
 from engineflow.state.position import EpochData, EpochTracker, plan_resume
 from engineflow.state.resume import Position, RankState, ResumeRecord, StageInfo
 from engineflow.state.rng import rng_state, set_rng_state
-
-
-@dataclass(frozen=True)
-class LoaderScope:
-    """Where :meth:`Fit.evaluate` finds a loader by name: the fit's own loaders (a stage's, by the
-    names the stage uses), then setup()'s by their own names.
-
-    Attributes:
-        stage: the stage's name; None for a recipe without stages (its loaders are setup()'s).
-        sources: the stage's name of each of its loaders -> setup()'s name.
-        setup: setup()'s loaders.
-    """
-
-    stage: str | None = None
-    sources: Mapping[str, str] = field(default_factory=dict)
-    setup: Mapping[str, Iterable[Any]] = field(default_factory=dict)
-
-    def find(self, loaders: Mapping[str, Iterable[Any]], name: str) -> Iterable[Any]:
-        """The loader called ``name``; a RecipeError naming what there is when none is."""
-        if name in loaders:
-            return loaders[name]
-        if name in self.setup:
-            return self.setup[name]
-        if self.stage is None:
-            raise RecipeError(f"no loader named {name!r}; setup() returned loaders {', '.join(loaders)}")
-        uses = ", ".join(n if self.sources.get(n, n) == n else f"{n} (setup()'s {self.sources[n]!r})"
-                         for n in loaders)
-        raise RecipeError(f"no loader named {name!r}: stage {self.stage!r} uses loaders {uses}, and setup() "
-                          f"returned loaders {', '.join(self.setup) or '(none)'}")
 
 
 @dataclass
@@ -411,25 +383,6 @@ def stage_handlers(handlers: Iterable[HandlerSpec], stage: Stage) -> list[Handle
     steps = stage.steps()
     return [h for h in handlers if h.stage in (None, stage.name)
             and (h.step is None or any(s.fn is h.step or wraps_around(s.fn, h.step) for s in steps))]
-
-
-def eval_engine(spec: StepSpec, provided: Mapping[str, Any], handlers: Iterable[HandlerSpec] = ()) -> StepEngine:
-    """An eval step's engine with its metrics and its ``engine="eval"`` handlers (those of ``handlers``):
-    how every eval engine is built (a fit's validation, a test pass)."""
-    evaluator = make_engine(spec, provided)
-    attach_metrics(evaluator, spec.metrics)
-    attach_in_order(evaluator, [h for h in handlers if h.engine == "eval"], provided)
-    return evaluator
-
-
-def evaluate_loader(evaluator: StepEngine | None, loaders: Mapping[str, Iterable[Any]],
-                    loader: str = "valid", scope: LoaderScope | None = None) -> dict[str, float]:
-    """The eval engine's metrics over one loader, ``{"<loader>/<metric>": value}`` (see :meth:`Fit.evaluate`)."""
-    if evaluator is None:
-        raise RecipeError("the recipe has no eval step; decorate one with @ef.eval_step")
-    found = (scope or LoaderScope()).find(loaders, loader)
-    state = evaluator.run(found, max_epochs=1)
-    return {f"{loader}/{name}": value for name, value in state.metrics.items()}
 
 
 def _own_handlers(fit: Fit, eval_spec: StepSpec | None) -> list[HandlerSpec]:

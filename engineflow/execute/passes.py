@@ -14,9 +14,9 @@ from engineflow.declare.stages import Stage
 from engineflow.errors import RecipeError
 from engineflow.execute.dispatch import attach_in_order
 from engineflow.execute.engine import make_engine
-from engineflow.execute.fit import eval_engine, evaluate_loader
 from engineflow.execute.injection import describe
 from engineflow.execute.parallel import World, gather_each
+from engineflow.execute.validation import eval_engine, evaluate_loader
 
 
 def evaluation_pass(stage: Stage, provided: Mapping[str, Any], handlers: Sequence[HandlerSpec],

@@ -30,11 +30,12 @@ from engineflow.declare.handlers import HandlerSpec
 from engineflow.declare.recipe import Recipe
 from engineflow.declare.stages import Stage
 from engineflow.errors import EngineflowError, RecipeError, SetupError
-from engineflow.execute.fit import Fit, LoaderScope, build_fit, stage_handlers
+from engineflow.execute.fit import Fit, build_fit, stage_handlers
 from engineflow.execute.injection import check_component_names, describe, make_caller
 from engineflow.execute.parallel import current_world
 from engineflow.execute.passes import evaluation_pass, inference_pass
 from engineflow.execute.scope import StageScope
+from engineflow.execute.validation import LoaderScope
 from engineflow.execute.wiring import eval_loaders_of, main_metric
 from engineflow.state.components import load_component_states
 from engineflow.state.resume import ResumeRecord, StageInfo
