@@ -77,7 +77,12 @@ class Fit:
         stage: where the fit stands in its pipeline (a recipe without stages: "fit", no prefix).
         rank: this process's rank among those training together (0 on one process).
         world_size: how many processes train together.
-        gather: on several processes, collects a value from every rank (see :meth:`state_dict`).
+        gather: on several processes, collects a value from every rank (see :meth:`resume_record`).
+        scope: where :meth:`evaluate` finds a loader by name.
+        partial_metrics: after a mid-epoch load on another number of processes, the train metrics
+            that count only some of the epoch's steps before it.
+        parts: the stateful pieces :meth:`register` keeps in the checkpoints, by name.
+        tracker: where the fit stands in its epochs (:meth:`resume_position`).
     """
 
     train: StepEngine
@@ -97,10 +102,7 @@ class Fit:
     # on several processes: every rank's value, in rank order (a collective), for the per-rank state
     gather: Callable[[Any], list[Any]] | None = None
     scope: LoaderScope = field(default_factory=LoaderScope)
-    # after a load on another number of processes mid-epoch: train metrics whose saved states could
-    # not all be added up (they count the steps since the resume and the first processes' before it)
     partial_metrics: list[str] = field(default_factory=list)
-    # other stateful pieces (their state goes in the record's ``parts``), by name
     parts: dict[str, Any] = field(default_factory=dict)
     tracker: EpochTracker = field(default_factory=EpochTracker, repr=False)
     # after a load: the batches of the resumed epoch to skip, and what this rank restores after them
