@@ -3,8 +3,8 @@
 0's result written to ``result.json``, a failed rank's error to ``rank-<r>.json``, and the process
 ended as the command line ends it (:mod:`engineflow.app.command_errors`).
 
-The launcher's side is :mod:`engineflow.app.launch`; this module is above the commands it runs, which
-the launcher's module is below.
+The launcher's side is :mod:`engineflow.app.launch`, which the commands import to start their
+processes; this side imports the commands, so it is a module of its own.
 """
 
 from __future__ import annotations
