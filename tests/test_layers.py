@@ -64,8 +64,9 @@ def imports_of(module: str, *, at_run_time: bool = False) -> set[str]:
 
 
 def _type_checking_only(node: ast.AST) -> bool:
-    """Whether ``node`` is ``if TYPE_CHECKING:`` (or ``if typing.TYPE_CHECKING:``) without an else."""
-    if not isinstance(node, ast.If) or node.orelse:
+    """Whether ``node`` is ``if TYPE_CHECKING:`` (or ``if typing.TYPE_CHECKING:``), whose body only type
+    checkers run (an ``else:`` runs, and counts)."""
+    if not isinstance(node, ast.If):
         return False
     test = node.test
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
