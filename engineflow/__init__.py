@@ -48,7 +48,7 @@ _EXPORTS = {
     "Best": "engineflow.state.best",
     "Fit": "engineflow.execute.fit",
     "RunContext": "engineflow.runtime",
-    "RunResult": "engineflow.app.runner",
+    "RunResult": "engineflow.app.run_result",
     "build": "engineflow.execute.build",
     "run": "engineflow.app.runner",
     "load_recipe": "engineflow.declare.recipe",
@@ -88,7 +88,8 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the same names as _EXPORTS
 
     from engineflow import data, metrics
     from engineflow.app.evaluation import predict_files
-    from engineflow.app.runner import RunResult, run
+    from engineflow.app.run_result import RunResult
+    from engineflow.app.runner import run
     from engineflow.app.testing import evaluate_test
     from engineflow.data import TensorLoader
     from engineflow.declare.configuration import Config, config

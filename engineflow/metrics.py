@@ -82,6 +82,7 @@ from ignite.metrics import (
 from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
 from engineflow.errors import RecipeError
+from engineflow.ignite_internals import metric_device, state_dict_keys
 
 __all__ = [
     "Accuracy",
@@ -100,6 +101,7 @@ __all__ = [
 ]
 
 
+@state_dict_keys("_sum_of_errors", "_num_elements")
 class _ElementwiseMean(Metric):
     """Mean of ``_error(y_pred - y)`` over every element of every batch: sum of errors / elements.
 
@@ -107,16 +109,15 @@ class _ElementwiseMean(Metric):
     each batch is summed on its own device first, so only one number moves per batch.
     """
 
-    _state_dict_all_req_keys = ("_sum_of_errors", "_num_elements")
-
     @staticmethod
     def _error(diff: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
     @reinit__is_reduced
     def reset(self) -> None:
-        dtype = torch.float32 if self._device.type == "mps" else torch.float64
-        self._sum_of_errors = torch.tensor(0.0, dtype=dtype, device=self._device)
+        device = metric_device(self)
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        self._sum_of_errors = torch.tensor(0.0, dtype=dtype, device=device)
         self._num_elements = 0
 
     @reinit__is_reduced
@@ -130,7 +131,7 @@ class _ElementwiseMean(Metric):
                                  f"but y has shape {tuple(y.shape)}; they need the same number of elements")
             y = y.reshape(y_pred.shape)
         total = self._error(y_pred - y).sum(dtype=self._sum_of_errors.dtype)
-        self._sum_of_errors += total.to(self._device)
+        self._sum_of_errors += total.to(metric_device(self))
         self._num_elements += y_pred.numel()
 
     @sync_all_reduce("_sum_of_errors", "_num_elements")

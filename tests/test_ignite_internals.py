@@ -9,7 +9,7 @@ import ignite
 import pytest
 from ignite.engine import Engine, Events
 
-from engineflow.execute.ignite_internals import VERIFIED, HookedEngine, UntestedIgniteError, check_version, release
+from engineflow.ignite_internals import VERIFIED, HookedEngine, UntestedIgniteError, check_version, release
 
 
 @pytest.mark.parametrize(("version", "ok"), [
@@ -59,3 +59,53 @@ def test_start_epoch_after_resumes_mid_epoch_as_ignite_does():
     engine.run([10, 11, 12, 13])
     assert seen == [10, 11]  # the data restarts, the epoch ends after its 4 - 2 remaining batches
     assert Events.EPOCH_COMPLETED in engine.allowed_events()
+
+
+def _ignite_private_names() -> set[str]:
+    """The private names of what engineflow works with in Ignite: its engines, states, events and
+    metrics (every metric class, and instances for what ``Metric.__init__`` and ``reset`` set) and
+    their modules."""
+    import inspect
+
+    import ignite.distributed
+    import ignite.engine
+    import ignite.metrics
+    import ignite.metrics.metric
+    from ignite.engine import EventsList, State
+
+    found: list[object] = [Engine, Engine(lambda e, b: None), State, State(), Events, EventsList, ignite.distributed,
+                           ignite.engine, ignite.metrics, ignite.metrics.metric, ignite.metrics.Accuracy(),
+                           ignite.metrics.Average(), ignite.metrics.MeanSquaredError(), ignite.metrics.Precision()]
+    found += [metric for metric in vars(ignite.metrics).values()
+              if inspect.isclass(metric) and issubclass(metric, ignite.metrics.Metric)]
+    return {name for thing in found for name in dir(thing) if name.startswith("_") and not name.startswith("__")}
+
+
+def test_no_module_but_ignite_internals_touches_ignites_private_names():
+    """An attribute read or written (``x._device``), or a name a class body defines
+    (``_state_dict_all_req_keys = ...``, ``def _fire_event``), that Ignite has as a private name."""
+    import ast
+    from pathlib import Path
+
+    import engineflow
+    import engineflow.ignite_internals as internals
+
+    private = _ignite_private_names()
+    assert {"_device", "_state_dict_all_req_keys", "_fire_event", "_Metric__state_dict_key_per_rank"} <= private
+    package = Path(engineflow.__file__).parent
+    found = []
+    for path in sorted(package.rglob("*.py")):
+        if path == Path(internals.__file__):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [node.attr] if isinstance(node, ast.Attribute) else []
+            if isinstance(node, ast.ClassDef):
+                for statement in node.body:
+                    if isinstance(statement, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                        names.append(statement.name)
+                    elif isinstance(statement, ast.Assign):
+                        names += [target.id for target in statement.targets if isinstance(target, ast.Name)]
+                    elif isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name):
+                        names.append(statement.target.id)
+            found += [f"{path.relative_to(package.parent)}:{node.lineno} {name}" for name in names if name in private]
+    assert found == [], f"Ignite's private API outside {internals.__name__}: {found}"

@@ -294,7 +294,7 @@ def _accuracy_states(batches: list[tuple[torch.Tensor, torch.Tensor]]) -> list[d
     """The per-rank states of an Accuracy that saw each batch on its own rank."""
     from ignite.metrics import Accuracy
 
-    from engineflow.execute.ignite_internals import PER_RANK_KEY
+    from engineflow.ignite_internals import PER_RANK_KEY
 
     states = []
     for y_pred, y in batches:
@@ -310,7 +310,7 @@ def test_metric_states_of_three_processes_count_every_batch_on_two_and_on_four()
     from ignite.metrics import Accuracy, Metric
     from ignite.metrics.metric import reinit__is_reduced, sync_all_reduce
 
-    from engineflow.execute.ignite_internals import PER_RANK_KEY
+    from engineflow.ignite_internals import PER_RANK_KEY
 
     gen = torch.Generator().manual_seed(0)
     batches = [(torch.randn(n, 3, generator=gen), torch.randint(0, 3, (n,), generator=gen)) for n in (4, 5, 6)]

@@ -7,24 +7,14 @@ recipe; 130 interrupted.
 from __future__ import annotations
 
 import contextlib
-import errno
 import sys
-import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import click
 
-from engineflow.errors import (
-    EXIT_INTERRUPTED,
-    EXIT_TRAINING_FAILED,
-    EngineflowError,
-    HandlerError,
-    SetupError,
-    StepCheckError,
-)
-from engineflow.files import NO_SPACE, write_error
-from engineflow.naming import command_line
+from engineflow.app.command_errors import guarded
+from engineflow.errors import EXIT_TRAINING_FAILED
 
 runs_dir_option = click.option(
     "--runs-dir", type=click.Path(file_okay=False, path_type=str), default="runs", show_default=True,
@@ -165,7 +155,7 @@ def run_command(recipe: str, assignments: tuple[str, ...], check: bool, device: 
             ignore_changes=ignore_changes, checkpoint_every=checkpoint_every, stage=stage, from_run=from_run,
             mlflow=False if no_mlflow else mlflow_uri, nproc=nproc, oversubscribe=oversubscribe)
 
-    _guarded(go, debug, "training failed")
+    guarded(go, debug, "training failed")
 
 
 @main.command("test")
@@ -206,7 +196,7 @@ def test_command(recipe: str, run_ref: str | None, ignore_changes: bool, trust_c
         if not result.get("stored", True):
             click.echo(f"note: {result['note']}", err=True)
 
-    _guarded(go, debug, "test failed")
+    guarded(go, debug, "test failed")
 
 
 @main.command("eval")
@@ -238,7 +228,7 @@ def eval_command(recipe: str, input_path: str, output_path: str, run_ref: str | 
                                announce=click.echo)
         click.echo(f"run {result['run']}: {plural(result['inputs'], 'input')} -> {result['output']}")
 
-    _guarded(go, debug, "eval failed")
+    guarded(go, debug, "eval failed")
 
 
 @main.group("runs")
@@ -270,7 +260,7 @@ def runs_list(experiment: str | None, status: str | None, runs_dir: str, as_json
         records = list_runs(runs_dir, experiment=experiment, status=status)
         click.echo(to_json([public(r) for r in records]) if as_json else list_table(records))
 
-    _guarded(go, debug, "runs list failed")
+    guarded(go, debug, "runs list failed")
 
 
 @runs_group.command("show")
@@ -290,7 +280,7 @@ def runs_show(run_ref: str, runs_dir: str, as_json: bool, debug: bool) -> None:
         record = get_run(runs_dir, run_ref)
         click.echo(to_json(public(record)) if as_json else show_text(record))
 
-    _guarded(go, debug, "runs show failed")
+    guarded(go, debug, "runs show failed")
 
 
 @runs_group.command("compare")
@@ -311,7 +301,7 @@ def runs_compare(run_refs: tuple[str, ...], runs_dir: str, as_json: bool, debug:
         diff = compare(*(get_run(runs_dir, ref) for ref in run_refs))
         click.echo(to_json(diff) if as_json else compare_text(diff))
 
-    _guarded(go, debug, "runs compare failed")
+    guarded(go, debug, "runs compare failed")
 
 
 @runs_group.command("plot")
@@ -332,7 +322,7 @@ def runs_plot(run_refs: tuple[str, ...], out: str, runs_dir: str, debug: bool) -
         plot([get_run(runs_dir, ref) for ref in run_refs], Path(out))
         click.echo(f"wrote {out}")
 
-    _guarded(go, debug, "runs plot failed")
+    guarded(go, debug, "runs plot failed")
 
 
 @runs_group.command("reindex")
@@ -353,7 +343,7 @@ def runs_reindex(runs_dir: str, debug: bool) -> None:
         damaged = f" ({len(done.damaged)} damaged: {', '.join(done.damaged)})" if done.damaged else ""
         click.echo(f"indexed {plural(done.runs, 'run')}{damaged} into {runs_dir}/engineflow.db")
 
-    _guarded(go, debug, "runs reindex failed")
+    guarded(go, debug, "runs reindex failed")
 
 
 @runs_group.command("trust")
@@ -378,7 +368,7 @@ def runs_trust(run_ref: str, runs_dir: str, debug: bool) -> None:
         click.echo(f"signed run {record['id']}: the {files} files of {Path(record['run_dir']) / 'code'} as they are "
                    f"now, with your key {key_path()}")
 
-    _guarded(go, debug, "runs trust failed")
+    guarded(go, debug, "runs trust failed")
 
 
 @runs_group.command("sync")
@@ -403,66 +393,7 @@ def runs_sync(run_ref: str | None, runs_dir: str, debug: bool) -> None:
         if any(done.result.error is not None for done in results):
             sys.exit(EXIT_TRAINING_FAILED)
 
-    _guarded(go, debug, "runs sync failed")
-
-
-def _guarded(action: Callable[[], Any], debug: bool, failed: str) -> None:
-    """Run ``action``; turn engineflow's errors into one message and an exit code.
-
-    ``failed`` names what failed when an unexpected exception escapes ("training failed" for ``run``
-    only). Tracebacks show the recipe's frames; engineflow's, Ignite's and click's only with --debug.
-    """
-    try:
-        with command_line():
-            action()
-    except EngineflowError as err:
-        if debug:
-            traceback.print_exc()
-        elif isinstance(err, (SetupError, StepCheckError, HandlerError)) and err.__cause__ is not None:
-            _print_user_traceback(err.__cause__)  # the recipe's own error: its frames say where
-        if not getattr(err, "already_reported", False):  # a launched rank 0 printed its own
-            click.echo(f"error: {err}", err=True)
-        sys.exit(err.exit_code)
-    except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
-        sys.exit(EXIT_INTERRUPTED)
-    except Exception as err:
-        if isinstance(err, OSError) and (err.errno in NO_SPACE or err.errno == errno.EROFS):
-            # a write engineflow does not make itself (a library's, the recipe's): one line naming the file
-            if debug:
-                traceback.print_exc()
-            click.echo(f"error: {write_error(err, err.filename or 'a file')}", err=True)
-            sys.exit(EXIT_TRAINING_FAILED)
-        if debug:
-            traceback.print_exc()
-        else:
-            _print_user_traceback(err)
-        click.echo(f"error: {failed} with the exception above", err=True)
-        sys.exit(EXIT_TRAINING_FAILED)
-
-
-def _print_user_traceback(err: BaseException) -> None:
-    """``err``'s traceback without the frames of engineflow and the libraries that call the recipe."""
-    frames = traceback.extract_tb(err.__traceback__)
-    hidden_dirs = _package_dirs("engineflow", "ignite", "click")
-    mine = [f for f in frames if not f.filename.startswith(hidden_dirs)]
-    hidden = len(frames) - len(mine)
-    note = f" ({hidden} frames of engineflow and Ignite hidden; --debug shows them)" if hidden and mine else ""
-    lines = [f"Traceback (most recent call last){note}:\n", *traceback.format_list(mine or frames),
-             *traceback.format_exception_only(type(err), err)]
-    click.echo("".join(lines).rstrip("\n"), err=True)
-
-
-def _package_dirs(*names: str) -> tuple[str, ...]:
-    import importlib.util
-    import os
-
-    dirs = []
-    for name in names:
-        spec = importlib.util.find_spec(name)
-        if spec is not None and spec.submodule_search_locations:
-            dirs.extend(os.path.join(location, "") for location in spec.submodule_search_locations)
-    return tuple(dirs)
+    guarded(go, debug, "runs sync failed")
 
 
 def entry() -> None:

@@ -1,9 +1,9 @@
 """Several processes on one machine: ``engineflow run RECIPE --nproc N`` and ``ef.run(..., nproc=N)``.
 
 The launcher starts N workers (:mod:`engineflow.app.workers`: spawned, or forked from one process
-that imports torch once) with the variables ``torchrun`` sets (``RANK``, ``LOCAL_RANK``,
-``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), so a worker runs the command as it would under
-``torchrun``: :func:`process_group` initialises
+that imports torch once; each runs :mod:`engineflow.app.launched`) with the variables ``torchrun``
+sets (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``), so a worker runs
+the command as it would under ``torchrun``: :func:`process_group` initialises
 ``ignite.distributed`` from them (gloo on CPU, NCCL on CUDA). Being on one machine, they meet
 through a file store in FOLDER (``mkdtemp``: this user's alone) instead of a TCP store, which would
 listen on every interface, and gloo connects them over loopback (``GLOO_SOCKET_IFNAME=lo``).
@@ -42,8 +42,8 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from engineflow.app import launch_folders
-from engineflow.app.workers import Worker, forking, reap, serve, start, warm_spawned
-from engineflow.errors import EXIT_INTERRUPTED, EXIT_TRAINING_FAILED, EngineflowError, RecipeError
+from engineflow.app.workers import Worker, forking, reap, start
+from engineflow.errors import EXIT_INTERRUPTED, EXIT_TRAINING_FAILED, EngineflowError
 
 if TYPE_CHECKING:
     from engineflow.execute.parallel import World
@@ -284,23 +284,6 @@ def _failure(folder: Path, workers: list[Worker], first: int, code: int,
     return WorkerError(message, exit_code, already_reported=rank == 0 and code > 0 and not info.get("lost_peer"))
 
 
-def _lost_peer(error: BaseException) -> bool:
-    """Whether ``error`` (or an error it was raised from) is a collective failing because another
-    process is gone: then that process's failure is the one to report, not this consequence."""
-    seen: set[int] = set()
-    current: BaseException | None = error
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        text = str(current)
-        if type(current).__name__ in ("DistBackendError", "DistNetworkError") or (
-                isinstance(current, RuntimeError)
-                and any(sign in text for sign in ("Connection closed by peer", "Connection reset by peer",
-                                                  "Broken pipe"))):
-            return True
-        current = current.__cause__ or current.__context__
-    return False
-
-
 def _mark_failed(run_id: str, message: str, runs_dir: str | Path | None, *, status: str = "failed",
                  rank: int | None = None) -> None:
     """Mark run ``run_id`` ``status`` with ``message`` (naming the failed rank), unless it completed
@@ -329,64 +312,9 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
-# the worker ------------------------------------------------------------------------------------
+# what a worker tells the launcher -------------------------------------------------------------
 def note_run(run_id: str) -> None:
     """Rank 0 tells the launcher (if any) which run it records, so a failure can be marked on it."""
     folder = os.environ.get(FOLDER_ENV)
     if folder and os.environ.get("RANK", "0") == "0":
         (Path(folder) / "run_id").write_text(run_id)
-
-
-def _worker(folder: Path) -> None:
-    from engineflow.app import cli
-    from engineflow.app.fast_exit import exit_process
-
-    spec = json.loads((folder / "spec.json").read_text())
-    rank = int(os.environ["RANK"])
-
-    def go() -> None:
-        try:
-            result = _command(spec["command"])(**spec["kwargs"])
-        except BaseException as err:
-            code = getattr(err, "exit_code", EXIT_INTERRUPTED if isinstance(err, KeyboardInterrupt)
-                           else EXIT_TRAINING_FAILED)
-            lost = _lost_peer(err)
-            (folder / f"rank-{rank}.json").write_text(json.dumps({"error": f"{type(err).__name__}: {err}",
-                                                                  "exit_code": code, "lost_peer": lost}))
-            if lost:  # the launcher reports the process that is gone; this one's error is only its echo
-                raise SystemExit(EXIT_TRAINING_FAILED) from None
-            raise
-        if rank == 0:
-            tmp = folder / "result.json.tmp"
-            tmp.write_text(json.dumps(result, default=str))
-            tmp.replace(folder / "result.json")
-
-    try:
-        cli._guarded(go, False, "training failed")
-    except SystemExit as done:
-        exit_process(done.code)
-    exit_process(0)
-
-
-def _command(name: str) -> Callable[..., Any]:
-    if name == "run":
-        from engineflow.app.runner import run
-
-        return lambda **kwargs: run(**kwargs).to_dict()
-    if name == "test":
-        from engineflow.app.testing import evaluate_test
-
-        return evaluate_test
-    raise RecipeError(f"unknown command {name!r} for a launched worker")
-
-
-if __name__ == "__main__":
-    try:
-        if sys.argv[1] == "--fork":  # the process the workers are forked from (engineflow.app.workers)
-            serve(Path(sys.argv[2]), int(sys.argv[3]), _worker)
-        else:
-            warm_spawned()
-            _worker(Path(sys.argv[1]))
-    except KeyboardInterrupt:  # Ctrl-C while the worker still imports: as the command says it
-        print("interrupted", file=sys.stderr, flush=True)
-        os._exit(EXIT_INTERRUPTED)

@@ -8,52 +8,14 @@ its processes start sooner.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
 from engineflow.app.launch import distributed_env, launch, process_group
+from engineflow.app.run_result import RunResult
 from engineflow.app.workers import check_nproc
 from engineflow.errors import RecipeError
 from engineflow.naming import option
-
-
-@dataclass
-class RunResult:
-    """What a finished run reports (also saved as ``summary.json`` in its folder).
-
-    Attributes:
-        run_id: the run's id.
-        experiment: the recipe's experiment name.
-        status: "completed", "failed" or "interrupted".
-        run_dir: the folder of its outputs.
-        config: the resolved config values.
-        seed: the seed used.
-        device: the device used, e.g. "cpu".
-        epochs: epochs completed.
-        history: one dict of metrics per epoch.
-        metrics: the last epoch's metrics.
-        best: ``{"metric", "mode", "epoch", "value"}`` of the main metric.
-        duration_s: wall time of the fit in seconds.
-        error: the error message of a failed run.
-    """
-
-    run_id: str
-    experiment: str
-    status: str
-    run_dir: Path
-    config: dict[str, Any]
-    seed: int
-    device: str
-    epochs: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-    metrics: dict[str, Any] = field(default_factory=dict)
-    best: dict[str, Any] = field(default_factory=dict)
-    duration_s: float = 0.0
-    error: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**self.__dict__, "run_dir": str(self.run_dir)}
 
 
 def run(

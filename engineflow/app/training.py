@@ -21,7 +21,7 @@ from typing import IO, Any
 from engineflow.app.interrupts import Interrupts
 from engineflow.app.launch import note_run
 from engineflow.app.report import Reporter, format_duration, format_metrics, format_value, plural
-from engineflow.app.runner import RunResult
+from engineflow.app.run_result import RunResult
 from engineflow.app.session import Session, exact_resume, find_resumable, new_session, resume_session
 from engineflow.declare.handlers import HandlerSpec
 from engineflow.declare.recipe import Recipe, load_recipe

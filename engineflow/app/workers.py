@@ -29,8 +29,9 @@ from engineflow.errors import EXIT_INTERRUPTED, RecipeError
 
 FORK_ENV = "ENGINEFLOW_FORK_WORKERS"
 # what every worker imports before it trains; the forking process imports it once for all of them
-WARM = ("torch", "torch._dynamo", "ignite.engine", "ignite.distributed", "ignite.metrics", "engineflow.app.cli",
-        "engineflow.app.training", "engineflow.app.testing", "engineflow.execute.parallel")
+WARM = ("torch", "torch._dynamo", "ignite.engine", "ignite.distributed", "ignite.metrics",
+        "engineflow.app.command_errors", "engineflow.app.training", "engineflow.app.testing",
+        "engineflow.execute.parallel")
 
 
 class Worker(Protocol):
@@ -110,14 +111,14 @@ def _gpus() -> int:
 
 
 def start(folder: Path, nproc: int, env: dict[str, str], *, pipe_rank0: bool, fork: bool) -> list[Worker]:
-    """Start ``nproc`` workers running ``python -m engineflow.app.launch FOLDER`` with ``env`` and their
+    """Start ``nproc`` workers running ``python -m engineflow.app.launched FOLDER`` with ``env`` and their
     ``RANK``; returns a handle per rank (``pid``, ``poll()``, ``returncode``, ``send_signal``,
     ``terminate``, ``kill``, and rank 0's ``stdout`` when ``pipe_rank0``). Rank 0 writes to this
     process's output (or the pipe), rank ``r`` to ``FOLDER/rank-<r>.log``."""
     parent = os.getpid()
     if fork:
         forker = subprocess.Popen(
-            [sys.executable, "-m", "engineflow.app.launch", "--fork", str(folder), str(nproc)], env=env,
+            [sys.executable, "-m", "engineflow.app.launched", "--fork", str(folder), str(nproc)], env=env,
             stdout=subprocess.PIPE if pipe_rank0 else None, stderr=subprocess.STDOUT if pipe_rank0 else None,
             preexec_fn=_die_with(parent))
         return [Forked(forker, folder, rank) for rank in range(nproc)]
@@ -126,7 +127,7 @@ def start(folder: Path, nproc: int, env: dict[str, str], *, pipe_rank0: bool, fo
         log = None if rank == 0 else (folder / f"rank-{rank}.log").open("wb")
         out = subprocess.PIPE if rank == 0 and pipe_rank0 else log
         workers.append(subprocess.Popen(
-            [sys.executable, "-m", "engineflow.app.launch", str(folder)],
+            [sys.executable, "-m", "engineflow.app.launched", str(folder)],
             env={**env, "RANK": str(rank), "LOCAL_RANK": str(rank)}, stdout=out,
             stderr=subprocess.STDOUT if out is not None else None, preexec_fn=_die_with(parent)))
         if log is not None:

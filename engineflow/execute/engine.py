@@ -29,9 +29,9 @@ from engineflow.declare.handlers import handler_specs
 from engineflow.declare.steps import StepSpec, step_spec
 from engineflow.errors import RecipeError
 from engineflow.execute.dispatch import attach_in_order
-from engineflow.execute.ignite_internals import HookedEngine
 from engineflow.execute.injection import describe, make_caller
 from engineflow.execute.notes import add_note
+from engineflow.ignite_internals import HookedEngine
 from engineflow.metrics import attach_metrics
 from engineflow.state.components import modules_of
 

@@ -298,7 +298,7 @@ def regrouped_metric_state(metric: Any, saved: Mapping[str, Any] | None, rank: i
     of the epoch; a metric whose state cannot be added so (other attributes that differ between
     ranks, nested metrics) keeps the first ``world_size`` ranks' states only (False).
     """
-    from engineflow.execute.ignite_internals import PER_RANK_KEY, synced_attributes
+    from engineflow.ignite_internals import PER_RANK_KEY, synced_attributes
 
     if saved is None:
         return None, True

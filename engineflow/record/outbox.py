@@ -9,10 +9,10 @@ Folder ``<run_dir>/mlflow/``::
     lock           held (``flock``) by whoever pushes, so two processes never push one run at once
 
 Appending costs a JSON line and no network, so training never waits for MLflow; whoever pushes
-(:mod:`engineflow.record.mirror`: the run's own thread, ``engineflow runs sync``) reads from
-``pushed`` on. Pushing an entry twice changes nothing in MLflow (metrics keep the timestamp they
-were queued with, and MLflow stores a ``(key, step, timestamp, value)`` once), so a push cut off
-before ``pushed`` moved on is simply done again.
+(:mod:`engineflow.record.push`, for the run's own thread, ``engineflow runs sync`` and ``runs list``)
+reads from ``pushed`` on. Pushing an entry twice changes nothing in MLflow (metrics keep the
+timestamp they were queued with, and MLflow stores a ``(key, step, timestamp, value)`` once), so a
+push cut off before ``pushed`` moved on is simply done again.
 
 This module imports no MLflow: runs that are only listed, settled or queued to never load it.
 """
@@ -32,8 +32,8 @@ from engineflow.errors import WriteError
 from engineflow.files import append_text, write_json
 from engineflow.record.staleness import parse_time
 
-__all__ = ["MLFLOW_STATUS", "Outbox", "first_entries", "mirrored", "push_settled", "queue_killed", "reconcile",
-           "run_params", "run_tags", "stage_names"]
+__all__ = ["MLFLOW_STATUS", "Outbox", "first_entries", "mirrored", "queue_killed", "reconcile", "run_params",
+           "run_tags", "stage_names"]
 
 FOLDER = "mlflow"
 # engineflow's run status -> MLflow's RunStatus. A run found dead (SIGKILL, a lost machine) is
@@ -210,16 +210,6 @@ def queue_killed(record: Mapping[str, Any]) -> None:
         return
     with contextlib.suppress(OSError, WriteError):
         reconcile(record, box)
-
-
-def push_settled(records: list[dict[str, Any]]) -> None:
-    """Push, briefly, the status just queued for each settled run that mirrors to MLflow (see
-    :func:`engineflow.record.mirror.push_briefly`); a run not mirrored costs nothing."""
-    boxes = [box for box in map(mirrored, records) if box is not None]
-    if boxes:
-        from engineflow.record.push import push_briefly
-
-        push_briefly(boxes)
 
 
 # ------------------------------------------------------------------------------------------- the entries

@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engineflow.record.folders import read_record
-from engineflow.record.outbox import Outbox, first_entries, now_ms
+from engineflow.record.outbox import Outbox, first_entries, mirrored, now_ms
 
 __all__ = ["BRIEF_PUSH_S", "PROBE_TIMEOUT_S", "SYNC_LOCK_S", "Pushed", "mlflow_client", "push", "push_briefly",
-           "unreachable"]
+           "push_settled", "unreachable"]
 
 BRIEF_PUSH_S = 5.0  # what `runs list` spends pushing the status of the runs it found dead
 PROBE_TIMEOUT_S = 3.0  # a server that does not answer its health check within this is unreachable
@@ -137,6 +137,14 @@ def push_briefly(boxes: Iterable[Outbox], budget_s: float = BRIEF_PUSH_S) -> Non
             return
         with contextlib.suppress(Exception):
             push(box, lock_s=1.0, give_up=lambda: time.monotonic() >= deadline, reachable=cache)
+
+
+def push_settled(records: list[dict[str, Any]]) -> None:
+    """Push, briefly, the status just queued for each settled run that mirrors to MLflow (see
+    :func:`push_briefly`); a run not mirrored costs nothing."""
+    boxes = [box for box in map(mirrored, records) if box is not None]
+    if boxes:
+        push_briefly(boxes)
 
 
 def unreachable(uri: str, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:

@@ -19,6 +19,7 @@ from engineflow.errors import DiskFullError, StoreError, UnknownRunError, WriteE
 from engineflow.files import write_json
 from engineflow.record import outbox
 from engineflow.record.folders import read_record
+from engineflow.record.push import push_settled
 from engineflow.record.schema import Row
 from engineflow.record.setups import clean_abandoned
 from engineflow.record.staleness import interrupted, still_stale
@@ -160,7 +161,8 @@ def update_record(store: RunStore, record: Mapping[str, Any], fields: Mapping[st
 def settle_stale(store: RunStore) -> list[dict[str, Any]]:
     """Mark interrupted, in run.json and then the index, each run whose process is gone; returns them.
 
-    A run that mirrors to MLflow gets KILLED queued, and pushed briefly (:mod:`engineflow.record.outbox`).
+    A run that mirrors to MLflow gets KILLED queued (:mod:`engineflow.record.outbox`), and pushed briefly
+    (:mod:`engineflow.record.push`).
 
     Each run judged stale is checked again under the write lock, and left alone if it was resumed,
     finished or beat since (:func:`~engineflow.record.staleness.still_stale`). When its run.json
@@ -180,7 +182,7 @@ def settle_stale(store: RunStore) -> list[dict[str, Any]]:
                 if marked is not None:
                     settled.append(marked)
                     outbox.queue_killed(marked)  # MLflow hears KILLED (under the lock: before any resume's RUNNING)
-    outbox.push_settled(settled)
+    push_settled(settled)
     return settled
 
 

@@ -1,6 +1,6 @@
 """Every use of Ignite's private API, in one module, checked against the Ignite versions it was read in.
 
-engineflow needs seven things Ignite keeps private:
+engineflow needs nine things Ignite keeps private:
 
 * ``Engine._fire_event``: overridden, so that :class:`~engineflow.execute.engine.StepEngine` decides how an
   event's handlers run (skipped batches, control exceptions, no debug line formatted per event);
@@ -15,7 +15,13 @@ engineflow needs seven things Ignite keeps private:
   length before;
 * the attributes a metric's ``compute`` all-reduces (the arguments of ``sync_all_reduce``, kept in its
   wrapper's closure) and ``Metric.__state_dict_key_per_rank``: a metric's state saved by N processes is
-  regrouped for M (:func:`synced_attributes`, :data:`PER_RANK_KEY`).
+  regrouped for M (:func:`synced_attributes`, :data:`PER_RANK_KEY`);
+* ``Metric._device``: where a metric keeps its sums (:func:`metric_device`);
+* ``Metric._state_dict_all_req_keys``: the attributes ``Metric.state_dict`` saves, which
+  engineflow's own metrics name (:func:`state_dict_keys`).
+
+The module is one of the top-level ones every layer may import: the engines use it, and so does the
+public :mod:`engineflow.metrics`, which is below them.
 
 Their layout was read in the Ignite releases of :data:`VERIFIED`; on any other release importing this
 module raises :class:`UntestedIgniteError` instead of running with a layout it may not have.
@@ -25,11 +31,13 @@ from __future__ import annotations
 
 import re
 import weakref
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 import ignite
+import torch
 from ignite.engine import Engine
+from ignite.metrics import Metric
 
 from engineflow.errors import EXIT_USAGE, EngineflowError
 
@@ -130,8 +138,6 @@ class HookedEngine(Engine):
 
 
 def _per_rank_key() -> str:
-    from ignite.metrics import Metric
-
     return Metric._Metric__state_dict_key_per_rank  # type: ignore[attr-defined]
 
 
@@ -159,3 +165,41 @@ def synced_attributes(metric: Any) -> dict[str, str] | None:
         name, _, op = attr.partition(":")
         found[name] = op or "SUM"
     return found
+
+
+def metric_device(metric: Metric) -> torch.device:
+    """The device ``metric`` keeps its state on: the ``device`` it was made with (Ignite keeps no
+    public accessor).
+
+    Example:
+        >>> from ignite.metrics import Accuracy
+        >>> metric_device(Accuracy(device="cpu"))
+        device(type='cpu')
+    """
+    return metric._device
+
+
+MetricClass = TypeVar("MetricClass", bound=type[Metric])
+
+
+def state_dict_keys(*names: str) -> Callable[[MetricClass], MetricClass]:
+    """Class decorator: ``state_dict`` of the metric class saves its attributes ``names`` (and
+    ``load_state_dict`` restores them), as Ignite's own metrics declare theirs. Returns the class.
+
+    Example:
+        >>> from ignite.metrics import Metric
+        >>> @state_dict_keys("_total")
+        ... class Total(Metric):
+        ...     def reset(self): self._total = 0
+        ...     def update(self, output): self._total += output
+        ...     def compute(self): return self._total
+        >>> total = Total(); total.update(3)
+        >>> restored = Total(); restored.load_state_dict(total.state_dict()); restored.compute()
+        3
+    """
+
+    def declare(cls: MetricClass) -> MetricClass:
+        cls._state_dict_all_req_keys = names
+        return cls
+
+    return declare
