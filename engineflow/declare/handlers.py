@@ -6,20 +6,8 @@ component ``setup`` returned. The decorators return the function unchanged and r
 :class:`HandlerSpec`; engineflow attaches it when it builds the engines.
 
 Order: handlers on the same event run by ascending ``order``, then in the order they were
-declared. engineflow's own handlers use fixed orders so that yours see finished work:
-
-=============================  ======  ==============================================
-train ``EPOCH_COMPLETED``      order   what
-=============================  ======  ==============================================
-the fit's position            -3000    the epoch counts as complete (for checkpoints)
-epoch train losses             -300    ``metrics["train/loss"]`` (and ``train/<x>_loss``)
-validation                     -200    ``metrics["valid/<name>"]`` for each eval loader
-history and best epoch         -100    ``history`` gets the epoch; ``best`` is updated
-your handlers (default)           0
-records                         900    metrics.jsonl, the index, TensorBoard
-checkpoint                      950    when the policy asks, or the epoch is the best
-epoch log line                 1000
-=============================  ======  ==============================================
+declared. engineflow's own handlers use fixed orders so that yours (default ``order=0``) see finished
+work: :mod:`engineflow.declare.orders` names each one, with its reason.
 """
 
 from __future__ import annotations
@@ -29,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
+from engineflow.declare.orders import USER
 from engineflow.declare.steps import STEP_KINDS, step_spec
 from engineflow.errors import RecipeError
 
@@ -99,7 +88,7 @@ def _register(fn: F, spec: HandlerSpec) -> F:
     return fn
 
 
-def on(event: Any, *, engine: Any = "train", order: int = 0, stage: str | None = None) -> Callable[[F], F]:
+def on(event: Any, *, engine: Any = "train", order: int = USER, stage: str | None = None) -> Callable[[F], F]:
     """Run the decorated function on an Ignite event of an engine (default: the train engine).
 
     In a pipeline (a recipe with ``stages``) the handler runs in every stage, or only in ``stage``;
@@ -121,7 +110,7 @@ def on(event: Any, *, engine: Any = "train", order: int = 0, stage: str | None =
     return lambda fn: _register(fn, HandlerSpec(fn, event, kind, order, next(_declared), stage=stage, step=step))
 
 
-def every_n_epochs(n: int, *, engine: Any = "train", skip_zero: bool = True, order: int = 0,
+def every_n_epochs(n: int, *, engine: Any = "train", skip_zero: bool = True, order: int = USER,
                    stage: str | None = None) -> Callable[[F], F]:
     """Run the decorated function after every ``n``-th epoch (sugar for ``EPOCH_COMPLETED(every=n)``).
 
@@ -149,7 +138,7 @@ def every_n_epochs(n: int, *, engine: Any = "train", skip_zero: bool = True, ord
     return decorate
 
 
-def every_n_iterations(n: int, *, engine: Any = "train", order: int = 0,
+def every_n_iterations(n: int, *, engine: Any = "train", order: int = USER,
                        stage: str | None = None) -> Callable[[F], F]:
     """Run the decorated function after every ``n``-th iteration (``ITERATION_COMPLETED(every=n)``).
 
