@@ -94,6 +94,32 @@ def test_engine_value_example_runs():
     assert set(namespace["evaluator"].state.metrics) == {"accuracy"} and logged and "accuracy" in logged[0]
 
 
+def test_attach_to_a_built_engine_example_runs(capsys):
+    import torch
+
+    import engineflow as ef
+
+    logged = []
+
+    @ef.eval_step(metrics={"accuracy": ef.metrics.Accuracy()})
+    def evaluate(batch, model):
+        x, y = batch
+        return {"y_pred": model(x), "y": y}
+
+    def log_results(metrics):
+        logged.append(dict(metrics))
+
+    x = torch.randn(8, 3)
+    loader = [(x, torch.zeros(8, dtype=torch.long))] * 2
+    namespace = {"ef": ef, "log_results": log_results, "test_loader": loader,
+                 "evaluator": ef.engine(evaluate, model=torch.nn.Linear(3, 2))}
+    exec(compile(python_block_after("`ef.on` also attaches to an engine"), "README.md", "exec"), namespace)
+    assert capsys.readouterr().out == "torch.Size([8, 2])\n" * 2, "printed in the first run only"
+    assert len(logged) == 1 and "accuracy" in logged[0], "log_results ran in the with block's run only"
+    namespace["evaluator"].run(loader)
+    assert len(logged) == 1 and capsys.readouterr().out == ""
+
+
 def test_fine_tuning_example_loads_the_pretrained_encoder(tmp_path, write_recipe):
     import torch
 

@@ -203,8 +203,7 @@ class RunRecorder:
             self.epoch_completed(fit)
 
         every = TB_EVERY_ITERATIONS
-        return [HandlerSpec(iteration, Events.ITERATION_COMPLETED(every=every), "train", orders.RECORDS, -1, raw=True,
-                            every=every),
+        return [HandlerSpec(iteration, Events.ITERATION_COMPLETED(every=every), "train", orders.RECORDS, -1, raw=True),
                 HandlerSpec(epoch, Events.EPOCH_COMPLETED, "train", orders.RECORDS, -1, raw=True)]
 
     def epoch_completed(self, fit: Any) -> None:
