@@ -5,7 +5,8 @@ engineflow needs nine things Ignite keeps private:
 * ``Engine._fire_event``: overridden, so that :class:`~engineflow.execute.engine.StepEngine` decides how an
   event's handlers run (skipped batches, control exceptions, no debug line formatted per event);
 * ``Engine._event_handlers``: the ``(handler, args, kwargs)`` entries of an event, called as Ignite
-  calls them (a leading weak reference means "pass the engine first");
+  calls them (a leading weak reference means "pass the engine first"), and one replaced in its place
+  (an event's dispatcher, rebuilt when a handler is attached or removed);
 * ``Engine._handle_exception``: overridden, so that a failed fit's cleanup handlers do not swallow
   the error (Ignite re-raises only when no ``EXCEPTION_RAISED`` handler exists);
 * ``Engine._allowed_events``: the events an engine fires (Ignite keeps no public list);
@@ -126,6 +127,16 @@ class HookedEngine(Engine):
                 func(engine, *args, *stored_args[1:], **stored_kwargs)
             else:
                 func(*args, *stored_args, **stored_kwargs)
+
+    def replace_event_handler(self, event: Any, old: Callable[..., Any], new: Callable[..., Any]) -> None:
+        """Put ``new`` in the place of ``old`` among the handlers of ``event`` (Ignite runs them in that
+        order), with the arguments ``old`` was registered with; ``new`` takes the same arguments."""
+        handlers = self._event_handlers[event]
+        for index, (handler, stored_args, stored_kwargs) in enumerate(handlers):
+            if handler is old:
+                handlers[index] = (new, stored_args, stored_kwargs)
+                return
+        raise ValueError(f"{old!r} is not a handler of {event}")
 
     def allowed_events(self) -> list[Any]:
         """The events this engine fires: Ignite's and any registered with ``register_events``."""

@@ -212,3 +212,103 @@ def test_ignite_own_event_firing_is_bypassed_unless_its_logger_is_at_debug(monke
         engine.run([1.0, 2.0], max_epochs=1)
     assert seen == [1, 2, 1, 2] and ignite_fired.count(ef.Events.ITERATION_COMPLETED) == 2
     assert sum("Firing handlers for event Events.ITERATION_COMPLETED" in r.message for r in caplog.records) == 2
+
+
+def test_every_is_ignites_filter_with_no_schedule_of_its_own():
+    import dataclasses
+
+    from engineflow.declare.handlers import HandlerSpec
+
+    @ef.every_n_iterations(3)
+    @ef.every_n_epochs(2)
+    def handler():
+        pass
+
+    assert "every" not in {f.name for f in dataclasses.fields(HandlerSpec)}, "one scheduler: the event's filter"
+    for spec, n in zip(handler_specs(handler), (2, 3), strict=True):
+        assert [spec.event.filter(None, count) for count in range(1, 7)] == [c % n == 0 for c in range(1, 7)]
+
+
+def test_pipeline_wide_filters_see_the_count_across_stages():
+    # a filter of a handler for every stage gets the pipeline's iteration (the engine's plus those before)
+    seen = []
+
+    @ef.on(ef.Events.ITERATION_COMPLETED(event_filter=lambda engine, i: seen.append(i) or i == 7))
+    def at_seven(state):
+        seen.append(("ran", state.iteration))
+
+    engine = make_engine(StepSpec("train", lambda batch: {"loss": float(batch)}), {})
+    attach_in_order(engine, handler_specs(at_seven), {}, before=(5, 0))
+    engine.run([1, 2, 3], max_epochs=1)
+    assert seen == [6, 7, ("ran", 2), 8]
+
+
+def test_on_given_a_function_and_an_engine_returns_a_handle_that_detaches_it():
+    from ignite.engine.events import RemovableEventHandle
+
+    calls = []
+
+    @ef.on(ef.Events.EPOCH_COMPLETED)
+    def declared(state):
+        calls.append(("declared", state.epoch))
+
+    engine = engine_with(declared)
+
+    def later(state, engine):
+        calls.append(("later", state.epoch, engine is engine_ref))
+
+    engine_ref = engine
+    handle = ef.on(ef.Events.EPOCH_COMPLETED, later, engine=engine, order=-1)
+    assert isinstance(handle, RemovableEventHandle)
+    engine.run([1], max_epochs=1)
+    assert calls == [("later", 1, True), ("declared", 1)], "order=-1 runs before a handler attached earlier"
+    handle.remove()
+    handle.remove()  # a second remove does nothing, as Ignite's
+    engine.run([1], max_epochs=1)
+    assert calls[2:] == [("declared", 1)], "removed: not called"
+
+    with ef.on(ef.Events.ITERATION_COMPLETED(every=2), lambda state: calls.append(state.iteration), engine=engine):
+        engine.run([1, 2, 3, 4], max_epochs=1)
+    engine.run([1, 2, 3, 4], max_epochs=1)
+    assert calls[3:] == [2, 4, ("declared", 1), ("declared", 1)], "the with block detached it"
+
+
+def test_on_decorator_on_a_built_engine_attaches_and_returns_the_function():
+    calls = []
+    engine = engine_with()
+
+    def log(state):
+        calls.append(state.iteration)
+
+    assert ef.on(ef.Events.ITERATION_COMPLETED, engine=engine)(log) is log
+    engine.run([1, 2], max_epochs=1)
+    assert calls == [1, 2] and handler_specs(log) == (), "attached to that engine, declared for no recipe"
+
+
+def test_attach_in_order_returns_a_handle_per_handler():
+    calls = []
+
+    @ef.every_n_epochs(1, skip_zero=False)
+    def each_epoch(state):
+        calls.append(("epoch", state.epoch))
+
+    @ef.on(ef.Events.COMPLETED)
+    def done():
+        calls.append("done")
+
+    engine = make_engine(StepSpec("train", lambda batch: {"loss": float(batch)}), {})
+    handles = attach_in_order(engine, [*handler_specs(each_epoch), *handler_specs(done)], {})
+    assert len(handles) == 2
+    handles[0].remove()  # its epoch-0 call on STARTED goes with it
+    engine.run([1], max_epochs=2)
+    assert calls == ["done"]
+    handles[1].remove()
+    engine.run([1], max_epochs=2)
+    assert calls == ["done"]
+
+
+def test_on_with_a_function_needs_a_built_engine():
+    with pytest.raises(ef.RecipeError, match="needs an engine engineflow built"):
+        ef.on(ef.Events.EPOCH_COMPLETED, print)
+    with pytest.raises(ef.RecipeError, match="leave stage= out"):
+        ef.on(ef.Events.EPOCH_COMPLETED, print, engine=engine_with(), stage="pretrain")

@@ -94,6 +94,32 @@ def test_engine_value_example_runs():
     assert set(namespace["evaluator"].state.metrics) == {"accuracy"} and logged and "accuracy" in logged[0]
 
 
+def test_attach_to_a_built_engine_example_runs(capsys):
+    import torch
+
+    import engineflow as ef
+
+    logged = []
+
+    @ef.eval_step(metrics={"accuracy": ef.metrics.Accuracy()})
+    def evaluate(batch, model):
+        x, y = batch
+        return {"y_pred": model(x), "y": y}
+
+    def log_results(metrics):
+        logged.append(dict(metrics))
+
+    x = torch.randn(8, 3)
+    loader = [(x, torch.zeros(8, dtype=torch.long))] * 2
+    namespace = {"ef": ef, "log_results": log_results, "test_loader": loader,
+                 "evaluator": ef.engine(evaluate, model=torch.nn.Linear(3, 2))}
+    exec(compile(python_block_after("`ef.on` also attaches to an engine"), "README.md", "exec"), namespace)
+    assert capsys.readouterr().out == "torch.Size([8, 2])\n" * 2, "printed in the first run only"
+    assert len(logged) == 1 and "accuracy" in logged[0], "log_results ran in the with block's run only"
+    namespace["evaluator"].run(loader)
+    assert len(logged) == 1 and capsys.readouterr().out == ""
+
+
 def test_fine_tuning_example_loads_the_pretrained_encoder(tmp_path, write_recipe):
     import torch
 
@@ -121,3 +147,71 @@ def test_the_stages_example_is_the_pipeline_recipes_own():
     assert listed in recipe, "the README's stages list is the recipe's, as written there"
     for name in ("freeze_encoder", "unfreeze_encoder"):
         assert f"def {name}(" in recipe
+
+
+def readme_order_table() -> list[dict[str, str]]:
+    """The rows of the README's table of engineflow's own handler orders."""
+    section = README[README.index("### Handlers: order and control flow"):]
+    header = "| event | order | constant | what runs |"
+    lines = section[section.index(header):].splitlines()
+    rows = []
+    for line in lines[2:]:
+        if not line.startswith("|"):
+            break
+        event, order, constant, what = (cell.strip() for cell in line.strip("|").split("|"))
+        rows.append({"events": event, "order": order, "constant": constant.strip("`"), "what": what})
+    return rows
+
+
+def orders_in_code() -> dict[str, set[str]]:
+    """Each ``orders.NAME`` the package passes to a call, with the ``Events.X`` of that call; fails on
+    a handler spec whose order is a literal."""
+    import ast
+
+    def events_of(node: ast.expr) -> str | None:
+        if isinstance(node, ast.Call):
+            node = node.func
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "Events":
+            return node.attr
+        return None
+
+    found: dict[str, set[str]] = {}
+    for path in sorted((REPO / "engineflow").rglob("*.py")):
+        for call in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(call, ast.Call):
+                continue
+            values = [*call.args, *(k.value for k in call.keywords)]
+            events = {e for e in map(events_of, values) if e is not None}
+            named = [v.attr for v in values if isinstance(v, ast.Attribute) and isinstance(v.value, ast.Name)
+                     and v.value.id == "orders"]
+            callee = getattr(call.func, "id", getattr(call.func, "attr", ""))
+            if events and callee in ("HandlerSpec", "spec") and path.name != "handlers.py":
+                assert named, f"{path.relative_to(REPO)}:{call.lineno}: an own handler's order is not a constant " \
+                              "of engineflow/declare/orders.py"
+            for name in named:
+                found.setdefault(name, set()).update(events)
+    return found
+
+
+def test_handler_order_table_is_the_orders_module():
+    import inspect
+
+    import engineflow as ef
+    from engineflow.declare import orders
+
+    constants = {name: value for name, value in vars(orders).items() if name.isupper() and isinstance(value, int)}
+    rows = readme_order_table()
+    assert {row["constant"] for row in rows} == set(constants), "every constant has one row, and no row is extra"
+    assert len(rows) == len(constants)
+    for row in rows:
+        assert int(row["order"]) == constants[row["constant"]], row
+    used = orders_in_code()
+    for row in rows:
+        if row["constant"] == "USER":
+            assert row["events"] == "any"
+            for decorator in (ef.on, ef.every_n_epochs, ef.every_n_iterations):
+                assert inspect.signature(decorator).parameters["order"].default == orders.USER
+            continue
+        listed = {event.strip().strip("`") for event in row["events"].split(",")}
+        assert listed == used.get(row["constant"]), f"{row['constant']}: README says {listed}, the code attaches " \
+                                                   f"it on {used.get(row['constant'])}"

@@ -178,6 +178,7 @@ class Reporter:
         """The reporter's handlers on the train engine of ``fit``."""
         from ignite.engine import Events
 
+        from engineflow.declare import orders
         from engineflow.declare.handlers import HandlerSpec
 
         stage = f"{fit.stage.name} " if fit.stage.prefix else ""  # a stage of a pipeline names itself
@@ -205,13 +206,13 @@ class Reporter:
             self._discard_bar()  # a fit stopped mid-epoch (StopFit) has no epoch line to clear it
 
         specs = [
-            HandlerSpec(epoch_started, Events.EPOCH_STARTED, "train", 1000, -1, raw=True),
-            HandlerSpec(epoch_completed, Events.EPOCH_COMPLETED, "train", 1000, -1, raw=True),
+            HandlerSpec(epoch_started, Events.EPOCH_STARTED, "train", orders.REPORT, -1, raw=True),
+            HandlerSpec(epoch_completed, Events.EPOCH_COMPLETED, "train", orders.REPORT, -1, raw=True),
         ]
         if self.progress:
             specs += [
-                HandlerSpec(advance, Events.ITERATION_COMPLETED, "train", 1000, -1, raw=True),
-                HandlerSpec(completed, Events.COMPLETED, "train", 1000, -1, raw=True),
+                HandlerSpec(advance, Events.ITERATION_COMPLETED, "train", orders.REPORT, -1, raw=True),
+                HandlerSpec(completed, Events.COMPLETED, "train", orders.REPORT, -1, raw=True),
             ]
         return specs
 

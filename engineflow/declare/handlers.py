@@ -6,31 +6,24 @@ component ``setup`` returned. The decorators return the function unchanged and r
 :class:`HandlerSpec`; engineflow attaches it when it builds the engines.
 
 Order: handlers on the same event run by ascending ``order``, then in the order they were
-declared. engineflow's own handlers use fixed orders so that yours see finished work:
-
-=============================  ======  ==============================================
-train ``EPOCH_COMPLETED``      order   what
-=============================  ======  ==============================================
-the fit's position            -3000    the epoch counts as complete (for checkpoints)
-epoch train losses             -300    ``metrics["train/loss"]`` (and ``train/<x>_loss``)
-validation                     -200    ``metrics["valid/<name>"]`` for each eval loader
-history and best epoch         -100    ``history`` gets the epoch; ``best`` is updated
-your handlers (default)           0
-records                         900    metrics.jsonl, the index, TensorBoard
-checkpoint                      950    when the policy asks, or the epoch is the best
-epoch log line                 1000
-=============================  ======  ==============================================
+declared. engineflow's own handlers use fixed orders so that yours (default ``order=0``) see finished
+work: :mod:`engineflow.declare.orders` names each one, with its reason.
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
+from engineflow.declare.orders import USER
 from engineflow.declare.steps import STEP_KINDS, step_spec
 from engineflow.errors import RecipeError
+
+if TYPE_CHECKING:
+    from ignite.engine.events import RemovableEventHandle
 
 HANDLERS_ATTR = "__engineflow_handlers__"
 F = TypeVar("F", bound=Callable[..., Any])
@@ -51,8 +44,6 @@ class HandlerSpec:
         seq: declaration counter, the tie-break for equal ``order``.
         at_start: also call once when the engine starts at epoch 0 (``skip_zero=False``).
         raw: engineflow's own handlers: ``fn(engine)`` is attached as is, with no injection.
-        every: the ``every`` of ``every_n_epochs``/``every_n_iterations``, checked inline by the
-            event's dispatcher (the same test as the event's Ignite filter, without its call).
         stage: in a pipeline, the one stage it attaches to; None: every stage (pipeline-wide).
         step: when ``engine=`` named a step function, that step: it attaches only where it runs.
     """
@@ -64,7 +55,6 @@ class HandlerSpec:
     seq: int
     at_start: bool = False
     raw: bool = False
-    every: int | None = None
     stage: str | None = None
     step: Callable[..., Any] | None = None
 
@@ -99,7 +89,18 @@ def _register(fn: F, spec: HandlerSpec) -> F:
     return fn
 
 
-def on(event: Any, *, engine: Any = "train", order: int = 0, stage: str | None = None) -> Callable[[F], F]:
+@overload
+def on(event: Any, fn: None = None, *, engine: Any = "train", order: int = USER,
+       stage: str | None = None) -> Callable[[F], F]: ...
+
+
+@overload
+def on(event: Any, fn: Callable[..., Any], *, engine: Any, order: int = USER,
+       stage: None = None) -> RemovableEventHandle: ...
+
+
+def on(event: Any, fn: Callable[..., Any] | None = None, *, engine: Any = "train", order: int = USER,
+       stage: str | None = None) -> Any:
     """Run the decorated function on an Ignite event of an engine (default: the train engine).
 
     In a pipeline (a recipe with ``stages``) the handler runs in every stage, or only in ``stage``;
@@ -108,20 +109,64 @@ def on(event: Any, *, engine: Any = "train", order: int = 0, stage: str | None =
     Ignite's event filters work as in Ignite: ``Events.ITERATION_COMPLETED(every=10)``,
     ``Events.EPOCH_COMPLETED(once=3)``, ``before=``/``after=``, or a custom ``event_filter``.
 
+    Given an engine engineflow built (``fit.train``, ``fit.eval``, ``ef.engine(...)``), ``engine=``
+    attaches now, as Ignite's ``add_event_handler`` does: ``ef.on(event, fn, engine=...)`` returns a
+    removable handle (``handle.remove()``, or ``with`` it), and the decorator form returns the function
+    unchanged. The handler takes its place by ``order`` among those attached already, is given what
+    the engine's other handlers are given, and its filter counts the engine's own events.
+
     Example:
         >>> import engineflow as ef
         >>> @ef.on(ef.Events.ITERATION_COMPLETED(every=100), order=-5)
         ... def log_lr(optimizer, state):
         ...     print(state.iteration, optimizer.param_groups[0]["lr"])
+
+        >>> @ef.eval_step
+        ... def check(batch):
+        ...     return {"y_pred": batch, "y": batch}
+        >>> evaluator = ef.engine(check)
+        >>> handle = ef.on(ef.Events.ITERATION_COMPLETED, lambda state: print(state.iteration), engine=evaluator)
+        >>> _ = evaluator.run([1, 2])
+        1
+        2
+        >>> handle.remove()
+        >>> _ = evaluator.run([1, 2])
     """
-    kind, step = _engine_kind(engine, "on")
     _check_event(event)
     _check_order(order)
+    if _is_built_engine(engine):
+        if stage is not None:
+            raise RecipeError("on(..., stage=...) declares a handler of a recipe's stage; a built engine "
+                              f"(engine={engine!r}) is one stage's already: leave stage= out")
+        if fn is not None:
+            return _attach_now(engine, fn, event, order)
+        return lambda fn: (_attach_now(engine, fn, event, order), fn)[1]
+    kind, step = _engine_kind(engine, "on")
     _check_stage(stage, "on")
+    if fn is not None:
+        raise RecipeError(
+            f"on(event, {getattr(fn, '__name__', fn)!r}) attaches a function now, so it needs an engine engineflow "
+            "built: engine=fit.train, fit.eval or an ef.engine(...); to declare a recipe's handler, decorate it "
+            "with @ef.on(event)"
+        )
     return lambda fn: _register(fn, HandlerSpec(fn, event, kind, order, next(_declared), stage=stage, step=step))
 
 
-def every_n_epochs(n: int, *, engine: Any = "train", skip_zero: bool = True, order: int = 0,
+def _is_built_engine(engine: Any) -> bool:
+    """A StepEngine (engineflow.execute.engine), known by its ``attach``: this layer does not import it."""
+    from ignite.engine import Engine
+
+    return isinstance(engine, Engine) and callable(getattr(engine, "attach", None))
+
+
+def _attach_now(engine: Any, fn: Any, event: Any, order: int) -> RemovableEventHandle:
+    if not callable(fn):
+        raise RecipeError(f"on(event, fn, engine=...) needs a function, got {fn!r}")
+    handle: RemovableEventHandle = engine.attach(HandlerSpec(fn, event, engine.kind, order, next(_declared)))[0]
+    return handle
+
+
+def every_n_epochs(n: int, *, engine: Any = "train", skip_zero: bool = True, order: int = USER,
                    stage: str | None = None) -> Callable[[F], F]:
     """Run the decorated function after every ``n``-th epoch (sugar for ``EPOCH_COMPLETED(every=n)``).
 
@@ -139,17 +184,16 @@ def every_n_epochs(n: int, *, engine: Any = "train", skip_zero: bool = True, ord
     _check_positive(n, "every_n_epochs")
     _check_order(order)
     _check_stage(stage, "every_n_epochs")
-    from ignite.engine import Events
 
     def decorate(fn: F) -> F:
-        spec = HandlerSpec(fn, Events.EPOCH_COMPLETED(every=n), kind, order, next(_declared), at_start=not skip_zero,
-                           every=n, stage=stage, step=step)
+        spec = HandlerSpec(fn, _every("EPOCH_COMPLETED", n), kind, order, next(_declared), at_start=not skip_zero,
+                           stage=stage, step=step)
         return _register(fn, spec)
 
     return decorate
 
 
-def every_n_iterations(n: int, *, engine: Any = "train", order: int = 0,
+def every_n_iterations(n: int, *, engine: Any = "train", order: int = USER,
                        stage: str | None = None) -> Callable[[F], F]:
     """Run the decorated function after every ``n``-th iteration (``ITERATION_COMPLETED(every=n)``).
 
@@ -166,11 +210,19 @@ def every_n_iterations(n: int, *, engine: Any = "train", order: int = 0,
     _check_positive(n, "every_n_iterations")
     _check_order(order)
     _check_stage(stage, "every_n_iterations")
-    from ignite.engine import Events
 
     return lambda fn: _register(
-        fn, HandlerSpec(fn, Events.ITERATION_COMPLETED(every=n), kind, order, next(_declared), every=n, stage=stage,
+        fn, HandlerSpec(fn, _every("ITERATION_COMPLETED", n), kind, order, next(_declared), stage=stage,
                         step=step))
+
+
+@functools.cache
+def _every(event: str, n: int) -> Any:
+    """Ignite's ``Events.<event>(every=n)``, one object for each schedule: the handlers that share it are
+    asked about it once per event (see :func:`engineflow.execute.dispatch.attach_in_order`)."""
+    from ignite.engine import Events
+
+    return getattr(Events, event)(every=n)
 
 
 def _check_positive(n: Any, where: str) -> None:

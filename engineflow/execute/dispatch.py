@@ -9,11 +9,13 @@ Ignite delivers them.
 
 from __future__ import annotations
 
+import bisect
 import inspect
 from collections.abc import Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from ignite.engine import Events, State
+from ignite.engine.events import RemovableEventHandle
 
 from engineflow.declare.control import ControlFlow, StopFit
 from engineflow.declare.handlers import HandlerSpec
@@ -92,25 +94,97 @@ def _parameters(fn: Callable[..., Any]) -> list[inspect.Parameter]:
     return [p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
+class HandlerHandle(RemovableEventHandle):
+    """What attaching a handler returns, as Ignite's :meth:`~ignite.engine.engine.Engine.add_event_handler`
+    does: :meth:`remove` detaches it (again: nothing); as a context manager it detaches on exit."""
+
+    def __init__(self, engine: StepEngine, event: Any, entries: list[tuple[Any, _Entry]]) -> None:
+        super().__init__(event, entries[0][1].handler, engine)
+        self._entries = entries  # (base event, entry): a handler with at_start has two
+
+    def remove(self) -> None:
+        """Detach the handler: the events it was attached to no longer call it."""
+        engine = self.engine()
+        if engine is not None:
+            engine.dispatch.remove(engine, self._entries)
+        self._entries = []
+
+
+class _Entry(NamedTuple):
+    key: tuple[int, int]  # (order, declaration)
+    handler: Callable[..., None]
+    event_filter: Callable[[Any, int], bool] | None  # Ignite's filter of the event, or None
+    offset: int  # added to the engine's count before the filter sees it
+
+
+class Dispatch:
+    """A :class:`StepEngine`'s handlers by event, each event's sorted by (order, declaration), and the one
+    Ignite handler per event that runs them; also the names its handlers are given (``provided``)."""
+
+    def __init__(self, provided: Mapping[str, Any]) -> None:
+        self.entries: dict[Any, list[_Entry]] = {}
+        self.registered: dict[Any, Callable[..., None]] = {}
+        self.provided = provided
+
+    def add(self, engine: StepEngine, placed: Iterable[tuple[Any, _Entry]]) -> None:
+        changed = set()
+        for base, entry in placed:
+            entries = self.entries.setdefault(base, [])
+            # after the equal keys already there: attach order breaks the remaining ties
+            entries.insert(bisect.bisect_right([e.key for e in entries], entry.key), entry)
+            changed.add(base)
+        self._refresh(engine, changed)
+
+    def remove(self, engine: StepEngine, placed: Iterable[tuple[Any, _Entry]]) -> None:
+        changed = set()
+        for base, entry in placed:
+            entries = self.entries.get(base, [])
+            for index, there in enumerate(entries):
+                if there is entry:
+                    del entries[index]
+                    changed.add(base)
+                    break
+        self._refresh(engine, changed)
+
+    def _refresh(self, engine: StepEngine, events: Iterable[Any]) -> None:
+        """Rebuild each changed event's dispatcher in its place among the event's Ignite handlers."""
+        for base in events:
+            old, entries = self.registered.pop(base, None), self.entries.get(base)
+            if not entries:
+                self.entries.pop(base, None)
+                if old is not None:
+                    engine.remove_event_handler(old, base)
+                continue
+            new = self.registered[base] = _dispatcher(base, list(entries))
+            if old is None:
+                engine.add_event_handler(base, new)
+            else:
+                engine.replace_event_handler(base, old, new)
+            if base == Events.EXCEPTION_RAISED:
+                engine.reraise_after_cleanup = True
+
+
 def attach_in_order(engine: StepEngine, specs: Iterable[HandlerSpec], provided: Mapping[str, Any], *,
-                    before: tuple[int, int] = (0, 0)) -> None:
-    """Attach handlers so that each event runs them by (order, declaration).
+                    before: tuple[int, int] = (0, 0)) -> list[HandlerHandle]:
+    """Attach handlers so that each event runs them by (order, declaration); one handle per spec.
 
     ``before`` is (iterations, epochs) of the pipeline's stages before this engine's: the filters
-    of the recipe's pipeline-wide handlers (``stage=None``) count from there, so
+    of the recipe's pipeline-wide handlers (``stage=None``) see the engine's count plus these, so
     ``every_n_iterations(100)`` keeps its rhythm across stages; a stage's own handlers and
-    engineflow's (``raw``) count the engine's own events.
+    engineflow's (``raw``) see the engine's own count.
 
-    One Ignite handler per event dispatches to all of that event's specs and checks their
-    filters inline: a handler that is not due costs a modulo, not a call through Ignite's filter
-    wrapper. Handlers of ``EXCEPTION_RAISED`` are cleanup: each runs even if an earlier one
+    Ignite's filters decide when a filtered handler runs (``every=``, ``once=``, ``before=``/``after=``,
+    ``event_filter=``), called with that count. One Ignite handler per event calls them and runs the
+    due handlers in order; handlers attached later (:func:`engineflow.on` given a function) join
+    the same order. Handlers of ``EXCEPTION_RAISED`` are cleanup: each runs even if an earlier one
     failed, and the error that ended the run is still raised afterwards (see
     :meth:`StepEngine.handle_exception`).
     """
-    by_event: dict[Any, list[tuple[Callable[..., None], Any, int | None, int]]] = {}
-    for spec in sorted(specs, key=lambda s: (s.order, s.seq)):
+    engine.dispatch.provided = provided  # what a handler attached later is given (StepEngine.attach)
+    placed: list[list[tuple[Any, _Entry]]] = []
+    for spec in specs:
         base, event_filter = _split(engine, spec.event)
-        if (event_filter is not None or spec.every) and base not in State.event_to_attr:
+        if event_filter is not None and base not in State.event_to_attr:
             raise RecipeError(
                 f"handler {describe(spec.fn)}: {base} keeps no count of its own, so it takes no filter "
                 "(every=, once=, before=, after=); attach it to the plain event and test the state inside"
@@ -119,14 +193,17 @@ def attach_in_order(engine: StepEngine, specs: Iterable[HandlerSpec], provided: 
         # engineflow's own handlers (validation every N epochs...) and a stage's own count the stage's events
         counts = (0, 0) if spec.stage is not None or spec.raw else before
         offset = counts[0] if State.event_to_attr.get(base) == "iteration" else counts[1]
-        by_event.setdefault(base, []).append((handler, None if spec.every else event_filter, spec.every, offset))
-        if spec.at_start:
-            by_event.setdefault(Events.STARTED, []).append(
-                (lambda e, h=handler, first=counts[1]: h(e) if e.state.epoch + first == 0 else None, None, None, 0))
-    for base, entries in by_event.items():
-        if base == Events.EXCEPTION_RAISED:
-            engine.reraise_after_cleanup = True
-        engine.add_event_handler(base, _dispatcher(base, entries))
+        key = (spec.order, spec.seq)
+        entries = [(base, _Entry(key, handler, event_filter, offset))]
+        if spec.at_start:  # once, when the (pipeline's) epoch count is 0 as the engine starts
+            entries.append((Events.STARTED, _Entry(key, handler, _at_epoch_zero, counts[1])))
+        placed.append(entries)
+    engine.dispatch.add(engine, [entry for entries in placed for entry in entries])
+    return [HandlerHandle(engine, entries[0][0], entries) for entries in placed]
+
+
+def _at_epoch_zero(engine: Any, epoch: int) -> bool:
+    return epoch == 0
 
 
 def _split(engine: StepEngine, event: Any) -> tuple[Any, Callable[[Any, int], bool] | None]:
@@ -140,9 +217,9 @@ def _split(engine: StepEngine, event: Any) -> tuple[Any, Callable[[Any, int], bo
     raise RecipeError(f"event {event} is not one the {engine.kind} engine fires")
 
 
-def _dispatcher(base: Any, entries: list[tuple[Callable[..., None], Any, int | None, int]]) -> Callable[..., None]:
+def _dispatcher(base: Any, entries: list[_Entry]) -> Callable[..., None]:
     if base == Events.EXCEPTION_RAISED:
-        handlers = [h for h, _, _, _ in entries]
+        handlers = [entry.handler for entry in entries]
 
         def clean_up(engine: StepEngine, error: BaseException, *args: Any, **kwargs: Any) -> None:
             # A handler's error reaches cleanups as the handler raised it (as in plain Ignite), not
@@ -156,8 +233,8 @@ def _dispatcher(base: Any, entries: list[tuple[Callable[..., None], Any, int | N
 
         return clean_up
     takes_values = base in EVENT_ARGUMENTS or not isinstance(base, Events)
-    if all(event_filter is None and every is None for _, event_filter, every, _ in entries):
-        handlers = [h for h, _, _, _ in entries]
+    if all(entry.event_filter is None for entry in entries):
+        handlers = [entry.handler for entry in entries]
         if takes_values:
 
             def run_all_with_values(engine: StepEngine, *args: Any, **kwargs: Any) -> None:
@@ -171,15 +248,27 @@ def _dispatcher(base: Any, entries: list[tuple[Callable[..., None], Any, int | N
                 handler(engine)
 
         return run_all
+    # Each distinct (filter, offset) is asked once per firing: handlers declared with the same schedule
+    # (every_n_iterations(100) shares one filter) cost one call together.
+    checks = list(dict.fromkeys((e.event_filter, e.offset) for e in entries if e.event_filter is not None))
+    plan = [(e.handler, -1 if e.event_filter is None else checks.index((e.event_filter, e.offset))) for e in entries]
+    if len(checks) == 1:
+        (event_filter, offset), = checks
+        everyone = [handler for handler, _ in plan]
+        unfiltered = [handler for handler, check in plan if check < 0]
+
+        def dispatch_one_schedule(engine: StepEngine, *args: Any, **kwargs: Any) -> None:
+            due = event_filter(engine, engine.state.get_event_attrib_value(base) + offset)
+            for handler in everyone if due else unfiltered:
+                handler(engine, *args, **kwargs)
+
+        return dispatch_one_schedule
 
     def dispatch(engine: StepEngine, *args: Any, **kwargs: Any) -> None:
         value = engine.state.get_event_attrib_value(base)
-        for handler, event_filter, every, offset in entries:
-            if every is not None:
-                if (value + offset) % every:
-                    continue
-            elif event_filter is not None and not event_filter(engine, value + offset):
-                continue
-            handler(engine, *args, **kwargs)
+        due = [event_filter(engine, value + offset) for event_filter, offset in checks]
+        for handler, check in plan:
+            if check < 0 or due[check]:
+                handler(engine, *args, **kwargs)
 
     return dispatch

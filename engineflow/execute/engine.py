@@ -25,10 +25,10 @@ import torch
 from ignite.engine import Engine, Events
 
 from engineflow.declare.control import EndEpoch, SkipBatch, StopFit
-from engineflow.declare.handlers import handler_specs
+from engineflow.declare.handlers import HandlerSpec, handler_specs
 from engineflow.declare.steps import StepSpec, step_spec
 from engineflow.errors import RecipeError
-from engineflow.execute.dispatch import attach_in_order
+from engineflow.execute.dispatch import Dispatch, HandlerHandle, attach_in_order
 from engineflow.execute.injection import describe, make_caller
 from engineflow.execute.notes import add_note
 from engineflow.ignite_internals import HookedEngine
@@ -52,8 +52,11 @@ class StepEngine(HookedEngine):
     the previous run's.
     """
 
-    def __init__(self, process_function: Callable[[Engine, Any], Any], *, kind: str, modules: Iterable[Any] = ()):
+    def __init__(self, process_function: Callable[[Engine, Any], Any], *, kind: str, modules: Iterable[Any] = (),
+                 provided: Mapping[str, Any] | None = None):
         super().__init__(process_function)
+        # its handlers by event, in order, and the names they are given by default
+        self.dispatch = Dispatch(provided or {})
         # Ignite logs every exception that ends a run (KeyboardInterrupt after an interrupt checkpoint,
         # a NaN loss) at ERROR; with no logging configured Python would print those to stderr beside
         # engineflow's own message. A NullHandler keeps them for users who do configure logging; the
@@ -102,6 +105,12 @@ class StepEngine(HookedEngine):
         finally:
             for module, was_training in modes:
                 module.train(was_training)
+
+    def attach(self, *specs: HandlerSpec) -> list[HandlerHandle]:
+        """Attach handlers now, each in its place by (order, declaration) among those attached already, given
+        the names this engine's handlers are given; one removable handle each (what ``ef.on(event, fn,
+        engine=...)`` returns). Filters count this engine's own events."""
+        return attach_in_order(self, specs, self.dispatch.provided)
 
     def skip_batch(self) -> None:
         """Skip the rest of the current batch (what raising :class:`SkipBatch` does)."""
@@ -226,7 +235,7 @@ def make_engine(spec: StepSpec, provided: Mapping[str, Any]) -> StepEngine:
             return None
         return normalize_output(out, step) if normalize else out
 
-    return StepEngine(process, kind=spec.kind, modules=modules_of(provided).values())
+    return StepEngine(process, kind=spec.kind, modules=modules_of(provided).values(), provided=provided)
 
 
 def engine(step: Callable[..., Any], *handlers: Callable[..., Any], **components: Any) -> StepEngine:

@@ -9,8 +9,8 @@ What one epoch of :meth:`Fit.run` does, in order::
 
     train EPOCH_STARTED:     metrics of the last epoch are cleared
     for each batch:          train step, then ITERATION_COMPLETED handlers (loss check first)
-    train EPOCH_COMPLETED:   -300 train/loss   -200 validation   -100 history + best
-                             0 your handlers   1000 the epoch log line
+    train EPOCH_COMPLETED:   the epoch's position, train/loss, validation, history + best, then your
+                             handlers (order 0); the order of each is in engineflow.declare.orders
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from ignite.engine import Events, State
 
+from engineflow.declare import orders
 from engineflow.declare.handlers import HandlerSpec
 from engineflow.declare.recipe import Recipe
 from engineflow.declare.stages import Stage
@@ -409,16 +410,16 @@ def _own_handlers(fit: Fit, eval_spec: StepSpec | None) -> list[HandlerSpec]:
         return HandlerSpec(fn, event, "train", order, seq=-1, raw=True)
 
     own = [
-        spec(fit.tracker.epoch_started, Events.EPOCH_STARTED, -2000),
-        spec(fit.tracker.epoch_completed, Events.EPOCH_COMPLETED, -3000),
-        spec(clear_metrics, Events.EPOCH_STARTED, -1000),
-        spec(fit.loss.epoch_started, Events.EPOCH_STARTED, -900),
-        spec(fit.loss.iteration_completed, Events.ITERATION_COMPLETED, -1000),
-        spec(fit.loss.epoch_completed, Events.EPOCH_COMPLETED, -300),
-        spec(record, Events.EPOCH_COMPLETED, -100),
+        spec(fit.tracker.epoch_started, Events.EPOCH_STARTED, orders.FIT_EPOCH_STARTED),
+        spec(fit.tracker.epoch_completed, Events.EPOCH_COMPLETED, orders.FIT_EPOCH_COMPLETED),
+        spec(clear_metrics, Events.EPOCH_STARTED, orders.CLEAR_METRICS),
+        spec(fit.loss.epoch_started, Events.EPOCH_STARTED, orders.LOSS_EPOCH_STARTED),
+        spec(fit.loss.iteration_completed, Events.ITERATION_COMPLETED, orders.LOSS_CHECK),
+        spec(fit.loss.epoch_completed, Events.EPOCH_COMPLETED, orders.TRAIN_LOSS),
+        spec(record, Events.EPOCH_COMPLETED, orders.HISTORY),
     ]
     if eval_spec is not None and eval_spec.every > 0 and fit.eval_loaders:
-        own.append(spec(validate, Events.EPOCH_COMPLETED(every=eval_spec.every), -200))
+        own.append(spec(validate, Events.EPOCH_COMPLETED(every=eval_spec.every), orders.VALIDATION))
     return own
 
 

@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from engineflow.declare import orders
 from engineflow.declare.handlers import HandlerSpec
 from engineflow.errors import (
     DiskFullError,
@@ -205,9 +206,8 @@ class RunRecorder:
             self.epoch_completed(fit)
 
         every = TB_EVERY_ITERATIONS
-        return [HandlerSpec(iteration, Events.ITERATION_COMPLETED(every=every), "train", 900, -1, raw=True,
-                            every=every),
-                HandlerSpec(epoch, Events.EPOCH_COMPLETED, "train", 900, -1, raw=True)]
+        return [HandlerSpec(iteration, Events.ITERATION_COMPLETED(every=every), "train", orders.RECORDS, -1, raw=True),
+                HandlerSpec(epoch, Events.EPOCH_COMPLETED, "train", orders.RECORDS, -1, raw=True)]
 
     def epoch_completed(self, fit: Fit) -> None:
         from engineflow.state.checkpoint_files import save_weights

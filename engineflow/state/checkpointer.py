@@ -21,6 +21,7 @@ from typing import Any, Protocol
 
 from ignite.engine import Events
 
+from engineflow.declare import orders
 from engineflow.declare.handlers import HandlerSpec
 from engineflow.errors import RecipeError
 from engineflow.state.best import Best, ranked
@@ -266,8 +267,8 @@ class Checkpointer:
             if interrupt:
                 raise KeyboardInterrupt("checkpoint written")
 
-        return [HandlerSpec(iteration_completed, Events.ITERATION_COMPLETED, "train", 950, -1, raw=True),
-                HandlerSpec(epoch_completed, Events.EPOCH_COMPLETED, "train", 950, -1, raw=True)]
+        return [HandlerSpec(iteration_completed, Events.ITERATION_COMPLETED, "train", orders.CHECKPOINT, -1, raw=True),
+                HandlerSpec(epoch_completed, Events.EPOCH_COMPLETED, "train", orders.CHECKPOINT, -1, raw=True)]
 
     def _requests(self, agreeing: bool) -> tuple[bool, bool]:
         """(interrupt requested, checkpoint due by the clock); on several processes, as the ranks

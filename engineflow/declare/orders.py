@@ -1,0 +1,33 @@
+"""The ``order`` of each of engineflow's own handlers on the train engine: the one place these numbers live.
+
+Handlers on one event run by ascending ``order``, then in the order they were declared; a recipe's
+handlers default to :data:`USER` (0). Below 0 runs what a recipe's handlers read (the epoch's losses,
+validation, history, best); above it runs what writes the run down (records, checkpoint, log line), so
+that it writes what every handler of the epoch left. The README's table "Handlers: order and control
+flow" lists these constants, with their events, and a test compares the two.
+"""
+
+from __future__ import annotations
+
+# EPOCH_STARTED
+FIT_EPOCH_STARTED = -2000  # the fit notes where the epoch starts (its position), before any handler can end it
+CLEAR_METRICS = -1000  # the last epoch's state.metrics are cleared, before any handler fills them again
+LOSS_EPOCH_STARTED = -900  # the epoch's loss sums start from zero, before the first step is counted
+
+# ITERATION_COMPLETED
+LOSS_CHECK = -1000  # each loss is checked (NaN/inf stops the run) and summed, before any handler uses it
+
+# EPOCH_COMPLETED
+FIT_EPOCH_COMPLETED = -3000  # the epoch counts as complete (the fit's position), first: a checkpoint taken by a
+# later handler of this event resumes after the epoch, not inside it
+TRAIN_LOSS = -300  # train/loss (and train/<x>_loss) for the epoch join state.metrics, before validation reads them
+VALIDATION = -200  # valid/<name> for each eval loader, so that the epoch's metrics are complete before history
+HISTORY = -100  # history gets the epoch and best is updated, from the complete metrics, before the recipe's handlers
+
+USER = 0  # the default of ef.on / every_n_epochs / every_n_iterations: a recipe's handlers see all of the above
+
+RECORDS = 900  # metrics.jsonl, the index, TensorBoard (on ITERATION_COMPLETED: its loss curve), after the recipe's
+# handlers, so that the epoch is written once every handler of it ran
+CHECKPOINT = 950  # the checkpoint the policy asks for (or an interrupt's), after the records: a resume from it
+# never skips recording an epoch the checkpoint counts as done
+REPORT = 1000  # the progress bar and the epoch's log line, last: the line shows the epoch as it was recorded
