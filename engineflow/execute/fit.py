@@ -45,7 +45,7 @@ from engineflow.execute.parallel import (
 from engineflow.execute.stage import Progress, StageInfo
 from engineflow.execute.wiring import eval_loaders_of, loaders_of, main_metric, resolve_steps
 from engineflow.metrics import attach_metrics, check_metric_takes
-from engineflow.shards import consumed
+from engineflow.shards import Layout
 from engineflow.state.components import component_states, load_component_states
 from engineflow.state.position import EpochData
 from engineflow.state.rng import rng_state, set_rng_state
@@ -220,13 +220,14 @@ class Fit:
                 metrics[name] = metric.state_dict()
             except (NotImplementedError, AttributeError):
                 metrics[name] = None
+        layout = order_layout(self.loaders["train"])
         state = {
             "engine": {"iteration": engine.iteration, "epoch_length": engine.epoch_length,
                        "max_epochs": engine.max_epochs, **self.position()},
                 **component_states(self.components),
             "train_metrics": metrics, "loss": self.loss.state_dict(), "best": self.best.state_dict(),
             "history": list(self.history), "rng": rng_state(), "seed": self.seed, "stage": self.stage.state_dict(),
-            "order": order_layout(self.loaders["train"]),
+            "order": layout.state_dict() if layout is not None else None,
         }
         if self.gather is not None:
             # Models and optimizers are the same on every rank; what each rank drew and summed is its
@@ -244,7 +245,7 @@ class Fit:
         """
         engine = state["engine"]
         within = engine["batches_in_epoch"]
-        layout = state.get("order")
+        layout = Layout.from_state(state["order"]) if state.get("order") is not None else None
         if layout is not None:  # a loader sharded when saved is sharded here too (its orders are those)
             self.loaders["train"] = positioned(self.loaders["train"], layout)
         normal = _length(self.loaders["train"])  # batches in a whole epoch here
@@ -260,26 +261,26 @@ class Fit:
         saved_world = len(ranks) if ranks is not None else 1
         # the processes each pass is dealt out to, then and here (a loader not dealt out by position: the world's)
         here = order_layout(self.loaders["train"])
-        moved = bool(within) and ((layout["world"] if layout else saved_world)
-                                  != (here["world"] if here is not None else self.world_size))
+        moved = bool(within) and ((layout.world if layout else saved_world)
+                                  != (here.world if here is not None else self.world_size))
         if within and layout is not None:
-            fits = here is not None and all(here[k] == layout[k] for k in ("kind", "samples", "batch", "drop_last"))
+            fits = here is not None and here.matches(layout)
             if not fits and moved:
                 raise RecipeError(f"the latest checkpoint was written in the middle of an epoch whose train loader "
-                                  f"dealt out {layout['samples']} samples in batches of {layout['batch']}; this "
-                                  f"run's does not ({here}). Resume with the same data, or on "
+                                  f"dealt out {layout.samples} samples in batches of {layout.batch}; this "
+                                  f"run's does not ({here.state_dict() if here else None}). Resume with the same "
+                                  f"data, or on "
                                   f"{saved_world} process(es) (--nproc {saved_world})")
             if moved:  # continue after the positions the saved processes had trained on
-                position = consumed(layout["samples"], layout["world"], layout["batch"], offset=layout["offset"],
-                                    done=within, drop_last=layout["drop_last"])
-                if position >= layout["samples"]:
+                position = layout.consumed(within)
+                if position >= layout.samples:
                     raise RecipeError("the state was taken after its epoch's last batch, before the epoch completed; "
                                       "take it at EPOCH_COMPLETED (engineflow's checkpoints are) to resume it on "
                                       "another number of processes")
                 resume_order(self.loaders["train"], position)
                 within = 0
-            elif layout["kind"] == "shard":
-                resume_order(self.loaders["train"], layout["offset"])  # the same pass again, then skip
+            elif layout.kind == "shard":
+                resume_order(self.loaders["train"], layout.offset)  # the same pass again, then skip
         elif within and saved_world != self.world_size:
             raise RecipeError(f"the latest checkpoint was written in the middle of an epoch on {saved_world} "
                               f"process(es) by a train loader engineflow does not deal out itself; resume it on "
