@@ -155,12 +155,12 @@ class Dealer:
             for start in range(0, self.count(offset) * self.batch, self.batch):
                 yield rows[start:start + self.batch]
             return
-        for step in steps(self.samples, self.world, self.batch, offset=offset, drop_last=self.drop_last):
-            positions = rank_positions(step, self.rank, self.world)
-            if step[1] <= self.samples:
-                yield positions
+        samples, rank, world = self.samples, self.rank, self.world
+        for start, stop in steps(samples, world, self.batch, offset=offset, drop_last=self.drop_last):
+            if stop <= samples:
+                yield range(start + rank, stop, world)
             else:
-                yield [position_index(p, self.samples, offset) for p in positions]
+                yield [position_index(p, samples, offset) for p in range(start + rank, stop, world)]
 
     def count(self, offset: int = 0) -> int:
         """How many batches :meth:`batches` hands out from ``offset``."""
