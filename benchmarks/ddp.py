@@ -20,7 +20,7 @@ each, rotated every block in whole rotations as in :mod:`benchmarks.paired`:
 * ``engineflow``: a real fit from :func:`engineflow.execute.fit.build_fit`, as ``engineflow run
   --nproc 2`` builds it: the train engine from ``make_engine`` running a train step, the model
   wrapped by ``train_wrappers`` (``idist.auto_model``), the train loader sharded by
-  ``shard_loaders`` (``ShardBatches`` over a padded ``ShardSampler``), the loss checked every iteration and summed over
+  ``shard_loaders`` (``ShardBatches``: a ``shards.Dealer``'s batches), the loss checked every iteration and summed over
   the ranks once per epoch by ``LossMonitor(reduce=sum_over_ranks)``, each epoch reseeded by
   ``EpochData``, the fit's own handlers (history, best epoch). No recorder, validation or checkpoint:
   the hand-written loop does none of them either.

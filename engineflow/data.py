@@ -9,12 +9,13 @@ each batch with one indexing call per tensor instead, and draws each epoch's ord
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from itertools import islice
 from typing import Any
 
 import torch
 
-from engineflow.shards import steps
+from engineflow.shards import Dealer, Layout
 
 # Odd 64-bit constant (the golden ratio's): spreads seeds far apart, so (seed, epoch) pairs of
 # nearby seeds never share a permutation generator.
@@ -80,39 +81,21 @@ class TensorLoader:
         self._epoch = 0  # the epoch in progress, or the next one when none is
         self._batch = 0  # batches of that epoch already handed out
         self._resume = False
-        self._shard: tuple[int, int, bool] | None = None  # (rank, world size, pad) on several processes
+        self._share = (0, 1, True)  # (rank, world size, pad): the whole order, on one process
         self._offset = 0  # positions of the epoch's order before the pass of `_epoch` (see start_at)
 
     def shard(self, rank: int, world_size: int, *, pad: bool) -> None:
         """Hand out only rank ``rank``'s share of each epoch's order (engineflow calls it on several
         processes): every ``world_size``-th sample from ``rank``; ``pad`` repeats the order's first
         samples up to a multiple of ``world_size`` (train), else shards differ by one at most (eval)."""
-        self._shard = (rank, world_size, pad) if world_size > 1 else None
+        self._share = (rank, world_size, pad)
 
-    def _rows_here(self) -> int:
-        if self._shard is None:
-            return self.samples
-        rank, world, _ = self._shard
-        return len(range(rank, self.samples, world))  # an eval share (a train share is cut in steps)
-
-    def _steps(self) -> list[tuple[int, int]] | None:
-        """The steps of a train share or of a resumed pass (see :mod:`engineflow.shards`);
-        None where batches are cut from this loader's rows alone."""
-        if self._shard is not None and not self._shard[2]:
-            return None
-        if self._shard is None and not self._offset:
-            return None
-        world = self._shard[1] if self._shard is not None else 1
-        return steps(self.samples, world, self.batch_size, offset=self._offset, drop_last=self.drop_last)
+    def _dealer(self) -> Dealer:
+        rank, world, pad = self._share
+        return Dealer(self.samples, self.batch_size, world, rank, self.drop_last, pad)
 
     def __len__(self) -> int:
-        plan = self._steps()
-        if plan is not None:
-            return len(plan)
-        rows = self._rows_here()
-        if self.drop_last:
-            return rows // self.batch_size
-        return -(-rows // self.batch_size)
+        return self._dealer().count(self._offset)
 
     def __iter__(self) -> Iterator[Any]:
         if self._resume:
@@ -122,45 +105,28 @@ class TensorLoader:
         return self._batches(self._epoch, self._batch)
 
     def _batches(self, epoch: int, first: int) -> Iterator[Any]:
-        order = self.order(epoch)
-        plan = self._steps()
-        if plan is not None:
-            positions = self._positions(plan)
-            if order is None:
-                order = torch.arange(self.samples, device=self.tensors[0].device)
-        elif self._shard is not None:  # an eval share: every world-th sample from rank, nothing repeated
-            rank, world, _ = self._shard
-            if order is None:
-                order = torch.arange(self.samples, device=self.tensors[0].device)
-            order = order[rank::world]
-        size, count, single = self.batch_size, len(self), len(self.tensors) == 1
-        for index in range(first, count):
-            start = index * size
-            if plan is not None:
-                rows = order.index_select(0, positions[index].to(order.device))
-                batch = tuple(t.index_select(0, rows) for t in self.tensors)
-            elif order is None:  # contiguous rows: views, no copy
-                batch = tuple(t[start:start + size] for t in self.tensors)
-            else:
-                rows = order[start:start + size]
-                batch = tuple(t.index_select(0, rows) for t in self.tensors)
+        order, single = self.order(epoch), len(self.tensors) == 1
+        for index, positions in islice(enumerate(self._dealer().batches(self._offset)), first, None):
+            batch = self._gather(order, positions)
             # Counted before the yield: a checkpoint taken while this batch is being trained on
             # resumes with the next one.
             self._batch = index + 1
             yield batch[0] if single else batch
         self._epoch, self._batch, self._offset = epoch + 1, 0, 0
 
-    def _positions(self, plan: list[tuple[int, int]]) -> list[torch.Tensor]:
-        """This share's positions of the order, one tensor per step (past the end: the pass again)."""
-        rank, world = (self._shard[0], self._shard[1]) if self._shard is not None else (0, 1)
-        out = []
-        for start, stop in plan:
-            positions = torch.arange(start + rank, stop, world)
-            beyond = positions >= self.samples
-            if beyond.any():
-                positions[beyond] = self._offset + (positions[beyond] - self.samples) % (self.samples - self._offset)
-            out.append(positions)
-        return out
+    def _gather(self, order: torch.Tensor | None, positions: Sequence[int]) -> tuple[torch.Tensor, ...]:
+        """The rows at ``positions`` of the order (``None``: ``0..n-1``), one indexing call a tensor."""
+        if isinstance(positions, range):
+            if order is None and positions.step == 1:  # contiguous rows: views, no copy
+                return tuple(t[positions.start:positions.stop] for t in self.tensors)
+            if order is not None:
+                rows = order[positions.start:positions.stop:positions.step]
+            else:
+                rows = torch.arange(positions.start, positions.stop, positions.step, device=self.tensors[0].device)
+        else:
+            rows = torch.tensor(positions, device=self.tensors[0].device)
+            rows = order.index_select(0, rows) if order is not None else rows
+        return tuple(t.index_select(0, rows) for t in self.tensors)
 
     def order(self, epoch: int) -> torch.Tensor | None:
         """The sample order of ``epoch`` (a permutation on the tensors' device), or None unshuffled."""
@@ -182,12 +148,10 @@ class TensorLoader:
             raise ValueError(f"TensorLoader.start_at expects a position in [0, {self.samples}), got {position}")
         self._batch, self._offset, self._resume = 0, position, True
 
-    def layout(self) -> dict[str, Any]:
-        """How a pass deals out the order: samples, batch, world (processes), offset (of the pass
-        in progress), drop_last."""
-        world = self._shard[1] if self._shard is not None else 1
-        return {"samples": self.samples, "batch": self.batch_size, "world": world, "offset": self._offset,
-                "drop_last": self.drop_last}
+    def layout(self) -> Layout:
+        """How a pass deals out the order (see :mod:`engineflow.shards`): its offset is the pass in
+        progress's."""
+        return self._dealer().layout("tensor", self._offset)
 
     def state_dict(self) -> dict[str, int]:
         """Where the data order stands: ``{"seed", "epoch", "batch"}`` (batches of ``epoch`` handed

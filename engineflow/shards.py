@@ -17,6 +17,11 @@ all-reduces gradients.
 A resume on the same number of processes does not use any of this: it re-runs the epoch's pass
 and skips the steps already done, which is bit-identical to never stopping.
 
+:class:`Dealer` hands out one rank's batches of these positions (or, ``pad=False``, a split that
+evaluates: each position once, nothing repeated, nothing dropped); a :class:`Layout` says how a
+pass dealt its order out, for a checkpoint. Every loader engineflow deals out (a
+``TensorLoader``, a sharded ``DataLoader``) batches through a :class:`Dealer` and is :class:`Dealt`.
+
 Example:
     >>> steps(10, world=2, batch=2)                 # rank 0: 0 2 | 4 6 | 8   rank 1: 1 3 | 5 7 | 9
     [(0, 4), (4, 8), (8, 10)]
@@ -27,6 +32,10 @@ Example:
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol, runtime_checkable
 
 
 def steps(samples: int, world: int, batch: int, *, offset: int = 0, drop_last: bool = False) -> list[tuple[int, int]]:
@@ -65,3 +74,115 @@ def consumed(samples: int, world: int, batch: int, *, offset: int, done: int, dr
     if done <= 0:
         return offset
     return min(steps(samples, world, batch, offset=offset, drop_last=drop_last)[done - 1][1], samples)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How a pass deals out an epoch's order, as a checkpoint holds it (under ``"order"``).
+
+    ``kind``: what deals it out ("tensor": a ``TensorLoader``; "shard": a ``DataLoader`` engineflow
+    sharded); ``offset``: the positions before the pass in progress (see the module).
+
+    Example:
+        >>> layout = Layout("tensor", samples=10, batch=2, world=3, offset=4, drop_last=False)
+        >>> layout.state_dict()
+        {'kind': 'tensor', 'samples': 10, 'batch': 2, 'world': 3, 'offset': 4, 'drop_last': False}
+        >>> Layout.from_state(layout.state_dict()) == layout
+        True
+    """
+
+    kind: Literal["tensor", "shard"]
+    samples: int
+    batch: int
+    world: int
+    offset: int = 0
+    drop_last: bool = False
+
+    def state_dict(self) -> dict[str, Any]:
+        """The checkpoint's dict: ``{"kind", "samples", "batch", "world", "offset", "drop_last"}``."""
+        return {"kind": self.kind, "samples": self.samples, "batch": self.batch, "world": self.world,
+                "offset": self.offset, "drop_last": self.drop_last}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> Layout:
+        """The layout a :meth:`state_dict` holds."""
+        return cls(state["kind"], int(state["samples"]), int(state["batch"]), int(state["world"]),
+                   int(state["offset"]), bool(state["drop_last"]))
+
+    def matches(self, other: Layout) -> bool:
+        """Whether ``other`` deals out the same samples in batches of the same size (on any number of
+        processes, from any offset)."""
+        return (self.kind, self.samples, self.batch, self.drop_last) == \
+            (other.kind, other.samples, other.batch, other.drop_last)
+
+    def consumed(self, done: int) -> int:
+        """How many positions of the order its pass had trained on after ``done`` steps (all ranks)."""
+        return consumed(self.samples, self.world, self.batch, offset=self.offset, done=done, drop_last=self.drop_last)
+
+
+@dataclass(frozen=True)
+class Dealer:
+    """Rank ``rank``'s batches of a pass over an epoch's order, as positions of the order.
+
+    ``pad`` (train): the steps of the module, every rank in every step. ``pad=False`` (a split that
+    evaluates): rank ``r`` takes positions ``offset + r, offset + r + world, ...``, each once, in
+    batches of ``batch``; ranks' numbers of batches differ by one at most, and ``drop_last`` drops
+    a rank's short last batch.
+
+    Example:
+        >>> [list(b) for b in Dealer(10, batch=2, world=2, rank=1).batches()]
+        [[1, 3], [5, 7], [9]]
+        >>> [list(b) for b in Dealer(7, batch=2, world=2, rank=1).batches()]  # 7 pads to 8: the first again
+        [[1, 3], [5, 0]]
+        >>> [list(b) for b in Dealer(10, batch=2, world=3, rank=2).batches(offset=4)]
+        [[6, 9]]
+        >>> [list(b) for b in Dealer(7, batch=2, world=3, rank=2, pad=False).batches()]
+        [[2, 5]]
+    """
+
+    samples: int
+    batch: int
+    world: int = 1
+    rank: int = 0
+    drop_last: bool = False
+    pad: bool = True
+
+    def batches(self, offset: int = 0) -> Iterator[Sequence[int]]:
+        """The positions of each of this rank's batches in a pass from ``offset``: a ``range``,
+        or a list where positions repeat."""
+        if not self.pad:
+            rows = range(offset + self.rank, self.samples, self.world)
+            for start in range(0, self.count(offset) * self.batch, self.batch):
+                yield rows[start:start + self.batch]
+            return
+        samples, rank, world = self.samples, self.rank, self.world
+        for start, stop in steps(samples, world, self.batch, offset=offset, drop_last=self.drop_last):
+            if stop <= samples:
+                yield range(start + rank, stop, world)
+            else:
+                yield [position_index(p, samples, offset) for p in range(start + rank, stop, world)]
+
+    def count(self, offset: int = 0) -> int:
+        """How many batches :meth:`batches` hands out from ``offset``."""
+        if not self.pad:
+            rows = len(range(offset + self.rank, self.samples, self.world))
+            return rows // self.batch if self.drop_last else -(-rows // self.batch)
+        return len(steps(self.samples, self.world, self.batch, offset=offset, drop_last=self.drop_last))
+
+    def layout(self, kind: Literal["tensor", "shard"], offset: int) -> Layout:
+        """The :class:`Layout` of a pass from ``offset``, dealt out by a loader of ``kind``."""
+        return Layout(kind, self.samples, self.batch, self.world, offset, self.drop_last)
+
+
+@runtime_checkable
+class Dealt(Protocol):
+    """A loader (or a DataLoader's batch sampler) that deals out its batches by position."""
+
+    def layout(self) -> Layout:
+        """The :class:`Layout` of the pass in progress (or of the next, before one starts)."""
+        ...
+
+    def start_at(self, position: int) -> None:
+        """Make the next pass continue the epoch in progress after ``position`` positions of its
+        order, each later position once."""
+        ...

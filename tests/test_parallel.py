@@ -13,14 +13,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch.utils.data import BatchSampler, DataLoader, TensorDataset
+from torch.utils.data import DataLoader, TensorDataset
 
 from engineflow.data import TensorLoader
 from engineflow.errors import RecipeError
 from engineflow.execute.losses import LossMonitor
 from engineflow.execute.parallel import (
     ShardBatches,
-    ShardSampler,
     World,
     order_layout,
     regrouped_metric_state,
@@ -28,40 +27,85 @@ from engineflow.execute.parallel import (
     shard_loader,
     sum_over_ranks,
 )
-from engineflow.shards import consumed, position_index, rank_positions, steps
+from engineflow.shards import Dealer, Layout, consumed, position_index, rank_positions, steps
+from engineflow.state.rng import loader_generators
 from tests.conftest import REPO, run_engineflow
 
 DIGITS = REPO / "recipes" / "digits.py"
 
 
 # sharding ---------------------------------------------------------------------------------------
+def _dealt_batches(samples, world, batch, *, shuffle, pad, drop_last=False, seed=5):
+    """Every rank's batches of sample indices from a sharded DataLoader's batch sampler (the order
+    drawn from ``seed``; iterating the DataLoader would draw its workers' base seed first)."""
+    out = []
+    for rank in range(world):
+        loader = DataLoader(TensorDataset(torch.arange(samples)), batch_size=batch, shuffle=shuffle,
+                            drop_last=drop_last, generator=torch.Generator().manual_seed(seed))
+        shard = shard_loader(loader, World(rank, world), pad=pad)
+        out.append(list(shard.batch_sampler))
+        assert len(shard) == len(out[-1])
+    return out
+
+
 @pytest.mark.parametrize("samples", [1, 7, 269, 271])
 @pytest.mark.parametrize("world", [2, 3])
-def test_eval_shards_hold_every_sample_exactly_once(samples, world):
-    shards = [list(ShardSampler(samples, rank=r, world_size=world, shuffle=False, pad=False)) for r in range(world)]
+@pytest.mark.parametrize("batch", [1, 4])
+def test_eval_shards_hold_every_sample_exactly_once(samples, world, batch):
+    shards = [[i for b in rank for i in b] for rank in _dealt_batches(samples, world, batch, shuffle=False, pad=False)]
     assert sorted(i for shard in shards for i in shard) == list(range(samples))
-    assert [len(s) for s in shards] == [len(ShardSampler(samples, rank=r, world_size=world, shuffle=False,
-                                                         pad=False)) for r in range(world)]
     assert max(map(len, shards)) - min(map(len, shards)) <= 1
+    assert all(shard == list(range(r, samples, world)) for r, shard in enumerate(shards))
+    # the tensor loader's shares are the same batches
+    for rank in range(world):
+        loader = TensorLoader(torch.arange(samples), batch_size=batch)
+        loader.shard(rank, world, pad=False)
+        assert [i for b in loader for i in b.tolist()] == shards[rank]
 
 
 @pytest.mark.parametrize("samples", [7, 10, 12])
 def test_train_shards_are_one_permutation_padded_and_dealt_out(samples):
-    def shards(world):
-        out = []
-        for rank in range(world):
-            sampler = ShardSampler(samples, rank=rank, world_size=world, shuffle=True, pad=True,
-                                   generator=torch.Generator().manual_seed(5))
-            out.append(list(sampler))
-            assert len(sampler) == len(out[-1])
-        return out
-
     order = torch.randperm(samples, generator=torch.Generator().manual_seed(5)).tolist()
     for world in (2, 3):
-        got = shards(world)
+        got = [[i for b in rank for i in b] for rank in _dealt_batches(samples, world, 2, shuffle=True, pad=True)]
         assert len({len(s) for s in got}) == 1  # every rank runs the same number of steps
-        dealt = [got[k % world][k // world] for k in range(samples)]
-        assert dealt == order  # position k of the epoch's order is on rank k % world
+        dealt = [got[k % world][k // world] for k in range(len(got[0]) * world)]
+        # position k of the epoch's order is on rank k % world; the padding repeats the order's first
+        assert dealt == [order[k % samples] for k in range(len(dealt))]
+
+
+def test_a_whole_epoch_is_batched_as_each_rank_s_share_of_the_padded_order():
+    for samples, world, batch, drop_last in [(11, 2, 2, False), (11, 3, 2, True), (50, 2, 4, False), (7, 4, 3, False)]:
+        order = torch.randperm(samples, generator=torch.Generator().manual_seed(3)).tolist()
+        padded = [order[p % samples] for p in range(-(-samples // world) * world)]
+        got = _dealt_batches(samples, world, batch, shuffle=True, pad=True, drop_last=drop_last, seed=3)
+        for rank in range(world):
+            share = padded[rank::world]
+            expected = [share[i:i + batch] for i in range(0, len(share), batch)]
+            if drop_last and len(expected[-1]) < batch:
+                expected.pop()
+            assert got[rank] == expected
+
+
+@pytest.mark.parametrize("pad", [True, False])
+def test_a_tensor_loader_and_a_dataloader_deal_out_the_same_batches(pad):
+    """One dealer: a sharded TensorLoader and a sharded DataLoader over the same order hand every
+    rank the same samples in the same batches, whole epochs and resumed passes alike."""
+    for samples, world, batch, drop_last in [(11, 2, 2, False), (11, 3, 2, True), (23, 3, 4, False), (7, 4, 3, False)]:
+        for offset in range(0, samples, 3) if pad else [0]:
+            for rank in range(world):
+                tensors = TensorLoader(torch.arange(samples), batch_size=batch, drop_last=drop_last)
+                tensors.shard(rank, world, pad=pad)
+                rows = DataLoader(TensorDataset(torch.arange(samples)), batch_size=batch, drop_last=drop_last)
+                rows = shard_loader(rows, World(rank, world), pad=pad)
+                dealer = Dealer(samples, batch, world, rank, drop_last, pad)
+                if offset:
+                    tensors.start_at(offset)
+                    resume_order(rows, offset)
+                expected = [list(b) for b in dealer.batches(offset)]  # unshuffled: positions are samples
+                assert [b.tolist() for b in tensors] == expected
+                assert [b[0].tolist() for b in rows] == expected
+                assert len(expected) == dealer.count(offset)
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
@@ -82,16 +126,6 @@ def test_a_resumed_pass_deals_out_each_remaining_position_once_in_equal_steps(wo
             if repeats:
                 assert (samples - offset) % (batch * world) < world and (batch == 1 or len(plan) == 1)
                 assert repeats < world
-
-
-def test_a_whole_epoch_is_batched_as_the_shard_sampler_deals_it_out():
-    for samples, world, batch, drop_last in [(11, 2, 2, False), (11, 3, 2, True), (50, 2, 4, False), (7, 4, 3, False)]:
-        for rank in range(world):
-            shard = ShardSampler(samples, rank=rank, world_size=world, shuffle=True, pad=True,
-                                 generator=torch.Generator().manual_seed(3))
-            expected = list(BatchSampler(shard, batch, drop_last))
-            shard.generator.manual_seed(3)
-            assert list(ShardBatches(shard, batch, drop_last)) == expected
 
 
 def test_an_epoch_left_on_two_processes_is_finished_on_three_each_sample_once():
@@ -120,16 +154,16 @@ def test_an_epoch_left_on_two_processes_is_finished_on_three_each_sample_once():
         return shard_loader(loader, World(rank, world), pad=True)
     first = [dl(r, 2) for r in range(2)]
     for loader in first:
-        loader.batch_sampler.sampler.generator.manual_seed(9)
+        loader.batch_sampler.generator.manual_seed(9)
     taken = [b[0] for loader in first for b in list(loader)[:3]]
     rest = []
     for rank in range(3):
         loader = dl(rank, 3)
-        loader.batch_sampler.sampler.generator.manual_seed(9)
+        loader.batch_sampler.generator.manual_seed(9)
         resume_order(loader, consumed(23, 2, 2, offset=0, done=3))
-        assert order_layout(loader)["offset"] == 0  # until its pass starts
+        assert order_layout(loader) == Layout("shard", 23, 2, 3, offset=0)  # until its pass starts
         rest += [b[0] for b in loader]
-        assert order_layout(loader)["offset"] == 12
+        assert order_layout(loader) == Layout("shard", 23, 2, 3, offset=12)
     assert sorted(torch.cat(taken + rest).tolist()) == list(range(23))
 
 
@@ -261,8 +295,9 @@ def test_a_dataloader_is_rebuilt_around_its_shard_with_its_options():
     data = TensorDataset(torch.arange(11.0))
     loader = DataLoader(data, batch_size=2, shuffle=True, generator=torch.Generator().manual_seed(0))
     shards = [shard_loader(loader, World(r, 2), pad=True) for r in range(2)]
-    assert all(s.batch_sampler.batch_size == 2 and isinstance(s.batch_sampler.sampler, ShardSampler) for s in shards)
-    assert shards[0].batch_sampler.sampler.generator is loader.generator  # seed_epoch reseeds it each epoch
+    assert all(isinstance(s.batch_sampler, ShardBatches) and s.batch_sampler.dealer.batch == 2 for s in shards)
+    assert shards[0].batch_sampler.generator is loader.generator  # seed_epoch reseeds it each epoch
+    assert loader_generators(shards[0]) == [loader.generator]
     evals = [shard_loader(DataLoader(data, batch_size=4), World(r, 2), pad=False) for r in range(2)]
     assert sorted(torch.cat([b[0] for s in evals for b in s]).tolist()) == list(range(11))
 
@@ -279,6 +314,35 @@ def test_a_tensor_loader_hands_out_its_shard():
     padded = TensorLoader(x, batch_size=2, shuffle=True, seed=1)
     padded.shard(2, 3, pad=True)
     assert len(torch.cat(list(padded))) == 4
+
+
+def test_a_checkpoint_holds_the_layout_as_the_dict_earlier_versions_wrote(tmp_path):
+    """The checkpoint's "order" stays the plain dict older checkpoints hold, and reads back as a Layout."""
+    for kind, name in (("tensor", "tensor"), ("loader", "shard")):
+        state = _saved_at(_rank_fit(tmp_path, 2, kind=kind), 3)
+        written = {"kind": name, "samples": 50, "batch": 4, "world": 2, "offset": 0, "drop_last": False}
+        assert state["order"] == written and list(state["order"]) == list(written)
+        layout = Layout.from_state(written)
+        assert layout == Layout(name, 50, 4, 2) and layout.state_dict() == written
+        assert layout.consumed(3) == consumed(50, 2, 4, offset=0, done=3) == 24
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="gloo file store")
+def test_one_gather_returns_each_rank_s_value_as_it_is(tmp_path):
+    """gather_objects serves a fit's per-rank state (a dict) and an infer pass's rows (a tensor of
+    any length) alike: a list, one value a rank."""
+    import torch.distributed as dist
+
+    from engineflow.execute.parallel import gather_objects
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        rows = torch.arange(5.0).reshape(5, 1)
+        gathered = gather_objects(rows)
+        assert isinstance(gathered, list) and len(gathered) == 1 and torch.equal(gathered[0], rows)
+        assert gather_objects({"rng": [1, 2]}) == [{"rng": [1, 2]}]
+    finally:
+        dist.destroy_process_group()
 
 
 def test_one_process_is_not_sharded_and_sums_nothing():

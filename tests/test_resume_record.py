@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ import torch
 
 import engineflow as ef
 from engineflow.errors import RecipeError
+from engineflow.shards import Layout
 from engineflow.state.checkpoint_files import load_record, load_state, save_checkpoint
 from engineflow.state.position import plan_resume
 from engineflow.state.resume import FORMAT, Position, RankState, ResumeRecord, StageInfo
@@ -75,7 +77,7 @@ def test_a_record_goes_through_a_checkpoint_file_unchanged(tmp_path):
                         done=({"name": "pretrain", "epochs": 2},)),
         seed=3, components={"model": {"weight": torch.arange(4.0)}}, requires_grad={"model": [True, False]},
         best={"metric": "valid/accuracy", "mode": "max", "epoch": 1, "value": 0.5}, history=[{"epoch": 1, "x": 1.0}],
-        layout={"kind": "tensor", "samples": 10, "batch": 4, "world": 2, "offset": 0, "drop_last": False},
+        layout=Layout("tensor", samples=10, batch=4, world=2, offset=0, drop_last=False),
         ranks=[RankState({"torch": torch.get_rng_state()}, loss(0.5), {"train/accuracy": None}),
                RankState({"torch": torch.get_rng_state()}, loss(0.25))],
         parts={"early_stopping": {"counter": 2}})
@@ -119,12 +121,12 @@ def test_a_format_from_a_later_version_is_refused_naming_it():
 
 
 def test_a_mid_epoch_record_of_another_world_plans_the_rest_of_its_order_or_refuses():
-    layout = {"kind": "shard", "samples": 10, "batch": 2, "world": 2, "offset": 0, "drop_last": False}
+    layout = Layout("shard", samples=10, batch=2, world=2, offset=0, drop_last=False)
     saved = ResumeRecord(position=Position(5, 1, 2), layout=layout, ranks=[RankState({}, {})] * 2)
     assert plan_resume(saved, layout, 2).skip == 2 and plan_resume(saved, layout, 2).start_at == 0
-    assert plan_resume(saved, {**layout, "world": 3}, 3).start_at == 8
+    assert plan_resume(saved, replace(layout, world=3), 3).start_at == 8
     with pytest.raises(RecipeError, match="dealt out 10 samples in batches of 2"):
-        plan_resume(saved, {**layout, "world": 3, "samples": 12}, 3)
+        plan_resume(saved, replace(layout, world=3, samples=12), 3)
     plain = ResumeRecord(position=Position(5, 1, 2), ranks=[RankState({}, {})] * 2)
     with pytest.raises(RecipeError, match="resume it on 2 \\(--nproc 2\\)"):
         plan_resume(plain, None, 1)

@@ -7,13 +7,14 @@ A fit on N processes differs from a fit on one in three places, all here:
    ``backward``). Eval, infer and every handler get the plain module, so an eval step's forward is no
    collective (uneven eval shards would otherwise hang) and checkpoints hold the same keys as on one
    process.
-2. **Loaders**: :func:`shard_loaders` gives each rank its share. A train loader's order is one
-   permutation of all samples, drawn from ``(seed, epoch)`` as on one process, padded to a multiple
-   of the world size (every rank runs the same number of steps) and dealt out rank by rank, so that
-   batch ``j`` of every rank together cover positions ``[j*B*W, (j+1)*B*W)`` of it. Any other
-   loader is split without padding and without dropping: each sample on exactly one rank, shards
-   that differ by one sample at most. Ignite's metrics all-reduce their sums when they compute, so
-   validation and test metrics equal one process's.
+2. **Loaders**: :func:`shard_loaders` gives each rank its share, the batches a
+   :class:`~engineflow.shards.Dealer` deals out (as a ``TensorLoader`` deals its own). A train
+   loader's order is one permutation of all samples, drawn from ``(seed, epoch)`` as on one
+   process, padded to a multiple of the world size (every rank runs the same number of steps) and
+   dealt out rank by rank, so that batch ``j`` of every rank together cover positions
+   ``[j*B*W, (j+1)*B*W)`` of it. Any other loader is split without padding and without dropping:
+   each sample on exactly one rank, shards that differ by one sample at most. Ignite's metrics
+   all-reduce their sums when they compute, so validation and test metrics equal one process's.
 3. **Sums**: :func:`sum_over_ranks` all-reduces the train losses' totals and counts, so
    ``train/loss`` is the mean over every process's batches.
 
@@ -33,7 +34,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler, SequentialSampler
 
 from engineflow.errors import RecipeError
-from engineflow.shards import position_index, rank_positions, steps
+from engineflow.shards import Dealer, Dealt, Layout
 
 
 @dataclass(frozen=True)
@@ -120,67 +121,43 @@ def ordered_sum(state, bucket):  # type: ignore[no-untyped-def]
 
 
 # loaders ---------------------------------------------------------------------------------------
-class ShardSampler(Sampler[int]):
-    """One rank's share of ``samples`` indices, for a whole epoch.
+class ShardBatches(Sampler[list[int]]):
+    """One rank's batches of a ``DataLoader``'s samples: ``dealer``'s positions of each epoch's
+    order (a permutation drawn from ``generator`` when ``shuffle``, else ``0..n-1``, the same on
+    every rank), as sample indices.
 
-    ``pad=True`` (train): the epoch's order (a permutation drawn from ``generator`` when
-    ``shuffle``, else ``0..n-1``), repeated at its start up to a multiple of ``world_size``, every
-    ``world_size``-th index from ``rank``. ``pad=False`` (eval): ``rank, rank + W, ...`` of
-    ``0..n-1``: nothing repeated, nothing dropped. A train loader batches it with
-    :class:`ShardBatches`, which can also resume an epoch part-way.
+    :meth:`start_at` makes the next pass resume the epoch in progress after that many positions of
+    its order, each remaining position once (a resume on another number of processes).
     """
 
-    def __init__(self, samples: int, *, rank: int, world_size: int, shuffle: bool, pad: bool,
-                 generator: torch.Generator | None = None) -> None:
-        self.samples, self.rank, self.world_size = samples, rank, world_size
-        self.shuffle, self.pad = shuffle, pad
+    def __init__(self, dealer: Dealer, *, shuffle: bool, generator: torch.Generator | None = None) -> None:
+        self.dealer, self.shuffle = dealer, shuffle
         self.generator = generator if generator is not None or not shuffle else torch.Generator()
+        self._next = 0  # the offset of the next pass
+        self._offset = 0  # the offset of the pass in progress
 
     def order(self) -> list[int]:
         """The epoch's order of every sample, the same on every rank (draws from the generator)."""
         if self.shuffle:
-            return torch.randperm(self.samples, generator=self.generator).tolist()
-        return list(range(self.samples))
-
-    def __iter__(self) -> Iterator[int]:
-        order = self.order()
-        if self.pad:
-            order = [order[position_index(p, self.samples)] for p in range(len(self) * self.world_size)]
-        return iter(order[self.rank::self.world_size])
-
-    def __len__(self) -> int:
-        if self.pad:
-            return -(-self.samples // self.world_size)
-        return len(range(self.rank, self.samples, self.world_size))
-
-
-class ShardBatches(Sampler[list[int]]):
-    """One rank's batches of a train loader: the steps of :mod:`engineflow.shards` over the
-    epoch's order of ``sampler`` (a padded :class:`ShardSampler`).
-
-    ``offset`` makes the next pass resume the epoch in progress after that many positions of its
-    order, each remaining position once (a resume on another number of processes); ``pass_offset``
-    is the offset of the pass in progress.
-    """
-
-    def __init__(self, sampler: ShardSampler, batch_size: int, drop_last: bool) -> None:
-        self.sampler, self.batch_size, self.drop_last = sampler, batch_size, drop_last
-        self.offset = self.pass_offset = 0
-
-    def steps(self, offset: int) -> list[tuple[int, int]]:
-        return steps(self.sampler.samples, self.sampler.world_size, self.batch_size, offset=offset,
-                     drop_last=self.drop_last)
+            return torch.randperm(self.dealer.samples, generator=self.generator).tolist()
+        return list(range(self.dealer.samples))
 
     def __iter__(self) -> Iterator[list[int]]:
-        offset, self.offset = self.offset, 0
-        self.pass_offset = offset
-        order, samples = self.sampler.order(), self.sampler.samples
-        rank, world = self.sampler.rank, self.sampler.world_size
-        for step in self.steps(offset):
-            yield [order[position_index(p, samples, offset)] for p in rank_positions(step, rank, world)]
+        self._offset, self._next = self._next, 0
+        order = self.order()
+        for positions in self.dealer.batches(self._offset):
+            yield [order[p] for p in positions]
 
     def __len__(self) -> int:
-        return len(self.steps(self.offset))
+        return self.dealer.count(self._next)
+
+    def layout(self) -> Layout:
+        """The :class:`~engineflow.shards.Layout` of the pass in progress."""
+        return self.dealer.layout("shard", self._offset)
+
+    def start_at(self, position: int) -> None:
+        """Make the next pass continue the epoch in progress after ``position`` positions of its order."""
+        self._next = position
 
 
 def shard_loaders(loaders: Mapping[str, Any], world: World, *, train: Iterable[str]) -> dict[str, Any]:
@@ -193,7 +170,7 @@ def shard_loaders(loaders: Mapping[str, Any], world: World, *, train: Iterable[s
 
 
 def shard_loader(loader: Any, world: World, *, pad: bool, name: str = "") -> Any:
-    """This rank's share of one loader: a ``DataLoader`` rebuilt around a :class:`ShardSampler`,
+    """This rank's share of one loader: a ``DataLoader`` rebuilt around :class:`ShardBatches`,
     a :class:`~engineflow.data.TensorLoader` told its shard. A loader already sharded by the recipe
     (a ``DistributedSampler``) is kept as it is; anything else is a RecipeError."""
     from torch.utils.data.distributed import DistributedSampler
@@ -218,8 +195,8 @@ def shard_loader(loader: Any, world: World, *, pad: bool, name: str = "") -> Any
                           "cannot shard it exactly. Give it a DistributedSampler")
     shuffle = isinstance(sampler, RandomSampler)
     generator = sampler.generator if shuffle else None
-    shard = ShardSampler(len(loader.dataset), rank=world.rank, world_size=world.size, shuffle=shuffle, pad=pad,
-                         generator=generator if generator is not None else loader.generator)
+    dealer = Dealer(len(loader.dataset), loader.batch_size, world.size, world.rank, loader.drop_last, pad)
+    batches = ShardBatches(dealer, shuffle=shuffle, generator=generator if generator is not None else loader.generator)
     options: dict[str, Any] = dict(num_workers=loader.num_workers, collate_fn=loader.collate_fn,
                                    pin_memory=loader.pin_memory, timeout=loader.timeout,
                                    worker_init_fn=loader.worker_init_fn, generator=loader.generator,
@@ -227,49 +204,41 @@ def shard_loader(loader: Any, world: World, *, pad: bool, name: str = "") -> Any
     if loader.num_workers > 0:
         options["prefetch_factor"] = loader.prefetch_factor
         options["multiprocessing_context"] = loader.multiprocessing_context
-    if pad:
-        return DataLoader(loader.dataset, batch_sampler=ShardBatches(shard, loader.batch_size, loader.drop_last),
-                          **options)
-    return DataLoader(loader.dataset, sampler=shard, batch_size=loader.batch_size, drop_last=loader.drop_last,
-                      **options)
+    return DataLoader(loader.dataset, batch_sampler=batches, **options)
 
 
-def order_layout(loader: Any) -> dict[str, Any] | None:
-    """How a train loader deals out its epoch's order, for a checkpoint: ``{"kind", "samples",
-    "batch", "world", "offset", "drop_last"}`` (``offset``: where the pass in progress started),
-    or None for a loader engineflow cannot position by sample (a plain DataLoader on one process,
-    a recipe's own DistributedSampler)."""
-    from engineflow.data import TensorLoader
-
-    if isinstance(loader, TensorLoader):
-        return {"kind": "tensor", **loader.layout()}
-    batches = getattr(loader, "batch_sampler", None)
-    if isinstance(loader, DataLoader) and isinstance(batches, ShardBatches):
-        shard = batches.sampler
-        return {"kind": "shard", "samples": shard.samples, "batch": batches.batch_size, "world": shard.world_size,
-                "offset": batches.pass_offset, "drop_last": batches.drop_last}
-    return None
+def order_layout(loader: Any) -> Layout | None:
+    """How a train loader deals out its epoch's order, for a checkpoint; None for a loader
+    engineflow cannot position by sample (a plain DataLoader on one process, a recipe's own
+    DistributedSampler)."""
+    dealt = _dealt(loader)
+    return dealt.layout() if dealt is not None else None
 
 
-def positioned(loader: Any, layout: Mapping[str, Any]) -> Any:
+def positioned(loader: Any, layout: Layout) -> Any:
     """``loader`` able to resume a pass laid out as ``layout``: on one process, a DataLoader that
     was sharded on several (``kind`` "shard") is sharded again, as the one share of one process,
     so that its epoch's order is the one the processes drew."""
-    if layout.get("kind") == "shard" and isinstance(loader, DataLoader) \
-            and not isinstance(loader.batch_sampler, ShardBatches):
+    if layout.kind == "shard" and isinstance(loader, DataLoader) and _dealt(loader) is None:
         return shard_loader(loader, ONE_PROCESS, pad=True, name="train")
     return loader
 
 
-def resume_order(loader: Any, offset: int) -> None:
-    """Make the next pass of ``loader`` (one :func:`order_layout` describes) continue the epoch in
-    progress after ``offset`` positions of its order."""
-    from engineflow.data import TensorLoader
+def resume_order(loader: Any, position: int) -> None:
+    """Make the next pass of ``loader`` continue the epoch in progress after ``position`` positions
+    of its order; a loader :func:`order_layout` has no layout for re-runs its pass as it is."""
+    dealt = _dealt(loader)
+    if dealt is not None:
+        dealt.start_at(position)
 
-    if isinstance(loader, TensorLoader):
-        loader.start_at(offset)
-    else:
-        loader.batch_sampler.offset = offset
+
+def _dealt(loader: Any) -> Dealt | None:
+    """What deals out ``loader``'s batches by position: a ``TensorLoader`` itself, a sharded
+    ``DataLoader``'s batch sampler; None for any other loader."""
+    for candidate in (loader, getattr(loader, "batch_sampler", None)):
+        if isinstance(candidate, Dealt):
+            return candidate
+    return None
 
 
 def train_loader_names(recipe: Any) -> set[str]:
@@ -355,17 +324,11 @@ def max_over_ranks(flags: list[int]) -> list[int]:
 
 
 def gather_objects(value: Any) -> list[Any]:
-    """Every rank's ``value``, in rank order. Collective."""
-    import ignite.distributed as idist
-
-    return list(idist.all_gather(value))
-
-
-def gather_each(value: Any, world: World) -> list[Any]:
-    """Every rank's ``value`` as it is (a tensor of any length too), in rank order. Collective."""
+    """Every rank's ``value`` as it is (any picklable value, a tensor of any length too), in rank
+    order. Collective."""
     import torch.distributed as dist
 
-    out: list[Any] = [None] * world.size
+    out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, value)
     return out
 

@@ -15,7 +15,7 @@ from engineflow.errors import RecipeError
 from engineflow.execute.dispatch import attach_in_order
 from engineflow.execute.engine import make_engine
 from engineflow.execute.injection import describe
-from engineflow.execute.parallel import World, gather_each
+from engineflow.execute.parallel import World, gather_objects
 from engineflow.execute.validation import eval_engine, evaluate_loader
 
 
@@ -51,7 +51,7 @@ def inference_pass(stage: Stage, provided: Mapping[str, Any], handlers: Sequence
         raise RecipeError(f"infer step {describe(stage.infer.fn)} of stage {stage.name!r} returned something other "
                           "than a tensor; on several processes the predictions are put back in the loader's order "
                           "row by row, so return one tensor per batch")
-    return _interleaved(gather_each(found, world), world.size)
+    return _interleaved(gather_objects(found), world.size)
 
 
 class _Inputs:
@@ -76,7 +76,7 @@ def _joined(outputs: list[Any]) -> Any:
 
 def _interleaved(shares: list[Any], world_size: int) -> Any:
     """Every rank's prediction rows back in the loader's order: rank ``r``'s ``j``-th row is sample
-    ``j * world_size + r`` (see :class:`engineflow.execute.parallel.ShardSampler`)."""
+    ``j * world_size + r`` (see :class:`engineflow.shards.Dealer`)."""
     out = shares[0].new_empty((sum(len(share) for share in shares), *shares[0].shape[1:]))
     for rank, share in enumerate(shares):
         out[rank::world_size] = share

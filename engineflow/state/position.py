@@ -7,12 +7,12 @@ themselves instead), then restores the RNG states saved at the checkpoint.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from engineflow.errors import RecipeError
-from engineflow.shards import consumed
+from engineflow.shards import Layout
 from engineflow.state.components import is_stateful
 from engineflow.state.resume import Position, ResumeRecord
 from engineflow.state.rng import seed_epoch
@@ -156,30 +156,31 @@ class ResumePlan:
     moved: bool = False
 
 
-def plan_resume(record: ResumeRecord, here: Mapping[str, Any] | None, world_size: int) -> ResumePlan:
+def plan_resume(record: ResumeRecord, here: Layout | None, world_size: int) -> ResumePlan:
     """How to continue from ``record`` with a train loader laid out as ``here`` (its order layout, None
     for a loader engineflow does not deal out) on ``world_size`` processes.
 
     At an epoch's end nothing of the data is left to place. Mid-epoch on the same number of processes
     the epoch's pass runs again and skips the batches done (bit-identical to never stopping); on
     another number, the pass goes on after the positions of the order the saved processes had trained
-    on (:func:`~engineflow.shards.consumed`), which needs a loader engineflow deals out itself.
+    on (:meth:`~engineflow.shards.Layout.consumed`), which needs a loader engineflow deals out itself.
 
     Raises:
         RecipeError: the epoch cannot continue here: another number of processes with a loader
             engineflow does not deal out, or other data.
 
     Example:
+        >>> from dataclasses import replace
         >>> from engineflow.state.resume import Position, RankState, ResumeRecord
-        >>> layout = {"kind": "tensor", "samples": 10, "batch": 2, "world": 2, "offset": 0, "drop_last": False}
+        >>> layout = Layout("tensor", samples=10, batch=2, world=2, offset=0, drop_last=False)
         >>> saved = ResumeRecord(position=Position(7, 1, 2), layout=layout, ranks=[RankState({}, {})] * 2)
-        >>> plan_resume(saved, {**layout, "world": 1}, world_size=1)    # 2 steps of 2 ranks x 2 samples
+        >>> plan_resume(saved, replace(layout, world=1), world_size=1)    # 2 steps of 2 ranks x 2 samples
         ResumePlan(skip=0, start_at=8, moved=True)
     """
     within, layout, saved_world = record.position.batches_in_epoch, record.layout, record.world_size
     if not within:
         return ResumePlan()
-    moved = (layout["world"] if layout else saved_world) != (here["world"] if here is not None else world_size)
+    moved = (layout.world if layout else saved_world) != (here.world if here is not None else world_size)
     if layout is None:
         if saved_world != world_size:
             raise RecipeError(f"the latest checkpoint was written in the middle of an epoch on {saved_world} "
@@ -189,15 +190,14 @@ def plan_resume(record: ResumeRecord, here: Mapping[str, Any] | None, world_size
                               "resumes on any number")
         return ResumePlan(skip=within)
     if not moved:  # the same pass again (from where it started), then skip
-        return ResumePlan(skip=within, start_at=layout["offset"] if layout["kind"] == "shard" else None)
-    if here is None or any(here[k] != layout[k] for k in ("kind", "samples", "batch", "drop_last")):
+        return ResumePlan(skip=within, start_at=layout.offset if layout.kind == "shard" else None)
+    if here is None or not here.matches(layout):
         raise RecipeError(f"the latest checkpoint was written in the middle of an epoch whose train loader "
-                          f"dealt out {layout['samples']} samples in batches of {layout['batch']}; this "
-                          f"run's does not ({here}). Resume with the same data, or on "
-                          f"{saved_world} process(es) (--nproc {saved_world})")
-    position = consumed(layout["samples"], layout["world"], layout["batch"], offset=layout["offset"],
-                        done=within, drop_last=layout["drop_last"])
-    if position >= layout["samples"]:
+                          f"dealt out {layout.samples} samples in batches of {layout.batch}; this "
+                          f"run's does not ({here.state_dict() if here is not None else None}). Resume with the "
+                          f"same data, or on {saved_world} process(es) (--nproc {saved_world})")
+    position = layout.consumed(within)
+    if position >= layout.samples:
         raise RecipeError("the state was taken after its epoch's last batch, before the epoch completed; "
                           "take it at EPOCH_COMPLETED (engineflow's checkpoints are) to resume it on "
                           "another number of processes")

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from engineflow.errors import RecipeError
+from engineflow.shards import Layout
 
 FORMAT = 2  # 1: written before the record was typed (read by from_dict, as are its older variants)
 STAGE_END = "stage-end"
@@ -199,7 +200,7 @@ class ResumeRecord:
     requires_grad: Mapping[str, list[bool]] = field(default_factory=dict)
     best: Mapping[str, Any] = field(default_factory=dict)
     history: Sequence[Mapping[str, Any]] = ()
-    layout: Mapping[str, Any] | None = None
+    layout: Layout | None = None
     ranks: Sequence[RankState] = ()
     best_files: BestFiles = field(default_factory=BestFiles)
     parts: Mapping[str, Any] = field(default_factory=dict)
@@ -234,7 +235,7 @@ class ResumeRecord:
             **first.state_dict(),
             "best": dict(self.best), "history": [dict(row) for row in self.history], "seed": self.seed,
             "stage": {**self.stage.state_dict(), **({"finished": True} if self.finished else {})},
-            "order": dict(self.layout) if self.layout is not None else None,
+            "order": self.layout.state_dict() if self.layout is not None else None,
             "best_checkpoints": dict(self.best_files.scores), "best_stage": self.best_files.stage,
             "best_mode": self.best_files.mode, "parts": dict(self.parts),
         }
@@ -265,7 +266,8 @@ class ResumeRecord:
             seed=int(state.get("seed", 0)), components=dict(state.get("components") or {}),
             # absent before engineflow kept it: every parameter as setup() made it
             requires_grad=dict(state.get("requires_grad") or {}),
-            best=best, history=list(state.get("history") or ()), layout=state.get("order"), ranks=saved,
+            best=best, history=list(state.get("history") or ()), ranks=saved,
+            layout=Layout.from_state(state["order"]) if state.get("order") is not None else None,
             best_files=best_files_of(state)[0],
             parts=dict(state.get("parts") or {}),
         )
