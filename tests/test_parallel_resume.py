@@ -63,10 +63,16 @@ def train(batch, model, optimizer, state, run):
     kill = os.environ.get("KILL", "")
     if kill:
         iteration, rank, how = kill.split(":")
+        training = os.environ["MARKER"] + ".rank0-training"
+        if state.iteration == int(iteration) and run.rank == 0:
+            open(training, "w").close()  # rank 0 is past its start-up: it handles Ctrl-C as training does
         if state.iteration == int(iteration) and run.rank == int(rank) and not os.path.exists(os.environ["MARKER"]):
             open(os.environ["MARKER"], "w").close()
             if how == "KILL":
                 os.kill(os.getpid(), signal.SIGKILL)
+            # a Ctrl-C while rank 0 still starts up (records the resume) ends the run there, as it should
+            while not os.path.exists(training):
+                time.sleep(0.01)
             os.kill(launcher() if run.world_size > 1 else os.getpid(), signal.SIGINT)
             time.sleep(1.0)
     x, y = batch
