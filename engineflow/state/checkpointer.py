@@ -32,6 +32,7 @@ from engineflow.state.checkpoint_files import (
     ranked_by_score,
     save_checkpoint,
 )
+from engineflow.state.writer import CheckpointWriter
 
 FORMAT = 1
 # On several processes the ranks agree on interrupts and the clock every this many iterations
@@ -132,6 +133,7 @@ class Checkpointer:
         self._scores: dict[Path, float] = {}  # epoch-end checkpoints by main-metric value
         self._score_stage = 0  # the pipeline stage whose epochs _scores ranks (a stage's best is its own)
         self._load_checked = False
+        self._writer = CheckpointWriter()  # files are written off the training thread, one at a time
 
     # what goes in -------------------------------------------------------------------------------
     def state(self, reason: str) -> dict[str, Any]:
@@ -145,7 +147,12 @@ class Checkpointer:
         return state
 
     def save(self, reason: str, *, also: Path | None = None) -> Path:
-        """Write a checkpoint now (and the same state to ``also``, when given); returns its path."""
+        """Checkpoint now (the same state also to ``also``, when given); returns the file's path.
+
+        The state is copied here, on the training thread; a background thread writes the file and
+        then prunes the ones it made old (:mod:`engineflow.state.writer`). :meth:`wait` waits for it;
+        a failed write is raised by the next save, the next iteration's check, or :meth:`wait`.
+        """
         engine, stage = self.fit.train, self.fit.stage
         # numbered by the pipeline's iteration: a later stage's files sort after an earlier one's
         path = self.folder / f"state-{stage.iterations_before + engine.state.iteration:09d}.pt"
@@ -159,14 +166,29 @@ class Checkpointer:
         state = self.state(reason)
         if not self.writes:
             return path
-        save_checkpoint(self.folder, path.name, state)
-        if also is not None:
-            save_checkpoint(also.parent, also.name, state)
-        if not self._load_checked:
-            self._check_loads(path)
+        check, self._load_checked = not self._load_checked, True
+        scores, mode = dict(self._scores), self._score_mode or self.fit.best.mode
+
+        def write(state: dict[str, Any]) -> None:
+            save_checkpoint(self.folder, path.name, state)
+            if also is not None:
+                save_checkpoint(also.parent, also.name, state)
+            if check:
+                self._check_loads(path)
+            self._prune(scores, mode)
+
+        self._writer.submit(write, state)
         self._last_time = time.monotonic()
-        self._prune()
         return path
+
+    def wait(self) -> None:
+        """Wait until the checkpoints saved so far are on disk; raise a failed write's error (once)."""
+        self._writer.wait()
+
+    def close(self) -> BaseException | None:
+        """:meth:`wait`, for a run that is ending: a failed write's error not raised yet is returned
+        instead (the run may be ending with an error of its own)."""
+        return self._writer.close()
 
     def _check_loads(self, path: Path) -> None:
         """Stop at the first checkpoint if a resume could not read it back.
@@ -175,7 +197,6 @@ class Checkpointer:
         an object of its own class would otherwise be found out only when the run resumes, or when
         it ends and exports best.pt. The tensor data is mapped, not read, so this costs little.
         """
-        self._load_checked = True
         try:
             load_state(path, mmap=True)
         except UnsafeCheckpointError as err:
@@ -186,10 +207,12 @@ class Checkpointer:
                 "allow it with torch.serialization.add_safe_globals before the run."
             ) from None
 
-    def _prune(self) -> None:
+    def _prune(self, scores: Mapping[Path, float], mode: str) -> None:
+        """Delete the files the policy no longer keeps (``scores``, ``mode``: the best epochs' files
+        as they were ranked when the newest was saved)."""
         files = checkpoint_files(self.folder)
         keep = set(files[-self.policy.keep_last:])
-        keep.update(self._ranked_best()[: self.policy.keep_best])
+        keep.update([p for p in ranked_by_score(scores, mode) if p.exists()][: self.policy.keep_best])
         prune(self.folder, keep)
 
     def _ranked_best(self) -> list[Path]:
@@ -221,6 +244,7 @@ class Checkpointer:
         self.fit = fit
 
         def iteration_completed(engine: Any) -> None:
+            self._writer.check()  # a failed background write stops the run at the next step
             state = engine.state
             # At an epoch's last batch the checkpoint (and an interrupt) waits for EPOCH_COMPLETED,
             # so the epoch is validated and recorded first.
@@ -229,11 +253,13 @@ class Checkpointer:
             interrupt, timed = self._requests(state.iteration % AGREE_EVERY == 0)
             if interrupt:
                 self.save("interrupt")
+                self.wait()
                 raise KeyboardInterrupt("checkpoint written")
             if self._iterations_due(state.iteration) or timed:
                 self.save("iterations")
 
         def epoch_completed(engine: Any) -> None:
+            self._writer.check()
             policy, state = self.policy, engine.state
             interrupt, timed = self._requests(True)
             due = policy.every_epochs is not None and state.epoch % policy.every_epochs == 0
@@ -242,6 +268,7 @@ class Checkpointer:
             if due or improved or interrupt:
                 self.save("interrupt" if interrupt else "epoch")
             if interrupt:
+                self.wait()
                 raise KeyboardInterrupt("checkpoint written")
 
         return [HandlerSpec(iteration_completed, Events.ITERATION_COMPLETED, "train", 950, -1, raw=True),
@@ -269,6 +296,7 @@ class Checkpointer:
     # how a fit continues --------------------------------------------------------------------------
     def latest(self) -> tuple[Path, dict[str, Any]] | None:
         """The newest valid checkpoint (damaged ones are reported and skipped), or None."""
+        self.wait()
         return load_latest(self.folder, self.warn)
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
