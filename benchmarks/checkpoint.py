@@ -46,7 +46,8 @@ def family(quick: bool = False) -> Family:
         skipped=skipped,
         notes=["median etc.: one save. Below, medians over rounds: load_us (reading the file and loading it into "
                "the objects), bytes of the file, torch_save_us (plain torch.save of the same object in the same "
-               "process: no fsync, no rename)."],
+               "process: no fsync, no rename), training_thread_us (full state: the part of a save the training "
+               "thread waits for, when a background thread writes the file)."],
     )
 
 
@@ -75,7 +76,8 @@ def measure(case: str, *, repeats: int) -> dict[str, Any]:
         plains.append(_timed(plain))
     return {"seconds": sum(w for w, _ in saves), "cpu_seconds": sum(c for _, c in saves), "iterations": repeats,
             "load_us": 1e6 * statistics.median(w for w, _ in loads), "bytes": path().stat().st_size,
-            "torch_save_us": 1e6 * statistics.median(w for w, _ in plains)}
+            "torch_save_us": 1e6 * statistics.median(w for w, _ in plains),
+            **({"training_thread_us": 1e6 * statistics.median(_submits)} if _submits else {})}
 
 
 Actions = tuple[Callable[[], Any], Callable[[], Any], Callable[[], Any], Callable[[], Path]]
@@ -129,10 +131,19 @@ def _full_state() -> Actions:
             written.append(torch.load(saved[-1], map_location="cpu", weights_only=False))
         torch.save(written[0], folder / "plain.pt")
 
-    return (lambda: saved.append(checkpointer.save("epoch")), load, plain, lambda: saved[-1])
+    def save() -> None:
+        started = time.perf_counter()
+        saved.append(checkpointer.save("epoch"))
+        _submits.append(time.perf_counter() - started)
+        wait = getattr(checkpointer, "wait", None)  # a version that writes in the background: the whole save
+        if wait is not None:
+            wait()
+
+    return (save, load, plain, lambda: saved[-1])
 
 
 _folders: list[tempfile.TemporaryDirectory[str]] = []  # removed when the worker process exits
+_submits: list[float] = []  # wall time of Checkpointer.save itself: what the training thread waits for
 
 
 def _scratch() -> Path:
