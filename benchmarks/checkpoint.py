@@ -6,7 +6,13 @@ Two files, each with the engineflow API that writes it, when this version has it
   temporary file, fsync, rename, fsync of the folder) and ``load_weights``;
 * ``full_state``: everything a resume needs (weights, optimizer, engine position, RNG states,
   history...), ``engineflow.state.checkpointer.Checkpointer.save`` / ``latest`` + ``load_state_dict``, after
-  one epoch of training so that the optimizer has its state.
+  one epoch of training so that the optimizer has its state;
+* ``full_state_mlp``: the same for the paired family's compute-bound MLP (7.4 MB of weights), the
+  checkpoint of its ``recorded`` case.
+
+A full-state save is timed whole (when the version writes in the background, until the file is
+written); ``training_thread_us`` is the part ``Checkpointer.save`` itself takes, what the training
+thread waits for.
 
 Each process times several saves and loads; a plain ``torch.save`` of the same object (no fsync,
 no rename) is the baseline in the same process.
@@ -33,6 +39,9 @@ def family(quick: bool = False) -> Family:
         Case("weights", "weights: save_weights (atomic, fsync)", worker_argv("checkpoint", "weights", repeats=repeats)),
         Case("full_state", "full state: Checkpointer.save (atomic, fsync)",
              worker_argv("checkpoint", "full_state", repeats=repeats)),
+        # The paired family's compute-bound MLP (7.4 MB of weights): the `recorded` case's checkpoint.
+        Case("full_state_mlp", "full state, benchmark MLP: Checkpointer.save",
+             worker_argv("checkpoint", "full_state_mlp", repeats=repeats)),
     ]
     skipped = {case.name: why for case in cases if (why := _missing_api(case.name))}
     return Family(
@@ -58,6 +67,7 @@ _APIS = {
     "weights": ("def save_weights(", "def load_weights(", "def modules_of("),
     "full_state": ("class Checkpointer", "def save(", "def latest(", "def load_state_dict(", "def checkpoints("),
 }
+_APIS["full_state_mlp"] = _APIS["full_state"]
 
 
 def _missing_api(case: str) -> str:
@@ -68,7 +78,7 @@ def _missing_api(case: str) -> str:
 
 def measure(case: str, *, repeats: int) -> dict[str, Any]:
     """Time ``repeats`` saves and loads of one kind of file; what :mod:`benchmarks.worker` calls."""
-    save, load, plain, path = _full_state() if case == "full_state" else _weights()
+    save, load, plain, path = _weights() if case == "weights" else _full_state(mlp=case == "full_state_mlp")
     saves, loads, plains = [], [], []
     for _ in range(repeats):
         saves.append(_timed(save))
@@ -103,13 +113,20 @@ def _weights() -> Actions:
     return (lambda: save_weights(path, modules, meta), lambda: load_weights(path, modules), plain, lambda: path)
 
 
-def _full_state() -> Actions:
+def _full_state(*, mlp: bool = False) -> Actions:
     import torch
 
+    from benchmarks.loops import RECIPE as MLP_RECIPE
+    from benchmarks.workloads import MLP
     from engineflow.execute.build import build
     from engineflow.state.checkpointer import Checkpointer, checkpoints
 
-    fit, _, _ = build(RECIPE, {"epochs": 1}, device="cpu")
+    if mlp:  # one short epoch of the MLP: the state is its weights, the optimizer's, the RNGs, a history row
+        overrides = {"features": MLP.features, "hidden": list(MLP.hidden), "classes": MLP.classes, "samples": 1024,
+                     "batch_size": MLP.batch_size, "epochs": 1}
+        fit, _, _ = build(MLP_RECIPE, overrides, device="cpu")
+    else:
+        fit, _, _ = build(RECIPE, {"epochs": 1}, device="cpu")
     fit.run(1)  # the optimizer's momentum buffers, a history row and a best epoch are part of the state
     folder = _scratch()
     checkpointer = Checkpointer(folder, checkpoints(keep_last=1, keep_best=0), "benchmark", warn=print)

@@ -151,7 +151,7 @@ class Checkpointer:
 
         The state is copied here, on the training thread; a background thread writes the file and
         then prunes the ones it made old (:mod:`engineflow.state.writer`). :meth:`wait` waits for it;
-        a failed write is raised by the next save, the next iteration's check, or :meth:`wait`.
+        a failed write is raised by the next save, before the next iteration's step, or by :meth:`wait`.
         """
         engine, stage = self.fit.train, self.fit.stage
         # numbered by the pipeline's iteration: a later stage's files sort after an earlier one's
@@ -169,10 +169,10 @@ class Checkpointer:
         check, self._load_checked = not self._load_checked, True
         scores, mode = dict(self._scores), self._score_mode or self.fit.best.mode
 
-        def write(state: dict[str, Any]) -> None:
-            save_checkpoint(self.folder, path.name, state)
+        def write(copied: dict[str, Any]) -> None:
+            save_checkpoint(self.folder, path.name, copied)
             if also is not None:
-                save_checkpoint(also.parent, also.name, state)
+                save_checkpoint(also.parent, also.name, copied)
             if check:
                 self._check_loads(path)
             self._prune(scores, mode)
@@ -240,11 +240,17 @@ class Checkpointer:
 
     # when ---------------------------------------------------------------------------------------
     def handlers(self, fit: Any) -> list[HandlerSpec]:
-        """Attach to ``fit``: handlers on its train engine, at order 950, after the history and the records."""
+        """Attach to ``fit``: handlers on its train engine, at order 950, after the history and the records
+        (and, before each step, a wait for the checkpoint being written)."""
         self.fit = fit
 
+        def iteration_started(engine: Any) -> None:
+            # The write overlaps what comes between two steps (the rest of the handlers, a new epoch's
+            # start, fetching the batch) and is on disk before the next step runs, so a process
+            # killed in that step resumes from it; a failed write stops the run here.
+            self._writer.wait()
+
         def iteration_completed(engine: Any) -> None:
-            self._writer.check()  # a failed background write stops the run at the next step
             state = engine.state
             # At an epoch's last batch the checkpoint (and an interrupt) waits for EPOCH_COMPLETED,
             # so the epoch is validated and recorded first.
@@ -259,7 +265,6 @@ class Checkpointer:
                 self.save("iterations")
 
         def epoch_completed(engine: Any) -> None:
-            self._writer.check()
             policy, state = self.policy, engine.state
             interrupt, timed = self._requests(True)
             due = policy.every_epochs is not None and state.epoch % policy.every_epochs == 0
@@ -271,7 +276,8 @@ class Checkpointer:
                 self.wait()
                 raise KeyboardInterrupt("checkpoint written")
 
-        return [HandlerSpec(iteration_completed, Events.ITERATION_COMPLETED, "train", 950, -1, raw=True),
+        return [HandlerSpec(iteration_started, Events.ITERATION_STARTED, "train", 950, -1, raw=True),
+                HandlerSpec(iteration_completed, Events.ITERATION_COMPLETED, "train", 950, -1, raw=True),
                 HandlerSpec(epoch_completed, Events.EPOCH_COMPLETED, "train", 950, -1, raw=True)]
 
     def _requests(self, agreeing: bool) -> tuple[bool, bool]:
