@@ -1,7 +1,10 @@
-"""The background checkpoint writer: copies taken on the caller's thread, written in order, failures raised back."""
+"""Checkpoints: whole once save returns (a killed process resumes from them), durable and pruned by a
+background thread, one job at a time, its failures raised on the training thread."""
 
 from __future__ import annotations
 
+import errno
+import signal
 import subprocess
 import sys
 import textwrap
@@ -12,146 +15,123 @@ from pathlib import Path
 import pytest
 import torch
 
-from engineflow.errors import WriteError
-from engineflow.state.checkpoint_files import load_state, save_checkpoint, verify
-from engineflow.state.writer import CheckpointWriter, snapshot
+from engineflow.errors import DiskFullError, WriteError
+from engineflow.state.checkpoint_files import load_state, make_durable, save_checkpoint, verify
+from engineflow.state.writer import CheckpointWriter
 from tests.conftest import BASE_RECIPE
 
 WRITER_THREAD = "engineflow-checkpoint-writer"
 
 
-def trained_state() -> tuple[torch.nn.Module, torch.optim.Optimizer, dict]:
-    """A Linear(4, 2) after one SGD step with momentum, and its state (the live tensors, not copies)."""
-    torch.manual_seed(0)
-    model = torch.nn.Linear(4, 2)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    step(model, optimizer)
-    return model, optimizer, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 1}
-
-
-def step(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    optimizer.zero_grad()
-    model(torch.ones(3, 4)).pow(2).sum().backward()
-    optimizer.step()
-
-
-def test_writes_run_one_at_a_time_in_the_order_submitted():
+def test_jobs_run_one_at_a_time_in_the_order_submitted():
     writer, done, overlapping = CheckpointWriter(), [], []
     active = threading.Semaphore(1)
 
-    def write(state: dict) -> None:
+    def job(n: int) -> None:
         if not active.acquire(blocking=False):
-            overlapping.append(state["n"])
-        time.sleep(0.02 if state["n"] % 2 else 0.0)  # a slow write must not be overtaken by a fast one
-        done.append(state["n"])
+            overlapping.append(n)
+        time.sleep(0.02 if n % 2 else 0.0)  # a slow job must not be overtaken by a fast one
+        done.append(n)
         active.release()
 
     for n in range(6):
-        writer.submit(write, {"n": n})
+        writer.submit(lambda n=n: job(n))
     writer.wait()
     assert done == list(range(6)) and overlapping == []
 
 
-def test_a_failed_write_is_raised_on_the_next_check_once_and_stops_the_next_write(tmp_path):
-    (tmp_path / "state-000000002.pt").mkdir()  # the file cannot replace a folder: the write fails
-    writer, written = CheckpointWriter(), []
-    writer.submit(lambda state: save_checkpoint(tmp_path, "state-000000002.pt", state), {"x": torch.ones(2)})
+def test_a_failed_fsync_is_raised_on_the_next_check_once_and_stops_the_next_job(tmp_path):
+    path = save_checkpoint(tmp_path, "state-000000002.pt", {"x": torch.ones(2)}, durable=False)
+    path.with_name(path.name + ".xxh3").unlink()  # its fsync fails: the file is not there
+    writer, ran = CheckpointWriter(), []
+    writer.submit(lambda: make_durable([path]))
     while writer.busy:
         time.sleep(0.005)
     with pytest.raises(WriteError) as err:
         writer.check()
-    assert "state-000000002.pt" in str(err.value)
+    assert "state-000000002.pt.xxh3" in str(err.value)
     writer.check()  # raised once
-    assert [p.name for p in tmp_path.iterdir()] == ["state-000000002.pt"], "no temporary file left"
 
-    writer.submit(lambda state: save_checkpoint(tmp_path, "state-000000002.pt", state), {"x": torch.ones(2)})
-    with pytest.raises(WriteError):  # the next save waits for it, and raises it instead of writing
-        writer.submit(written.append, {"x": torch.ones(2)})
+    writer.submit(lambda: make_durable([path]))
+    with pytest.raises(WriteError):  # the next job waits for it, and raises it instead of running
+        writer.submit(lambda: ran.append(1))
     writer.wait()
-    assert written == []
+    assert ran == []
 
 
-def test_close_returns_the_failure_instead_of_raising_it(tmp_path):
+def test_close_returns_the_failure_instead_of_raising_it():
     writer = CheckpointWriter()
-    writer.submit(lambda state: (_ for _ in ()).throw(OSError(28, "No space left on device")), {})
+    writer.submit(lambda: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left on device")))
     failure = writer.close()
-    assert isinstance(failure, OSError) and failure.errno == 28
+    assert isinstance(failure, OSError) and failure.errno == errno.ENOSPC
     assert writer.close() is None
 
 
-def test_the_file_holds_the_state_at_submit_not_after_the_next_step(tmp_path):
-    model, optimizer, state = trained_state()
-    expected = {"weight": model.weight.detach().clone(),
-                "momentum": optimizer.state_dict()["state"][0]["momentum_buffer"].clone()}
-    synchronous = save_checkpoint(tmp_path / "sync", "state-000000001.pt", state)
-    go, writer = threading.Event(), CheckpointWriter()
+def test_an_fsync_that_finds_the_disk_full_names_the_file(tmp_path, monkeypatch):
+    import os
 
-    def write(copied: dict) -> None:
-        go.wait()  # the write starts only once the next optimizer step changed the live tensors
-        save_checkpoint(tmp_path / "async", "state-000000001.pt", copied)
+    path = save_checkpoint(tmp_path, "state-000000003.pt", {"x": torch.ones(2)}, durable=False)
 
-    writer.submit(write, state)
-    step(model, optimizer)
-    with torch.no_grad():
-        model.bias.fill_(7.0)
-    assert not torch.equal(model.weight, expected["weight"])
-    go.set()
-    writer.wait()
-    written = tmp_path / "async" / "state-000000001.pt"
-    loaded = load_state(written)
-    assert torch.equal(loaded["model"]["weight"], expected["weight"])
-    assert torch.equal(loaded["optimizer"]["state"][0]["momentum_buffer"], expected["momentum"])
-    assert written.read_bytes() == synchronous.read_bytes(), "the same bytes as a save on the training thread"
-    assert verify(written) is None
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(DiskFullError, match=r"state-000000003\.pt"):
+        make_durable([path])
 
 
-def test_a_snapshot_keeps_shared_storage_shared_so_it_saves_to_the_same_bytes(tmp_path):
-    base = torch.arange(12.0)
-    state = {"whole": base, "view": base[2:8].view(2, 3), "tied": {"a": base, "b": base}, "steps": [1, 2]}
-    copied = snapshot(state)
-    base += 1
-    assert copied["view"].untyped_storage().data_ptr() == copied["whole"].untyped_storage().data_ptr()
-    assert copied["tied"]["a"] is copied["tied"]["b"] and copied["whole"][0].item() == 0.0
-    (tmp_path / "copy").mkdir()
-    (tmp_path / "live").mkdir()
-    torch.save(copied, tmp_path / "copy" / "state.pt")  # torch names the archive after the file: the same name
-    base -= 1
-    torch.save(state, tmp_path / "live" / "state.pt")
-    assert (tmp_path / "copy" / "state.pt").read_bytes() == (tmp_path / "live" / "state.pt").read_bytes()
+def test_a_process_killed_right_after_a_save_that_left_its_fsyncs_for_later_resumes_from_it(tmp_path):
+    # durable=False renames both files into place before any fsync: SIGKILL then loses nothing
+    script = textwrap.dedent(f"""
+        import os, signal
+        from pathlib import Path
+        import torch
+        from engineflow.state.checkpoint_files import save_checkpoint
+
+        save_checkpoint(Path({str(tmp_path)!r}), "state-000000007.pt", {{"w": torch.arange(1000.0)}}, durable=False)
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    assert verify(tmp_path / "state-000000007.pt") is None
+    assert torch.equal(load_state(tmp_path / "state-000000007.pt")["w"], torch.arange(1000.0))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state-000000007.pt", "state-000000007.pt.xxh3"]
 
 
-def test_wait_and_close_return_once_the_submitted_write_is_on_disk(tmp_path):
-    writer = CheckpointWriter()
+def test_wait_and_close_return_once_the_submitted_job_is_done(tmp_path):
+    writer, done = CheckpointWriter(), []
 
-    def slow(state: dict) -> None:
+    def slow() -> None:
         time.sleep(0.2)
-        save_checkpoint(tmp_path, "state-000000004.pt", state)
+        done.append(1)
 
-    writer.submit(slow, {"x": torch.ones(2)})
+    writer.submit(slow)
     assert writer.busy
     assert writer.close() is None
-    assert verify(tmp_path / "state-000000004.pt") is None and not writer.busy
+    assert done == [1] and not writer.busy
 
 
-def test_a_process_that_exits_during_a_write_finishes_it_first(tmp_path):
-    # No wait() and no close(): the interpreter still waits for the write at exit, and nothing else keeps it alive.
+def test_a_process_that_exits_during_a_job_finishes_it_first(tmp_path):
+    # No wait() and no close(): the interpreter still waits for the job at exit, and nothing else keeps it alive.
     script = textwrap.dedent(f"""
         import time
         from pathlib import Path
         import torch
-        from engineflow.state.checkpoint_files import save_checkpoint
+        from engineflow.state.checkpoint_files import make_durable, save_checkpoint
         from engineflow.state.writer import CheckpointWriter
 
-        def slow(state):
-            time.sleep(0.5)
-            save_checkpoint(Path({str(tmp_path)!r}), "state-000000009.pt", state)
+        path = save_checkpoint(Path({str(tmp_path)!r}), "state-000000009.pt", {{"x": torch.arange(3)}}, durable=False)
 
-        CheckpointWriter().submit(slow, {{"x": torch.arange(3)}})
+        def slow():
+            time.sleep(0.5)
+            make_durable([path])
+            Path({str(tmp_path)!r}, "synced").touch()
+
+        CheckpointWriter().submit(slow)
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert verify(tmp_path / "state-000000009.pt") is None
-    assert torch.equal(load_state(tmp_path / "state-000000009.pt")["x"], torch.arange(3))
+    assert (tmp_path / "synced").exists() and verify(tmp_path / "state-000000009.pt") is None
 
 
 def test_a_run_leaves_no_writer_thread_and_every_checkpoint_whole(cli, write_recipe, tmp_path):

@@ -28,6 +28,7 @@ from engineflow.state.checkpoint_files import (
     checkpoint_files,
     load_latest,
     load_state,
+    make_durable,
     prune,
     ranked_by_score,
     save_checkpoint,
@@ -147,11 +148,12 @@ class Checkpointer:
         return state
 
     def save(self, reason: str, *, also: Path | None = None) -> Path:
-        """Checkpoint now (the same state also to ``also``, when given); returns the file's path.
+        """Write a checkpoint now (and the same state to ``also``, when given); returns its path.
 
-        The state is copied here, on the training thread; a background thread writes the file and
-        then prunes the ones it made old (:mod:`engineflow.state.writer`). :meth:`wait` waits for it;
-        a failed write is raised by the next save, before the next iteration's step, or by :meth:`wait`.
+        The files are in place when it returns (a process killed after it resumes from them); a
+        background thread then fsyncs them and prunes the files they made old
+        (:mod:`engineflow.state.writer`) while the next step runs; the end of that step waits for it and
+        raises its failure.
         """
         engine, stage = self.fit.train, self.fit.stage
         # numbered by the pipeline's iteration: a later stage's files sort after an earlier one's
@@ -166,18 +168,20 @@ class Checkpointer:
         state = self.state(reason)
         if not self.writes:
             return path
-        check, self._load_checked = not self._load_checked, True
+        self._writer.wait()  # the previous checkpoint is durable (and its failure raised) first
+        written = [save_checkpoint(self.folder, path.name, state, durable=False)]
+        if also is not None:
+            written.append(save_checkpoint(also.parent, also.name, state, durable=False))
+        if not self._load_checked:
+            self._load_checked = True
+            self._check_loads(path)
         scores, mode = dict(self._scores), self._score_mode or self.fit.best.mode
 
-        def write(copied: dict[str, Any]) -> None:
-            save_checkpoint(self.folder, path.name, copied)
-            if also is not None:
-                save_checkpoint(also.parent, also.name, copied)
-            if check:
-                self._check_loads(path)
-            self._prune(scores, mode)
+        def settle() -> None:
+            make_durable(written)
+            self._prune(scores, mode)  # only once the newest is durable: a crash always leaves one
 
-        self._writer.submit(write, state)
+        self._writer.submit(settle)
         self._last_time = time.monotonic()
         return path
 
@@ -240,17 +244,12 @@ class Checkpointer:
 
     # when ---------------------------------------------------------------------------------------
     def handlers(self, fit: Any) -> list[HandlerSpec]:
-        """Attach to ``fit``: handlers on its train engine, at order 950, after the history and the records
-        (and, before each step, a wait for the checkpoint being written)."""
+        """Attach to ``fit``: handlers on its train engine, at order 950, after the history and the records."""
         self.fit = fit
 
-        def iteration_started(engine: Any) -> None:
-            # The write overlaps what comes between two steps (the rest of the handlers, a new epoch's
-            # start, fetching the batch) and is on disk before the next step runs, so a process
-            # killed in that step resumes from it; a failed write stops the run here.
-            self._writer.wait()
-
         def iteration_completed(engine: Any) -> None:
+            # the fsyncs (and pruning) of the last checkpoint overlap one step: done, or waited for, by its end
+            self._writer.wait()
             state = engine.state
             # At an epoch's last batch the checkpoint (and an interrupt) waits for EPOCH_COMPLETED,
             # so the epoch is validated and recorded first.
@@ -276,8 +275,7 @@ class Checkpointer:
                 self.wait()
                 raise KeyboardInterrupt("checkpoint written")
 
-        return [HandlerSpec(iteration_started, Events.ITERATION_STARTED, "train", 950, -1, raw=True),
-                HandlerSpec(iteration_completed, Events.ITERATION_COMPLETED, "train", 950, -1, raw=True),
+        return [HandlerSpec(iteration_completed, Events.ITERATION_COMPLETED, "train", 950, -1, raw=True),
                 HandlerSpec(epoch_completed, Events.EPOCH_COMPLETED, "train", 950, -1, raw=True)]
 
     def _requests(self, agreeing: bool) -> tuple[bool, bool]:
