@@ -6,7 +6,13 @@ Two files, each with the engineflow API that writes it, when this version has it
   temporary file, fsync, rename, fsync of the folder) and ``load_weights``;
 * ``full_state``: everything a resume needs (weights, optimizer, engine position, RNG states,
   history...), ``engineflow.state.checkpointer.Checkpointer.save`` / ``latest`` + ``load_state_dict``, after
-  one epoch of training so that the optimizer has its state.
+  one epoch of training so that the optimizer has its state;
+* ``full_state_mlp``: the same for the paired family's compute-bound MLP (7.4 MB of weights), the
+  checkpoint of its ``recorded`` case.
+
+A full-state save is timed whole (when the version writes in the background, until the file is
+written); ``training_thread_us`` is the part ``Checkpointer.save`` itself takes, what the training
+thread waits for.
 
 Each process times several saves and loads; a plain ``torch.save`` of the same object (no fsync,
 no rename) is the baseline in the same process.
@@ -33,6 +39,9 @@ def family(quick: bool = False) -> Family:
         Case("weights", "weights: save_weights (atomic, fsync)", worker_argv("checkpoint", "weights", repeats=repeats)),
         Case("full_state", "full state: Checkpointer.save (atomic, fsync)",
              worker_argv("checkpoint", "full_state", repeats=repeats)),
+        # The paired family's compute-bound MLP (7.4 MB of weights): the `recorded` case's checkpoint.
+        Case("full_state_mlp", "full state, benchmark MLP: Checkpointer.save",
+             worker_argv("checkpoint", "full_state_mlp", repeats=repeats)),
     ]
     skipped = {case.name: why for case in cases if (why := _missing_api(case.name))}
     return Family(
@@ -46,7 +55,8 @@ def family(quick: bool = False) -> Family:
         skipped=skipped,
         notes=["median etc.: one save. Below, medians over rounds: load_us (reading the file and loading it into "
                "the objects), bytes of the file, torch_save_us (plain torch.save of the same object in the same "
-               "process: no fsync, no rename)."],
+               "process: no fsync, no rename), training_thread_us (full state: the part of a save the training "
+               "thread waits for, when a background thread writes the file)."],
     )
 
 
@@ -57,6 +67,7 @@ _APIS = {
     "weights": ("def save_weights(", "def load_weights(", "def modules_of("),
     "full_state": ("class Checkpointer", "def save(", "def latest(", "def load_state_dict(", "def checkpoints("),
 }
+_APIS["full_state_mlp"] = _APIS["full_state"]
 
 
 def _missing_api(case: str) -> str:
@@ -67,7 +78,7 @@ def _missing_api(case: str) -> str:
 
 def measure(case: str, *, repeats: int) -> dict[str, Any]:
     """Time ``repeats`` saves and loads of one kind of file; what :mod:`benchmarks.worker` calls."""
-    save, load, plain, path = _full_state() if case == "full_state" else _weights()
+    save, load, plain, path = _weights() if case == "weights" else _full_state(mlp=case == "full_state_mlp")
     saves, loads, plains = [], [], []
     for _ in range(repeats):
         saves.append(_timed(save))
@@ -75,7 +86,8 @@ def measure(case: str, *, repeats: int) -> dict[str, Any]:
         plains.append(_timed(plain))
     return {"seconds": sum(w for w, _ in saves), "cpu_seconds": sum(c for _, c in saves), "iterations": repeats,
             "load_us": 1e6 * statistics.median(w for w, _ in loads), "bytes": path().stat().st_size,
-            "torch_save_us": 1e6 * statistics.median(w for w, _ in plains)}
+            "torch_save_us": 1e6 * statistics.median(w for w, _ in plains),
+            **({"training_thread_us": 1e6 * statistics.median(_submits)} if _submits else {})}
 
 
 Actions = tuple[Callable[[], Any], Callable[[], Any], Callable[[], Any], Callable[[], Path]]
@@ -101,13 +113,20 @@ def _weights() -> Actions:
     return (lambda: save_weights(path, modules, meta), lambda: load_weights(path, modules), plain, lambda: path)
 
 
-def _full_state() -> Actions:
+def _full_state(*, mlp: bool = False) -> Actions:
     import torch
 
+    from benchmarks.loops import RECIPE as MLP_RECIPE
+    from benchmarks.workloads import MLP
     from engineflow.execute.build import build
     from engineflow.state.checkpointer import Checkpointer, checkpoints
 
-    fit, _, _ = build(RECIPE, {"epochs": 1}, device="cpu")
+    if mlp:  # one short epoch of the MLP: the state is its weights, the optimizer's, the RNGs, a history row
+        overrides = {"features": MLP.features, "hidden": list(MLP.hidden), "classes": MLP.classes, "samples": 1024,
+                     "batch_size": MLP.batch_size, "epochs": 1}
+        fit, _, _ = build(MLP_RECIPE, overrides, device="cpu")
+    else:
+        fit, _, _ = build(RECIPE, {"epochs": 1}, device="cpu")
     fit.run(1)  # the optimizer's momentum buffers, a history row and a best epoch are part of the state
     folder = _scratch()
     checkpointer = Checkpointer(folder, checkpoints(keep_last=1, keep_best=0), "benchmark", warn=print)
@@ -129,10 +148,19 @@ def _full_state() -> Actions:
             written.append(torch.load(saved[-1], map_location="cpu", weights_only=False))
         torch.save(written[0], folder / "plain.pt")
 
-    return (lambda: saved.append(checkpointer.save("epoch")), load, plain, lambda: saved[-1])
+    def save() -> None:
+        started = time.perf_counter()
+        saved.append(checkpointer.save("epoch"))
+        _submits.append(time.perf_counter() - started)
+        wait = getattr(checkpointer, "wait", None)  # a version that writes in the background: the whole save
+        if wait is not None:
+            wait()
+
+    return (save, load, plain, lambda: saved[-1])
 
 
 _folders: list[tempfile.TemporaryDirectory[str]] = []  # removed when the worker process exits
+_submits: list[float] = []  # wall time of Checkpointer.save itself: what the training thread waits for
 
 
 def _scratch() -> Path:

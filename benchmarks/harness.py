@@ -135,7 +135,8 @@ def run_once(case: Case, *, timeout: float = 600) -> Sample:
         return Sample(wall, usage.ru_utime + usage.ru_stime, wall, peak_mb)
     result = json.loads(stdout.strip().splitlines()[-1])
     per_iteration = 1e6 / result["iterations"]
-    details = {k: v for k, v in result.items() if k not in ("seconds", "cpu_seconds", "iterations")}
+    timings = ("seconds", "cpu_seconds", "thread_cpu_seconds", "iterations")
+    details = {k: v for k, v in result.items() if k not in timings}
     return Sample(result["seconds"] * per_iteration, result["cpu_seconds"] * per_iteration, wall, peak_mb, details)
 
 

@@ -116,7 +116,8 @@ def paired(workload: Workload, *, variants: list[str], loader: str = "dataloader
     Returns the first variant's timing (the reference), and for each variant ``<v>_us`` (median CPU
     us/iteration) and, for the others, ``<v>_extra_us`` and ``<v>_ratio``: medians over blocks of the
     difference and ratio to the reference's epoch in the same block (``<v>_extra_ms_epoch``: the
-    difference per epoch).
+    difference per epoch; ``<v>_thread_extra_ms_epoch`` and ``<v>_wall_extra_ms_epoch``: the same by
+    the training thread's CPU time and by wall time).
     """
     model, optimizer, train = _parts(workload, loader)
     epochs = {name: _epoch_runner(name, model, optimizer, train, every, workload, loader) for name in variants}
@@ -146,26 +147,35 @@ def _alternate(epochs: dict[str, Callable[[], Result]], variants: list[str], blo
     """Run ``epochs`` in rotated blocks and compare each variant with the first (see :func:`paired`)."""
     import statistics
 
-    per_iteration: dict[str, list[float]] = {name: [] for name in variants}
+    clocks = {"": "cpu_seconds", "thread_": "thread_cpu_seconds", "wall_": "seconds"}
+    per_iteration: dict[str, dict[str, list[float]]] = {clock: {name: [] for name in variants} for clock in clocks}
     reference = {"seconds": 0.0, "cpu_seconds": 0.0, "iterations": 0}
     epoch_length = 0
     for block in range(blocks):
         shift = block % len(variants)
         for name in variants[shift:] + variants[:shift]:
             result = epochs[name]()
-            per_iteration[name].append(1e6 * result["cpu_seconds"] / result["iterations"])
+            for clock, key in clocks.items():
+                per_iteration[clock][name].append(1e6 * result[key] / result["iterations"])
             if name == variants[0]:
                 reference = {key: reference[key] + result[key] for key in reference}
                 epoch_length = result["iterations"]
     details: dict[str, float] = {}
-    base = per_iteration[variants[0]]
-    for name, values in per_iteration.items():
+    base = per_iteration[""][variants[0]]
+    for name, values in per_iteration[""].items():
         details[f"{name}_us"] = statistics.median(values)
         if name != variants[0]:
             extra = statistics.median(v - b for v, b in zip(values, base, strict=True))
             details[f"{name}_extra_us"] = extra
             details[f"{name}_extra_ms_epoch"] = extra * epoch_length / 1000
             details[f"{name}_ratio"] = statistics.median(v / b for v, b in zip(values, base, strict=True))
+    # The same extra per epoch by the training thread's CPU time and by wall time: work a background
+    # thread does is in the process's CPU time but not in the training thread's.
+    for clock in ("thread_", "wall_"):
+        times = per_iteration[clock]
+        for name in variants[1:]:
+            extra = statistics.median(v - b for v, b in zip(times[name], times[variants[0]], strict=True))
+            details[f"{name}_{clock}extra_ms_epoch"] = extra * epoch_length / 1000
     return {**reference, **details}
 
 

@@ -258,7 +258,8 @@ def _train(loaded: Recipe, start: Session, *, stream: IO[str] | None, progress: 
         try:
             with reporter, Interrupts() as interrupts:
                 interrupts.target = checkpointer
-                _fit(pipeline, found, start, reporter, only=origin is not None, world_size=world.size)
+                with _writes_waited(checkpointer):
+                    _fit(pipeline, found, start, reporter, only=origin is not None, world_size=world.size)
             result.status = "completed"
         except KeyboardInterrupt as err:
             result.status, failure = "interrupted", err
@@ -267,6 +268,8 @@ def _train(loaded: Recipe, start: Session, *, stream: IO[str] | None, progress: 
             result.status, result.error, failure = "failed", f"{type(err).__name__}: {err}", err
             raise
         finally:
+            if (unreported := checkpointer.close()) is not None and failure is not None:  # before best.pt's export
+                add_note(failure, f"a checkpoint write also failed: {type(unreported).__name__}: {unreported}")
             trained = pipeline.epochs_run()
             result.duration_s = time.monotonic() - started
             result.history = pipeline.history()
@@ -280,6 +283,25 @@ def _train(loaded: Recipe, start: Session, *, stream: IO[str] | None, progress: 
             start.completed()
     _summarise(reporter, result, trained)
     return result
+
+
+@contextlib.contextmanager
+def _writes_waited(checkpointer: Checkpointer) -> Iterator[None]:
+    """Wait for the checkpoints written in the background when the fit ends, however it ends.
+
+    A write that failed was submitted at an earlier step than the error the fit may have ended with
+    (which can be a consequence: another file finding the disk full), so it is the run's error, as
+    it would have been had the file been written on the training thread; the later one is a note.
+    """
+    try:
+        yield
+    except BaseException as err:
+        failed = checkpointer.close()
+        if failed is None:
+            raise
+        add_note(failed, f"then: {type(err).__name__}: {err}")
+        raise failed from None  # the later error is in the note
+    checkpointer.wait()
 
 
 def _record_end(recorder: Any, result: RunResult, failure: BaseException | None, *, fit: Fit | None,

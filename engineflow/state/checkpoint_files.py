@@ -124,12 +124,14 @@ def load_state(path: Path, *, mmap: bool = False) -> dict[str, Any]:
     return _load(path, _earlier_numpy_globals(), mmap=mmap)
 
 
-def atomic_save(obj: Any, path: Path, *, sync_folder: bool = True, checksum: bool = False) -> str | None:
+def atomic_save(obj: Any, path: Path, *, sync_folder: bool = True, checksum: bool = False,
+                sync: bool = True) -> str | None:
     """``torch.save`` to a temporary file in the same folder, fsync, then rename over ``path``.
 
     ``checksum=True`` returns the file's XXH3-128 (hex), computed as it is written (no second read),
     and skips torch's per-record CRC32 (which ``torch.load`` never checks).
-    ``sync_folder=False`` leaves the folder's fsync to the caller, who renames more files first.
+    ``sync_folder=False`` leaves the folder's fsync to the caller, who renames more files first;
+    ``sync=False`` leaves every fsync to the caller (see :func:`make_durable`).
 
     Raises:
         WriteError: the file could not be written (:class:`~engineflow.errors.DiskFullError`: no space
@@ -153,11 +155,12 @@ def atomic_save(obj: Any, path: Path, *, sync_folder: bool = True, checksum: boo
                         raise writer.failure from None
                     raise
                 out.flush()
-                os.fsync(out.fileno())
+                if sync:
+                    os.fsync(out.fileno())
             os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    if sync_folder:
+    if sync and sync_folder:
         _fsync_dir(path.parent)
     return writer.digest.hexdigest() if writer.digest is not None else None
 
@@ -314,16 +317,19 @@ def _file_digest(path: Path, new_hash: Callable[[], Any]) -> str:
     return digest.hexdigest()
 
 
-def save_checkpoint(folder: Path, name: str, state: Mapping[str, Any]) -> Path:
+def save_checkpoint(folder: Path, name: str, state: Mapping[str, Any], *, durable: bool = True) -> Path:
     """Write ``state`` to ``folder/name`` atomically, then its checksum beside it.
 
     The checksum is written last: a crash before it leaves a file that :func:`verify` does not
-    trust, and the previous checkpoint is used.
+    trust, and the previous checkpoint is used. ``durable=False`` returns once both files are
+    renamed into place, before any fsync: a process killed after that finds them whole (the
+    operating system has their data); :func:`make_durable` then makes them survive a machine's crash
+    (until then, a crash may leave a file its checksum does not match, and the previous one is used).
     """
     with writing(folder):
         folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
-    digest = atomic_save(dict(state), path, sync_folder=False, checksum=True)
+    digest = atomic_save(dict(state), path, sync_folder=False, checksum=True, sync=durable)
     checksum = path.with_name(path.name + CHECKSUM_SUFFIX)
     tmp = checksum.with_name(f".{checksum.name}.tmp{os.getpid()}")
     try:
@@ -331,7 +337,8 @@ def save_checkpoint(folder: Path, name: str, state: Mapping[str, Any]) -> Path:
             with tmp.open("w") as out:
                 out.write(f"{digest}  {path.name}\n")
                 out.flush()
-                os.fsync(out.fileno())
+                if durable:
+                    os.fsync(out.fileno())
             os.replace(tmp, checksum)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -339,8 +346,31 @@ def save_checkpoint(folder: Path, name: str, state: Mapping[str, Any]) -> Path:
         raise
     # One folder fsync for both renames: both files' contents are already on disk, so whichever
     # renames a crash keeps, a checksum never vouches for a partial file.
-    _fsync_dir(folder)
+    if durable:
+        _fsync_dir(folder)
     return path
+
+
+def make_durable(paths: Iterable[Path]) -> None:
+    """fsync each checkpoint of ``paths`` (written with ``durable=False``), its checksum file, then
+    their folders: from then on they survive a machine's crash.
+
+    Raises:
+        WriteError: an fsync failed (the file's data may not be on disk), naming the file.
+    """
+    folders: dict[Path, None] = {}
+    for path in paths:
+        for part in (path, path.with_name(path.name + CHECKSUM_SUFFIX)):
+            with writing(part):
+                fd = os.open(part, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+        folders[path.parent] = None
+    for folder in folders:
+        with writing(folder):
+            _fsync_dir(folder)
 
 
 def checkpoint_files(folder: Path) -> list[Path]:

@@ -14,7 +14,7 @@ before the run exits with code 130; a second signal stops at once.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,10 +30,12 @@ from engineflow.state.checkpoint_files import (
     checkpoint_files,
     load_latest,
     load_state,
+    make_durable,
     prune,
     save_checkpoint,
 )
 from engineflow.state.resume import STAGE_END, BestFiles, Position, ResumeRecord, StageInfo
+from engineflow.state.writer import CheckpointWriter
 
 # On several processes the ranks agree on interrupts and the clock every this many iterations
 # (and at every epoch's end): a collective per iteration would cost more than it saves.
@@ -152,6 +154,7 @@ class Checkpointer:
         self._scores: dict[Path, float] = {}  # epoch-end checkpoints by main-metric value
         self._score_stage = 0  # the pipeline stage whose epochs _scores ranks (a stage's best is its own)
         self._load_checked = False
+        self._writer = CheckpointWriter()  # files are written off the training thread, one at a time
 
     # what goes in -------------------------------------------------------------------------------
     def record(self, reason: str) -> ResumeRecord:
@@ -162,7 +165,13 @@ class Checkpointer:
                                                         best_files=files)
 
     def save(self, reason: str, *, also: Path | None = None) -> Path:
-        """Write a checkpoint now (and the same state to ``also``, when given); returns its path."""
+        """Write a checkpoint now (and the same state to ``also``, when given); returns its path.
+
+        The files are in place when it returns (a process killed after it resumes from them); a
+        background thread then fsyncs them and prunes the files they made old
+        (:mod:`engineflow.state.writer`) while the next step runs; the end of that step waits for it and
+        raises its failure.
+        """
         fit = self._fit()
         position, stage, best = fit.resume_position(), fit.stage, fit.best
         # numbered by the pipeline's iteration: a later stage's files sort after an earlier one's
@@ -176,19 +185,36 @@ class Checkpointer:
         state = self.record(reason).to_dict()
         if not self.writes:
             return path
-        save_checkpoint(self.folder, path.name, state)
+        self._writer.wait()  # the previous checkpoint is durable (and its failure raised) first
+        written = [save_checkpoint(self.folder, path.name, state, durable=False)]
         if also is not None:
-            save_checkpoint(also.parent, also.name, state)
+            written.append(save_checkpoint(also.parent, also.name, state, durable=False))
         if not self._load_checked:
+            self._load_checked = True
             self._check_loads(path)
+        scores, mode = dict(self._scores), self._score_mode or best.mode
+
+        def settle() -> None:
+            make_durable(written)
+            self._prune(scores, mode)  # only once the newest is durable: a crash always leaves one
+
+        self._writer.submit(settle)
         self._last_time = time.monotonic()
-        self._prune()
         return path
 
     def _fit(self) -> Resumable:
         if self.fit is None:
             raise RuntimeError("Checkpointer.handlers(fit) attaches it to a fit before it saves")
         return self.fit
+
+    def wait(self) -> None:
+        """Wait until the checkpoints saved so far are on disk; raise a failed write's error (once)."""
+        self._writer.wait()
+
+    def close(self) -> BaseException | None:
+        """:meth:`wait`, for a run that is ending: a failed write's error not raised yet is returned
+        instead (the run may be ending with an error of its own)."""
+        return self._writer.close()
 
     def _check_loads(self, path: Path) -> None:
         """Stop at the first checkpoint if a resume could not read it back.
@@ -197,7 +223,6 @@ class Checkpointer:
         an object of its own class would otherwise be found out only when the run resumes, or when
         it ends and exports best.pt. The tensor data is mapped, not read, so this costs little.
         """
-        self._load_checked = True
         try:
             load_state(path, mmap=True)
         except UnsafeCheckpointError as err:
@@ -208,10 +233,12 @@ class Checkpointer:
                 "allow it with torch.serialization.add_safe_globals before the run."
             ) from None
 
-    def _prune(self) -> None:
+    def _prune(self, scores: Mapping[Path, float], mode: str) -> None:
+        """Delete the files the policy no longer keeps (``scores``, ``mode``: the best epochs' files
+        as they were ranked when the newest was saved)."""
         files = checkpoint_files(self.folder)
         keep = set(files[-self.policy.keep_last:])
-        keep.update(self._ranked_best()[: self.policy.keep_best])
+        keep.update([p for p in ranked(scores, mode) if p.exists()][: self.policy.keep_best])
         prune(self.folder, keep)
 
     def _ranked_best(self) -> list[Path]:
@@ -235,8 +262,8 @@ class Checkpointer:
 
     def best_file(self) -> Path | None:
         """The kept checkpoint of the best epoch (by the main metric), or None (``keep_best=0``)."""
-        ranked = self._ranked_best() if self.policy.keep_best else []
-        return ranked[0] if ranked else None
+        files = self._ranked_best() if self.policy.keep_best else []
+        return files[0] if files else None
 
     # when ---------------------------------------------------------------------------------------
     def handlers(self, fit: Resumable) -> list[HandlerSpec]:
@@ -244,6 +271,8 @@ class Checkpointer:
         self.fit = fit
 
         def iteration_completed(engine: Any) -> None:
+            # the fsyncs (and pruning) of the last checkpoint overlap one step: done, or waited for, by its end
+            self._writer.wait()
             state = engine.state
             # At an epoch's last batch the checkpoint (and an interrupt) waits for EPOCH_COMPLETED,
             # so the epoch is validated and recorded first.
@@ -252,6 +281,7 @@ class Checkpointer:
             interrupt, timed = self._requests(state.iteration % AGREE_EVERY == 0)
             if interrupt:
                 self.save("interrupt")
+                self.wait()
                 raise KeyboardInterrupt("checkpoint written")
             if self._iterations_due(state.iteration) or timed:
                 self.save("iterations")
@@ -265,6 +295,7 @@ class Checkpointer:
             if due or improved or interrupt:
                 self.save("interrupt" if interrupt else "epoch")
             if interrupt:
+                self.wait()
                 raise KeyboardInterrupt("checkpoint written")
 
         return [HandlerSpec(iteration_completed, Events.ITERATION_COMPLETED, "train", orders.CHECKPOINT, -1, raw=True),
@@ -292,6 +323,7 @@ class Checkpointer:
     # how a fit continues --------------------------------------------------------------------------
     def latest(self) -> tuple[Path, ResumeRecord] | None:
         """The newest valid checkpoint and its record (damaged ones are reported and skipped), or None."""
+        self.wait()
         found = load_latest(self.folder, self.warn)
         return (found[0], ResumeRecord.from_dict(found[1])) if found is not None else None
 
