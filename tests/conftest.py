@@ -15,6 +15,7 @@ import torch
 from click.testing import CliRunner, Result
 
 from engineflow.app.cli import main
+from tests.recipes import IMPORTS, classifier_steps
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,12 +107,7 @@ def tiny_data(n: int = 10, features: int = 4, classes: int = 2, seed: int = 0) -
 
 
 # A complete small recipe, reused (with edits) by many tests. Loaders of 10 samples, batch 4: 3 batches.
-BASE_RECIPE = '''
-import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
-import engineflow as ef
-
+BASE_RECIPE = IMPORTS + '''
 config = ef.config(epochs=2, lr=0.1, batch_size=4, seed=0)
 
 def setup(cfg):
@@ -122,21 +118,7 @@ def setup(cfg):
     return dict(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=cfg.lr),
                 loaders={"train": DataLoader(data, batch_size=cfg.batch_size),
                          "valid": DataLoader(data, batch_size=cfg.batch_size)})
-
-@ef.train_step
-def train(batch, model, optimizer):
-    x, y = batch
-    loss = F.cross_entropy(model(x), y)
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    return {"loss": loss}
-
-@ef.eval_step(metrics={"accuracy": ef.metrics.Accuracy()})
-def evaluate(batch, model):
-    x, y = batch
-    return {"y_pred": model(x), "y": y}
-'''
+''' + classifier_steps()
 
 
 def read_run(runs_dir: Path) -> dict:

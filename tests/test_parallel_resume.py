@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from tests.conftest import run_engineflow
+from tests.recipes import classifier_steps
 from tests.test_resume import divergences, engineflow, final_state
 
 SAMPLES, BATCH, EPOCHS = 50, 2, 4
@@ -57,10 +58,7 @@ def launcher():
             with open(f"/proc/{{parent}}/stat") as stat:
                 parent = int(stat.read().rsplit(")", 1)[1].split()[1])
     return parent
-
-@ef.train_step
-def train(batch, model, optimizer, state, run):
-    kill = os.environ.get("KILL", "")
+''' + classifier_steps(asks=", state, run", before=r'''    kill = os.environ.get("KILL", "")
     if kill:
         iteration, rank, how = kill.split(":")
         training = os.environ["MARKER"] + ".rank0-training"
@@ -75,18 +73,7 @@ def train(batch, model, optimizer, state, run):
                 time.sleep(0.01)
             os.kill(launcher() if run.world_size > 1 else os.getpid(), signal.SIGINT)
             time.sleep(1.0)
-    x, y = batch
-    loss = F.cross_entropy(model(x), y)
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    return {{"loss": loss}}
-
-@ef.eval_step(metrics={{"accuracy": ef.metrics.Accuracy()}})
-def evaluate(batch, model):
-    x, y = batch
-    return {{"y_pred": model(x), "y": y}}
-'''
+''')
 
 
 @dataclass(frozen=True)

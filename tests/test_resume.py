@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO
+from tests.recipes import classifier_steps
 
 RECIPE = '''
 import os, signal
@@ -52,25 +53,12 @@ def setup(cfg):
                 scheduler=None,
                 loaders={"train": DataLoader(data, batch_size=16, shuffle=True, num_workers=cfg.workers),
                          "valid": DataLoader(data, batch_size=64)})
-
-@ef.train_step
-def train(batch, model, optimizer, state):
+''' + classifier_steps(asks=", state", before='''\
     if state.iteration == int(os.environ.get("KILL_AT", "0")):
         _kill_once("iteration")
     if state.iteration in {int(i) for i in os.environ.get("END_EPOCH_AT", "0").split(",")}:
         raise ef.EndEpoch
-    x, y = batch
-    loss = F.cross_entropy(model(x), y)
-    optimizer.zero_grad()
-    loss.backward()
-    optimizer.step()
-    return {"loss": loss}
-
-@ef.eval_step(metrics={"accuracy": ef.metrics.Accuracy()})
-def evaluate(batch, model):
-    x, y = batch
-    return {"y_pred": model(x), "y": y}
-'''
+''')
 EPOCH_LENGTH = 8  # 120 samples, batch 16
 TOTAL = 4 * EPOCH_LENGTH
 
