@@ -41,7 +41,7 @@ def test_python_api_example_runs(tmp_path, monkeypatch):
 
 def test_load_run_example_runs(tmp_path, monkeypatch):
     import engineflow as ef
-    from tests.test_registry import RECIPE
+    from tests.record.test_registry import RECIPE
 
     recipe = tmp_path / "recipe.py"
     recipe.write_text(RECIPE)

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from tests.app.test_cli import assert_clean_error, edit
 from tests.conftest import BASE_RECIPE
-from tests.test_cli import assert_clean_error, edit
 
 
 def listed_runs(cli, tmp_path) -> list:

@@ -21,8 +21,8 @@ import pytest
 import torch
 
 from tests.conftest import run_engineflow
+from tests.end_to_end.test_resume import divergences, engineflow, final_state
 from tests.recipes import classifier_steps
-from tests.test_resume import divergences, engineflow, final_state
 
 SAMPLES, BATCH, EPOCHS = 50, 2, 4
 AGREE_EVERY = 8  # engineflow.state.checkpointer.AGREE_EVERY: where the processes agree on an interrupt

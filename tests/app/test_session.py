@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
+from tests.app.test_cli import assert_clean_error
 from tests.conftest import BASE_RECIPE
-from tests.test_cli import assert_clean_error
 
 # Interrupted in epoch 2 when INTERRUPT is set in the environment (as Ctrl-C would: exit 130,
 # checkpoint written, run "interrupted"); the code and config stay the same either way.

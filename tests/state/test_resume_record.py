@@ -19,7 +19,7 @@ from engineflow.state.resume import FORMAT, Position, RankState, ResumeRecord, S
 from tests.conftest import BASE_RECIPE
 
 PACKAGE = Path(ef.__file__).parent
-PREVIOUS_VERSION = Path(__file__).parent / "fixtures" / "checkpoint-1ddb4e4" / "state-000000003.pt"
+PREVIOUS_VERSION = Path(__file__).parents[1] / "fixtures" / "checkpoint-1ddb4e4" / "state-000000003.pt"
 # Keys only a full-state checkpoint has (words such as "best" or "history" are also keys of run.json).
 CHECKPOINT_KEYS = {"engine", "components", "requires_grad", "train_metrics", "rng", "order", "ranks",
                    "best_checkpoints", "best_stage", "best_mode", "epochs_completed", "batches_in_epoch",

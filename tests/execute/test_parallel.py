@@ -631,7 +631,7 @@ def train(batch, model, optimizer, state):
 @pytest.mark.slow
 def test_a_pipeline_on_two_processes_runs_every_stage_and_predicts_every_sample(tmp_path):
     import engineflow as ef
-    from tests.test_pipeline import RECIPE as PIPELINE
+    from tests.execute.test_pipeline import RECIPE as PIPELINE
 
     (tmp_path / "pipe.py").write_text(PIPELINE)
     # from Python this time: ef.run(nproc=2) launches the processes as the command does
@@ -699,7 +699,7 @@ def test_an_epoch_interrupted_on_two_processes_ends_on_three_and_back_each_sampl
     """2 processes killed mid-epoch 2, resumed on 3, killed mid-epoch 3, resumed on 2: each epoch's
     trained steps (those its checkpoints kept) hold every sample exactly once, and the epoch's train
     accuracy counts every one of them (the saved processes' metric states regrouped, not refused)."""
-    from tests.test_resume import engineflow
+    from tests.end_to_end.test_resume import engineflow
 
     recipe, ids, runs = tmp_path / "counted.py", tmp_path / "ids", tmp_path / "runs"
     recipe.write_text(COUNTED)

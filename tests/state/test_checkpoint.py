@@ -34,7 +34,7 @@ from tests.conftest import BASE_RECIPE
 
 # Written by engineflow at commit 1ddb4e4, before loads were weights_only (see its README.md): a
 # mid-epoch checkpoint with NumPy's RNG state as a uint32 array.
-PREVIOUS_VERSION = Path(__file__).parent / "fixtures" / "checkpoint-1ddb4e4" / "state-000000003.pt"
+PREVIOUS_VERSION = Path(__file__).parents[1] / "fixtures" / "checkpoint-1ddb4e4" / "state-000000003.pt"
 
 
 class RunsCode:
