@@ -91,14 +91,14 @@ def build_pipeline(
     if context is None:
         context = RunContext("interactive", recipe.name, Path("."), resolve_device(device), seed, check)
     seed_everything(seed)
-    components = _setup(recipe, cfg, context)
+    provided = {"cfg": cfg, "device": context.device, "run": context}  # what setup() and every stage may ask for
+    components = _setup(recipe, provided)
     world = World(context.rank, context.world_size)
     # sharded before --check cuts them: each rank's first batches are of its own share
     if world.distributed and isinstance(components["loaders"], Mapping):
         components["loaders"] = shard_loaders(components["loaders"], world, train=train_loader_names(recipe))
     if check:
         components["loaders"] = {name: take(loader, CHECK_BATCHES) for name, loader in components["loaders"].items()}
-    provided = {"cfg": cfg, "device": context.device, "run": context}
     pipeline = Pipeline(recipe, components, provided, epochs=epochs, seed=seed, extras=extras,
                         listeners=listeners)
     pipeline.check_stages()  # a later stage's loader names, before any stage trains
@@ -106,13 +106,13 @@ def build_pipeline(
     return pipeline, cfg, context
 
 
-def _setup(recipe: Recipe, cfg: Config, context: RunContext) -> dict[str, Any]:
+def _setup(recipe: Recipe, provided: Mapping[str, Any]) -> dict[str, Any]:
     if recipe.setup is None:
         raise RecipeError(
             f"{recipe.path}: no setup(cfg) function; define one that returns the model, optimizer and "
             "loaders=dict(train=..., valid=...)"
         )
-    call = make_caller(recipe.setup, provided={"cfg": cfg, "device": context.device, "run": context}, what="setup")
+    call = make_caller(recipe.setup, provided=provided, what="setup")
     try:
         components = call({})
     except EngineflowError:
@@ -131,5 +131,5 @@ def _setup(recipe: Recipe, cfg: Config, context: RunContext) -> dict[str, Any]:
             f"setup {describe(recipe.setup)} returned no 'loaders'; return "
             "loaders={'train': train_loader, 'valid': valid_loader} with the other components"
         )
-    return {name: to_device(value, context.device) if name != "loaders" else value
+    return {name: to_device(value, provided["device"]) if name != "loaders" else value
             for name, value in components.items()}
