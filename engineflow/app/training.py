@@ -216,9 +216,9 @@ def _train(loaded: Recipe, start: Session, *, stream: IO[str] | None, progress: 
     if checkpoint_every is not None:
         policy = every_iterations_policy(policy, checkpoint_every)
     if leader:
-        recorder.best_in_checkpoints = policy.keep_best > 0
         reporter = Reporter(stream, progress=progress, log_path=context.run_dir / "log.txt")
-        recorder.mirror = mirror_for(mlflow, loaded, recorder.record, reporter.line)  # None: no MLflow mirror
+        recorder.use(mirror=mirror_for(mlflow, loaded, recorder.record, reporter.line),  # None: no MLflow mirror
+                     best_in_checkpoints=policy.keep_best > 0)
     else:
         reporter = Reporter(open(os.devnull, "w"), progress=False)
     checkpointer = Checkpointer(context.run_dir / "checkpoints" / "state", policy, context.run_id, reporter.line,

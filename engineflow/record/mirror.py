@@ -121,7 +121,7 @@ def mirror_for(given: str | bool | None, recipe: Recipe, record: Mapping[str, An
 
     Example::
 
-        recorder.mirror = mirror_for("http://127.0.0.1:5000", recipe, recorder.record, reporter.line)
+        mirror = mirror_for("http://127.0.0.1:5000", recipe, recorder.record, reporter.line)
     """
     if given is False:
         return None  # --no-mlflow: the recipe's setting is not even read

@@ -95,7 +95,14 @@ class RunRecorder:
         self.best_in_checkpoints = False
         self._stop_beating = threading.Event()
         self._beater: threading.Thread | None = None
-        self.mirror: Mirror | None = None  # the MLflow mirror, set by the runner (engineflow.record.mirror)
+        self.mirror: Mirror | None = None  # the MLflow mirror (engineflow.record.mirror), see use()
+
+    def use(self, *, mirror: Mirror | None, best_in_checkpoints: bool) -> None:
+        """How this run is recorded, once its options are known (before :meth:`begin_new` or
+        :meth:`begin_resumed`): ``mirror``, the MLflow mirror or None; ``best_in_checkpoints``, whether
+        the checkpointer keeps the best epoch's full state (then best.pt is exported from it at the
+        end instead of written at every improvement)."""
+        self.mirror, self.best_in_checkpoints = mirror, best_in_checkpoints
 
     def begin_new(self, code: CodeState) -> None:
         """Create the folder with its snapshot and record, then index it (status "running")."""
