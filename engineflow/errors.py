@@ -172,7 +172,7 @@ class StepCheckError(TrainingError):
         >>> try:
         ...     ef.run(recipe, device="cpu", runs_dir=recipe.parent / "runs", stream=io.StringIO())
         ... except ef.StepCheckError as err:
-        ...     print(type(err.__cause__).__name__, "| exit", err.exit_code, "|", "first batch of the 'valid'" in str(err))
+        ...     print(type(err.__cause__).__name__, "| exit", err.exit_code, "|", "first batch" in str(err))
         RuntimeError | exit 1 | True
     """
 

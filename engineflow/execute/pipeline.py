@@ -88,9 +88,13 @@ class Pipeline:
         >>> pipeline.fit.stage.name               # the first stage is built
         'pretrain'
         >>> pipeline.run()                        # every stage, in order
-        >>> [(s["name"], s["kind"], s["status"], s["epochs"]) for s in pipeline.summaries]  # doctest: +NORMALIZE_WHITESPACE
-        [('pretrain', 'train', 'completed', 1), ('frozen', 'train', 'completed', 1),
-         ('finetune', 'train', 'completed', 1), ('test', 'test', 'completed', 0), ('predict', 'infer', 'completed', 0)]
+        >>> for summary in pipeline.summaries:    # one record per stage
+        ...     print(summary["name"], summary["kind"], summary["status"], summary["epochs"])
+        pretrain train completed 1
+        frozen train completed 1
+        finetune train completed 1
+        test test completed 0
+        predict infer completed 0
     """
 
     def __init__(self, recipe: Recipe, components: dict[str, Any], provided: Mapping[str, Any], *,
