@@ -14,7 +14,7 @@ Example:
     >>> import engineflow as ef
     >>> ef.Events is ignite.engine.Events
     True
-    >>> @ef.on(ef.Events.EPOCH_COMPLETED(every=5))
+    >>> @ef.on(ef.Events.EPOCH_COMPLETED(every=5))  # a recipe's handler: every 5th epoch of its fit
     ... def report(state, metrics):
     ...     print(state.epoch, metrics["valid/accuracy"])
     >>> @ef.train_step
