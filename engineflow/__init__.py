@@ -6,6 +6,26 @@ decorators attach handlers. ``engineflow run recipe.py`` (or :func:`engineflow.r
 Public names are imported on first use, so ``import engineflow`` and ``engineflow --help`` stay
 fast; the table below is the whole public API. Importing engineflow changes nothing else in the
 process: no import hook, signal handler, logging set-up or seeding.
+
+``ef.Events`` is Ignite's own ``Events``, its filters included, for ``ef.on``:
+
+Example:
+    >>> import ignite.engine
+    >>> import engineflow as ef
+    >>> ef.Events is ignite.engine.Events
+    True
+    >>> @ef.on(ef.Events.EPOCH_COMPLETED(every=5))  # a recipe's handler: every 5th epoch of its fit
+    ... def report(state, metrics):
+    ...     print(state.epoch, metrics["valid/accuracy"])
+    >>> @ef.train_step
+    ... def train(batch):
+    ...     return {"loss": batch}
+    >>> @ef.on(ef.Events.ITERATION_COMPLETED(every=2))
+    ... def every_other(state):
+    ...     print("iteration", state.iteration)
+    >>> _ = ef.engine(train, every_other).run([1.0, 2.0, 3.0, 4.0])
+    iteration 2
+    iteration 4
 """
 
 from __future__ import annotations

@@ -5,6 +5,18 @@ in Python: on small models that is about half of each iteration. :class:`TensorL
 each batch with one indexing call per tensor instead, and draws each epoch's order from
 ``(seed, epoch)`` alone, so the order is reproducible and a checkpoint of
 :meth:`TensorLoader.state_dict` resumes it exactly, even in the middle of an epoch.
+
+Example:
+    >>> import torch
+    >>> import engineflow as ef
+    >>> x, y = torch.randn(10, 4), torch.arange(10)
+    >>> loader = ef.data.TensorLoader(x, y, batch_size=4, shuffle=True, seed=0)  # in setup(): loaders={"train": ...}
+    >>> [len(yb) for _, yb in loader]
+    [4, 4, 2]
+    >>> def first_epoch(seed):
+    ...     return [yb.tolist() for _, yb in ef.data.TensorLoader(x, y, batch_size=4, shuffle=True, seed=seed)]
+    >>> first_epoch(0) == first_epoch(0), first_epoch(0) == first_epoch(1)
+    (True, False)
 """
 
 from __future__ import annotations

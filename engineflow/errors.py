@@ -19,29 +19,79 @@ EXIT_INTERRUPTED = 130
 
 
 class EngineflowError(Exception):
-    """Base class of the errors engineflow reports without a traceback."""
+    """Base class of the errors engineflow reports without a traceback.
+
+    ``exit_code`` is the exit status the ``engineflow`` command gives it: catch this class to handle
+    every error engineflow reports, as the command does.
+
+    Example:
+        >>> import engineflow as ef
+        >>> try:
+        ...     ef.config(lr=0.1).override({"lr": "fast"})
+        ... except ef.EngineflowError as err:
+        ...     print(f"error: {err} (exit {err.exit_code})")
+        error: config key 'lr' expects a float (default 0.1), got 'fast' (exit 2)
+    """
 
     exit_code: int = EXIT_TRAINING_FAILED
 
 
 class RecipeError(EngineflowError):
-    """A recipe, its config or the command line is not what engineflow expects."""
+    """A recipe, its config or the command line is not what engineflow expects.
+
+    Example:
+        >>> import engineflow as ef
+        >>> try:
+        ...     ef.checkpoints(keep_last=0)
+        ... except ef.RecipeError as err:
+        ...     print(err, "| exit", err.exit_code)
+        checkpoints(keep_last=...) must keep at least 1, or a run could not resume | exit 2
+    """
 
     exit_code = EXIT_USAGE
 
 
 class ConfigError(RecipeError):
-    """An override names an unknown key or has a value of the wrong type."""
+    """An override names an unknown key or has a value of the wrong type.
+
+    Example:
+        >>> import engineflow as ef
+        >>> try:
+        ...     ef.config(lr=0.1, epochs=3).override({"lrate": "0.5"})
+        ... except ef.ConfigError as err:
+        ...     print(err)
+        unknown config key 'lrate'. Valid keys: lr, epochs
+    """
 
 
 class TrainingError(EngineflowError):
-    """Training started but could not go on (for example the loss became NaN or inf)."""
+    """Training started but could not go on (for example the loss became NaN or inf).
+
+    Example:
+        >>> import engineflow as ef
+        >>> fit, cfg, ctx = ef.build("recipes/sine.py", {"samples": 64, "lr": 1e30})  # far too high
+        >>> try:
+        ...     fit.run(epochs=1)
+        ... except ef.TrainingError as err:
+        ...     print(type(err).__name__, "| exit", err.exit_code)
+        NonFiniteLossError | exit 1
+    """
 
     exit_code = EXIT_TRAINING_FAILED
 
 
 class StoreError(EngineflowError):
-    """The run index (``<runs_dir>/engineflow.db``) failed to read or write; the message says what to do."""
+    """The run index (``<runs_dir>/engineflow.db``) failed to read or write; the message says what to do.
+
+    Example:
+        >>> import tempfile
+        >>> import engineflow as ef
+        >>> try:
+        ...     ef.load_run("last", runs_dir=tempfile.mkdtemp())  # a runs folder with no runs
+        ... except ef.StoreError as err:
+        ...     print(type(err).__name__, "| exit", err.exit_code, "|", str(err).startswith("no runs yet"))
+        UnknownRunError | exit 2 | True
+    """
 
     exit_code = EXIT_TRAINING_FAILED
 
@@ -84,15 +134,61 @@ class AmbiguousRunError(StoreUsageError):
 
 
 class SetupError(TrainingError):
-    """The recipe's ``setup()`` raised: the recipe's own error is chained, its frames shown first."""
+    """The recipe's ``setup()`` raised: the recipe's own error is chained, its frames shown first.
+
+    Example:
+        >>> import engineflow as ef
+        >>> try:
+        ...     ef.build("recipes/sine.py", {"batch_size": 0})  # setup() makes a DataLoader of it
+        ... except ef.SetupError as err:
+        ...     print(repr(err.__cause__), "| exit", err.exit_code)
+        ValueError('batch_size should be a positive integer value, but got batch_size=0') | exit 1
+    """
 
 
 class StepCheckError(TrainingError):
-    """A step raised on the batch engineflow tries before training (nothing was recorded yet)."""
+    """A step raised on the batch engineflow tries before training (nothing was recorded yet).
+
+    Example:
+        >>> import io, tempfile, textwrap
+        >>> from pathlib import Path
+        >>> import engineflow as ef
+        >>> recipe = Path(tempfile.mkdtemp()) / "shapes.py"
+        >>> _ = recipe.write_text(textwrap.dedent('''
+        ...     import torch
+        ...     import engineflow as ef
+        ...
+        ...     def setup(cfg):
+        ...         model = torch.nn.Linear(4, 2)
+        ...         data = [(torch.zeros(8, 4), torch.zeros(8, dtype=torch.long))]
+        ...         return dict(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        ...                     loss_fn=torch.nn.functional.cross_entropy, loaders={"train": data, "valid": data})
+        ...
+        ...     @ef.eval_step(metrics={"accuracy": ef.metrics.Accuracy()})
+        ...     def evaluate(batch, model):
+        ...         x, y = batch
+        ...         return {"y_pred": model(x.T), "y": y}  # x.T: a mistake
+        ... '''))
+        >>> try:
+        ...     ef.run(recipe, device="cpu", runs_dir=recipe.parent / "runs", stream=io.StringIO())
+        ... except ef.StepCheckError as err:
+        ...     print(type(err.__cause__).__name__, "| exit", err.exit_code, "|", "first batch" in str(err))
+        RuntimeError | exit 1 | True
+    """
 
 
 class NonFiniteLossError(TrainingError):
-    """The loss became NaN or infinite at a known iteration."""
+    """The loss became NaN or infinite at a known iteration.
+
+    Example:
+        >>> import engineflow as ef
+        >>> fit, cfg, ctx = ef.build("recipes/sine.py", {"samples": 64, "lr": 1e30})  # far too high
+        >>> try:
+        ...     fit.run(epochs=1)
+        ... except ef.NonFiniteLossError as err:
+        ...     print(err.name, err.epoch, err.iteration)
+        loss 1 2
+    """
 
     def __init__(self, value: float, *, epoch: int, iteration: int, name: str = "loss") -> None:
         what = "the loss" if name == "loss" else f"the loss {name!r}"
@@ -107,4 +203,20 @@ class NonFiniteLossError(TrainingError):
 
 
 class HandlerError(EngineflowError):
-    """A user handler raised: the original error is chained, the handler and event are named."""
+    """A user handler raised: the original error is chained, the handler and event are named.
+
+    Example:
+        >>> import engineflow as ef
+        >>> @ef.train_step
+        ... def train(batch):
+        ...     return {"loss": batch}
+        >>> def log(state):
+        ...     raise KeyError("lr")
+        >>> trainer = ef.engine(train)
+        >>> handle = ef.on(ef.Events.ITERATION_COMPLETED, log, engine=trainer)
+        >>> try:
+        ...     trainer.run([1.0, 2.0])
+        ... except ef.HandlerError as err:
+        ...     print(repr(err.__cause__), "|", str(err).split(" (")[0], "|", "ITERATION_COMPLETED" in str(err))
+        KeyError('lr') | handler 'log' | True
+    """

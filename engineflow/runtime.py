@@ -38,6 +38,17 @@ class RunContext:
         world_size: how many processes train together.
         runs_dir: the runs folder the run is recorded in (None for an unrecorded build), e.g. for
             ``ef.load_run("last", runs_dir=run.runs_dir, experiment="pretrain")`` in ``setup``.
+
+    Example:
+        >>> import engineflow as ef
+        >>> fit, cfg, ctx = ef.build("recipes/sine.py", {"samples": 64}, seed=3)  # built, not recorded
+        >>> ctx.run_id, ctx.experiment, ctx.seed, ctx.stage, ctx.rank, ctx.world_size, ctx.runs_dir
+        ('interactive', 'sine', 3, 'fit', 0, 1, None)
+        >>> @ef.on(ef.Events.COMPLETED, engine=fit.train)
+        ... def done(run):                        # what a step or handler gets when it asks for run
+        ...     print(run.experiment, run.device)
+        >>> _ = fit.run(epochs=1)
+        sine cpu
     """
 
     run_id: str

@@ -72,6 +72,21 @@ def predict_files(recipe: str | Path, source: str | Path, output: str | Path, *,
 
     Returns:
         ``{"run": id, "inputs": n, "output": path}``.
+
+    Example:
+        >>> import io, tempfile
+        >>> from pathlib import Path
+        >>> import engineflow as ef
+        >>> runs = Path(tempfile.mkdtemp())
+        >>> _ = ef.run("recipes/sine.py", {"epochs": 1, "samples": 64}, device="cpu", runs_dir=runs,
+        ...            stream=io.StringIO())
+        >>> inputs = runs / "inputs"
+        >>> inputs.mkdir()
+        >>> for name, x in (("a.csv", -1.0), ("b.csv", 0.5)):
+        ...     _ = (inputs / name).write_text(str(x))  # one sample a file, as the model takes it
+        >>> done = ef.predict_files("recipes/sine.py", inputs, runs / "predictions.csv", runs_dir=runs)
+        >>> done["inputs"], [line.split(",")[0] for line in Path(done["output"]).read_text().splitlines()]
+        (2, ['file', 'a.csv', 'b.csv'])
     """
     from engineflow.record.load import select_run
 

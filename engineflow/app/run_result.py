@@ -11,7 +11,7 @@ from typing import Any
 
 @dataclass
 class RunResult:
-    """What a finished run reports (also saved as ``summary.json`` in its folder).
+    """What a finished run reports; its record, ``run.json`` in its folder, holds the same facts.
 
     Attributes:
         run_id: the run's id.
@@ -27,6 +27,19 @@ class RunResult:
         best: ``{"metric", "mode", "epoch", "value"}`` of the main metric.
         duration_s: wall time of the fit in seconds.
         error: the error message of a failed run.
+
+    Example:
+        >>> import io, json, tempfile
+        >>> import engineflow as ef
+        >>> result = ef.run("recipes/sine.py", {"epochs": 2, "samples": 64}, device="cpu",
+        ...                 runs_dir=tempfile.mkdtemp(), stream=io.StringIO())
+        >>> isinstance(result, ef.RunResult), result.experiment, result.error
+        (True, 'sine', None)
+        >>> [epoch["epoch"] for epoch in result.history], sorted(result.metrics)
+        ([1, 2], ['epoch', 'train/loss', 'valid/mae', 'valid/mse'])
+        >>> record = json.loads((result.run_dir / "run.json").read_text())
+        >>> record["id"] == result.run_id, record["status"], record["best"] == result.best
+        (True, 'completed', True)
     """
 
     run_id: str

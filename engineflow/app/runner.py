@@ -74,10 +74,15 @@ def run(
             code (CLI exit code 2).
         TrainingError: training failed, e.g. the loss became NaN (CLI exit code 1).
 
-    Example::
-
-        result = ef.run("recipes/digits.py", {"epochs": 5}, device="cpu")
-        result.best  # {'metric': 'valid/accuracy', 'mode': 'max', 'epoch': 5, 'value': 0.94...}
+    Example:
+        >>> import io, tempfile
+        >>> import engineflow as ef
+        >>> result = ef.run("recipes/sine.py", {"epochs": 2, "samples": 64}, device="cpu",
+        ...                 runs_dir=tempfile.mkdtemp(), stream=io.StringIO())  # the summary goes to stream
+        >>> result.status, result.epochs, result.best["metric"], result.best["mode"]
+        ('completed', 2, 'valid/mse', 'min')
+        >>> (result.run_dir / "run.json").is_file(), (result.run_dir / "checkpoints" / "last.pt").is_file()
+        (True, True)
     """
 
     if isinstance(mlflow, str) and mlflow.strip():  # a mistyped URI: refused before anything is made

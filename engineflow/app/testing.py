@@ -29,7 +29,17 @@ def evaluate_test(recipe: str | Path, *, ref: str | None = None, ignore_changes:
     which run is tested, and why that one, before it is loaded.
 
     Returns:
-        ``{"run": id, "metrics": {"test/accuracy": ...}}``.
+        ``{"run": id, "metrics": {"test/accuracy": ...}, "stored": bool}``; ``stored`` is False when
+        the runs folder could not be written (the metrics are then not kept with the run).
+
+    Example:
+        >>> import io, tempfile
+        >>> import engineflow as ef
+        >>> runs = tempfile.mkdtemp()
+        >>> result = ef.run("recipes/digits.py", {"epochs": 1}, device="cpu", runs_dir=runs, stream=io.StringIO())
+        >>> tested = ef.evaluate_test("recipes/digits.py", runs_dir=runs)  # the latest completed run of digits
+        >>> tested["run"] == result.run_id, sorted(tested["metrics"]), tested["stored"]
+        (True, ['test/accuracy', 'test/loss'], True)
     """
     from engineflow.app.launch import distributed_env, launch, process_group
     from engineflow.app.workers import check_nproc

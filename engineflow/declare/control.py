@@ -22,12 +22,61 @@ class ControlFlow(Exception):  # noqa: N818 - these are signals, not errors
 
 
 class SkipBatch(ControlFlow):
-    """Skip the rest of the current batch: its step and/or its remaining handlers."""
+    """Skip the rest of the current batch: its step and/or its remaining handlers.
+
+    Example:
+        >>> import torch
+        >>> import engineflow as ef
+        >>> @ef.train_step
+        ... def train(batch):
+        ...     if batch.isnan().any():
+        ...         raise ef.SkipBatch  # a corrupt batch: no step, no metrics, no loss check
+        ...     return {"loss": batch.mean()}
+        >>> losses = []
+        >>> @ef.on(ef.Events.ITERATION_COMPLETED)
+        ... def log(output):
+        ...     losses.append(output["loss"].item())
+        >>> state = ef.engine(train, log).run([torch.ones(2), torch.full((2,), float("nan")), torch.zeros(2)])
+        >>> state.iteration, losses  # the skipped batch still counts as an iteration
+        (3, [1.0, 0.0])
+    """
 
 
 class EndEpoch(ControlFlow):
-    """End the current epoch after this batch; ``EPOCH_COMPLETED`` still fires."""
+    """End the current epoch after this batch; ``EPOCH_COMPLETED`` still fires.
+
+    Example:
+        >>> import engineflow as ef
+        >>> @ef.train_step
+        ... def train(batch):
+        ...     return {"loss": batch}
+        >>> @ef.on(ef.Events.ITERATION_COMPLETED)
+        ... def good_enough(output):
+        ...     if output["loss"] < 0.5:
+        ...         raise ef.EndEpoch  # the rest of this epoch's batches are not needed
+        >>> ends = []
+        >>> @ef.on(ef.Events.EPOCH_COMPLETED)
+        ... def note(state):
+        ...     ends.append(state.iteration)
+        >>> state = ef.engine(train, good_enough, note).run([3.0, 2.0, 0.1, 5.0, 6.0], max_epochs=2)
+        >>> ends  # each epoch ended after its third batch of five
+        [3, 6]
+    """
 
 
 class StopFit(ControlFlow):
-    """Stop the fit cleanly after the current event's handlers have run."""
+    """Stop the fit cleanly after the current event's handlers have run.
+
+    Example:
+        >>> import engineflow as ef
+        >>> @ef.train_step
+        ... def train(batch):
+        ...     return {"loss": batch}
+        >>> @ef.every_n_epochs(1)
+        ... def stop_early(state):
+        ...     if state.epoch == 2:
+        ...         raise ef.StopFit  # e.g. no progress for a while
+        >>> state = ef.engine(train, stop_early).run([1.0, 2.0], max_epochs=10)
+        >>> state.epoch, state.iteration
+        (2, 4)
+    """

@@ -56,6 +56,12 @@ def load_recipe(path: str | Path) -> Recipe:
     Raises:
         RecipeError: the file is missing, does not parse, fails on import, or declares two
             steps of one kind; the message names the file and line.
+
+    Example:
+        >>> import engineflow as ef
+        >>> recipe = ef.load_recipe("recipes/sine.py")  # imported, nothing built or run
+        >>> recipe.name, sorted(recipe.steps), recipe.config.epochs, recipe.setup.__name__
+        ('sine', ['eval', 'infer'], 30, 'setup')
     """
     file = Path(path)
     if not file.is_file():

@@ -50,6 +50,15 @@ class Stage:
         loaders: the stage's loaders, ``{name in this stage: name setup() gave it}``; None: setup's own.
         prepare: called before the stage starts, with components by name; returns the components it
             adds or replaces (or None).
+
+    Example:
+        >>> import engineflow as ef
+        >>> recipe = ef.load_recipe("recipes/pretrain_finetune.py")
+        >>> [(stage.name, stage.kind) for stage in recipe.stages]
+        [('pretrain', 'train'), ('frozen', 'train'), ('finetune', 'train'), ('test', 'test'), ('predict', 'infer')]
+        >>> finetune = recipe.stages[2]
+        >>> finetune.epochs, finetune.loaders, finetune.prepare.__name__
+        ('finetune_epochs', {'train': 'labelled', 'valid': 'valid'}, 'unfreeze_encoder')
     """
 
     name: str

@@ -34,6 +34,12 @@ class StepSpec:
         loaders: eval steps only: which loaders to validate on (default: all but train and test).
         main_metric: eval steps only: the metric that picks the best epoch, e.g. "valid/accuracy".
         mode: "max" or "min" for ``main_metric`` (default: "min" for losses and errors, else "max").
+
+    Example:
+        >>> import engineflow as ef
+        >>> spec = ef.load_recipe("recipes/sine.py").steps["eval"]  # the recipe's eval step, as declared
+        >>> spec.kind, sorted(spec.metrics), spec.main_metric, spec.every
+        ('eval', ['mae', 'mse'], 'valid/mse', 1)
     """
 
     kind: StepKind

@@ -23,7 +23,22 @@ if TYPE_CHECKING:
 
 
 def prepare_batch(batch: Any, device: torch.device | str | None = None) -> tuple[Any, Any]:
-    """Split a batch into ``(x, y)`` and move tensors to ``device`` with ``non_blocking=True``."""
+    """Split a batch into ``(x, y)`` and move tensors to ``device`` with ``non_blocking=True``.
+
+    Tensors inside lists, tuples and dicts move too. It is the default ``prepare`` of
+    :func:`supervised_train_step` and :func:`supervised_eval_step`; a batch of another shape
+    needs a ``prepare`` of its own, which can end in this one.
+
+    Example:
+        >>> import torch
+        >>> import engineflow as ef
+        >>> x, y = ef.prepare_batch((torch.zeros(4, 3), torch.ones(4)), device="cpu")
+        >>> x.shape, y.device
+        (torch.Size([4, 3]), device(type='cpu'))
+        >>> def prepare_dict(batch, device=None):  # batches of {"image": ..., "label": ...}
+        ...     return ef.prepare_batch((batch["image"], batch["label"]), device)
+        >>> train = ef.supervised_train_step(prepare=prepare_dict)
+    """
     x, y = batch
     if device is None:
         return x, y

@@ -58,12 +58,16 @@ def build(
         of the fit: its first stage is prepared and built (``pipeline.fit``), ``pipeline.run()``
         runs every stage.
 
-    Example::
-
-        fit, cfg, ctx = ef.build("recipes/digits.py", {"hidden": 32})
-        fit.evaluate("valid")        # the untrained model
-        fit.run(epochs=3)            # the train engine, with validation each epoch
-        fit.train.state.metrics      # plain Ignite underneath
+    Example:
+        >>> import engineflow as ef
+        >>> fit, cfg, ctx = ef.build("recipes/sine.py", {"samples": 64, "hidden": 8})
+        >>> cfg.hidden, cfg.epochs, type(fit).__name__
+        (8, 30, 'Fit')
+        >>> sorted(fit.evaluate("valid"))        # the untrained model
+        ['valid/mae', 'valid/mse']
+        >>> state = fit.run(epochs=2)            # the train engine, with validation each epoch
+        >>> state.epoch, sorted(state.metrics)   # plain Ignite underneath
+        (2, ['train/loss', 'valid/mae', 'valid/mse'])
     """
     pipeline, cfg, context = build_pipeline(recipe, overrides, device=device, seed=seed, check=check, extras=extras,
                                             context=context)

@@ -84,6 +84,18 @@ class Fit:
             that count only some of the epoch's steps before it.
         parts: the stateful pieces :meth:`register` keeps in the checkpoints, by name.
         tracker: where the fit stands in its epochs (:meth:`resume_position`).
+
+    Example:
+        >>> import ignite.engine
+        >>> import engineflow as ef
+        >>> fit, cfg, ctx = ef.build("recipes/sine.py", {"samples": 64})
+        >>> isinstance(fit.train, ignite.engine.Engine), fit.eval_loaders
+        (True, ('valid',))
+        >>> _ = fit.run(epochs=2)
+        >>> len(fit.history), sorted(fit.history[-1])
+        (2, ['epoch', 'train/loss', 'valid/mae', 'valid/mse'])
+        >>> fit.best.metric, fit.best.mode, fit.best.epoch in (1, 2)
+        ('valid/mse', 'min', True)
     """
 
     train: StepEngine

@@ -81,11 +81,20 @@ class Pipeline:
             ``stage_completed(pipeline, summary)`` and ``predictions(pipeline, loader, outputs)``,
             each optional.
 
-    Example::
-
-        pipeline, cfg, ctx = ef.build("recipes/pretrain_finetune.py")
-        pipeline.run()
-        pipeline.summaries        # one dict per stage: name, status, epochs, best, metrics
+    Example:
+        >>> import engineflow as ef
+        >>> tiny = {"pretrain_epochs": 1, "frozen_epochs": 1, "finetune_epochs": 1, "threads": 0}  # 0: torch's own
+        >>> pipeline, cfg, ctx = ef.build("recipes/pretrain_finetune.py", tiny)
+        >>> pipeline.fit.stage.name               # the first stage is built
+        'pretrain'
+        >>> pipeline.run()                        # every stage, in order
+        >>> for summary in pipeline.summaries:    # one record per stage
+        ...     print(summary["name"], summary["kind"], summary["status"], summary["epochs"])
+        pretrain train completed 1
+        frozen train completed 1
+        finetune train completed 1
+        test test completed 0
+        predict infer completed 0
     """
 
     def __init__(self, recipe: Recipe, components: dict[str, Any], provided: Mapping[str, Any], *,

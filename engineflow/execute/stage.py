@@ -19,11 +19,21 @@ class Progress:
     ``state.iteration`` and ``state.epoch`` restart with each stage (each stage has its own
     engine); ``pipeline.iteration`` and ``pipeline.epoch`` go on across stages.
 
-    Example::
+    In a recipe::
 
         @ef.every_n_iterations(100)               # every 100 iterations of the pipeline
         def log(pipeline, optimizer):
             print(pipeline.stage, pipeline.iteration, optimizer.param_groups[0]["lr"])
+
+    Example:
+        >>> import engineflow as ef
+        >>> fit, cfg, ctx = ef.build("recipes/sine.py", {"samples": 64})  # one stage, "fit": 2 batches an epoch
+        >>> @ef.on(ef.Events.EPOCH_COMPLETED, engine=fit.train)
+        ... def where(pipeline):
+        ...     print(pipeline)
+        >>> _ = fit.run(epochs=2)
+        Progress(stage='fit', iteration=2, epoch=1)
+        Progress(stage='fit', iteration=4, epoch=2)
     """
 
     def __init__(self, info: StageInfo, engine: Any = None) -> None:

@@ -59,6 +59,20 @@ class LoadedRun:
         fit: the engines, built on ``components`` (``fit.evaluate("test")`` and so on); for a
             recipe with stages, those of its last train stage.
         run_dir: the run's folder.
+
+    Example:
+        >>> import io, tempfile
+        >>> import engineflow as ef
+        >>> runs = tempfile.mkdtemp()
+        >>> result = ef.run("recipes/sine.py", {"epochs": 1, "samples": 64}, device="cpu", runs_dir=runs,
+        ...                 stream=io.StringIO())
+        >>> past = ef.load_run(result.run_id, runs_dir=runs, which="last")
+        >>> isinstance(past, ef.LoadedRun), past.record["status"], past.run_dir == result.run_dir
+        (True, 'completed', True)
+        >>> sorted(past.components), past.model is past.components["model"]
+        (['loaders', 'loss_fn', 'model', 'optimizer'], True)
+        >>> past.config.epochs, past.module.config.epochs  # the run's config; the recipe's defaults
+        (1, 30)
     """
 
     record: dict[str, Any]
@@ -97,12 +111,21 @@ def load_run(
     Raises:
         UntrustedCodeError: the snapshot changed since the run was recorded, or needs ``trust_code``.
 
-    Example::
-
-        past = ef.load_run("last", runs_dir="runs")
-        past.model(torch.zeros(1, 64))          # the trained model
-        past.module.config                      # the recipe as it was at that run
-        past.fit.evaluate("test")
+    Example:
+        >>> import io, tempfile
+        >>> import torch
+        >>> import engineflow as ef
+        >>> runs = tempfile.mkdtemp()
+        >>> _ = ef.run("recipes/sine.py", {"epochs": 1, "samples": 64}, device="cpu", runs_dir=runs,
+        ...            stream=io.StringIO())
+        >>> past = ef.load_run("last", runs_dir=runs)
+        >>> past.model(torch.zeros(3, 1)).shape     # the trained model, best weights
+        torch.Size([3, 1])
+        >>> from pathlib import Path
+        >>> Path(past.module.__file__).is_relative_to(past.run_dir / "code")  # the recipe from its snapshot
+        True
+        >>> sorted(past.fit.evaluate("valid"))      # any of setup()'s loaders
+        ['valid/mae', 'valid/mse']
     """
     from engineflow.execute.build import build_pipeline
     from engineflow.record.runs import resolve_runs_dir

@@ -73,6 +73,16 @@ class CheckpointPolicy:
         every_seconds: when this many seconds passed since the last one (None: not by time).
         keep_last: how many of the newest to keep.
         keep_best: how many of the best epochs (by the main metric) to keep as well.
+
+    A recipe declares one with :func:`checkpoints` (``checkpoints = ef.checkpoints(...)``).
+
+    Example:
+        >>> import engineflow as ef
+        >>> ef.CheckpointPolicy()  # what a recipe without a checkpoints declaration gets
+        CheckpointPolicy(every_epochs=1, every_iterations=None, every_seconds=None, keep_last=2, keep_best=1)
+        >>> policy = ef.checkpoints(every_epochs=None, every_seconds=600, keep_last=3)
+        >>> isinstance(policy, ef.CheckpointPolicy), policy.every_seconds, policy.keep_last
+        (True, 600, 3)
     """
 
     every_epochs: int | None = 1

@@ -1,0 +1,27 @@
+"""What every test and every doctest of engineflow/ share: a signing key and temporary folders of their own."""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def signing_key_in_a_temporary_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """engineflow signs the runs it records with a per-user key in ``$XDG_DATA_HOME/engineflow/``:
+    every test and doctest, and every process a test starts, uses one in a temporary folder, never the user's."""
+    with pytest.MonkeyPatch.context() as patch:
+        folder = tmp_path_factory.mktemp("xdg-data")
+        patch.setenv("XDG_DATA_HOME", str(folder))
+        yield folder
+
+
+@pytest.fixture(autouse=True)
+def doctest_temporary_files_in_tmp_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The docstring examples make their runs folders with ``tempfile.mkdtemp()``, as a user would; under
+    pytest those folders go to the example's ``tmp_path``, which pytest removes in time, not to /tmp."""
+    if isinstance(request.node, pytest.DoctestItem):
+        monkeypatch.setattr(tempfile, "tempdir", str(request.getfixturevalue("tmp_path")))
