@@ -104,3 +104,37 @@ def resolve_device(device: str | torch.device) -> torch.device:
     if device == "cpu":
         return torch.device("cpu")
     raise RecipeError(f"unknown device {device!r}; use one of {', '.join(DEVICES)}")
+
+
+@contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(True)`` inside the block when ``enabled`` (``--deterministic``):
+    CUDA's kernels that add in a different order on every call (atomics in ``index_add``, scatter,
+    cuDNN convolutions' backward) are replaced by deterministic ones, or raise. cuBLAS needs
+    ``CUBLAS_WORKSPACE_CONFIG`` for that; it is set to ``:4096:8`` unless already set. Both are as
+    they were after the block.
+
+    Example:
+        >>> with deterministic_algorithms(True):
+        ...     torch.are_deterministic_algorithms_enabled()
+        True
+        >>> torch.are_deterministic_algorithms_enabled()
+        False
+    """
+    if not enabled:
+        yield
+        return
+    import os
+
+    before = torch.are_deterministic_algorithms_enabled()
+    warn_only = torch.is_deterministic_algorithms_warn_only_enabled()
+    workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if workspace is None:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8"
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
+        if workspace is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)

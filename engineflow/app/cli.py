@@ -118,14 +118,17 @@ def main() -> None:
               help="Mirror the run to this MLflow tracking server (over the recipe's mlflow setting); "
                    "`engineflow runs sync` pushes what a server that was down missed.")
 @click.option("--no-mlflow", is_flag=True, help="No MLflow mirror, even if the recipe sets one.")
+@click.option("--deterministic", is_flag=True, default=None,
+              help="torch.use_deterministic_algorithms(True) for the run (exact resume on one GPU); recorded, and "
+                   "kept by --resume.")
 @nproc_option
 @oversubscribe_option
 @debug_option
 def run_command(recipe: str, assignments: tuple[str, ...], check: bool, device: str, seed: int | None,
                 runs_dir: str, progress: bool | None, force: bool, retrain: bool, resume: str | None,
                 ignore_changes: bool, checkpoint_every: int | None, stage: str | None, from_run: str | None,
-                mlflow_uri: str | None, no_mlflow: bool, nproc: int | None, oversubscribe: bool,
-                debug: bool) -> None:
+                mlflow_uri: str | None, no_mlflow: bool, deterministic: bool | None, nproc: int | None,
+                oversubscribe: bool, debug: bool) -> None:
     """Train RECIPE (a .py file) and record the run under --runs-dir.
 
     A completed run with the same code and config is not repeated: --force makes a new run,
@@ -153,7 +156,8 @@ def run_command(recipe: str, assignments: tuple[str, ...], check: bool, device: 
         run(recipe, parse_assignments(assignments), check=check, device=device, seed=seed,
             runs_dir=runs_dir, progress=progress, force=force, retrain=retrain, resume=resume,
             ignore_changes=ignore_changes, checkpoint_every=checkpoint_every, stage=stage, from_run=from_run,
-            mlflow=False if no_mlflow else mlflow_uri, nproc=nproc, oversubscribe=oversubscribe)
+            mlflow=False if no_mlflow else mlflow_uri, deterministic=deterministic, nproc=nproc,
+            oversubscribe=oversubscribe)
 
     guarded(go, debug, "training failed")
 

@@ -36,6 +36,7 @@ def run(
     stage: str | None = None,
     from_run: str | None = None,
     mlflow: str | bool | None = None,
+    deterministic: bool | None = None,
     nproc: int | None = None,
     oversubscribe: bool = False,
 ) -> RunResult:
@@ -61,6 +62,10 @@ def run(
             run starts from (its components as that run's previous train stage left them).
         mlflow: mirror the run to this MLflow tracking URI (over the recipe's ``mlflow`` setting; a
             resumed run keeps its own); False: no mirror. See :mod:`engineflow.record.mirror`.
+        deterministic: ``torch.use_deterministic_algorithms(True)`` while the run trains (on CUDA, what
+            makes a resume on one GPU exact; see :func:`engineflow.runtime.deterministic_algorithms`);
+            recorded in ``run.json``. A resumed run keeps its own (None); True on a run started without
+            it is refused.
         nproc: train on this many local processes (data parallel, see :mod:`engineflow.app.launch`);
             None or 1: this process. Under ``torchrun`` every process is already one of them. More
             processes than the machine has CPUs (GPUs on CUDA) are refused unless ``oversubscribe``.
@@ -99,7 +104,8 @@ def run(
         kwargs = dict(recipe=str(recipe), overrides=dict(overrides or {}), check=check, device=device, seed=seed,
                       runs_dir=None if runs_dir is None else str(runs_dir), progress=progress, force=force,
                       retrain=retrain, resume=resume, ignore_changes=ignore_changes,
-                      checkpoint_every=checkpoint_every, stage=stage, from_run=from_run, mlflow=mlflow)
+                      checkpoint_every=checkpoint_every, stage=stage, from_run=from_run, mlflow=mlflow,
+                      deterministic=deterministic)
         done = launch("run", kwargs, nproc, runs_dir=runs_dir, stream=stream)
         return RunResult(**{**done, "run_dir": Path(done["run_dir"])})
     from engineflow.app.training import run_in_world  # torch and the engines: not in a launcher
@@ -108,4 +114,4 @@ def run(
         return run_in_world(recipe, overrides, world, check=check, device=device, seed=seed, runs_dir=runs_dir,
                             progress=progress, stream=stream, force=force, retrain=retrain, resume=resume,
                             ignore_changes=ignore_changes, checkpoint_every=checkpoint_every, stage=stage,
-                            from_run=from_run, mlflow=mlflow)
+                            from_run=from_run, mlflow=mlflow, deterministic=deterministic)

@@ -69,7 +69,8 @@ class Session:
 
 
 def new_session(recipe: Recipe, store: RunStore, cfg: Config, *, seed: int, check: bool, device: str,
-                force: bool, retrain: bool, start: Mapping[str, Any] | None = None) -> Session:
+                force: bool, retrain: bool, start: Mapping[str, Any] | None = None,
+                deterministic: bool = False) -> Session:
     """Plan a new run; refuses to repeat a completed run (see :func:`claim_run_id`). Writes nothing.
 
     ``start``: ``{"stage": NAME, "from": RUN or None}`` for a run of one stage (``--stage``).
@@ -86,7 +87,8 @@ def new_session(recipe: Recipe, store: RunStore, cfg: Config, *, seed: int, chec
                          runs_dir=runs_root)
     record = {
         "id": run_id, "experiment": recipe.name, "status": "running", "started_at": now_iso(), "ended_at": None,
-        "config": cfg.to_dict(), "seed": seed, "check": check, "epochs": 0, "max_epochs": epochs,
+        "config": cfg.to_dict(), "seed": seed, "check": check, "deterministic": deterministic, "epochs": 0,
+        "max_epochs": epochs,
         "metrics": {}, "best": {}, "run_dir": str(context.run_dir.resolve()), "recipe": str(recipe.path),
         "code": code.record(cfg.to_dict()), "env": environment(str(context.device)), "error": None,
         "artifacts": {}, "resumes": [], "exact_resume": exact_resume(context.device),
@@ -166,10 +168,11 @@ def find_resumable(recipe: Recipe, store: RunStore, ref: str, cfg: Config | None
 
 
 def resume_session(recipe: Recipe, store: RunStore, record: dict[str, Any], overrides: Mapping[str, Any] | None,
-                   *, seed: int | None, check: bool | None, ignore_changes: bool, device: str) -> Session | None:
+                   *, seed: int | None, check: bool | None, ignore_changes: bool, device: str,
+                   deterministic: bool | None = None) -> Session | None:
     """Plan the continuation of run ``record``; None when it already completed. Writes nothing.
 
-    A seed or check flag given again must equal the run's. Refuses (RecipeError) when the recipe's
+    A seed, check or deterministic flag given again must equal the run's. Refuses (RecipeError) when the recipe's
     code or the config differs from the run's, unless ``ignore_changes``.
     """
     if seed is not None and seed != record["seed"]:
@@ -186,6 +189,9 @@ def resume_session(recipe: Recipe, store: RunStore, record: dict[str, Any], over
     if check is not None and check != bool(record.get("check")):
         what = "a --check smoke run" if record.get("check") else "a full run, not a --check smoke run"
         raise RecipeError(f"run {record['id']} is {what}; resume it the way it was started")
+    if deterministic and not record.get("deterministic"):
+        raise RecipeError(f"run {record['id']} was started without {option('deterministic')}: its steps so far ran "
+                          f"the default kernels. Resume it without {option('deterministic')}, or start a new run")
     cfg = recipe.config.override(flatten(record["config"])).override(overrides or {})
     changes = _changes(record, recipe, cfg)
     if changes and not ignore_changes:

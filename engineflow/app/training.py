@@ -35,7 +35,7 @@ from engineflow.naming import option
 from engineflow.record.mirror import mirror_for
 from engineflow.record.runs import resolve_runs_dir
 from engineflow.record.setups import claim, release
-from engineflow.runtime import using_run
+from engineflow.runtime import deterministic_algorithms, using_run
 from engineflow.state.checkpoint_files import load_record, verify
 from engineflow.state.checkpointer import Checkpointer, every_iterations_policy, policy_of
 from engineflow.state.resume import ResumeRecord
@@ -45,7 +45,7 @@ def run_in_world(recipe: str | Path, overrides: Mapping[str, Any] | None, world:
                  device: str, seed: int | None, runs_dir: str | Path | None, progress: bool | None,
                  stream: IO[str] | None, force: bool, retrain: bool, resume: str | None, ignore_changes: bool,
                  checkpoint_every: int | None, stage: str | None, from_run: str | None,
-                 mlflow: str | bool | None) -> RunResult:
+                 mlflow: str | bool | None, deterministic: bool | None = None) -> RunResult:
     """:func:`run` in this process, one of ``world``: rank 0 plans the run (new or resumed) and
     shares the plan; every rank trains; rank 0 alone records and prints."""
     from engineflow.record.store import RunStore
@@ -60,9 +60,12 @@ def run_in_world(recipe: str | Path, overrides: Mapping[str, Any] | None, world:
         raise RecipeError(f"{option('resume', resume)} continues a recorded run; {option('stage', stage)} starts a "
                           "new run of one stage. Drop one of them")
     if world.rank > 0:
-        return _follow(loaded, world, share_json(None, world), stream=stream, runs_dir=runs_dir,
-                       checkpoint_every=checkpoint_every, device=device)
-    with RunStore.open(resolve_runs_dir(runs_dir)) as store, _sharing_plan(world) as share:
+        plan = share_json(None, world)
+        with deterministic_algorithms(bool(plan.get("deterministic"))):
+            return _follow(loaded, world, plan, stream=stream, runs_dir=runs_dir, checkpoint_every=checkpoint_every,
+                           device=device)
+    with RunStore.open(resolve_runs_dir(runs_dir)) as store, _sharing_plan(world) as share, \
+            contextlib.ExitStack() as deterministic_run:
         origin = stage_origin(loaded, store, stage, from_run)
         start: Session | None = None
         note = None
@@ -71,8 +74,10 @@ def run_in_world(recipe: str | Path, overrides: Mapping[str, Any] | None, world:
             if record is None:
                 note = f"no run of {loaded.name} to resume: starting a new one"
             else:
+                # on for the resume before it is planned: the record's exact_resume says it
+                deterministic_run.enter_context(deterministic_algorithms(bool(record.get("deterministic"))))
                 start = resume_session(loaded, store, record, overrides, seed=seed, check=check or None,
-                                       ignore_changes=ignore_changes, device=device)
+                                       ignore_changes=ignore_changes, device=device, deterministic=deterministic)
                 if start is None:
                     share({"completed": record["id"]})
                     return _completed_result(record, stream)
@@ -80,7 +85,9 @@ def run_in_world(recipe: str | Path, overrides: Mapping[str, Any] | None, world:
                 if started:  # a run of one stage: it starts from the same state again
                     origin = stage_origin(loaded, store, started["stage"], started.get("from"))
         if start is None:
+            deterministic_run.enter_context(deterministic_algorithms(bool(deterministic)))
             start = new_session(loaded, store, cfg, seed=seed_used, check=check, device=device, force=force,
+                                deterministic=bool(deterministic),
                                 retrain=retrain, start=None if origin is None else
                                 {"stage": origin["stage"], "from": origin["from"]})
         start = _placed(start, world)
@@ -127,6 +134,7 @@ def _plan_of(start: Session, origin: Mapping[str, Any] | None) -> dict[str, Any]
     return {"run_id": context.run_id, "experiment": context.experiment, "run_dir": str(context.run_dir),
             "seed": context.seed, "check": context.check, "config": start.cfg.to_dict(), "epochs": start.epochs,
             "stage_epochs": list(start.stage_epochs), "resumed": start.resumed,
+            "deterministic": bool(start.recorder.record.get("deterministic")),
             "origin": None if origin is None else {"stage": origin["stage"], "from": origin["from"]}}
 
 

@@ -26,6 +26,7 @@ def public(record: Mapping[str, Any]) -> dict[str, Any]:
     out["world_size"] = record.get("world_size") or 1  # runs before distributed training: one process
     out["backend"] = record.get("backend")
     out["exact_resume"] = record.get("exact_resume")  # None: recorded before engineflow recorded it
+    out["deterministic"] = bool(record.get("deterministic"))  # absent before --deterministic: off
     if "history" in record:
         out["history"] = record["history"]
     return out

@@ -120,3 +120,51 @@ def test_retrain_keeps_the_old_run_whole_until_the_new_one_completes(cli, write_
     assert old["id"] not in {r["id"] for r in after} and not Path(old["run_dir"]).exists()
     (new,) = [r for r in after if r["status"] == "completed"]
     assert json.loads((Path(new["run_dir"]) / "run.json").read_text())["replaces"] == old["id"]
+
+
+# Notes whether torch's deterministic algorithms are on in each epoch's last step.
+NOTED = INTERRUPTIBLE + '''
+import torch
+
+@ef.on(ef.Events.EPOCH_COMPLETED)
+def note_determinism(state, run):
+    (run.run_dir / f"deterministic-{state.epoch}.txt").write_text(str(torch.are_deterministic_algorithms_enabled()))
+'''
+
+
+def test_deterministic_is_on_while_the_run_trains_recorded_and_kept_by_its_resume(cli, write_recipe, tmp_path,
+                                                                                  monkeypatch):
+    import os
+    from pathlib import Path
+
+    import torch
+
+    workspace = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    recipe = write_recipe(NOTED)
+    monkeypatch.setenv("INTERRUPT", "1")
+    assert cli("run", str(recipe), "--deterministic").exit_code == 130
+    monkeypatch.delenv("INTERRUPT")
+    assert not torch.are_deterministic_algorithms_enabled(), "as it was after the run"
+    assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") == workspace
+    (started,) = runs(cli, tmp_path)
+    shown = json.loads(cli("runs", "show", started["id"], "--json", "--runs-dir", str(tmp_path / "runs")).output)
+    assert shown["deterministic"] is True and shown["exact_resume"] is True
+    resumed = cli("run", str(recipe), "--resume", "last")  # without the flag: the run's own setting
+    assert resumed.exit_code == 0, resumed.output
+    run_dir = Path(started["run_dir"])
+    assert [(run_dir / f"deterministic-{e}.txt").read_text() for e in (1, 3)] == ["True", "True"]
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_a_run_started_without_deterministic_is_not_resumed_with_it(cli, write_recipe, tmp_path, monkeypatch):
+    recipe = write_recipe(NOTED)
+    monkeypatch.setenv("INTERRUPT", "1")
+    assert cli("run", str(recipe)).exit_code == 130
+    monkeypatch.delenv("INTERRUPT")
+    (started,) = runs(cli, tmp_path)
+    shown = json.loads(cli("runs", "show", started["id"], "--json", "--runs-dir", str(tmp_path / "runs")).output)
+    assert shown["deterministic"] is False
+    assert (tmp_path / "runs" / "recipe" / started["id"] / "deterministic-1.txt").read_text() == "False"
+    assert_clean_error(cli("run", str(recipe), "--resume", "last", "--deterministic"),
+                       "was started without --deterministic")
+    assert runs(cli, tmp_path)[0]["status"] == "interrupted", "nothing changed"
