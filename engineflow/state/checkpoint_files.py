@@ -288,8 +288,8 @@ def best_checkpoint(folder: Path, skip: Callable[[Path, str], None]) -> tuple[Pa
     newest = newest_intact(folder, skip)
     if newest is None:
         return None
-    files, mode = best_files_of(newest[1])
-    for name in ranked(files.scores, mode):
+    files = best_files_of(newest[1])
+    for name in ranked(files.scores, files.mode or "max"):
         path = folder / name
         if path == newest[0]:
             return newest

@@ -248,12 +248,12 @@ class Checkpointer:
         as they were ranked when the newest was saved)."""
         files = checkpoint_files(self.folder)
         keep = set(files[-self.policy.keep_last:])
-        keep.update([p for p in ranked(scores, mode) if p.exists()][: self.policy.keep_best])
+        keep.update(_existing_best_first(scores, mode)[: self.policy.keep_best])
         prune(self.folder, keep)
 
     def _ranked_best(self) -> list[Path]:
         mode = self._score_mode or (self.fit.best.mode if self.fit is not None else "max")
-        return [p for p in ranked(self._scores, mode) if p.exists()]
+        return _existing_best_first(self._scores, mode)
 
     def stage_started(self, pipeline: Staged) -> None:
         """An interrupt that came during a test or inference pass stops the run before the next stage."""
@@ -346,3 +346,8 @@ class Checkpointer:
         self._scores = {self.folder / name: value for name, value in files.scores.items()}
         self._score_stage = files.stage
         self._score_mode = record.best_mode
+
+
+def _existing_best_first(scores: Mapping[Path, float], mode: str) -> list[Path]:
+    """The files of ``scores`` that still exist, best epoch first (``mode``: "max" or "min")."""
+    return [path for path in ranked(scores, mode) if path.exists()]

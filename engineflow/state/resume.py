@@ -268,20 +268,20 @@ class ResumeRecord:
             requires_grad=dict(state.get("requires_grad") or {}),
             best=best, history=list(state.get("history") or ()), ranks=saved,
             layout=Layout.from_state(state["order"]) if state.get("order") is not None else None,
-            best_files=best_files_of(state)[0],
+            best_files=best_files_of(state),
             parts=dict(state.get("parts") or {}),
         )
 
 
-def best_files_of(state: Mapping[str, Any]) -> tuple[BestFiles, str]:
-    """The files a checkpoint's content ranks for their main metric, and how they rank ("max" or "min").
+def best_files_of(state: Mapping[str, Any]) -> BestFiles:
+    """The files a checkpoint's content ranks for their main metric, and how they rank (its mode: the
+    checkpointer's, else the best-epoch tracker's).
 
     Reads those keys only: a checkpoint of a run that failed part-way may be asked just that.
     """
     best = state.get("best") or {}
-    files = BestFiles(dict(state.get("best_checkpoints") or {}), int(state.get("best_stage") or 0),
-                      state.get("best_mode") or best.get("mode"))
-    return files, files.mode or "max"
+    return BestFiles(dict(state.get("best_checkpoints") or {}), int(state.get("best_stage") or 0),
+                     state.get("best_mode") or best.get("mode"))
 
 
 def _loss(state: Mapping[str, Any]) -> dict[str, Any]:
