@@ -20,6 +20,7 @@ from engineflow.declare.configuration import Config
 from engineflow.declare.handlers import HandlerSpec, handler_specs
 from engineflow.declare.stages import Stage, check_stages
 from engineflow.declare.steps import STEP_KINDS, StepSpec, step_spec, wraps_around
+from engineflow.declare.tools import collect_tools
 from engineflow.errors import RecipeError
 
 
@@ -38,6 +39,8 @@ class Recipe:
         handlers: every handler attachment found, in declaration order.
         stages: the pipeline's stages in order (``stages = [ef.stage(...), ...]``); empty for a
             recipe of one fit.
+        tools: the toolbox declarations at its top level (early stopping, EMA...), see
+            :mod:`engineflow.declare.tools`.
     """
 
     path: Path
@@ -48,6 +51,7 @@ class Recipe:
     steps: Mapping[str, StepSpec]
     handlers: tuple[HandlerSpec, ...]
     stages: tuple[Stage, ...] = ()
+    tools: tuple[Any, ...] = ()
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -97,6 +101,7 @@ def collect(module: ModuleType, file: Path) -> Recipe:
         steps={kind: found[kind][0] for kind in STEP_KINDS if len(found.get(kind, ())) == 1},
         handlers=tuple(sorted(handlers.values(), key=lambda h: h.seq)),
         stages=stages,
+        tools=collect_tools(vars(module).values(), [s.name for s in stages], str(file)),
     )
 
 

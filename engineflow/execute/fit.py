@@ -28,6 +28,7 @@ from engineflow.declare.handlers import HandlerSpec
 from engineflow.declare.recipe import Recipe
 from engineflow.declare.stages import Stage
 from engineflow.declare.steps import StepSpec, wraps_around
+from engineflow.declare.tools import tool_handlers
 from engineflow.errors import EngineflowError, RecipeError, StepCheckError
 from engineflow.execute.dispatch import attach_in_order
 from engineflow.execute.engine import StepEngine, make_engine
@@ -376,7 +377,8 @@ def build_fit(
               getattr(run, "rank", 0), getattr(run, "world_size", 1),
               gather_objects if distributed else None, loader_scope)
 
-    own = [*_own_handlers(fit, eval_spec), *(s for make in extras for s in make(fit))]
+    own = [*_own_handlers(fit, eval_spec), *tool_handlers(recipe.tools, fit, stage.name if stage is not None else None),
+           *(s for make in extras for s in make(fit))]
     everything = [*own, *(stage_handlers(recipe.handlers, stage) if stage is not None else recipe.handlers)]
     for kind, engine in (("train", train), ("eval", evaluator)):
         specs = [s for s in everything if s.engine == kind]
