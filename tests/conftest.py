@@ -9,6 +9,7 @@ import textwrap
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -123,3 +124,12 @@ def read_run(runs_dir: Path) -> dict:
         rows.setdefault(item["epoch"], {"epoch": item["epoch"]})[item["name"]] = item["value"]
     record["history"] = [rows[e] for e in sorted(rows)]
     return record
+
+
+def read_tensorboard(folder: Path) -> Any:
+    """TensorBoard's own reader of the event files in ``folder`` (scalars and histograms), loaded."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0, "histograms": 0})
+    events.Reload()
+    return events

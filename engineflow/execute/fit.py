@@ -30,6 +30,7 @@ from engineflow.declare.stages import Stage
 from engineflow.declare.steps import StepSpec, wraps_around
 from engineflow.declare.tools import tool_handlers
 from engineflow.errors import EngineflowError, RecipeError, StepCheckError
+from engineflow.execute.board import Board
 from engineflow.execute.dispatch import attach_in_order
 from engineflow.execute.engine import StepEngine, make_engine
 from engineflow.execute.injection import describe
@@ -85,6 +86,7 @@ class Fit:
             that count only some of the epoch's steps before it.
         parts: the stateful pieces :meth:`register` keeps in the checkpoints, by name.
         tracker: where the fit stands in its epochs (:meth:`resume_position`).
+        board: what handlers and tools show in TensorBoard by iteration (see :mod:`engineflow.execute.board`).
 
     Example:
         >>> import ignite.engine
@@ -119,6 +121,7 @@ class Fit:
     partial_metrics: list[str] = field(default_factory=list)
     parts: dict[str, Any] = field(default_factory=dict)
     tracker: EpochTracker = field(default_factory=EpochTracker, repr=False)
+    board: Board = field(default_factory=Board, repr=False)
     # after a load: the batches of the resumed epoch to skip, and what this rank restores after them
     _resume: tuple[int, RankState | None] | None = field(default=None, repr=False)
 

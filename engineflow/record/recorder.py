@@ -209,11 +209,19 @@ class RunRecorder:
         def iteration(engine: Any) -> None:
             self.tb.iteration(stage.iterations_before + engine.state.iteration, fit.loss.last, stage.prefix)
 
+        def board(engine: Any) -> None:
+            entries = fit.board.drain()
+            if entries:
+                self.tb.board(entries, stage.iterations_before, stage.prefix)
+
         def epoch(engine: Any) -> None:
+            board(engine)
             self.epoch_completed(fit)
 
+        fit.board.open = True
         every = TB_EVERY_ITERATIONS
         return [HandlerSpec(iteration, Events.ITERATION_COMPLETED(every=every), "train", orders.RECORDS, -1, raw=True),
+                HandlerSpec(board, Events.ITERATION_COMPLETED, "train", orders.RECORDS, -1, raw=True),
                 HandlerSpec(epoch, Events.EPOCH_COMPLETED, "train", orders.RECORDS, -1, raw=True)]
 
     def epoch_completed(self, fit: Fit) -> None:

@@ -55,6 +55,15 @@ class TensorBoardLog:
         if loss is not None:
             self.events.scalar(f"iteration/{prefix}train/loss", loss, iteration)
 
+    def board(self, entries: list[tuple[str, str, Any, int]], offset: int, prefix: str = "") -> None:
+        """A fit's board entries (:class:`~engineflow.execute.board.Board`), at the pipeline's iteration."""
+        for kind, name, value, iteration in entries:
+            tag, step = f"iteration/{prefix}{name}", offset + iteration
+            if kind == "scalar":
+                self.events.scalar(tag, float(value), step)
+            else:
+                self.events.histogram(tag, value, step)
+
     def epoch(self, epoch: int, metrics: Mapping[str, float]) -> None:
         for name, value in metrics.items():
             if name != "epoch":
@@ -152,6 +161,11 @@ class EventFile:
         from tensorboardX.summary import scalar
 
         self.write(scalar(tag, value), step)
+
+    def histogram(self, tag: str, values: Any, step: int | None) -> None:
+        from tensorboardX.summary import histogram
+
+        self.write(histogram(tag, values.detach().float().cpu().numpy(), "auto"), step)
 
     def write(self, summary: Any, step: int | None = None) -> None:
         """Append a ``Summary`` protocol buffer at ``step``."""

@@ -71,3 +71,34 @@ def test_bad_tool_declarations_are_recipe_errors(write_recipe, tail, message):
 def test_a_stage_tool_in_a_recipe_without_stages_is_refused(write_recipe):
     with pytest.raises(RecipeError, match="the recipe declares no stages"):
         ef.load_recipe(write_recipe(BASE_RECIPE + COUNTER + "a = Counter(stage='two')\n"))
+
+
+BOARD = '''
+from engineflow.declare.handlers import HandlerSpec
+
+class Shows:
+    __engineflow_tool__ = True
+    name, stage = "shows", None
+
+    def attach(self, fit):
+        def show(engine):
+            fit.board.scalar("twice", 2.0 * engine.state.iteration, engine.state.iteration)
+            fit.board.histogram("weights", fit.components["model"].weight.detach(), engine.state.iteration)
+        return [HandlerSpec(show, ef.Events.ITERATION_COMPLETED, "train", 0, seq=-1, raw=True)]
+
+shows = Shows()
+'''
+
+
+def test_a_tools_board_entries_reach_the_runs_tensorboard_each_iteration(write_recipe, tmp_path):
+    from tests.conftest import read_tensorboard
+
+    result = ef.run(write_recipe(BASE_RECIPE + BOARD), runs_dir=tmp_path / "runs", device="cpu", progress=False)
+    events = read_tensorboard(result.run_dir / "tb")
+    assert [(e.step, e.value) for e in events.Scalars("iteration/twice")] == [(i, 2.0 * i) for i in range(1, 7)]
+    histograms = events.Histograms("iteration/weights")
+    assert [h.step for h in histograms] == list(range(1, 7)) and histograms[-1].histogram_value.num == 8
+    # a fit nothing records drops what its board is given
+    fit, _, _ = ef.build(write_recipe(BASE_RECIPE + BOARD, "unrecorded.py"))
+    fit.run(epochs=1)
+    assert fit.board.drain() == []
