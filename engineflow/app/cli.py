@@ -235,6 +235,56 @@ def eval_command(recipe: str, input_path: str, output_path: str, run_ref: str | 
     guarded(go, debug, "eval failed")
 
 
+@main.command("lr-find")
+@recipe_argument
+@click.option("--out", default=None, type=click.Path(dir_okay=False, path_type=str),
+              help="Also draw the loss against the learning rate, suggestions marked (e.g. lr.png; matplotlib).")
+@click.option("--start", type=float, default=1e-7, show_default=True, help="The first learning rate.")
+@click.option("--end", type=float, default=10.0, show_default=True, help="The last learning rate.")
+@click.option("--iterations", type=int, default=100, show_default=True,
+              help="Train steps of the sweep at most (it stops early when the loss diverges).")
+@click.option("--stage", default=None, metavar="NAME",
+              help="Sweep this train stage of a recipe with stages (default: the first train stage).")
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+              help="Override a config value (repeatable); checked against the recipe's defaults.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where to sweep; auto picks CUDA when available.")
+@click.option("--seed", type=int, default=None, help="Seed for every RNG (default: the config's seed, else 0).")
+@json_option
+@debug_option
+def lr_find_command(recipe: str, out: str | None, start: float, end: float, iterations: int, stage: str | None,
+                    assignments: tuple[str, ...], device: str, seed: int | None, as_json: bool, debug: bool) -> None:
+    """Sweep RECIPE's learning rate exponentially from --start to --end and print what the loss suggests.
+
+    The recipe is built as ef.build builds it and its own train step runs for at most --iterations
+    steps, every param group's learning rate growing each step, until the smoothed loss passes 4x its
+    best. Nothing is recorded: the runs folder is not touched, and the model, optimizer and RNGs are
+    put back as they were. One line per rule (valley, steep, minimum) says "suggest lr X".
+
+    \b
+    Examples:
+      engineflow lr-find recipes/digits.py --out lr.png
+      engineflow lr-find recipes/pretrain_finetune.py --stage finetune --iterations 50 --json
+    """
+
+    def go() -> None:
+        from engineflow.app.lr_find import find_lr, sweep_lines
+        from engineflow.app.views import to_json
+        from engineflow.declare.configuration import parse_assignments
+
+        sweep = find_lr(recipe, parse_assignments(assignments), start=start, end=end, iterations=iterations,
+                        stage=stage, device=device, seed=seed, out=out)
+        if as_json:
+            click.echo(to_json(sweep.to_dict()))
+            return
+        for line in sweep_lines(sweep, recipe):
+            click.echo(line)
+        if out is not None:
+            click.echo(f"wrote {out}")
+
+    guarded(go, debug, "lr-find failed")
+
+
 @main.group("runs")
 def runs_group() -> None:
     """List, show, compare and plot recorded runs; rebuild the store from run folders; sync MLflow mirrors;

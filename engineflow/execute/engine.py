@@ -95,6 +95,11 @@ class StepEngine(HookedEngine):
         with self._modules_mode():
             return self._step_process(self, batch)
 
+    def twin(self) -> StepEngine:
+        """A new engine that runs this engine's step on the same names, with none of its handlers,
+        metrics or state: what runs on it leaves this engine as it was (the LR finder sweeps on one)."""
+        return StepEngine(self._step_process, kind=self.kind, modules=self._modules, provided=self.dispatch.provided)
+
     @contextmanager
     def _modules_mode(self) -> Iterator[None]:
         modes = [(m, m.training) for m in self._modules] if self.kind != "train" else []
