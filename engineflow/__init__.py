@@ -81,6 +81,7 @@ _EXPORTS = {
     "load_run": "engineflow.record.load",
     "evaluate_test": "engineflow.app.testing",
     "predict_files": "engineflow.app.evaluation",
+    "lr_find": "engineflow.execute.lr_finder",
     "Events": "ignite.engine",
 }
 _SUBMODULES = {"metrics", "data"}
@@ -133,6 +134,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the same names as _EXPORTS
     from engineflow.execute.build import build
     from engineflow.execute.engine import engine, make_engine
     from engineflow.execute.fit import Fit
+    from engineflow.execute.lr_finder import lr_find
     from engineflow.execute.pipeline import Pipeline
     from engineflow.execute.stage import Progress
     from engineflow.record.load import LoadedRun, load_run

@@ -111,6 +111,7 @@ def lr_find(recipe: str | Path | Recipe | Fit, overrides: Mapping[str, Any] | No
     leaves it as it was.
 
     Example:
+        >>> import torch
         >>> import engineflow as ef
         >>> sweep = ef.lr_find("recipes/sine.py", {"samples": 64}, iterations=30)
         >>> len(sweep.lrs) <= 30, f"{sweep.lrs[0]:.0e}", sorted(sweep.suggestions)
