@@ -36,8 +36,9 @@ def find_lr(recipe: str | Path, overrides: Mapping[str, Any], *, start: float, e
 def sweep_lines(sweep: LRSweep, recipe: str) -> list[str]:
     """What ``engineflow lr-find`` prints: the sweep, why it stopped, one line per suggestion."""
     span = f"lr {sweep.lrs[0]:.3g} to {sweep.lrs[-1]:.3g}" if sweep.lrs else "no step"
-    lines = [f"swept {recipe} (stage {sweep.stage}): {plural(len(sweep.lrs), 'step')} of {sweep.steps}, {span}; "
-             "nothing recorded, the components and RNGs are as they were",
+    steps = f"{plural(len(sweep.lrs), 'step')} of {sweep.steps}"
+    lines = [f"swept {Path(recipe).name} (stage {sweep.stage}): {steps}, {span}; nothing recorded, the components "
+             "and RNGs are as they were",
              f"stopped: {sweep.stopped}"]
     width = max(len(name) for name in RULE_NAMES.values()) + 1
     for rule, how in RULE_LINES.items():
