@@ -222,3 +222,14 @@ def test_lr_find_refuses_a_stage_it_cannot_sweep(cli, write_recipe, args, says):
     result = cli("lr-find", str(write_recipe(STAGED)), *args)
     assert result.exit_code == 2
     assert says in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_step_that_raises_mid_sweep_still_leaves_the_state_as_it_was(write_recipe):
+    boom = SCRIPTED.replace('"nan": 1.0', '"boom": 1.0 if lr < 1e-2 else 1 / 0, "nan": 1.0')
+    fit, _, _ = ef.build(write_recipe(boom), {"curve": "boom"})
+    weight = fit.components["model"].weight.clone()
+    with pytest.raises(ZeroDivisionError):
+        ef.lr_find(fit, start=1e-4, end=1.0, iterations=20)
+    assert len(fit.components["seen"]) > 1, "the sweep had started"
+    assert [g["lr"] for g in fit.components["optimizer"].param_groups] == [0.5, 0.05]
+    assert torch.equal(weight, fit.components["model"].weight)
