@@ -19,12 +19,18 @@ The recipe names it at its top level, under any name::
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
 from engineflow.declare.handlers import HandlerSpec
 from engineflow.errors import RecipeError
 
 TOOL_ATTR = "__engineflow_tool__"
+
+
+class Registers(Protocol):
+    """What a tool is attached to: a fit (:class:`engineflow.Fit`), which keeps registered state."""
+
+    def register(self, name: str, part: Any) -> None: ...
 
 
 def is_tool(value: Any) -> bool:
@@ -52,7 +58,7 @@ def collect_tools(values: Iterable[Any], stages: Iterable[str], where: str) -> t
     return tuple(tools.values())
 
 
-def tool_handlers(tools: Iterable[Any], fit: Any, stage: str | None) -> list[HandlerSpec]:
+def tool_handlers(tools: Iterable[Any], fit: Registers, stage: str | None) -> list[HandlerSpec]:
     """Attach the tools that act in ``stage`` (None: a recipe without stages) to ``fit``; their handlers."""
     specs: list[HandlerSpec] = []
     for tool in tools:
