@@ -178,7 +178,8 @@ class StepCheckError(TrainingError):
 
 
 class NonFiniteLossError(TrainingError):
-    """The loss became NaN or infinite at a known iteration.
+    """A loss of the train step (``name``: ``loss``, ``g_loss``...) became NaN or infinite at a known
+    iteration; no checkpoint is written from that iteration or a later one.
 
     Example:
         >>> import engineflow as ef
@@ -193,7 +194,8 @@ class NonFiniteLossError(TrainingError):
     def __init__(self, value: float, *, epoch: int, iteration: int, name: str = "loss") -> None:
         what = "the loss" if name == "loss" else f"the loss {name!r}"
         super().__init__(
-            f"{what} became {value} at iteration {iteration} (epoch {epoch}); training stopped. "
+            f"{what} became {value} at iteration {iteration} (epoch {epoch}); training stopped, and no "
+            "checkpoint holds that iteration or a later one (--resume continues from the last one before it). "
             "Lower the learning rate, check the inputs for NaN, or clip gradients."
         )
         self.name = name
