@@ -45,6 +45,7 @@ from engineflow.execute.parallel import (
     train_wrappers,
 )
 from engineflow.execute.scope import StageScope
+from engineflow.execute.stopping import Stopped
 from engineflow.execute.validation import LoaderScope, eval_engine, evaluate_loader
 from engineflow.execute.wiring import eval_loaders_of, loaders_of, main_metric, resolve_steps
 from engineflow.metrics import attach_metrics, check_metric_takes
@@ -87,6 +88,8 @@ class Fit:
         parts: the stateful pieces :meth:`register` keeps in the checkpoints, by name.
         tracker: where the fit stands in its epochs (:meth:`resume_position`).
         board: what handlers and tools show in TensorBoard by iteration (see :mod:`engineflow.execute.board`).
+        stopped: who ended the fit before its epochs (early stopping, which keeps it in the fit's
+            checkpoints as part ``"stopped"``); its summary records it.
 
     Example:
         >>> import ignite.engine
@@ -122,6 +125,7 @@ class Fit:
     parts: dict[str, Any] = field(default_factory=dict)
     tracker: EpochTracker = field(default_factory=EpochTracker, repr=False)
     board: Board = field(default_factory=Board, repr=False)
+    stopped: Stopped = field(default_factory=Stopped, repr=False)
     # after a load: the batches of the resumed epoch to skip, and what this rank restores after them
     _resume: tuple[int, RankState | None] | None = field(default=None, repr=False)
 
@@ -204,7 +208,10 @@ class Fit:
 
     def summary(self, status: str) -> dict[str, Any]:
         """The fit as its run records its stage (see :meth:`StageInfo.summary`)."""
-        return self.stage.summary(status, self.history, self.best.as_dict(), self.train.state.iteration)
+        summary = self.stage.summary(status, self.history, self.best.as_dict(), self.train.state.iteration)
+        if self.stopped.by is not None:
+            summary["stopped"] = self.stopped.as_dict()
+        return summary
 
     def position(self) -> dict[str, int]:
         """Where the fit stands: epochs completed and batches done in the epoch in progress.
