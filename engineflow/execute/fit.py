@@ -188,11 +188,16 @@ class Fit:
         """Train until ``epochs`` epochs are complete (validating as the eval step asks); returns the
         train state.
 
+        A fit an early stopping ended (:attr:`stopped`, also as a loaded state has it) trains no further.
+
         Each epoch's RNGs start from ``(seed, epoch)`` (see :mod:`engineflow.state.rng`). After
         :meth:`load_state_dict` the fit continues where that state stood, up to ``epochs`` in all:
         mid-epoch, the batches already trained on are skipped, then the RNGs, the running loss and the
         train metrics are restored as they were at that batch.
         """
+        if self.stopped.by is not None:
+            self._resume = None
+            return self.train.state
         data = EpochData(self.loaders["train"], self.seed, lambda: self.train.state.epoch, self.rank)
         if self._resume is None:
             return self.train.run(data, max_epochs=epochs)

@@ -56,6 +56,11 @@ def test_its_state_resumes_to_the_same_stop_epoch(write_recipe):
     again.run(epochs=10)
     assert len(again.history) == len(unbroken.history) == 5
     assert again.stopped.as_dict() == unbroken.stopped.as_dict() == {"by": "early_stopping", "epoch": 5, "rest": True}
+    # the state of the epoch it stopped at (its epoch checkpoint, before the stage-end one) trains no further
+    after, _, _ = ef.build(path)
+    after.load_state_dict(unbroken.state_dict())
+    after.run(epochs=10)
+    assert len(after.history) == 5 and after.train.state.epoch == 5
 
 
 STAGES = '''
