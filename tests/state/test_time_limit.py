@@ -92,3 +92,32 @@ def test_a_bad_time_limit_is_one_line_and_exit_2(cli, write_recipe, tmp_path):
     assert not (tmp_path / "runs").exists() or not list((tmp_path / "runs").glob("*/*/run.json"))
     with pytest.raises(RecipeError, match=r"ef.run\(time_limit=...\) expects a positive duration"):
         ef.run(write_recipe(BASE_RECIPE, "other.py"), time_limit=0, runs_dir=tmp_path / "runs")
+
+
+# 40 samples in batches of 2: 10 steps an epoch on each of 2 processes, each step sleeping 50 ms
+PARALLEL = SLOW.replace("torch.randn(10, 4, generator=gen), torch.randint(0, 2, (10,), generator=gen)",
+                        "torch.randn(40, 4, generator=gen), torch.randint(0, 2, (40,), generator=gen)").replace(
+    "batch_size=4, seed=0)", "batch_size=2, seed=0)").replace("epochs=3,", "epochs=2,")
+
+
+@pytest.mark.slow
+def test_on_two_processes_rank_0s_clock_stops_both_at_the_same_iteration(write_recipe, tmp_path):
+    from tests.conftest import run_engineflow
+
+    path = str(write_recipe(PARALLEL))
+    args = ("--device", "cpu", "--nproc", "2", "--no-progress", "--runs-dir")
+    stopped = run_engineflow("run", path, "--time-limit", "0.2s", *args, str(tmp_path / "runs"), cwd=tmp_path)
+    assert stopped.returncode == 3, stopped.stderr
+    record = read_run(tmp_path / "runs")
+    newest = ResumeRecord.from_dict(load_state(checkpoint_files(
+        next((tmp_path / "runs").glob("*/*/checkpoints/state")))[-1]))
+    # where the processes agree: every 8th iteration, or an epoch's end
+    assert record["status"] == "interrupted" and newest.reason == "time-limit" and len(newest.ranks) == 2
+    assert newest.position.iteration % 8 == 0 or not newest.position.mid_epoch
+    resumed = run_engineflow("run", path, "--resume", "last", *args, str(tmp_path / "runs"), cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    unbroken = run_engineflow("run", path, *args, str(tmp_path / "unbroken"), cwd=tmp_path)
+    assert unbroken.returncode == 0, unbroken.stderr
+    ours = tensors(torch.load(next((tmp_path / "runs").glob("*/*/checkpoints/last.pt")), weights_only=True))
+    theirs = tensors(torch.load(next((tmp_path / "unbroken").glob("*/*/checkpoints/last.pt")), weights_only=True))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
