@@ -76,6 +76,8 @@ _EXPORTS = {
     "engine": "engineflow.execute.engine",
     "checkpoints": "engineflow.state.checkpointer",
     "CheckpointPolicy": "engineflow.state.checkpointer",
+    "early_stopping": "engineflow.execute.stopping",
+    "EarlyStopping": "engineflow.execute.stopping",
     "TensorLoader": "engineflow.data",
     "LoadedRun": "engineflow.record.load",
     "load_run": "engineflow.record.load",
@@ -137,6 +139,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the same names as _EXPORTS
     from engineflow.execute.lr_finder import lr_find
     from engineflow.execute.pipeline import Pipeline
     from engineflow.execute.stage import Progress
+    from engineflow.execute.stopping import EarlyStopping, early_stopping
     from engineflow.record.load import LoadedRun, load_run
     from engineflow.runtime import RunContext
     from engineflow.state.best import Best

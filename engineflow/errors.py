@@ -6,6 +6,8 @@
 * :class:`StoreError` (exit 1): the run index could not be read or written (locked too long, disk
   full); the run folders still hold every run. Its :class:`StoreUsageError` branch (exit 2) is a
   request the index cannot serve: an unknown or ambiguous run id, a damaged or newer index file.
+* :class:`TimeLimitReached` (exit 3, a ``KeyboardInterrupt``): ``--time-limit`` was spent; the run
+  stopped with a checkpoint and continues with ``--resume``.
 * :class:`WriteError` (exit 1): a file of a run could not be written; the message names the file.
   :class:`DiskFullError` when no space was left (a full disk or quota, or the file size limit).
 """
@@ -16,6 +18,17 @@ EXIT_OK = 0
 EXIT_TRAINING_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_TIME_LIMIT = 3  # stopped at --time-limit with a checkpoint: a job script resumes it (--resume)
+
+
+class TimeLimitReached(KeyboardInterrupt):
+    """The run's time limit (``--time-limit``) was spent: a checkpoint was written at the end of the
+    current iteration and training stopped. An interruption (every cleanup runs, status
+    "interrupted"); :func:`engineflow.run` returns the run's result instead of raising it, and the
+    command exits with :data:`EXIT_TIME_LIMIT`.
+    """
+
+    exit_code = EXIT_TIME_LIMIT
 
 
 class EngineflowError(Exception):
@@ -178,7 +191,8 @@ class StepCheckError(TrainingError):
 
 
 class NonFiniteLossError(TrainingError):
-    """The loss became NaN or infinite at a known iteration.
+    """A loss of the train step (``name``: ``loss``, ``g_loss``...) became NaN or infinite at a known
+    iteration; no checkpoint is written from that iteration or a later one.
 
     Example:
         >>> import engineflow as ef
@@ -193,7 +207,8 @@ class NonFiniteLossError(TrainingError):
     def __init__(self, value: float, *, epoch: int, iteration: int, name: str = "loss") -> None:
         what = "the loss" if name == "loss" else f"the loss {name!r}"
         super().__init__(
-            f"{what} became {value} at iteration {iteration} (epoch {epoch}); training stopped. "
+            f"{what} became {value} at iteration {iteration} (epoch {epoch}); training stopped, and no "
+            "checkpoint holds that iteration or a later one (--resume continues from the last one before it). "
             "Lower the learning rate, check the inputs for NaN, or clip gradients."
         )
         self.name = name

@@ -215,3 +215,14 @@ def test_handler_order_table_is_the_orders_module():
         listed = {event.strip().strip("`") for event in row["events"].split(",")}
         assert listed == used.get(row["constant"]), f"{row['constant']}: README says {listed}, the code attaches " \
                                                    f"it on {used.get(row['constant'])}"
+
+
+def test_the_stopping_example_declares_two_early_stoppings_in_the_pipeline_recipe(tmp_path):
+    import engineflow as ef
+
+    block = python_block_after("### Stopping")
+    recipe = tmp_path / "pretrain_finetune.py"
+    recipe.write_text((REPO / "recipes" / "pretrain_finetune.py").read_text() + "\n" + block)
+    tools = {tool.name: tool for tool in ef.load_recipe(recipe).tools}
+    assert {name: (type(t).__name__, t.stage, t.patience) for name, t in tools.items()} == {
+        "early_stopping": ("EarlyStopping", None, 5), "finetune_stop": ("EarlyStopping", "finetune", 3)}

@@ -1,7 +1,7 @@
 """The ``engineflow`` command line. Imports torch and Ignite only inside the commands that train.
 
 Exit codes: 0 success; 1 training failed (e.g. the loss became NaN); 2 bad usage or a bad
-recipe; 130 interrupted.
+recipe; 3 stopped at --time-limit (with a checkpoint: --resume continues it); 130 interrupted.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def main() -> None:
       engineflow test recipes/digits.py             # the latest run on the test loader
       engineflow runs list                          # every recorded run
 
-    Exit codes: 0 ok, 1 training failed, 2 bad recipe or usage, 130 interrupted.
+    Exit codes: 0 ok, 1 training failed, 2 bad recipe or usage, 3 stopped at --time-limit, 130 interrupted.
     """
 
 
@@ -121,14 +121,17 @@ def main() -> None:
 @click.option("--deterministic", is_flag=True, default=None,
               help="torch.use_deterministic_algorithms(True) for the run (exact resume on one GPU); recorded, and "
                    "kept by --resume.")
+@click.option("--time-limit", default=None, metavar="DURATION",
+              help="Stop cleanly once this much time has passed (2h, 30m, 90s, 1h30m or seconds): a checkpoint, "
+                   "status interrupted, exit 3; --resume continues with what is left (or a new --time-limit).")
 @nproc_option
 @oversubscribe_option
 @debug_option
 def run_command(recipe: str, assignments: tuple[str, ...], check: bool, device: str, seed: int | None,
                 runs_dir: str, progress: bool | None, force: bool, retrain: bool, resume: str | None,
                 ignore_changes: bool, checkpoint_every: int | None, stage: str | None, from_run: str | None,
-                mlflow_uri: str | None, no_mlflow: bool, deterministic: bool | None, nproc: int | None,
-                oversubscribe: bool, debug: bool) -> None:
+                mlflow_uri: str | None, no_mlflow: bool, deterministic: bool | None, time_limit: str | None,
+                nproc: int | None, oversubscribe: bool, debug: bool) -> None:
     """Train RECIPE (a .py file) and record the run under --runs-dir.
 
     A completed run with the same code and config is not repeated: --force makes a new run,
@@ -149,15 +152,19 @@ def run_command(recipe: str, assignments: tuple[str, ...], check: bool, device: 
     def go() -> None:
         from engineflow.app.runner import run
         from engineflow.declare.configuration import parse_assignments
-        from engineflow.errors import RecipeError
+        from engineflow.errors import EXIT_TIME_LIMIT, RecipeError
+        from engineflow.state.time_limit import parse_duration
 
         if no_mlflow and mlflow_uri is not None:
             raise RecipeError("--mlflow and --no-mlflow exclude each other; give one of them")
-        run(recipe, parse_assignments(assignments), check=check, device=device, seed=seed,
-            runs_dir=runs_dir, progress=progress, force=force, retrain=retrain, resume=resume,
-            ignore_changes=ignore_changes, checkpoint_every=checkpoint_every, stage=stage, from_run=from_run,
-            mlflow=False if no_mlflow else mlflow_uri, deterministic=deterministic, nproc=nproc,
-            oversubscribe=oversubscribe)
+        limit = None if time_limit is None else parse_duration(time_limit)
+        result = run(recipe, parse_assignments(assignments), check=check, device=device, seed=seed,
+                     runs_dir=runs_dir, progress=progress, force=force, retrain=retrain, resume=resume,
+                     ignore_changes=ignore_changes, checkpoint_every=checkpoint_every, stage=stage, from_run=from_run,
+                     mlflow=False if no_mlflow else mlflow_uri, deterministic=deterministic, nproc=nproc,
+                     oversubscribe=oversubscribe, time_limit=limit)
+        if result.status == "interrupted":  # the time limit stopped it (an interrupt raises)
+            sys.exit(EXIT_TIME_LIMIT)
 
     guarded(go, debug, "training failed")
 

@@ -158,6 +158,8 @@ class Reporter:
         info, count = pipeline.info, len(pipeline.stages)
         what = {"train": f"{plural(pipeline.epochs[info.index], 'epoch')}", "test": "test pass",
                 "infer": "inference pass"}[info.kind]
+        if info.kind == "train" and pipeline.fit is None:
+            what = "skipped (early stopping ended the training)"
         self.line(f"stage {info.index + 1}/{count} {info.name}: {what}")
 
     def stage_completed(self, pipeline: Pipeline, summary: Mapping[str, Any]) -> None:

@@ -16,6 +16,7 @@ from engineflow.app.run_result import RunResult
 from engineflow.app.workers import check_nproc
 from engineflow.errors import RecipeError
 from engineflow.naming import option
+from engineflow.state.time_limit import parse_duration
 
 
 def run(
@@ -39,6 +40,7 @@ def run(
     deterministic: bool | None = None,
     nproc: int | None = None,
     oversubscribe: bool = False,
+    time_limit: float | str | None = None,
 ) -> RunResult:
     """Train a recipe and record the run; the Python twin of ``engineflow run``.
 
@@ -70,6 +72,10 @@ def run(
             None or 1: this process. Under ``torchrun`` every process is already one of them. More
             processes than the machine has CPUs (GPUs on CUDA) are refused unless ``oversubscribe``.
         oversubscribe: start ``nproc`` processes even if they are more than the CPUs (GPUs).
+        time_limit: stop cleanly once this much time has passed (seconds, or ``"2h"``, ``"30m"``,
+            ``"90s"``, ``"1h30m"``): a checkpoint at the end of the iteration, status
+            "interrupted", the result returned; ``resume`` continues it (see
+            :mod:`engineflow.state.time_limit`).
 
     Returns:
         the :class:`RunResult`; the run's record is in ``<run_dir>/run.json`` and the store.
@@ -98,6 +104,7 @@ def run(
         raise RecipeError(f"{option('ignore_changes')} goes with {option('resume', 'RUN')}: it continues a run whose "
                           "code or config changed since (a new run always uses today's). Drop it, or add "
                           f"{option('resume', 'last')}")
+    limit = None if time_limit is None else parse_duration(time_limit, what="ef.run(time_limit=...)")
     if nproc is not None and not distributed_env():
         check_nproc(nproc, device, oversubscribe=oversubscribe)
     if nproc is not None and nproc > 1 and not distributed_env():
@@ -105,7 +112,7 @@ def run(
                       runs_dir=None if runs_dir is None else str(runs_dir), progress=progress, force=force,
                       retrain=retrain, resume=resume, ignore_changes=ignore_changes,
                       checkpoint_every=checkpoint_every, stage=stage, from_run=from_run, mlflow=mlflow,
-                      deterministic=deterministic)
+                      deterministic=deterministic, time_limit=limit)
         done = launch("run", kwargs, nproc, runs_dir=runs_dir, stream=stream)
         return RunResult(**{**done, "run_dir": Path(done["run_dir"])})
     from engineflow.app.training import run_in_world  # torch and the engines: not in a launcher
@@ -114,4 +121,4 @@ def run(
         return run_in_world(recipe, overrides, world, check=check, device=device, seed=seed, runs_dir=runs_dir,
                             progress=progress, stream=stream, force=force, retrain=retrain, resume=resume,
                             ignore_changes=ignore_changes, checkpoint_every=checkpoint_every, stage=stage,
-                            from_run=from_run, mlflow=mlflow, deterministic=deterministic)
+                            from_run=from_run, mlflow=mlflow, deterministic=deterministic, time_limit=limit)

@@ -25,7 +25,7 @@ from engineflow.app.run_result import RunResult
 from engineflow.app.session import Session, exact_resume, find_resumable, new_session, resume_session
 from engineflow.declare.handlers import HandlerSpec
 from engineflow.declare.recipe import Recipe, load_recipe
-from engineflow.errors import RecipeError
+from engineflow.errors import RecipeError, TimeLimitReached
 from engineflow.execute.build import build_pipeline, resolve_config
 from engineflow.execute.fit import Fit
 from engineflow.execute.notes import add_note
@@ -39,13 +39,15 @@ from engineflow.runtime import deterministic_algorithms, using_run
 from engineflow.state.checkpoint_files import load_record, verify
 from engineflow.state.checkpointer import Checkpointer, every_iterations_policy, policy_of
 from engineflow.state.resume import ResumeRecord
+from engineflow.state.time_limit import TimeLimit
 
 
 def run_in_world(recipe: str | Path, overrides: Mapping[str, Any] | None, world: World, *, check: bool,
                  device: str, seed: int | None, runs_dir: str | Path | None, progress: bool | None,
                  stream: IO[str] | None, force: bool, retrain: bool, resume: str | None, ignore_changes: bool,
                  checkpoint_every: int | None, stage: str | None, from_run: str | None,
-                 mlflow: str | bool | None, deterministic: bool | None = None) -> RunResult:
+                 mlflow: str | bool | None, deterministic: bool | None = None,
+                 time_limit: float | None = None) -> RunResult:
     """:func:`run` in this process, one of ``world``: rank 0 plans the run (new or resumed) and
     shares the plan; every rank trains; rank 0 alone records and prints."""
     from engineflow.record.store import RunStore
@@ -63,7 +65,7 @@ def run_in_world(recipe: str | Path, overrides: Mapping[str, Any] | None, world:
         plan = share_json(None, world)
         with deterministic_algorithms(bool(plan.get("deterministic"))):
             return _follow(loaded, world, plan, stream=stream, runs_dir=runs_dir, checkpoint_every=checkpoint_every,
-                           device=device)
+                           device=device, time_limit=time_limit)
     with RunStore.open(resolve_runs_dir(runs_dir)) as store, _sharing_plan(world) as share, \
             contextlib.ExitStack() as deterministic_run:
         origin = stage_origin(loaded, store, stage, from_run)
@@ -93,7 +95,7 @@ def run_in_world(recipe: str | Path, overrides: Mapping[str, Any] | None, world:
         start = _placed(start, world)
         share(_plan_of(start, origin))
         return _train(loaded, start, stream=stream, progress=progress, checkpoint_every=checkpoint_every, note=note,
-                      origin=origin, mlflow=mlflow, world=world)
+                      origin=origin, mlflow=mlflow, world=world, time_limit=time_limit)
 
 
 @contextlib.contextmanager
@@ -139,7 +141,8 @@ def _plan_of(start: Session, origin: Mapping[str, Any] | None) -> dict[str, Any]
 
 
 def _follow(loaded: Recipe, world: World, plan: Mapping[str, Any], *, stream: IO[str] | None,
-            runs_dir: str | Path | None, checkpoint_every: int | None, device: str) -> RunResult:
+            runs_dir: str | Path | None, checkpoint_every: int | None, device: str,
+            time_limit: float | None = None) -> RunResult:
     """A rank other than 0: train the run rank 0 planned, recording and printing nothing."""
     import ignite.distributed as idist
 
@@ -166,7 +169,7 @@ def _follow(loaded: Recipe, world: World, plan: Mapping[str, Any], *, stream: IO
         with RunStore.open(resolve_runs_dir(runs_dir)) as store:
             origin = stage_origin(loaded, store, plan["origin"]["stage"], plan["origin"]["from"])
     return _train(loaded, start, stream=stream, progress=False, checkpoint_every=checkpoint_every, origin=origin,
-                  world=world)
+                  world=world, time_limit=time_limit)
 
 
 def stage_origin(recipe: Recipe, store: Any, stage: str | None, from_run: str | None) -> dict[str, Any] | None:
@@ -209,7 +212,8 @@ def stage_origin(recipe: Recipe, store: Any, stage: str | None, from_run: str | 
 
 def _train(loaded: Recipe, start: Session, *, stream: IO[str] | None, progress: bool | None,
            checkpoint_every: int | None, note: str | None = None, origin: Mapping[str, Any] | None = None,
-           mlflow: str | bool | None = None, world: World = ONE_PROCESS) -> RunResult:
+           mlflow: str | bool | None = None, world: World = ONE_PROCESS,
+           time_limit: float | None = None) -> RunResult:
     """Build and check the recipe, then record the run and train it.
 
     Nothing is recorded until the engines are built and the eval step's outputs fit its metrics: a
@@ -217,9 +221,14 @@ def _train(loaded: Recipe, start: Session, *, stream: IO[str] | None, progress: 
     output) leaves no run behind. A new run's folder exists during setup() (``run.run_dir``) and is
     removed again when the run does not start. On several processes only rank 0 records, prints and
     writes checkpoints (``start.recorder`` is None on the others).
+
+    ``time_limit`` (seconds, ``--time-limit``): once spent, by rank 0's clock, every rank stops at the
+    same iteration with a checkpoint (:mod:`engineflow.state.time_limit`); the run is then
+    interrupted and its result returned, not raised (:class:`~engineflow.errors.TimeLimitReached`).
     """
     context, recorder = start.context, start.recorder
     leader = recorder is not None
+    limit = TimeLimit(time_limit, decides=leader)  # started now: the budget counts the setup too
     policy = policy_of(loaded)
     if checkpoint_every is not None:
         policy = every_iterations_policy(policy, checkpoint_every)
@@ -230,9 +239,11 @@ def _train(loaded: Recipe, start: Session, *, stream: IO[str] | None, progress: 
     else:
         reporter = Reporter(open(os.devnull, "w"), progress=False)
     checkpointer = Checkpointer(context.run_dir / "checkpoints" / "state", policy, context.run_id, reporter.line,
-                                writes=leader, agree=max_over_ranks if world.distributed else None)
+                                writes=leader, agree=max_over_ranks if world.distributed else None,
+                                deadline=limit.reached)
     # every rank takes part in each checkpoint (its own RNGs and sums are in it); rank 0 writes it
-    extras = (reporter.handlers, recorder.handlers, checkpointer.handlers) if leader else (checkpointer.handlers,)
+    extras = ((reporter.handlers, recorder.handlers, checkpointer.handlers, limit.attach) if leader
+              else (checkpointer.handlers, limit.attach))
     listeners = (reporter, recorder, checkpointer) if leader else (checkpointer,)
 
     with using_run(context.run_id):
@@ -258,7 +269,8 @@ def _train(loaded: Recipe, start: Session, *, stream: IO[str] | None, progress: 
             stages = f" of stage {origin['stage']}" + (f" from run {origin['from']}" if origin.get("from") else "")
         where = f"{context.device}" + (f", {world.size} processes ({world.backend})" if world.distributed else "")
         reporter.line(f"{verb} {context.run_id} ({loaded.name}) on {where}, seed {context.seed}, "
-                      f"{plural(start.epochs, 'epoch')}{stages}" + (" [check]" if context.check else ""))
+                      f"{plural(start.epochs, 'epoch')}{stages}" + (" [check]" if context.check else "")
+                      + (f", {limit.describe()}" if limit.budget is not None else ""))
         result = RunResult(context.run_id, loaded.name, "running", context.run_dir, start.cfg.to_dict(),
                            context.seed, str(context.device))
         started = time.monotonic()
@@ -269,6 +281,8 @@ def _train(loaded: Recipe, start: Session, *, stream: IO[str] | None, progress: 
                 with _writes_waited(checkpointer):
                     _fit(pipeline, found, start, reporter, only=origin is not None, world_size=world.size)
             result.status = "completed"
+        except TimeLimitReached as err:  # a planned stop: recorded as interrupted, returned
+            result.status, failure = "interrupted", err
         except KeyboardInterrupt as err:
             result.status, failure = "interrupted", err
             raise
@@ -287,8 +301,10 @@ def _train(loaded: Recipe, start: Session, *, stream: IO[str] | None, progress: 
             result.best = pipeline.best()
             if leader:
                 _record_end(recorder, result, failure, fit=pipeline.last_fit, best_checkpoint=checkpointer.best_file())
-        if leader:
+        if leader and result.status == "completed":
             start.completed()
+    if result.status == "interrupted":
+        reporter.line(f"stopped at the time limit, with a checkpoint; continue with --resume {context.run_id}")
     _summarise(reporter, result, trained)
     return result
 

@@ -23,6 +23,8 @@ FIT_EPOCH_COMPLETED = -3000  # the epoch counts as complete (the fit's position)
 TRAIN_LOSS = -300  # train/loss (and train/<x>_loss) for the epoch join state.metrics, before validation reads them
 VALIDATION = -200  # valid/<name> for each eval loader, so that the epoch's metrics are complete before history
 HISTORY = -100  # history gets the epoch and best is updated, from the complete metrics, before the recipe's handlers
+EARLY_STOPPING = -50  # ef.early_stopping compares the epoch's metric, once history and best have it; its stop
+# lets the recipe's handlers, the records and the checkpoint of the epoch still run
 
 USER = 0  # the default of ef.on / every_n_epochs / every_n_iterations: a recipe's handlers see all of the above
 

@@ -45,6 +45,7 @@ from engineflow.execute.parallel import (
     train_wrappers,
 )
 from engineflow.execute.scope import StageScope
+from engineflow.execute.stopping import Stopped
 from engineflow.execute.validation import LoaderScope, eval_engine, evaluate_loader
 from engineflow.execute.wiring import eval_loaders_of, loaders_of, main_metric, resolve_steps
 from engineflow.metrics import attach_metrics, check_metric_takes
@@ -87,6 +88,8 @@ class Fit:
         parts: the stateful pieces :meth:`register` keeps in the checkpoints, by name.
         tracker: where the fit stands in its epochs (:meth:`resume_position`).
         board: what handlers and tools show in TensorBoard by iteration (see :mod:`engineflow.execute.board`).
+        stopped: who ended the fit before its epochs (early stopping, which keeps it in the fit's
+            checkpoints as part ``"stopped"``); its summary records it.
 
     Example:
         >>> import ignite.engine
@@ -122,6 +125,7 @@ class Fit:
     parts: dict[str, Any] = field(default_factory=dict)
     tracker: EpochTracker = field(default_factory=EpochTracker, repr=False)
     board: Board = field(default_factory=Board, repr=False)
+    stopped: Stopped = field(default_factory=Stopped, repr=False)
     # after a load: the batches of the resumed epoch to skip, and what this rank restores after them
     _resume: tuple[int, RankState | None] | None = field(default=None, repr=False)
 
@@ -184,11 +188,16 @@ class Fit:
         """Train until ``epochs`` epochs are complete (validating as the eval step asks); returns the
         train state.
 
+        A fit an early stopping ended (:attr:`stopped`, also as a loaded state has it) trains no further.
+
         Each epoch's RNGs start from ``(seed, epoch)`` (see :mod:`engineflow.state.rng`). After
         :meth:`load_state_dict` the fit continues where that state stood, up to ``epochs`` in all:
         mid-epoch, the batches already trained on are skipped, then the RNGs, the running loss and the
         train metrics are restored as they were at that batch.
         """
+        if self.stopped.by is not None:
+            self._resume = None
+            return self.train.state
         data = EpochData(self.loaders["train"], self.seed, lambda: self.train.state.epoch, self.rank)
         if self._resume is None:
             return self.train.run(data, max_epochs=epochs)
@@ -204,7 +213,10 @@ class Fit:
 
     def summary(self, status: str) -> dict[str, Any]:
         """The fit as its run records its stage (see :meth:`StageInfo.summary`)."""
-        return self.stage.summary(status, self.history, self.best.as_dict(), self.train.state.iteration)
+        summary = self.stage.summary(status, self.history, self.best.as_dict(), self.train.state.iteration)
+        if self.stopped.by is not None:
+            summary["stopped"] = self.stopped.as_dict()
+        return summary
 
     def position(self) -> dict[str, int]:
         """Where the fit stands: epochs completed and batches done in the epoch in progress.

@@ -10,7 +10,11 @@ prefix: exactly what such a recipe always ran. With ``stages``, each stage in tu
    runs the infer step over its loaders (no gradients, eval mode) and keeps the predictions;
 3. its summary (name, status, epochs, best, metrics) joins those of the stages before it.
 
-``StopFit`` ends the stage it is raised in; the next stage starts as usual.
+``StopFit`` ends the stage it is raised in; the next stage starts as usual. An early stopping
+declared for every stage (``ef.early_stopping(...)`` without ``stage=``) that stops ends the
+pipeline's training: the later train stages are skipped (their ``prepare`` still runs, so
+the components are those every later stage and ``ef.load_run`` expect; they train no epoch:
+status "skipped"), its test and inference passes still run.
 
 Resuming needs the components as they were built, not as setup() alone builds them: the stages
 before the one a checkpoint was written in are prepared again in order, each from its own seed, so
@@ -114,6 +118,7 @@ class Pipeline:
         self.summaries: list[dict[str, Any]] = []
         self.predictions: dict[str, dict[str, Any]] = {}
         self._stage_done = False
+        self._skipping = False  # an early stopping of every stage stopped: later train stages do not train
         self._test_metrics: dict[str, Any] = {}
         self._prepared = -1  # the highest stage index whose prepare has run
 
@@ -137,7 +142,7 @@ class Pipeline:
         self.info = self._info(index)
         self._stage_done = False
         self.fit = None
-        if self.info.kind == "train":
+        if self.info.kind == "train" and not self._skipping:
             self.fit = self._build_fit(index)
             self.last_fit = self.fit
 
@@ -251,7 +256,7 @@ class Pipeline:
 
         A stage a resumed state had finished is not run again; the next one starts.
         """
-        if self.fit is None and self.info.kind == "train":
+        if self.fit is None and self.info.kind == "train" and not self._skipping:
             self.enter(self.info.index)
         while True:
             if not self._stage_done:
@@ -261,6 +266,8 @@ class Pipeline:
             self.summaries[self.info.index:] = [summary]
             for listener in self.listeners:
                 getattr(listener, "stage_completed", _nothing)(self, summary)
+            if self.fit is not None and self.fit.stopped.rest:
+                self._skipping = True
             if only or self.info.index + 1 >= max(len(self.stages), 1):
                 return
             self.enter(self.info.index + 1)
@@ -273,6 +280,8 @@ class Pipeline:
             position = self.fit.resume_position()
             if position.epochs_completed < self.epochs[index] or position.mid_epoch:
                 self.fit.run(self.epochs[index])
+        elif self.info.kind == "train":
+            return  # skipped: an early stopping of every stage ended the training
         elif self.info.kind == "test":
             self._test(index)
         else:
@@ -301,6 +310,8 @@ class Pipeline:
         last), and for the stages after it, ``history``, ``iterations`` and ``epochs_before``."""
         info = self.info
         status = "completed" if self._stage_done else "running"
+        if self.fit is None and info.kind == "train":
+            return info.summary("skipped")
         if self.fit is not None:
             return self.fit.summary(status)
         entry = info.summary(status)

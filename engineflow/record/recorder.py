@@ -404,9 +404,9 @@ def run_best(fit: Fit) -> dict[str, Any]:
 def public_stage(summary: Mapping[str, Any]) -> dict[str, Any]:
     """A stage as ``run.json`` and ``runs show --json`` give it: ``name``, ``kind``, ``status``,
     ``epochs`` (completed in the stage), ``best`` (its epoch counted within the stage) and
-    ``metrics`` (its last values); ``from`` (the run whose state it is) and ``predictions`` when
-    they apply."""
-    keep = ("name", "kind", "status", "epochs", "best", "metrics", "from", "predictions")
+    ``metrics`` (its last values); ``from`` (the run whose state it is), ``predictions`` and
+    ``stopped`` (what ended its training early) when they apply."""
+    keep = ("name", "kind", "status", "epochs", "best", "metrics", "from", "predictions", "stopped")
     return {k: summary[k] for k in keep if k in summary}
 
 

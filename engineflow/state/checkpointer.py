@@ -8,7 +8,9 @@ the best 1)::
 
 ``engineflow run --checkpoint-every N`` replaces the recipe's policy with "every N iterations".
 A clean interrupt (SIGINT or SIGTERM) always writes one at the end of the current iteration
-before the run exits with code 130; a second signal stops at once.
+before the run exits with code 130; a second signal stops at once. A spent time limit
+(``--time-limit``, ``deadline``) takes the same path and ends as
+:class:`~engineflow.errors.TimeLimitReached` (exit 3).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from ignite.engine import Events
 
 from engineflow.declare import orders
 from engineflow.declare.handlers import HandlerSpec
-from engineflow.errors import RecipeError
+from engineflow.errors import RecipeError, TimeLimitReached
 from engineflow.state.best import Best, ranked
 from engineflow.state.checkpoint_files import (
     UnsafeCheckpointError,
@@ -37,8 +39,9 @@ from engineflow.state.checkpoint_files import (
 from engineflow.state.resume import STAGE_END, BestFiles, Position, ResumeRecord, StageInfo
 from engineflow.state.writer import CheckpointWriter
 
-# On several processes the ranks agree on interrupts and the clock every this many iterations
-# (and at every epoch's end): a collective per iteration would cost more than it saves.
+# On several processes the ranks agree on interrupts, the clock and the time limit every this many
+# iterations (and at every epoch's end), in one all-reduce: a collective per iteration would cost
+# more than it saves.
 AGREE_EVERY = 8
 
 
@@ -147,7 +150,8 @@ class Checkpointer:
     """
 
     def __init__(self, folder: Path, policy: CheckpointPolicy, run_id: str, warn: Callable[[str], None], *,
-                 writes: bool = True, agree: Callable[[list[int]], list[int]] | None = None) -> None:
+                 writes: bool = True, agree: Callable[[list[int]], list[int]] | None = None,
+                 deadline: Callable[[], bool] | None = None) -> None:
         self.folder = folder
         self.policy = policy
         self.run_id = run_id
@@ -157,6 +161,8 @@ class Checkpointer:
         # makes the decisions that differ between ranks (an interrupt, the clock) the same on all.
         self.writes = writes
         self.agree = agree
+        # whether the run's time limit is spent (rank 0's clock; False on the other ranks)
+        self.deadline = deadline
         self.fit: Resumable | None = None
         self.interrupt_requested = False
         self._last_time = time.monotonic()
@@ -256,17 +262,25 @@ class Checkpointer:
         return _existing_best_first(self._scores, mode)
 
     def stage_started(self, pipeline: Staged) -> None:
-        """An interrupt that came during a test or inference pass stops the run before the next stage."""
-        if pipeline.staged and self._requests(True)[0]:  # every rank agrees (a collective on several)
+        """An interrupt (or a spent time limit) that came during a test or inference pass stops the
+        run before the next stage."""
+        if pipeline.staged:
+            self._stop_between_stages()
+
+    def _stop_between_stages(self) -> None:
+        interrupt, _, limit = self._requests(True)  # every rank agrees (a collective on several)
+        if interrupt:
             raise KeyboardInterrupt("the latest checkpoint is from before this stage")
+        if limit:
+            raise TimeLimitReached("the time limit is spent; the latest checkpoint is from before this stage")
 
     def stage_completed(self, pipeline: Staged, summary: Any) -> None:
         """At the end of each train stage of a pipeline: a checkpoint marked finished (a resume
         goes on with the next stage), also kept as ``stages/<name>.pt``, the state the next stage
         starts from (``engineflow run --stage NEXT --from RUN``)."""
         if not pipeline.staged or pipeline.fit is None:
-            if pipeline.staged and self._requests(True)[0]:  # a test or inference pass: a resume runs it again
-                raise KeyboardInterrupt("the latest checkpoint is from before this stage")
+            if pipeline.staged:  # a test or inference pass: a resume runs it again
+                self._stop_between_stages()
             return
         self.save(STAGE_END, also=self.folder.parent / "stages" / f"{pipeline.fit.stage.name}.pt")
 
@@ -288,39 +302,46 @@ class Checkpointer:
             # so the epoch is validated and recorded first.
             if state.epoch_length and fit.resume_position().batches_in_epoch >= state.epoch_length:
                 return
-            interrupt, timed = self._requests(state.iteration % AGREE_EVERY == 0)
-            if interrupt:
-                self.save("interrupt")
-                self.wait()
-                raise KeyboardInterrupt("checkpoint written")
+            interrupt, timed, limit = self._requests(state.iteration % AGREE_EVERY == 0)
+            if interrupt or limit:
+                self._stop(interrupt)
             if self._iterations_due(state.iteration) or timed:
                 self.save("iterations")
 
         def epoch_completed(engine: Any) -> None:
             policy, state = self.policy, engine.state
-            interrupt, timed = self._requests(True)
+            interrupt, timed, limit = self._requests(True)
+            if interrupt or limit:
+                self._stop(interrupt)
             due = policy.every_epochs is not None and state.epoch % policy.every_epochs == 0
             due = due or self._iterations_due(state.iteration) or timed
             improved = policy.keep_best > 0 and fit.best.epoch == state.epoch
-            if due or improved or interrupt:
-                self.save("interrupt" if interrupt else "epoch")
-            if interrupt:
-                self.wait()
-                raise KeyboardInterrupt("checkpoint written")
+            if due or improved:
+                self.save("epoch")
 
         return [HandlerSpec(iteration_completed, Events.ITERATION_COMPLETED, "train", orders.CHECKPOINT, -1, raw=True),
                 HandlerSpec(epoch_completed, Events.EPOCH_COMPLETED, "train", orders.CHECKPOINT, -1, raw=True)]
 
-    def _requests(self, agreeing: bool) -> tuple[bool, bool]:
-        """(interrupt requested, checkpoint due by the clock); on several processes, as the ranks
-        agree at iterations where ``agreeing`` (else neither: the next agreement acts on them)."""
+    def _stop(self, interrupt: bool) -> None:
+        """Write the checkpoint of an interrupt (or of a spent time limit), wait until it is on disk, stop."""
+        self.save("interrupt" if interrupt else "time-limit")
+        self.wait()
+        if interrupt:
+            raise KeyboardInterrupt("checkpoint written")
+        raise TimeLimitReached("the time limit is spent; checkpoint written")
+
+    def _requests(self, agreeing: bool) -> tuple[bool, bool, bool]:
+        """(interrupt requested, checkpoint due by the clock, time limit spent); on several
+        processes, as the ranks agree at iterations where ``agreeing`` (else none: the next
+        agreement acts on them), so every rank stops at the same iteration."""
         interrupt, timed = self.interrupt_requested, self._time_due()
+        limit = self.deadline is not None and self.deadline()
         if self.agree is None:
-            return interrupt, timed
+            return interrupt, timed, limit
         if not agreeing:
-            return False, False
-        interrupt, timed = (bool(flag) for flag in self.agree([int(interrupt), int(timed)]))
-        return interrupt, timed
+            return False, False, False
+        interrupt, timed, limit = (bool(flag) for flag in self.agree([int(interrupt), int(timed), int(limit)]))
+        return interrupt, timed, limit
 
     def _iterations_due(self, iteration: int) -> bool:
         every = self.policy.every_iterations

@@ -173,7 +173,7 @@ class ResumeRecord:
 
     Attributes:
         run_id: the run that wrote it.
-        reason: why it was written: "epoch", "iterations", "interrupt" or "stage-end".
+        reason: why it was written: "epoch", "iterations", "interrupt", "time-limit" or "stage-end".
         saved_at: when (seconds since the epoch).
         position: where the fit stood.
         stage: its stage's place in the pipeline.
