@@ -266,8 +266,8 @@ class _Saved:
     def __init__(self, fit: Fit) -> None:
         self.fit = fit
         self.states = io.BytesIO()
-        torch.save({"components": component_states(fit.components),
-                    "parts": {name: part.state_dict() for name, part in fit.parts.items()}}, self.states)
+        torch.save((component_states(fit.components), {name: part.state_dict() for name, part in fit.parts.items()}),
+                   self.states)
         modules = modules_of(fit.components)
         self.requires_grad = trainable(modules)
         params = [p for module in modules.values() for p in module.parameters()]
@@ -279,10 +279,10 @@ class _Saved:
     def restore(self) -> None:
         self.states.seek(0)
         # bytes this object wrote a moment ago, not a file from elsewhere: any picklable state loads
-        saved = torch.load(self.states, weights_only=False)
-        load_component_states(self.fit.components, saved["components"], self.requires_grad)
+        components, parts = torch.load(self.states, weights_only=False)
+        load_component_states(self.fit.components, components, self.requires_grad)
         for name, part in self.fit.parts.items():
-            part.load_state_dict(saved["parts"][name])
+            part.load_state_dict(parts[name])
         for param, grad in self.grads:
             param.grad = grad
         for module, mode in self.modes:
