@@ -81,6 +81,7 @@ _EXPORTS = {
     "load_run": "engineflow.record.load",
     "evaluate_test": "engineflow.app.testing",
     "predict_files": "engineflow.app.evaluation",
+    "ema": "engineflow.execute.ema",
     "Events": "ignite.engine",
 }
 _SUBMODULES = {"metrics", "data"}
@@ -131,6 +132,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the same names as _EXPORTS
         TrainingError,
     )
     from engineflow.execute.build import build
+    from engineflow.execute.ema import ema
     from engineflow.execute.engine import engine, make_engine
     from engineflow.execute.fit import Fit
     from engineflow.execute.pipeline import Pipeline
