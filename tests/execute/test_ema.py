@@ -148,9 +148,8 @@ def test_validation_runs_on_the_average(write_recipe):
     fit.run(epochs=1)
     validated = fit.history[-1]["valid/loss"]
     model, average = fit.components["model"], fit.parts["ema"]
-    own = own_weights(model)
+    assert_equal(own_weights(model), recipe.module.SEEN[-1])  # its own weights are back after validation
     assert fit.evaluate("valid")["valid/loss"] != validated, "the model's own weights give another loss"
-    assert_equal(own_weights(model), own)  # the model has its own weights back after validation
     # the average evaluated by hand, on a copy of the model
     copied = copy.deepcopy(model)
     copied.load_state_dict(average.weights)
@@ -159,6 +158,21 @@ def test_validation_runs_on_the_average(write_recipe):
         torch.testing.assert_close(validated, F.cross_entropy(copied(x), y).item(), rtol=1e-6, atol=0)
     with average.swapped_in():
         assert fit.evaluate("valid")["valid/loss"] == validated
+
+
+def test_a_validation_that_raises_leaves_the_model_its_own_weights(write_recipe):
+    recipe = ef.load_recipe(write_recipe(RECIPE + '''
+average = ef.ema(0.8, evaluate=True)
+
+@ef.on(ef.Events.ITERATION_COMPLETED, engine=evaluate)
+def fails():
+    raise ValueError("validation failed")
+'''))
+    fit, _, _ = ef.build(recipe)
+    with pytest.raises(Exception, match="validation failed"):
+        fit.run(epochs=1)
+    assert_equal(own_weights(fit.components["model"]), recipe.module.SEEN[-1])
+    assert not torch.equal(fit.parts["ema"].weights["weight"], recipe.module.SEEN[-1]["weight"])
 
 
 @pytest.mark.parametrize("keep_best", [1, 0])
@@ -268,3 +282,21 @@ def stop(state, cfg):
 def test_bad_ema_declarations_are_recipe_errors(write_recipe, tail, message):
     with pytest.raises(RecipeError, match=message):
         ef.build(write_recipe(RECIPE + tail))
+
+
+def test_the_readme_example_loads_the_best_and_the_final_average(ema_runs, monkeypatch):
+    from tests.test_readme import python_block_after
+
+    runs_dir, runs = ema_runs
+    result = runs[0]  # the newest run, "last"
+    monkeypatch.chdir(runs_dir.parent)
+    monkeypatch.delenv("ENGINEFLOW_RUNS_DIR", raising=False)
+    namespace: dict = {"ef": ef}
+    exec(compile(python_block_after("<!-- ema -->"), "README.md", "exec"), namespace)
+    average = namespace["average"]
+    assert (average.decay, average.warmup, average.model, average.evaluate) == (0.999, True, "model", True)
+    checkpoints = result.run_dir / "checkpoints"
+    assert_equal(own_weights(namespace["past"].model),
+                 torch.load(checkpoints / "best.pt", weights_only=True)["ema"]["model"])
+    assert_equal(own_weights(namespace["final"]),
+                 torch.load(checkpoints / "last.pt", weights_only=True)["ema"]["model"])
