@@ -8,6 +8,7 @@ attaches to the fit of each train stage it acts in::
         decay = min(decay, (1 + n) / (10 + n)) with warmup=True (n: updates so far), else decay
         average = decay * average + (1 - decay) * weight      (see engineflow.state.averages)
     train EPOCH_COMPLETED, validation (order VALIDATION), with evaluate=True:
+        on several processes, every rank takes rank 0's average of the buffers (a broadcast)
         the model holds the average while every eval loader is evaluated, then its own weights again
 
 The average is the fit's registered part ``name`` (its checkpoints hold it, so a resume continues
@@ -23,6 +24,8 @@ swapped into the model for validation.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
+from functools import partial
 from typing import Any
 
 from ignite.engine import Events
@@ -30,6 +33,7 @@ from ignite.engine import Events
 from engineflow.declare import orders
 from engineflow.declare.handlers import HandlerSpec
 from engineflow.errors import RecipeError
+from engineflow.execute.parallel import broadcast_from_first
 from engineflow.state.averages import WeightAverage
 from engineflow.state.components import modules_of
 
@@ -74,7 +78,7 @@ class EMA:
         self.average.follow(modules[self.model])
         fit.register(self.name, self.average)
         if self.evaluate:
-            fit.during_validation(self.average.swapped_in)
+            fit.during_validation(partial(self._validated, fit.world_size))
 
         def update(engine: Any) -> None:
             # an iteration of an accumulation that did not step changed no weight
@@ -82,6 +86,14 @@ class EMA:
                 self.average.update(self.decay_now())
 
         return [HandlerSpec(update, Events.ITERATION_COMPLETED, "train", orders.EMA_UPDATE, seq=-1, raw=True)]
+
+    def _validated(self, world_size: int) -> AbstractContextManager[None]:
+        """The average in the model, for a validation. On several processes its buffers are rank 0's
+        first (collective): under DDP a process's buffers are its own after each step, until the next
+        forward broadcasts rank 0's, and rank 0's are those its checkpoints hold."""
+        if world_size > 1:
+            broadcast_from_first(self.average.weights[name] for name in self.average.buffers)
+        return self.average.swapped_in()
 
 
 def ema(decay: float = 0.999, *, warmup: bool = False, model: str = "model", evaluate: bool = False,

@@ -46,6 +46,7 @@ class WeightAverage:
             ``best.pt`` holds it as the module's weights).
         updates: how many updates it took since it started from a module's weights.
         weights: the average, by the module's ``state_dict`` names, on the module's device.
+        buffers: the names of :attr:`weights` that average buffers (running statistics), not parameters.
     """
 
     def __init__(self, component: str, *, evaluated: bool = False) -> None:
@@ -53,6 +54,7 @@ class WeightAverage:
         self.evaluated = evaluated
         self.updates = 0
         self.weights: dict[str, torch.Tensor] = {}
+        self.buffers: list[str] = []
         self._source: dict[str, torch.Tensor] = {}
         self._floats: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])  # (averages, weights)
         self._copies: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
@@ -69,6 +71,7 @@ class WeightAverage:
         if not same:
             self.weights = {k: t.detach().clone() for k, t in source.items()}
             self.updates = 0
+        self.buffers = [k for k, t in source.items() if not isinstance(t, torch.nn.Parameter)]
         self._floats, self._copies = _split(self.weights, source)
         return not same
 
