@@ -3,11 +3,12 @@
 Two kinds of file:
 
 * weights (``checkpoints/best.pt`` and ``last.pt``, written when the run ends): component name ->
-  ``state_dict``, plus ``meta``, and for a run that keeps an EMA of a module, ``ema``: component name ->
-  its average (see :func:`~engineflow.state.averages.file_weights`; ``best.pt`` holds an average
-  validation evaluated as its module's weights too); what ``ef.load_run`` and ``engineflow test``/``eval`` read. Before
-  they exist (a run still going, or killed) the full-state files stand in: the newest for "last",
-  the best epoch's for "best". (Without ``keep_best``, best.pt is written at each improvement.)
+  ``state_dict``, plus ``meta``, and for a run that keeps an EMA of a module, ``ema``: component
+  name -> its average (see :func:`~engineflow.state.averages.file_weights`; ``best.pt`` holds an
+  average validation evaluated as its module's weights too); what ``ef.load_run`` and
+  ``engineflow test``/``eval`` read. Before they exist (a run still going, or killed) the full-state
+  files stand in: the newest for "last", the best epoch's for "best". (Without ``keep_best``,
+  best.pt is written at each improvement.)
 * full state (``checkpoints/state-<iteration>.pt``): everything a resume needs (see
   :mod:`engineflow.state.rng`), each with a checksum file beside it (``.xxh3``: XXH3-128 of the whole
   file; earlier versions wrote ``.sha256``, which is still read). A file that fails its checksum is
