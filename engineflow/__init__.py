@@ -84,6 +84,7 @@ _EXPORTS = {
     "evaluate_test": "engineflow.app.testing",
     "predict_files": "engineflow.app.evaluation",
     "lr_find": "engineflow.execute.lr_finder",
+    "ema": "engineflow.execute.ema",
     "Events": "ignite.engine",
 }
 _SUBMODULES = {"metrics", "data"}
@@ -134,6 +135,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the same names as _EXPORTS
         TrainingError,
     )
     from engineflow.execute.build import build
+    from engineflow.execute.ema import ema
     from engineflow.execute.engine import engine, make_engine
     from engineflow.execute.fit import Fit
     from engineflow.execute.lr_finder import lr_find

@@ -16,6 +16,8 @@ LOSS_EPOCH_STARTED = -900  # the epoch's loss sums start from zero, before the f
 
 # ITERATION_COMPLETED
 LOSS_CHECK = -1000  # each loss is checked (NaN/inf stops the run) and summed, before any handler uses it
+EMA_UPDATE = -500  # ef.ema's average takes the step's weights once the loss passed its check (a NaN step is
+# never averaged in), before the recipe's handlers read it and the checkpoint saves it
 
 # EPOCH_COMPLETED
 FIT_EPOCH_COMPLETED = -3000  # the epoch counts as complete (the fit's position), first: a checkpoint taken by a

@@ -16,6 +16,7 @@ What one epoch of :meth:`Fit.run` does, in order::
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -90,6 +91,7 @@ class Fit:
         board: what handlers and tools show in TensorBoard by iteration (see :mod:`engineflow.execute.board`).
         stopped: who ended the fit before its epochs (early stopping, which keeps it in the fit's
             checkpoints as part ``"stopped"``); its summary records it.
+        around_validation: what each epoch's validation runs inside (see :meth:`during_validation`).
 
     Example:
         >>> import ignite.engine
@@ -126,6 +128,7 @@ class Fit:
     tracker: EpochTracker = field(default_factory=EpochTracker, repr=False)
     board: Board = field(default_factory=Board, repr=False)
     stopped: Stopped = field(default_factory=Stopped, repr=False)
+    around_validation: list[Callable[[], AbstractContextManager[Any]]] = field(default_factory=list, repr=False)
     # after a load: the batches of the resumed epoch to skip, and what this rank restores after them
     _resume: tuple[int, RankState | None] | None = field(default=None, repr=False)
 
@@ -141,6 +144,17 @@ class Fit:
             raise TypeError(f"Fit.register({name!r}, ...) expects an object with state_dict() and "
                             f"load_state_dict(), got {type(part).__name__}")
         self.parts[name] = part
+
+    def during_validation(self, context: Callable[[], AbstractContextManager[Any]]) -> None:
+        """Run each epoch's validation inside ``context()`` (entered before the first eval loader,
+        left after the last one, also when validation raises), e.g. to evaluate other weights
+        (:func:`engineflow.ema`'s average) and give the model its own back afterwards.
+
+        Example::
+
+            fit.during_validation(average.swapped_in)
+        """
+        self.around_validation.append(context)
 
     def evaluate(self, loader: str = "valid") -> dict[str, float]:
         """Run the eval step and its metrics over one loader; returns ``{"<loader>/<metric>": value}``.
@@ -422,10 +436,13 @@ def _own_handlers(fit: Fit, eval_spec: StepSpec | None) -> list[HandlerSpec]:
         engine.state.metrics.clear()
 
     def validate(engine: StepEngine) -> None:
-        for name in fit.eval_loaders:
-            if engine.should_terminate:
-                break  # StopFit in an earlier loader's validation: the fit is ending
-            engine.state.metrics.update(fit.evaluate(name))
+        with ExitStack() as around:
+            for context in fit.around_validation:
+                around.enter_context(context())
+            for name in fit.eval_loaders:
+                if engine.should_terminate:
+                    break  # StopFit in an earlier loader's validation: the fit is ending
+                engine.state.metrics.update(fit.evaluate(name))
 
     def record(engine: StepEngine) -> None:
         epoch = engine.state.epoch

@@ -323,6 +323,15 @@ def max_over_ranks(flags: list[int]) -> list[int]:
     return [int(v) for v in idist.all_reduce(torch.tensor(flags, dtype=torch.int64), op="MAX").tolist()]
 
 
+def broadcast_from_first(tensors: Iterable[torch.Tensor]) -> None:
+    """Give every rank rank 0's values of ``tensors``, in place. Collective; every rank must pass
+    tensors of the same shapes, in the same order."""
+    import torch.distributed as dist
+
+    for tensor in tensors:
+        dist.broadcast(tensor, src=0)
+
+
 def gather_objects(value: Any) -> list[Any]:
     """Every rank's ``value`` as it is (any picklable value, a tensor of any length too), in rank
     order. Collective."""

@@ -94,6 +94,7 @@ def load_run(
     experiment: str | None = None,
     recipe: str | Path | None = None,
     trust_code: bool = False,
+    ema: bool = False,
 ) -> LoadedRun:
     """Load run ``ref`` ("last", an id or a unique id prefix) with its code, config and weights.
 
@@ -107,6 +108,8 @@ def load_run(
         trust_code: import the snapshot although nothing shows that this user recorded it: a run of
             another user or machine, or of an earlier engineflow version. Its files must still be
             those the run recorded, when it recorded them (see :mod:`engineflow.record.trust`).
+        ema: each module the run kept an EMA of (:func:`engineflow.ema`) gets its average, as the
+            ``which`` weights file holds it, instead of its own weights.
 
     Raises:
         UntrustedCodeError: the snapshot changed since the run was recorded, or needs ``trust_code``.
@@ -161,7 +164,7 @@ def load_run(
     assert fit is not None  # a pipeline has a train stage
     modules = modules_of(fit.components)
     if modules:
-        _load_chosen_weights(record, run_dir, which, modules)
+        _load_chosen_weights(record, run_dir, which, modules, ema=ema)
         _train_as_it_ended(run_dir, modules)
     model = fit.components.get("model")
     return LoadedRun(record, loaded.module, loaded, cfg, model, dict(fit.components), fit, run_dir)
@@ -189,10 +192,10 @@ def _resolve_not_in_use(store: RunStore, ref: str, experiment: str | None) -> di
 
 
 def _load_chosen_weights(record: dict[str, Any], run_dir: Path, which: str,
-                         modules: dict[str, torch.nn.Module]) -> None:
+                         modules: dict[str, torch.nn.Module], *, ema: bool) -> None:
     weights = record.get("artifacts", {}).get(f"weights_{which}")
     if weights is not None and (run_dir / weights).is_file():
-        load_weights(run_dir / weights, modules)
+        load_weights(run_dir / weights, modules, ema=ema)
         return
     # The weights files are written when a run ends; a run still going, or killed, has checkpoints.
     folder = run_dir / "checkpoints" / "state"
@@ -207,7 +210,7 @@ def _load_chosen_weights(record: dict[str, Any], run_dir: Path, which: str,
     if damaged:  # as --resume does: an older file than the newest is used, and why is said
         print(f"run {record['id']}: {_damaged(damaged)}; its {which} weights come from {found[0].name}",
               file=sys.stderr, flush=True)
-    load_checkpoint_weights(ResumeRecord.from_dict(found[1]), modules, found[0])
+    load_checkpoint_weights(ResumeRecord.from_dict(found[1]), modules, found[0], best=which == "best", ema=ema)
 
 
 def _train_as_it_ended(run_dir: Path, modules: dict[str, torch.nn.Module]) -> None:

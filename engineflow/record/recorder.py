@@ -241,7 +241,8 @@ class RunRecorder:
         # checkpoints hold them (what ef.load_run reads), unless no checkpoint keeps the best epoch.
         modules = modules_of(fit.components)
         if modules and fit.best.epoch == fit.history[-1]["epoch"] and not self.best_in_checkpoints:
-            save_weights(self.run_dir / "checkpoints" / "best.pt", modules, {"epoch": epoch, "metrics": values})
+            save_weights(self.run_dir / "checkpoints" / "best.pt", modules, {"epoch": epoch, "metrics": values},
+                         parts=fit.parts, best=True)
             artifacts["weights_best"] = "checkpoints/best.pt"
         best = run_best(fit)
         if best["value"] is None and stage.index > 0:
@@ -304,9 +305,10 @@ class RunRecorder:
                best: Mapping[str, Any] | None = None) -> str:
         """Write the weights files, close TensorBoard and mark the run ``status`` with its end time.
 
-        ``last.pt``: the weights as training left them, unless it failed (they may be NaN).
-        ``best.pt``: exported from ``best_checkpoint`` (the best epoch's full state), when the
-        checkpointer keeps one (then :meth:`epoch_completed` did not write it).
+        ``last.pt``: the weights as training left them, unless it failed (they may be NaN), with the
+        fit's EMA beside them. ``best.pt``: exported from ``best_checkpoint`` (the best epoch's full
+        state), when the checkpointer keeps one (then :meth:`epoch_completed` did not write it); an
+        EMA validation evaluated is its module's weights there.
 
         The weights and TensorBoard's last writes are part of completing: when one of them fails, a
         run that would have completed is recorded failed with that error (a completed run always
@@ -363,7 +365,7 @@ class RunRecorder:
             meta = {"epoch": fit.history[-1]["epoch"] if fit.history else 0, "status": status,
                     "iteration": fit.train.state.iteration, "metrics": dict(final or {})}
             try:
-                save_weights(self.run_dir / "checkpoints" / "last.pt", modules, meta)
+                save_weights(self.run_dir / "checkpoints" / "last.pt", modules, meta, parts=fit.parts)
                 artifacts["weights_last"] = "checkpoints/last.pt"
             except Exception as err:
                 first = err

@@ -3,9 +3,12 @@
 Two kinds of file:
 
 * weights (``checkpoints/best.pt`` and ``last.pt``, written when the run ends): component name ->
-  ``state_dict``, plus ``meta``; what ``ef.load_run`` and ``engineflow test``/``eval`` read. Before
-  they exist (a run still going, or killed) the full-state files stand in: the newest for "last",
-  the best epoch's for "best". (Without ``keep_best``, best.pt is written at each improvement.)
+  ``state_dict``, plus ``meta``, and for a run that keeps an EMA of a module, ``ema``: component
+  name -> its average (see :func:`~engineflow.state.averages.file_weights`; ``best.pt`` holds an
+  average validation evaluated as its module's weights too); what ``ef.load_run`` and
+  ``engineflow test``/``eval`` read. Before they exist (a run still going, or killed) the full-state
+  files stand in: the newest for "last", the best epoch's for "best". (Without ``keep_best``,
+  best.pt is written at each improvement.)
 * full state (``checkpoints/state-<iteration>.pt``): everything a resume needs (see
   :mod:`engineflow.state.rng`), each with a checksum file beside it (``.xxh3``: XXH3-128 of the whole
   file; earlier versions wrote ``.sha256``, which is still read). A file that fails its checksum is
@@ -40,6 +43,7 @@ import xxhash
 
 from engineflow.errors import RecipeError
 from engineflow.files import writing
+from engineflow.state.averages import average_states, file_weights
 from engineflow.state.best import ranked
 from engineflow.state.components import trainable
 from engineflow.state.resume import ResumeRecord, best_files_of
@@ -212,13 +216,24 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def save_weights(path: Path, modules: Mapping[str, torch.nn.Module], meta: Mapping[str, Any]) -> None:
+def save_weights(path: Path, modules: Mapping[str, torch.nn.Module], meta: Mapping[str, Any], *,
+                 parts: Mapping[str, Any] | None = None, best: bool = False) -> None:
     """Save every module's ``state_dict`` (moved to CPU), which of its parameters train
-    (``requires_grad``) and ``meta`` atomically to ``path``."""
+    (``requires_grad``) and ``meta`` atomically to ``path``; with the weight averages among a fit's
+    ``parts`` beside them (for ``best``, an average validation evaluated as its module's weights)."""
     with writing(path.parent):
         path.parent.mkdir(parents=True, exist_ok=True)
-    states = {name: {k: v.detach().cpu() for k, v in m.state_dict().items()} for name, m in modules.items()}
-    atomic_save({"weights": states, "meta": dict(meta), "requires_grad": trainable(modules)}, path)
+    weights = {name: m.state_dict() for name, m in modules.items()}
+    _save_file(path, weights, average_states(parts or {}), meta, trainable(modules), best=best)
+
+
+def _save_file(path: Path, weights: Mapping[str, Any], averages: list[Mapping[str, Any]], meta: Mapping[str, Any],
+               flags: Mapping[str, list[bool]], *, best: bool) -> None:
+    chosen, ema = file_weights(weights, averages, best=best)
+    saved = {"weights": chosen, "meta": dict(meta), "requires_grad": dict(flags)}
+    if ema:
+        saved["ema"] = ema
+    atomic_save(saved, path)
 
 
 def saved_flags(path: Path) -> dict[str, list[bool]] | None:
@@ -236,8 +251,9 @@ def saved_flags(path: Path) -> dict[str, list[bool]] | None:
     return dict(flags) if isinstance(flags, Mapping) else None
 
 
-def load_weights(path: Path, modules: Mapping[str, torch.nn.Module]) -> dict[str, Any]:
-    """Load weights saved by :func:`save_weights` into ``modules``; returns the file's ``meta``."""
+def load_weights(path: Path, modules: Mapping[str, torch.nn.Module], *, ema: bool = False) -> dict[str, Any]:
+    """Load weights saved by :func:`save_weights` into ``modules``; returns the file's ``meta``.
+    ``ema``: each module the file holds an average of gets the average instead."""
     if not path.is_file():
         raise RecipeError(f"no weights at {path}; the run may have stopped before its first epoch ended")
     try:
@@ -246,25 +262,41 @@ def load_weights(path: Path, modules: Mapping[str, torch.nn.Module]) -> dict[str
         raise
     except Exception as err:
         raise RecipeError(f"cannot read weights {path}: {type(err).__name__}: {err}") from None
-    _load_states(modules, _module_states(saved["weights"], modules, path))
+    weights = saved["weights"]
+    if ema:
+        weights = {**weights, **_averages_or_refuse(saved.get("ema") or {}, path)}
+    _load_states(modules, _module_states(weights, modules, path))
     return saved["meta"]
 
 
-def load_checkpoint_weights(record: ResumeRecord, modules: Mapping[str, torch.nn.Module], path: Path) -> None:
-    """Load the modules' weights from a full-state checkpoint's record (``path`` names it in errors)."""
-    _load_states(modules, _module_states(record.components, modules, path))
+def load_checkpoint_weights(record: ResumeRecord, modules: Mapping[str, torch.nn.Module], path: Path, *,
+                            best: bool = False, ema: bool = False) -> None:
+    """Load the modules' weights from a full-state checkpoint's record (``path`` names it in errors)
+    as :func:`export_weights` would write them (``best``: best.pt's), or (``ema``) their averages."""
+    chosen, averages = file_weights(_module_states(record.components, modules, path), average_states(record.parts),
+                                    best=best)
+    if ema:
+        chosen = {**chosen, **_averages_or_refuse(averages, path)}
+    _load_states(modules, chosen)
+
+
+def _averages_or_refuse(averages: Mapping[str, Any], path: Path) -> Mapping[str, Any]:
+    if not averages:
+        raise RecipeError(f"{path} holds no EMA of the weights: the run did not keep one (declare ef.ema(...) in "
+                          "the recipe), or it was recorded before engineflow kept them")
+    return averages
 
 
 def export_weights(checkpoint: Path | ResumeRecord, path: Path, names: list[str], meta: Mapping[str, Any],
                    *, source: Path | None = None) -> None:
     """Write the weights file ``path`` (as :func:`save_weights` does) from the modules ``names`` of the
     full-state ``checkpoint`` (its file, or its record read from ``source``): the best epoch's
-    weights, taken from its checkpoint when a run ends."""
+    weights, taken from its checkpoint when a run ends, with its weight averages as best.pt holds them."""
     record = load_record(checkpoint) if isinstance(checkpoint, Path) else checkpoint
     where = checkpoint if isinstance(checkpoint, Path) else source
     flags = {name: list(record.requires_grad[name]) for name in names if name in record.requires_grad}
-    atomic_save({"weights": _module_states(record.components, names, where), "meta": dict(meta),
-                 "requires_grad": flags}, path)
+    _save_file(path, _module_states(record.components, names, where), average_states(record.parts), meta, flags,
+               best=True)
 
 
 def _module_states(saved: Mapping[str, Any], names: Iterable[str], path: Path) -> dict[str, Any]:
