@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ignite.engine import Events
 
@@ -36,6 +36,9 @@ from engineflow.errors import RecipeError
 from engineflow.execute.parallel import broadcast_from_first
 from engineflow.state.averages import WeightAverage
 from engineflow.state.components import modules_of
+
+if TYPE_CHECKING:
+    from engineflow.execute.fit import Fit
 
 
 class EMA:
@@ -66,7 +69,7 @@ class EMA:
         n = self.average.updates
         return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
 
-    def attach(self, fit: Any) -> list[HandlerSpec]:
+    def attach(self, fit: Fit) -> list[HandlerSpec]:
         """Average ``fit``'s module component :attr:`model` (carried on from the stage before when it
         has the same parameter names and shapes, else started from its weights), register the average
         and, with :attr:`evaluate`, validate on it; returns the update handler."""
