@@ -57,10 +57,14 @@ class LayerStats:
         if flat.dtype in (torch.float16, torch.bfloat16):
             flat = flat.float()
         # all on the device, nothing read back: a host sync per step would stall a GPU
-        near = (flat.abs() < self.near_zero).sum().to(flat.dtype)
-        head = torch.stack((flat.sum(), torch.dot(flat, flat), near))
-        counts = torch.histc(flat.clamp(self.low, self.high), self.bins, self.low, self.high)
-        added = torch.cat((head, counts)).double()
+        near = flat.abs().lt_(self.near_zero).sum(dtype=torch.float64)
+        head = torch.stack((flat.sum().double(), torch.dot(flat, flat).double(), near))
+        # bincount, not histc: several times faster on a CPU, and deterministic on CUDA; NaN goes to an
+        # extra bin that is dropped
+        scaled = flat.sub(self.low).mul_(self.bins / (self.high - self.low)).clamp_(0, self.bins - 1)
+        index = scaled.nan_to_num_(nan=self.bins).to(torch.int32)
+        counts = torch.bincount(index, minlength=self.bins + 1)[:self.bins]
+        added = torch.cat((head, counts.double()))
         self.sums = added if self.sums is None else self.sums.add_(added)
         self.count += flat.numel()
 
