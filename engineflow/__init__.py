@@ -87,14 +87,15 @@ _EXPORTS = {
     "ema": "engineflow.execute.ema",
     "Events": "ignite.engine",
 }
-_SUBMODULES = {"metrics", "data"}
+# public submodules: name -> module
+_SUBMODULES = {"metrics": "engineflow.metrics", "data": "engineflow.data", "hooks": "engineflow.execute.hooks"}
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
 
 
 def __getattr__(name: str) -> Any:
     if name in _SUBMODULES:
-        return importlib.import_module(f"engineflow.{name}")
+        return importlib.import_module(_SUBMODULES[name])
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'engineflow' has no attribute {name!r}")
@@ -134,6 +135,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the same names as _EXPORTS
         StoreError,
         TrainingError,
     )
+    from engineflow.execute import hooks
     from engineflow.execute.build import build
     from engineflow.execute.ema import ema
     from engineflow.execute.engine import engine, make_engine

@@ -226,3 +226,25 @@ def test_the_stopping_example_declares_two_early_stoppings_in_the_pipeline_recip
     tools = {tool.name: tool for tool in ef.load_recipe(recipe).tools}
     assert {name: (type(t).__name__, t.stage, t.patience) for name, t in tools.items()} == {
         "early_stopping": ("EarlyStopping", None, 5), "finetune_stop": ("EarlyStopping", "finetune", 3)}
+
+
+def test_the_activation_statistics_example_runs_in_the_pipeline_recipe(tmp_path, capsys):
+    import json
+
+    import engineflow as ef
+
+    recipe = tmp_path / "pretrain_finetune.py"
+    recipe.write_text((REPO / "recipes" / "pretrain_finetune.py").read_text() + "\n"
+                      + python_block_after("### Activation statistics and hooks"))
+    result = ef.run(recipe, check=True, device="cpu", runs_dir=tmp_path / "runs", stream=io.StringIO())
+    assert result.status == "completed"
+    lines = [json.loads(line) for line in (result.run_dir / "activations.jsonl").read_text().splitlines()]
+    # --check: 4 iterations of pretraining, 2 of each stage on the one batch of labelled data; a read-back
+    # every 2 of every Linear (the head's from "frozen" on), iterations counted across the stages
+    assert [(line["stage"], line["iteration"]) for line in lines if line["layer"] == "encoder.0"] == [
+        ("pretrain", 2), ("pretrain", 4), ("frozen", 6), ("finetune", 8)]
+    # the decoder, not called after pretraining, has no read-back there
+    assert {line["layer"] for line in lines if line["stage"] == "finetune"} == {"encoder.0", "encoder.2", "head"}
+    # the encoder's four layers in each of the finetune stage's forward passes: 2 steps, then validation
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[:8] == ["(50, 128)", "(50, 128)", "(50, 24)", "(50, 24)"] * 2 and len(printed) % 4 == 0

@@ -369,18 +369,27 @@ def runs_compare(run_refs: tuple[str, ...], runs_dir: str, as_json: bool, debug:
 @click.argument("run_refs", metavar="RUN...", nargs=-1, required=True)
 @click.option("--out", "out", type=click.Path(dir_okay=False, path_type=str), required=True,
               help="Image file to write (e.g. curves.png).")
+@click.option("--activations", is_flag=True,
+              help="Draw one run's activation statistics (ef.hooks.activation_stats) instead of its metrics.")
 @runs_dir_option
 @debug_option
-def runs_plot(run_refs: tuple[str, ...], out: str, runs_dir: str, debug: bool) -> None:
-    """Draw the per-epoch metric curves of runs (needs the optional matplotlib extra)."""
+def runs_plot(run_refs: tuple[str, ...], out: str, activations: bool, runs_dir: str, debug: bool) -> None:
+    """Draw the per-epoch metric curves of runs, or with --activations one run's activation statistics per
+    layer (needs the optional matplotlib extra)."""
 
     def go() -> None:
         from pathlib import Path
 
-        from engineflow.app.views import plot
+        from engineflow.app.views import plot, plot_activations
+        from engineflow.errors import RecipeError
         from engineflow.record.runs import get_run
 
-        plot([get_run(runs_dir, ref) for ref in run_refs], Path(out))
+        if activations:
+            if len(run_refs) != 1:
+                raise RecipeError(f"runs plot --activations draws one run; got {len(run_refs)} ({' '.join(run_refs)})")
+            plot_activations(get_run(runs_dir, run_refs[0]), Path(out))
+        else:
+            plot([get_run(runs_dir, ref) for ref in run_refs], Path(out))
         click.echo(f"wrote {out}")
 
     guarded(go, debug, "runs plot failed")

@@ -138,8 +138,7 @@ def compare_text(diff: Mapping[str, Any]) -> str:
     return "\n".join(parts)
 
 
-def plot(records: Sequence[Mapping[str, Any]], out: Path) -> None:
-    """Draw each run's per-epoch metrics, one panel per metric name (needs matplotlib)."""
+def _pyplot() -> Any:
     try:
         import matplotlib
     except ImportError:
@@ -148,6 +147,13 @@ def plot(records: Sequence[Mapping[str, Any]], out: Path) -> None:
         raise RecipeError("runs plot needs matplotlib: pip install 'engineflow[plot]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot(records: Sequence[Mapping[str, Any]], out: Path) -> None:
+    """Draw each run's per-epoch metrics, one panel per metric name (needs matplotlib)."""
+    plt = _pyplot()
 
     names = sorted({k for r in records for row in r.get("history", []) for k in row if k != "epoch"})
     fig, axes = plt.subplots(len(names) or 1, 1, figsize=(7, 2.6 * max(len(names), 1)), squeeze=False)
@@ -163,3 +169,48 @@ def plot(records: Sequence[Mapping[str, Any]], out: Path) -> None:
     fig.savefig(out)
     plt.close(fig)
 
+
+
+def plot_activations(record: Mapping[str, Any], out: Path) -> None:
+    """Draw a run's activation statistics, one row per layer: the histogram over the iterations ("colorful
+    dimension": x the iteration, y the value, colour the log of the count), the mean and std, and the share
+    of near-zero values (needs matplotlib)."""
+    from engineflow.errors import RecipeError
+    from engineflow.execute.activations import DATA_FILE, read_activations
+
+    lines = read_activations(Path(record["run_dir"]))
+    if not lines:
+        raise RecipeError(f"run {record['id']} has no activation statistics (no {DATA_FILE} in {record['run_dir']}); "
+                          "declare ef.hooks.activation_stats() in its recipe and train it")
+    plt = _pyplot()
+    import numpy as np
+
+    layers: dict[str, list[Mapping[str, Any]]] = {}
+    for line in lines:
+        layers.setdefault(line["layer"], []).append(line)
+    fig, axes = plt.subplots(len(layers), 3, figsize=(13, 2.4 * len(layers)), squeeze=False,
+                             gridspec_kw={"width_ratios": [2, 1, 1]})
+    for row, (layer, series) in zip(axes, layers.items(), strict=True):
+        last = series[-1]
+        # a layer recorded with another binning (another stage's declaration) would not line up: the last one's
+        series = [s for s in series if s["range"] == last["range"] and len(s["histogram"]) == len(last["histogram"])]
+        iterations = [s["iteration"] for s in series]
+        low, high = last["range"]
+        bins = len(last["histogram"])
+        centres = low + (np.arange(bins) + 0.5) * (high - low) / bins
+        counts = np.log1p(np.array([s["histogram"] for s in series], dtype=float).T)
+        row[0].pcolormesh(iterations, centres, counts, shading="nearest", cmap="viridis")
+        row[0].set_title(f"{layer}: histogram (log count)")
+        row[0].set_ylabel("value")
+        row[1].plot(iterations, [s["mean"] for s in series], marker=".", label="mean")
+        row[1].plot(iterations, [s["std"] for s in series], marker=".", label="std")
+        row[1].set_title(f"{layer}: mean and std")
+        row[1].legend(fontsize="small")
+        row[2].plot(iterations, [s["near_zero"] for s in series], marker=".", color="tab:red")
+        row[2].set_title(f"{layer}: share near zero")
+        row[2].set_ylim(-0.02, 1.02)
+    for ax in axes[-1]:
+        ax.set_xlabel("iteration")
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)

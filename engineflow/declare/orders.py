@@ -9,6 +9,11 @@ flow" lists these constants, with their events, and a test compares the two.
 
 from __future__ import annotations
 
+# STARTED, ITERATION_STARTED, EPOCH_COMPLETED, COMPLETED, EXCEPTION_RAISED
+HOOKS = -5000  # forward hooks (ef.hooks) go on as the fit (activation statistics: an iteration they record)
+# starts, and come off first when the epoch (activation statistics), the fit or a failure ends it: no
+# validation, or handler of the end, runs through them
+
 # EPOCH_STARTED
 FIT_EPOCH_STARTED = -2000  # the fit notes where the epoch starts (its position), before any handler can end it
 CLEAR_METRICS = -1000  # the last epoch's state.metrics are cleared, before any handler fills them again
@@ -30,6 +35,8 @@ EARLY_STOPPING = -50  # ef.early_stopping compares the epoch's metric, once hist
 
 USER = 0  # the default of ef.on / every_n_epochs / every_n_iterations: a recipe's handlers see all of the above
 
+ACTIVATION_STATS = 800  # activation statistics are read back every N iterations and put on the board, after the
+# recipe's handlers and before the records write the board
 RECORDS = 900  # metrics.jsonl, the index, TensorBoard (on ITERATION_COMPLETED: its loss curve), after the recipe's
 # handlers, so that the epoch is written once every handler of it ran
 CHECKPOINT = 950  # the checkpoint the policy asks for (or an interrupt's), after the records: a resume from it

@@ -24,7 +24,7 @@ from typing import Any
 
 class Board:
     """Entries waiting for the run's TensorBoard file: ``(kind, name, value, iteration)``, kind
-    "scalar" or "histogram" (a tensor of values)."""
+    "scalar", "histogram" (a tensor of values) or "bins" (``(edges, counts)`` of a histogram counted already)."""
 
     def __init__(self) -> None:
         self.open = False
@@ -39,6 +39,11 @@ class Board:
         """Show the distribution of ``values`` (a tensor) under ``name`` at the stage's ``iteration``."""
         if self.open:
             self._entries.append(("histogram", name, values, iteration))
+
+    def histogram_bins(self, name: str, edges: list[float], counts: list[int], iteration: int) -> None:
+        """Show a histogram counted already: ``counts[i]`` values between ``edges[i]`` and ``edges[i + 1]``."""
+        if self.open:
+            self._entries.append(("bins", name, (edges, counts), iteration))
 
     def drain(self) -> list[tuple[str, str, Any, int]]:
         """The entries added since the last drain, oldest first; the board is empty afterwards."""

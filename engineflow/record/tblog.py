@@ -15,6 +15,7 @@ naming the event file, where it happens.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import os
 import re
@@ -61,6 +62,8 @@ class TensorBoardLog:
             tag, step = f"iteration/{prefix}{name}", offset + iteration
             if kind == "scalar":
                 self.events.scalar(tag, float(value), step)
+            elif kind == "bins":
+                self.events.histogram_bins(tag, *value, step)
             else:
                 self.events.histogram(tag, value, step)
 
@@ -166,6 +169,18 @@ class EventFile:
         from tensorboardX.summary import histogram
 
         self.write(histogram(tag, values.detach().float().cpu().numpy(), "auto"), step)
+
+    def histogram_bins(self, tag: str, edges: list[float], counts: list[int], step: int | None) -> None:
+        """A histogram counted already: ``counts[i]`` values between ``edges[i]`` and ``edges[i + 1]``."""
+        from tensorboardX.summary import histogram_raw
+
+        filled = [i for i, count in enumerate(counts) if count] or [0]
+        centres = [(a + b) / 2 for a, b in itertools.pairwise(edges)]
+        total = sum(c * x for c, x in zip(counts, centres, strict=True))
+        squares = sum(c * x * x for c, x in zip(counts, centres, strict=True))
+        # TensorBoard's buckets name their right edges; an empty one ending at the first edge opens the range
+        self.write(histogram_raw(tag, edges[filled[0]], edges[filled[-1] + 1], sum(counts), total, squares,
+                                 edges, [0, *counts]), step)
 
     def write(self, summary: Any, step: int | None = None) -> None:
         """Append a ``Summary`` protocol buffer at ``step``."""
