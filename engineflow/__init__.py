@@ -81,6 +81,9 @@ _EXPORTS = {
     "load_run": "engineflow.record.load",
     "evaluate_test": "engineflow.app.testing",
     "predict_files": "engineflow.app.evaluation",
+    "backprop": "engineflow.execute.backprop",
+    "Backprop": "engineflow.execute.backprop",
+    "StepOptions": "engineflow.declare.step_options",
     "Events": "ignite.engine",
 }
 _SUBMODULES = {"metrics", "data"}
@@ -117,6 +120,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the same names as _EXPORTS
     from engineflow.declare.handlers import every_n_epochs, every_n_iterations, on
     from engineflow.declare.recipe import load_recipe
     from engineflow.declare.stages import Stage, stage
+    from engineflow.declare.step_options import StepOptions
     from engineflow.declare.steps import StepSpec, eval_step, infer_step, train_step
     from engineflow.declare.supervised import prepare_batch, supervised_eval_step, supervised_train_step
     from engineflow.errors import (
@@ -130,6 +134,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the same names as _EXPORTS
         StoreError,
         TrainingError,
     )
+    from engineflow.execute.backprop import Backprop, backprop
     from engineflow.execute.build import build
     from engineflow.execute.engine import engine, make_engine
     from engineflow.execute.fit import Fit

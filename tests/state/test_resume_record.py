@@ -154,7 +154,8 @@ def test_a_registered_part_is_saved_and_loaded_and_run_after_a_load_trains_up_to
     fit.train.add_event_handler(ef.Events.ITERATION_COMPLETED, lambda _: setattr(counter, "count", counter.count + 1))
     fit.run(1)
     state = fit.state_dict()
-    assert state["parts"] == {"counter": {"count": 3}}
+    assert state["parts"]["counter"] == {"count": 3}
+    assert state["parts"]["backprop"] == {"position": 0, "stepped": True, "scaler": None}  # every fit has one
 
     again = ef.build(recipe)[0]
     restored = Counter()
