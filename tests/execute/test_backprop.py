@@ -4,6 +4,7 @@ mid-accumulation, and the errors of a step that does not honour them."""
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -225,3 +226,74 @@ def test_a_step_with_options_is_still_callable_with_a_backprop_of_its_own():
     with bp.iteration():
         train(torch.full((2, 3), 0.01), model, optimizer, bp)
     assert bp.stepped and not torch.equal(model.weight, before) and bp.position == 0
+
+
+# Two processes: 64 samples in batches of 4 (8 batches a rank, in order); the step counts DDP's all-reduces.
+ON_TWO = SETUP.replace("samples=40, batch_size=8", "samples=64, batch_size=4") + '''
+ALL_REDUCES = []
+
+def counted(state, bucket):
+    ALL_REDUCES.append(bucket.index())
+    work = torch.distributed.all_reduce(bucket.buffer().div_(torch.distributed.get_world_size()), async_op=True)
+    return work.get_future().then(lambda done: done.value()[0])
+
+@ef.train_step(accumulate="accumulate")
+def train(batch, model, optimizer, backprop):
+    if not ALL_REDUCES and not getattr(model, "counted", False):
+        model.register_comm_hook(None, counted)
+        model.counted = True
+    x, y = batch
+    loss = F.cross_entropy(model(x), y)
+    backprop(loss, optimizer)
+    return {"loss": loss, "all_reduces": len(ALL_REDUCES)}
+'''
+
+
+def _one_of_two(rank, store, recipe, results):
+    import torch.distributed as dist
+
+    from engineflow.runtime import RunContext
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    try:
+        context = RunContext("two", "recipe", store.parent, torch.device("cpu"), 0, rank=rank, world_size=2)
+        fit, _, _ = ef.build(recipe, context=context)
+        start = {k: v.clone() for k, v in fit.components["model"].state_dict().items()}
+        seen = _watch(fit)
+        fit.run(1)
+        # pickled here: a queue would share the tensors' memory with a process that is about to end
+        results.put(pickle.dumps((rank, start, [(g, s) for g, _, s in seen], fit.train.state.output["all_reduces"])))
+    except BaseException as err:
+        results.put(pickle.dumps((rank, None, repr(err), None)))
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def test_on_two_processes_accumulation_all_reduces_once_a_group_and_gives_the_gradient_of_every_sample(
+        write_recipe, tmp_path):
+    import multiprocessing
+
+    recipe = write_recipe(ON_TWO)
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    workers = [context.Process(target=_one_of_two, args=(rank, tmp_path / "store", recipe, results))
+               for rank in range(2)]
+    for worker in workers:
+        worker.start()
+    got = {r[0]: r[1:] for r in (pickle.loads(results.get(timeout=120)) for _ in workers)}
+    for worker in workers:
+        worker.join(timeout=60)
+    assert all(start is not None for start, _, _ in got.values()), got
+    start, _, _ = got[0]
+    model = torch.nn.Linear(4, 2)
+    model.load_state_dict(start)
+    fit, _, _ = ef.build(recipe)  # the same data, on one process
+    x, y = fit.components["data"]
+    F.cross_entropy(model(x[:32]), y[:32]).backward()  # the first group: 4 batches of 4 samples on each rank
+    for rank, (_, seen, all_reduces) in got.items():
+        assert [stepped for _, stepped in seen] == [False, False, False, True] * 2
+        assert torch.allclose(seen[3][0], model.weight.grad, atol=1e-6, rtol=0), rank
+        # one bucket, all-reduced once a group: without no_sync every backward would all-reduce (8)
+        assert all_reduces == 2, rank
