@@ -44,6 +44,13 @@ class Backprop:
             batches of an accumulation that do not step; True for a step that does not call it).
         position: batches added up since the last optimizer step.
         scaler: fp16's ``torch.amp.GradScaler``, else None.
+
+    Example:
+        >>> import engineflow as ef
+        >>> fit, cfg, ctx = ef.build("recipes/sine.py", {"samples": 64})
+        >>> backprop = fit.parts["backprop"]          # what a train step asking for backprop gets
+        >>> backprop.options.precision, backprop.options.accumulate, backprop.scaler
+        ('32', 1, None)
     """
 
     def __init__(self, options: StepOptions, device: torch.device | str = "cpu", *, step: str = "the train step",

@@ -297,3 +297,38 @@ def test_on_two_processes_accumulation_all_reduces_once_a_group_and_gives_the_gr
         assert torch.allclose(seen[3][0], model.weight.grad, atol=1e-6, rtol=0), rank
         # one bucket, all-reduced once a group: without no_sync every backward would all-reduce (8)
         assert all_reduces == 2, rank
+
+
+def test_channels_last_converts_the_modules_and_the_default_step_s_inputs(write_recipe):
+    recipe = IMPORTS + '''
+config = ef.config(epochs=1, seed=0)
+
+def setup(cfg):
+    x, y = torch.randn(4, 3, 5, 5), torch.randint(0, 2, (4,))
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.Flatten(), torch.nn.Linear(18, 2))
+    return dict(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), loss_fn=F.cross_entropy,
+                loaders={"train": DataLoader(TensorDataset(x, y), batch_size=2)})
+
+def forward(model, x):
+    assert x.is_contiguous(memory_format=torch.channels_last)
+    return model(x)
+
+train = ef.supervised_train_step(forward=forward, channels_last=True)
+'''
+    fit, _, _ = ef.build(write_recipe(recipe))
+    conv = fit.components["model"][0]
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert fit.components["optimizer"].param_groups[0]["params"][0] is conv.weight
+    fit.run(1)
+    assert fit.train.state.iteration == 2
+
+
+@pytest.mark.slow  # torch.compile on a CPU compiles C++ (about a minute)
+def test_compile_gives_the_step_compiled_modules_and_checkpoints_keep_their_keys(write_recipe):
+    from tests.conftest import BASE_RECIPE
+
+    recipe = BASE_RECIPE.replace("@ef.train_step\n", "@ef.train_step(compile=True)\n").replace(
+        "    x, y = batch\n", "    x, y = batch\n    assert type(model).__name__ == 'OptimizedModule'\n", 1)
+    fit, _, _ = ef.build(write_recipe(recipe))
+    fit.run(1)
+    assert sorted(fit.state_dict()["components"]["model"]) == ["bias", "weight"]
