@@ -85,6 +85,9 @@ _EXPORTS = {
     "predict_files": "engineflow.app.evaluation",
     "lr_find": "engineflow.execute.lr_finder",
     "ema": "engineflow.execute.ema",
+    "backprop": "engineflow.execute.backprop",
+    "Backprop": "engineflow.execute.backprop",
+    "StepOptions": "engineflow.declare.step_options",
     "Events": "ignite.engine",
 }
 # public submodules: name -> module
@@ -122,6 +125,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the same names as _EXPORTS
     from engineflow.declare.handlers import every_n_epochs, every_n_iterations, on
     from engineflow.declare.recipe import load_recipe
     from engineflow.declare.stages import Stage, stage
+    from engineflow.declare.step_options import StepOptions
     from engineflow.declare.steps import StepSpec, eval_step, infer_step, train_step
     from engineflow.declare.supervised import prepare_batch, supervised_eval_step, supervised_train_step
     from engineflow.errors import (
@@ -136,6 +140,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the same names as _EXPORTS
         TrainingError,
     )
     from engineflow.execute import hooks
+    from engineflow.execute.backprop import Backprop, backprop
     from engineflow.execute.build import build
     from engineflow.execute.ema import ema
     from engineflow.execute.engine import engine, make_engine

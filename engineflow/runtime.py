@@ -38,6 +38,8 @@ class RunContext:
         world_size: how many processes train together.
         runs_dir: the runs folder the run is recorded in (None for an unrecorded build), e.g. for
             ``ef.load_run("last", runs_dir=run.runs_dir, experiment="pretrain")`` in ``setup``.
+        precision: the precision every train stage trains in (``--precision``: "32", "bf16" or
+            "fp16"); None: each step's own (see :func:`engineflow.train_step`).
 
     Example:
         >>> import engineflow as ef
@@ -61,6 +63,7 @@ class RunContext:
     rank: int = 0
     world_size: int = 1
     runs_dir: Path | None = None
+    precision: str | None = None
 
 
 # Runs this process is training or loading now: ef.load_run never resolves to one of them (a setup()

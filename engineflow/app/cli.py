@@ -124,14 +124,17 @@ def main() -> None:
 @click.option("--time-limit", default=None, metavar="DURATION",
               help="Stop cleanly once this much time has passed (2h, 30m, 90s, 1h30m or seconds): a checkpoint, "
                    "status interrupted, exit 3; --resume continues with what is left (or a new --time-limit).")
+@click.option("--precision", type=click.Choice(["32", "bf16", "fp16"]), default=None,
+              help="Train every train stage in this precision (mixed precision: autocast; fp16 with a grad scaler), "
+                   "over the steps' own; recorded, and kept by --resume.")
 @nproc_option
 @oversubscribe_option
 @debug_option
 def run_command(recipe: str, assignments: tuple[str, ...], check: bool, device: str, seed: int | None,
                 runs_dir: str, progress: bool | None, force: bool, retrain: bool, resume: str | None,
                 ignore_changes: bool, checkpoint_every: int | None, stage: str | None, from_run: str | None,
-                mlflow_uri: str | None, no_mlflow: bool, deterministic: bool | None, time_limit: str | None,
-                nproc: int | None, oversubscribe: bool, debug: bool) -> None:
+                mlflow_uri: str | None, no_mlflow: bool, deterministic: bool | None, precision: str | None,
+                time_limit: str | None, nproc: int | None, oversubscribe: bool, debug: bool) -> None:
     """Train RECIPE (a .py file) and record the run under --runs-dir.
 
     A completed run with the same code and config is not repeated: --force makes a new run,
@@ -161,7 +164,8 @@ def run_command(recipe: str, assignments: tuple[str, ...], check: bool, device: 
         result = run(recipe, parse_assignments(assignments), check=check, device=device, seed=seed,
                      runs_dir=runs_dir, progress=progress, force=force, retrain=retrain, resume=resume,
                      ignore_changes=ignore_changes, checkpoint_every=checkpoint_every, stage=stage, from_run=from_run,
-                     mlflow=False if no_mlflow else mlflow_uri, deterministic=deterministic, nproc=nproc,
+                     mlflow=False if no_mlflow else mlflow_uri, deterministic=deterministic, precision=precision,
+                     nproc=nproc,
                      oversubscribe=oversubscribe, time_limit=limit)
         if result.status == "interrupted":  # the time limit stopped it (an interrupt raises)
             sys.exit(EXIT_TIME_LIMIT)

@@ -38,6 +38,7 @@ def run(
     from_run: str | None = None,
     mlflow: str | bool | None = None,
     deterministic: bool | None = None,
+    precision: str | None = None,
     nproc: int | None = None,
     oversubscribe: bool = False,
     time_limit: float | str | None = None,
@@ -68,6 +69,9 @@ def run(
             makes a resume on one GPU exact; see :func:`engineflow.runtime.deterministic_algorithms`);
             recorded in ``run.json``. A resumed run keeps its own (None); True on a run started without
             it is refused.
+        precision: "32", "bf16" or "fp16": every train stage's precision, over what its step and stage
+            declare (see :func:`engineflow.train_step`); recorded in ``run.json``. A resumed run keeps its
+            own; another one is refused.
         nproc: train on this many local processes (data parallel, see :mod:`engineflow.app.launch`);
             None or 1: this process. Under ``torchrun`` every process is already one of them. More
             processes than the machine has CPUs (GPUs on CUDA) are refused unless ``oversubscribe``.
@@ -100,6 +104,12 @@ def run(
         from engineflow.record.mirror import check_uri
 
         check_uri(mlflow.strip())
+    if precision is not None:
+        from engineflow.declare.step_options import PRECISIONS, precision_value
+
+        if precision_value(precision) is None:
+            raise RecipeError(f"run(precision={precision!r}): expected one of {', '.join(map(repr, PRECISIONS))}")
+        precision = precision_value(precision)
     if ignore_changes and resume is None:
         raise RecipeError(f"{option('ignore_changes')} goes with {option('resume', 'RUN')}: it continues a run whose "
                           "code or config changed since (a new run always uses today's). Drop it, or add "
@@ -112,7 +122,8 @@ def run(
                       runs_dir=None if runs_dir is None else str(runs_dir), progress=progress, force=force,
                       retrain=retrain, resume=resume, ignore_changes=ignore_changes,
                       checkpoint_every=checkpoint_every, stage=stage, from_run=from_run, mlflow=mlflow,
-                      deterministic=deterministic, time_limit=limit)
+                      deterministic=deterministic, time_limit=limit,
+                      precision=precision)
         done = launch("run", kwargs, nproc, runs_dir=runs_dir, stream=stream)
         return RunResult(**{**done, "run_dir": Path(done["run_dir"])})
     from engineflow.app.training import run_in_world  # torch and the engines: not in a launcher
@@ -121,4 +132,5 @@ def run(
         return run_in_world(recipe, overrides, world, check=check, device=device, seed=seed, runs_dir=runs_dir,
                             progress=progress, stream=stream, force=force, retrain=retrain, resume=resume,
                             ignore_changes=ignore_changes, checkpoint_every=checkpoint_every, stage=stage,
-                            from_run=from_run, mlflow=mlflow, deterministic=deterministic, time_limit=limit)
+                            from_run=from_run, mlflow=mlflow, deterministic=deterministic, time_limit=limit,
+                            precision=precision)

@@ -47,7 +47,7 @@ def run_in_world(recipe: str | Path, overrides: Mapping[str, Any] | None, world:
                  stream: IO[str] | None, force: bool, retrain: bool, resume: str | None, ignore_changes: bool,
                  checkpoint_every: int | None, stage: str | None, from_run: str | None,
                  mlflow: str | bool | None, deterministic: bool | None = None,
-                 time_limit: float | None = None) -> RunResult:
+                 time_limit: float | None = None, precision: str | None = None) -> RunResult:
     """:func:`run` in this process, one of ``world``: rank 0 plans the run (new or resumed) and
     shares the plan; every rank trains; rank 0 alone records and prints."""
     from engineflow.record.store import RunStore
@@ -78,6 +78,10 @@ def run_in_world(recipe: str | Path, overrides: Mapping[str, Any] | None, world:
             else:
                 # on for the resume before it is planned: the record's exact_resume says it
                 deterministic_run.enter_context(deterministic_algorithms(bool(record.get("deterministic"))))
+                if precision is not None and precision != record.get("precision"):
+                    raise RecipeError(f"run {record['id']} trains in precision {record.get('precision')!r}; a "
+                                      f"resume keeps it. Drop {option('precision', precision)}, or start a new run")
+                precision = record.get("precision")
                 start = resume_session(loaded, store, record, overrides, seed=seed, check=check or None,
                                        ignore_changes=ignore_changes, device=device, deterministic=deterministic)
                 if start is None:
@@ -92,7 +96,8 @@ def run_in_world(recipe: str | Path, overrides: Mapping[str, Any] | None, world:
                                 deterministic=bool(deterministic),
                                 retrain=retrain, start=None if origin is None else
                                 {"stage": origin["stage"], "from": origin["from"]})
-        start = _placed(start, world)
+        start = _placed(dataclasses.replace(start, context=dataclasses.replace(start.context, precision=precision)),
+                        world)
         share(_plan_of(start, origin))
         return _train(loaded, start, stream=stream, progress=progress, checkpoint_every=checkpoint_every, note=note,
                       origin=origin, mlflow=mlflow, world=world, time_limit=time_limit)
@@ -136,7 +141,7 @@ def _plan_of(start: Session, origin: Mapping[str, Any] | None) -> dict[str, Any]
     return {"run_id": context.run_id, "experiment": context.experiment, "run_dir": str(context.run_dir),
             "seed": context.seed, "check": context.check, "config": start.cfg.to_dict(), "epochs": start.epochs,
             "stage_epochs": list(start.stage_epochs), "resumed": start.resumed,
-            "deterministic": bool(start.recorder.record.get("deterministic")),
+            "deterministic": bool(start.recorder.record.get("deterministic")), "precision": context.precision,
             "origin": None if origin is None else {"stage": origin["stage"], "from": origin["from"]}}
 
 
@@ -160,7 +165,8 @@ def _follow(loaded: Recipe, world: World, plan: Mapping[str, Any], *, stream: IO
     where = resolve_device(device)
     context = RunContext(plan["run_id"], plan["experiment"], Path(plan["run_dir"]),
                          idist.device() if where.type == "cuda" else where, plan["seed"], plan["check"],
-                         rank=world.rank, world_size=world.size, runs_dir=resolve_runs_dir(runs_dir))
+                         rank=world.rank, world_size=world.size, runs_dir=resolve_runs_dir(runs_dir),
+                         precision=plan.get("precision"))
     cfg = loaded.config.override(flatten(plan["config"]))
     start = Session(context, None, cfg, plan["epochs"], tuple(plan["stage_epochs"]),  # type: ignore[arg-type]
                     resumed=plan["resumed"])
@@ -252,6 +258,9 @@ def _train(loaded: Recipe, start: Session, *, stream: IO[str] | None, progress: 
         # here, before the run's record says it resumed
         found = _continue_from(pipeline, checkpointer, world) if start.resumed else None
         if leader:
+            if not start.resumed:
+                options = pipeline.step_options()
+                recorder.record.update(precision=_run_precision(context.precision, options), step_options=options)
             start.begin()
             if start.resumed:  # on this number of processes now (each resume's entry says on how many)
                 placed = {"world_size": world.size, "backend": world.backend,
@@ -307,6 +316,15 @@ def _train(loaded: Recipe, start: Session, *, stream: IO[str] | None, progress: 
         reporter.line(f"stopped at the time limit, with a checkpoint; continue with --resume {context.run_id}")
     _summarise(reporter, result, trained)
     return result
+
+
+def _run_precision(given: str | None, options: Mapping[str, Mapping[str, Any]]) -> str | None:
+    """The precision a run records: ``--precision``, else its train stages' when they all have one
+    (None when they differ)."""
+    if given is not None:
+        return given
+    found = {stage["precision"] for stage in options.values()}
+    return found.pop() if len(found) == 1 else None
 
 
 @contextlib.contextmanager

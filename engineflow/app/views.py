@@ -27,6 +27,8 @@ def public(record: Mapping[str, Any]) -> dict[str, Any]:
     out["backend"] = record.get("backend")
     out["exact_resume"] = record.get("exact_resume")  # None: recorded before engineflow recorded it
     out["deterministic"] = bool(record.get("deterministic"))  # absent before --deterministic: off
+    out["precision"] = record.get("precision")  # None: stages of several precisions, or recorded before
+    out["step_options"] = record.get("step_options") or {}
     if "history" in record:
         out["history"] = record["history"]
     return out

@@ -27,9 +27,10 @@ A stage is one of three kinds, told by the steps it names:
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
+from engineflow.declare.step_options import StepOptions
 from engineflow.declare.steps import StepSpec, step_spec
 from engineflow.errors import RecipeError
 
@@ -50,6 +51,7 @@ class Stage:
         loaders: the stage's loaders, ``{name in this stage: name setup() gave it}``; None: setup's own.
         prepare: called before the stage starts, with components by name; returns the components it
             adds or replaces (or None).
+        options: train stages: step options that override its train step's for this stage.
 
     Example:
         >>> import engineflow as ef
@@ -69,6 +71,7 @@ class Stage:
     epochs: int | str = 1
     loaders: Mapping[str, str] | None = None
     prepare: Callable[..., Any] | None = None
+    options: StepOptions = field(default_factory=StepOptions)
 
     def steps(self) -> tuple[StepSpec, ...]:
         """The stage's steps: train, eval, infer, those it has."""
@@ -84,6 +87,12 @@ def stage(
     epochs: int | str = 1,
     loaders: Mapping[str, str] | None = None,
     prepare: Callable[..., Any] | None = None,
+    precision: str | None = None,
+    accumulate: int | str | None = None,
+    clip_norm: float | str | None = None,
+    clip_value: float | str | None = None,
+    compile: bool | None = None,
+    channels_last: bool | None = None,
 ) -> Stage:
     """Declare a stage of a pipeline (put it in the recipe's top-level ``stages`` list).
 
@@ -103,6 +112,8 @@ def stage(
             components by name, may change them in place (``requires_grad_``), and returns the
             components it adds or replaces, e.g. ``{"optimizer": torch.optim.SGD(...)}``. Its RNGs
             start from the run's seed and the stage's index, so a new head starts the same on resume.
+        precision, accumulate, clip_norm, clip_value, compile, channels_last: train stages: step
+            options for this stage, over those its train step declares (see :func:`engineflow.train_step`).
 
     Example:
         >>> import engineflow as ef
@@ -145,7 +156,13 @@ def stage(
         loaders = dict(loaders)
     if prepare is not None and not callable(prepare):
         raise RecipeError(f"{where}: prepare= expects a function returning a dict of components, got {prepare!r}")
-    return Stage(name, kind, train_spec, eval_spec, infer_spec, epochs, loaders, prepare)
+    given = dict(precision=precision, accumulate=accumulate, clip_norm=clip_norm, clip_value=clip_value,
+                 compile=compile, channels_last=channels_last)
+    if kind != "train" and any(v is not None for v in given.values()):
+        raise RecipeError(f"{where} is a {kind} pass, which takes no step options (precision=, accumulate=...); "
+                          "give them to a train stage")
+    options = StepOptions.declared(where, **given)
+    return Stage(name, kind, train_spec, eval_spec, infer_spec, epochs, loaders, prepare, options)
 
 
 def _step(fn: Any, kind: str, where: str) -> StepSpec | None:

@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
+from engineflow.declare.step_options import StepOptions
 from engineflow.errors import RecipeError
 
 if TYPE_CHECKING:
@@ -34,6 +35,8 @@ class StepSpec:
         loaders: eval steps only: which loaders to validate on (default: all but train and test).
         main_metric: eval steps only: the metric that picks the best epoch, e.g. "valid/accuracy".
         mode: "max" or "min" for ``main_metric`` (default: "min" for losses and errors, else "max").
+        options: train steps only: precision, accumulation, clipping... as declared
+            (:class:`~engineflow.declare.step_options.StepOptions`).
 
     Example:
         >>> import engineflow as ef
@@ -49,6 +52,7 @@ class StepSpec:
     loaders: tuple[str, ...] | None = None
     main_metric: str | None = None
     mode: str | None = None
+    options: StepOptions = field(default_factory=StepOptions)
 
 
 def step_spec(fn: Any) -> StepSpec | None:
@@ -122,14 +126,39 @@ def _check_metrics(metrics: Mapping[str, Any] | None, kind: str) -> dict[str, Me
 @overload
 def train_step(fn: F) -> F: ...
 @overload
-def train_step(*, metrics: Mapping[str, Metric] | None = None) -> Callable[[F], F]: ...
-def train_step(fn: Any = None, *, metrics: Mapping[str, Metric] | None = None) -> Any:
+def train_step(
+    *,
+    metrics: Mapping[str, Metric] | None = None,
+    precision: str | None = None,
+    accumulate: int | str | None = None,
+    clip_norm: float | str | None = None,
+    clip_value: float | str | None = None,
+    compile: bool | None = None,
+    channels_last: bool | None = None,
+) -> Callable[[F], F]: ...
+def train_step(
+    fn: Any = None,
+    *,
+    metrics: Mapping[str, Metric] | None = None,
+    precision: str | None = None,
+    accumulate: int | str | None = None,
+    clip_norm: float | str | None = None,
+    clip_value: float | str | None = None,
+    compile: bool | None = None,
+    channels_last: bool | None = None,
+) -> Any:
     """Mark ``fn`` as the recipe's train step; returns it unchanged.
 
     The step takes what it needs by parameter name (``batch``, ``model``, ``optimizer``, ``cfg``,
-    ``state``, ``engine``, ``device``, anything ``setup`` returned) and returns a dict of outputs
-    or a loss tensor (which becomes ``{"loss": tensor}``). A ``"loss"`` output is averaged for the
-    progress line and checked for NaN/inf every iteration.
+    ``state``, ``engine``, ``device``, ``backprop``, anything ``setup`` returned) and returns a dict
+    of outputs or a loss tensor (which becomes ``{"loss": tensor}``). A ``"loss"`` output is averaged
+    for the progress line and checked for NaN/inf every iteration.
+
+    The step options (``precision`` "32", "bf16" or "fp16", ``accumulate`` batches per optimizer step,
+    ``clip_norm`` or ``clip_value``, ``compile``, ``channels_last``; see
+    :class:`~engineflow.declare.step_options.StepOptions`) take a value or the name of a config key.
+    The step runs under autocast for bf16 and fp16; for fp16, accumulation and clipping it calls
+    ``backprop(loss, optimizer)`` in place of ``zero_grad``/``backward``/``step``.
 
     Example:
         >>> import engineflow as ef
@@ -138,11 +167,21 @@ def train_step(fn: Any = None, *, metrics: Mapping[str, Metric] | None = None) -
         ...     return {"loss": batch * scale}
         >>> train(2.0, scale=3.0)
         {'loss': 6.0}
+        >>> @ef.train_step(precision="bf16", accumulate="accumulate", clip_norm=1.0)
+        ... def train(batch, model, optimizer, backprop):
+        ...     loss = model(batch).sum()
+        ...     backprop(loss, optimizer)  # in place of zero_grad(), backward() and step()
+        ...     return loss
     """
     spec_metrics = _check_metrics(metrics, "train")
-    if fn is None:
-        return lambda f: _mark(f, StepSpec("train", f, spec_metrics))
-    return _mark(fn, StepSpec("train", fn, spec_metrics))
+    given = dict(precision=precision, accumulate=accumulate, clip_norm=clip_norm, clip_value=clip_value,
+                 compile=compile, channels_last=channels_last)
+
+    def mark(f: Any) -> Any:
+        where = f"@ef.train_step of {getattr(f, '__qualname__', f)!r}"
+        return _mark(f, StepSpec("train", f, spec_metrics, options=StepOptions.declared(where, **given)))
+
+    return mark if fn is None else mark(fn)
 
 
 @overload

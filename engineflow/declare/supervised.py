@@ -84,10 +84,20 @@ def supervised_train_step(
     backward: Callable[[torch.Tensor], None] = backward,
     update: Callable[[Any], None] = optimizer_step,
     metrics: Mapping[str, Metric] | None = None,
+    precision: str | None = None,
+    accumulate: int | str | None = None,
+    clip_norm: float | str | None = None,
+    clip_value: float | str | None = None,
+    compile: bool | None = None,
+    channels_last: bool | None = None,
 ) -> Callable[..., dict[str, Any]]:
     """A train step for ``(x, y)`` batches that uses ``model``, ``optimizer`` and ``loss_fn`` from setup.
 
-    Returns ``{"loss", "y_pred", "y"}`` (detached), so train metrics can be attached too.
+    Returns ``{"loss", "y_pred", "y"}`` (detached), so train metrics can be attached too. The step
+    options after ``metrics`` are :func:`engineflow.train_step`'s. In a fit (or given a ``backprop``,
+    e.g. ``ef.backprop(accumulate=4)``) the step ends with ``backprop(loss, optimizer)``, which honours
+    them; called without one it runs ``backward`` then ``update``. A ``backward`` or ``update`` of your
+    own is always called as it is.
 
     Example:
         >>> import torch, engineflow as ef
@@ -99,16 +109,27 @@ def supervised_train_step(
         ['loss', 'y', 'y_pred']
     """
     prepare_, forward_, loss_, backward_, update_ = prepare, forward, loss, backward, update
+    own_pieces = backward is not _default_backward or update is not _default_update
 
-    def train(batch: Any, model: Any, optimizer: Any, loss_fn: Any, device: Any = None) -> dict[str, Any]:
+    def train(batch: Any, model: Any, optimizer: Any, loss_fn: Any, device: Any = None,
+              backprop: Any = None) -> dict[str, Any]:
         x, y = prepare_(batch, device)
+        if backprop is not None and backprop.options.channels_last and isinstance(x, torch.Tensor) and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         y_pred = forward_(model, x)
         value = loss_(loss_fn, y_pred, y)
-        backward_(value)
-        update_(optimizer)
+        if backprop is None or own_pieces:
+            backward_(value)
+            update_(optimizer)
+        else:
+            backprop(value, optimizer)
         return {"loss": value.detach(), "y_pred": y_pred.detach(), "y": y}
 
-    return train_step(train, metrics=metrics)
+    return train_step(train, metrics=metrics, precision=precision, accumulate=accumulate, clip_norm=clip_norm,
+                      clip_value=clip_value, compile=compile, channels_last=channels_last)
+
+
+_default_backward, _default_update = backward, optimizer_step
 
 
 def supervised_eval_step(

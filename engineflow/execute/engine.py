@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextvars
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any
 
 import torch
@@ -194,12 +194,15 @@ def normalize_output(out: Any, step: Callable[..., Any]) -> dict[str, Any]:
     )
 
 
-def make_engine(spec: StepSpec, provided: Mapping[str, Any]) -> StepEngine:
+def make_engine(spec: StepSpec, provided: Mapping[str, Any], *,
+                around: Callable[[StepEngine], AbstractContextManager[Any]] | None = None) -> StepEngine:
     """Wrap a step in a :class:`StepEngine` whose process function injects components by name.
 
     Args:
         spec: the step (from a step decorator).
         provided: components for the step by name (what ``setup`` returned, ``cfg``, ``device``...).
+        around: ``around(engine)``, a context manager each call of the step runs inside (a fit's
+            step options: autocast, DDP's ``no_sync``; see :mod:`engineflow.execute.backprop`).
 
     Example:
         >>> from engineflow.declare.steps import StepSpec
@@ -222,7 +225,10 @@ def make_engine(spec: StepSpec, provided: Mapping[str, Any]) -> StepEngine:
         if engine.batch_skipped:
             return None
         try:
-            if torch.is_grad_enabled() is grad:  # the usual case: no context manager per step
+            if around is not None:
+                with around(engine), torch.set_grad_enabled(grad):
+                    out = call({"batch": batch, "engine": engine, "state": engine.state})
+            elif torch.is_grad_enabled() is grad:  # the usual case: no context manager per step
                 out = call({"batch": batch, "engine": engine, "state": engine.state})
             else:
                 with torch.set_grad_enabled(grad):

@@ -31,6 +31,7 @@ from engineflow.declare.stages import Stage
 from engineflow.declare.steps import StepSpec, wraps_around
 from engineflow.declare.tools import tool_handlers
 from engineflow.errors import EngineflowError, RecipeError, StepCheckError
+from engineflow.execute.backprop import AccumulatedGradients, Backprop, compiled, to_channels_last
 from engineflow.execute.board import Board
 from engineflow.execute.dispatch import attach_in_order
 from engineflow.execute.engine import StepEngine, make_engine
@@ -48,7 +49,7 @@ from engineflow.execute.parallel import (
 from engineflow.execute.scope import StageScope
 from engineflow.execute.stopping import Stopped
 from engineflow.execute.validation import LoaderScope, eval_engine, evaluate_loader
-from engineflow.execute.wiring import eval_loaders_of, loaders_of, main_metric, resolve_steps
+from engineflow.execute.wiring import eval_loaders_of, loaders_of, main_metric, resolve_steps, step_options
 from engineflow.metrics import attach_metrics, check_metric_takes
 from engineflow.state.best import Best
 from engineflow.state.components import (
@@ -86,7 +87,9 @@ class Fit:
         scope: where :meth:`evaluate` finds a loader by name.
         partial_metrics: after a mid-epoch load on another number of processes, the train metrics
             that count only some of the epoch's steps before it.
-        parts: the stateful pieces :meth:`register` keeps in the checkpoints, by name.
+        parts: the stateful pieces :meth:`register` keeps in the checkpoints, by name (among them
+            "backprop", the fit's :class:`~engineflow.execute.backprop.Backprop`).
+        rank_parts: those registered ``per_rank``: each process saves and restores its own.
         tracker: where the fit stands in its epochs (:meth:`resume_position`).
         board: what handlers and tools show in TensorBoard by iteration (see :mod:`engineflow.execute.board`).
         stopped: who ended the fit before its epochs (early stopping, which keeps it in the fit's
@@ -125,6 +128,7 @@ class Fit:
     scope: LoaderScope = field(default_factory=LoaderScope)
     partial_metrics: list[str] = field(default_factory=list)
     parts: dict[str, Any] = field(default_factory=dict)
+    rank_parts: dict[str, Any] = field(default_factory=dict)
     tracker: EpochTracker = field(default_factory=EpochTracker, repr=False)
     board: Board = field(default_factory=Board, repr=False)
     stopped: Stopped = field(default_factory=Stopped, repr=False)
@@ -132,9 +136,13 @@ class Fit:
     # after a load: the batches of the resumed epoch to skip, and what this rank restores after them
     _resume: tuple[int, RankState | None] | None = field(default=None, repr=False)
 
-    def register(self, name: str, part: Any) -> None:
+    def register(self, name: str, part: Any, *, per_rank: bool = False) -> None:
         """Keep ``part`` (anything with ``state_dict``/``load_state_dict``, the same on every process)
         in the fit's checkpoints under ``name``.
+
+        ``per_rank``: a state that differs between processes (gradients added up under DDP's
+        ``no_sync``): each process saves its own, and gets its own back when the fit resumes inside
+        an epoch, after the batches already trained on are skipped.
 
         Example::
 
@@ -143,7 +151,7 @@ class Fit:
         if not is_stateful(part):
             raise TypeError(f"Fit.register({name!r}, ...) expects an object with state_dict() and "
                             f"load_state_dict(), got {type(part).__name__}")
-        self.parts[name] = part
+        (self.rank_parts if per_rank else self.parts)[name] = part
 
     def during_validation(self, context: Callable[[], AbstractContextManager[Any]]) -> None:
         """Run each epoch's validation inside ``context()`` (entered before the first eval loader,
@@ -259,7 +267,8 @@ class Fit:
                 metrics[name] = metric.state_dict()
             except (NotImplementedError, AttributeError):
                 metrics[name] = None
-        own = RankState(rng_state(), self.loss.state_dict(), metrics)
+        own = RankState(rng_state(), self.loss.state_dict(), metrics,
+                        {name: part.state_dict() for name, part in self.rank_parts.items()})
         # Models and optimizers are the same on every rank; what each rank drew and summed is its own.
         ranks = self.gather(own) if self.gather is not None else [own]
         return ResumeRecord(
@@ -328,6 +337,9 @@ class Fit:
                 self.train_metrics[name].load_state_dict(metric_state)
         if share.rng:  # a rank new to the epoch keeps the epoch's seeding
             set_rng_state(share.rng)
+        for name, part in self.rank_parts.items():
+            if name in share.parts:
+                part.load_state_dict(share.parts[name])
 
 
 def _length(loader: Any) -> int | None:
@@ -354,7 +366,8 @@ def _rank_share(record: ResumeRecord, rank: int, moved: bool, metrics: Mapping[s
         regrouped[name], complete = regrouped_metric_state(metric, saved[0].train_metrics.get(name), rank, world_size)
         if not complete:
             partial_metrics.append(name)
-    return RankState(saved[rank].rng if rank < len(saved) else {}, loss, regrouped), partial_metrics
+    mine = saved[rank] if rank < len(saved) else None
+    return RankState(mine.rng if mine else {}, loss, regrouped, mine.parts if mine else {}), partial_metrics
 
 
 def build_fit(
@@ -397,14 +410,28 @@ def build_fit(
     evaluator = eval_engine(eval_spec, provided) if eval_spec is not None else None
     loader_scope = loader_scope or LoaderScope()
     provided["evaluate"] = partial(evaluate_loader, evaluator, loaders, scope=loader_scope)
+    options = step_options(train_spec, stage, scope.base.get("cfg") or {}, precision=getattr(run, "precision", None))
+    if options.channels_last:  # before DDP wraps them: its buckets follow the parameters' layout
+        to_channels_last(modules_of(components).values())
     # on several processes the train step gets DDP-wrapped modules; everything else the plain ones
-    train = make_engine(train_spec, {**provided, **train_wrappers(components)} if distributed else provided)
+    wrapped = train_wrappers(components) if distributed else {}
+    synced = [m for v in wrapped.values() for m in (v.values() if isinstance(v, Mapping) else (v,))
+              if hasattr(m, "no_sync")]
+    backprop = Backprop(options, scope.base.get("device") or "cpu", step=describe(train_spec.fn), synced=synced)
+    provided["backprop"] = backprop
+    given = {**provided, **wrapped}
+    if options.compile:
+        given.update(compiled({name: given[name] for name in components}))
+    tracker = EpochTracker()
+    train = make_engine(train_spec, given, around=lambda engine: backprop.iteration(_last_batch(tracker, engine)))
     scope.progress.follow(train)
     attach_metrics(train, train_spec.metrics, prefix="train/")
     fit = Fit(train, evaluator, components, loaders, eval_loaders, best, monitor, history,
               {f"train/{name}": m for name, m in train_spec.metrics.items()}, seed, eval_spec, info,
               getattr(run, "rank", 0), getattr(run, "world_size", 1),
-              gather_objects if distributed else None, loader_scope)
+              gather_objects if distributed else None, loader_scope, tracker=tracker)
+    fit.register("backprop", backprop)
+    fit.register("gradients", AccumulatedGradients(backprop, modules_of(components)), per_rank=True)
 
     own = [*_own_handlers(fit, eval_spec), *tool_handlers(recipe.tools, fit, stage.name if stage is not None else None),
            *(s for make in extras for s in make(fit))]
@@ -421,6 +448,12 @@ def build_fit(
         counted = (info.iterations_before, info.epochs_before) if kind == "train" else (0, 0)
         attach_in_order(engine, specs, provided, before=counted)
     return fit
+
+
+def _last_batch(tracker: EpochTracker, engine: StepEngine) -> bool:
+    """Whether the batch in progress is its epoch's last (an accumulation group ends there)."""
+    length = engine.state.epoch_length
+    return length is not None and tracker.position(engine.state).batches_in_epoch >= length
 
 
 def stage_handlers(handlers: Iterable[HandlerSpec], stage: Stage) -> list[HandlerSpec]:

@@ -24,6 +24,7 @@ PROVIDED_NAMES = {
     "best": "the best epoch", "evaluate": "the function that evaluates a loader",
     "pipeline": "where a pipeline stands", "exception": "the error that ends a run",
     "iter_counter": "the iteration count of TERMINATE_SINGLE_EPOCH",
+    "backprop": "the train step's backward pass and optimizer steps under its step options",
 }
 
 

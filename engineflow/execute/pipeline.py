@@ -40,7 +40,7 @@ from engineflow.execute.parallel import current_world
 from engineflow.execute.passes import evaluation_pass, inference_pass
 from engineflow.execute.scope import StageScope
 from engineflow.execute.validation import LoaderScope
-from engineflow.execute.wiring import eval_loaders_of, main_metric
+from engineflow.execute.wiring import eval_loaders_of, main_metric, resolve_steps, step_options
 from engineflow.state.components import load_component_states
 from engineflow.state.resume import ResumeRecord, StageInfo
 from engineflow.state.rng import seed_rngs, stage_seed
@@ -154,6 +154,18 @@ class Pipeline:
             if stage.kind == "train":
                 eval_loaders = eval_loaders_of(stage.eval, loaders, self.recipe)
                 main_metric(stage.eval, eval_loaders, stage.train, self.recipe)
+        self.step_options()
+
+    def step_options(self) -> dict[str, dict[str, Any]]:
+        """Each train stage's step options as it trains with them (``run.json``'s ``step_options``), by
+        stage name ("fit" for a recipe without stages); RecipeError naming a stage whose options are wrong."""
+        cfg, run = self.provided.get("cfg") or {}, self.provided.get("run")
+        precision = getattr(run, "precision", None)
+        if not self.staged:
+            train = resolve_steps(self.recipe, self.components)[0]
+            return {"fit": step_options(train, None, cfg, precision=precision).as_dict()}
+        return {stage.name: step_options(stage.train, stage, cfg, precision=precision).as_dict()
+                for stage in self.stages if stage.kind == "train" and stage.train is not None}
 
     def prepare_all(self) -> None:
         """Run the ``prepare`` of every stage not yet prepared, in order: the components as the

@@ -9,9 +9,12 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from engineflow.declare.recipe import Recipe
+from engineflow.declare.stages import Stage
+from engineflow.declare.step_options import StepOptions
 from engineflow.declare.steps import StepSpec, step_spec
 from engineflow.declare.supervised import supervised_eval_step, supervised_train_step
 from engineflow.errors import RecipeError
+from engineflow.execute.injection import describe
 from engineflow.execute.losses import is_loss
 from engineflow.state.best import infer_mode
 
@@ -37,6 +40,16 @@ def resolve_steps(recipe: Recipe, components: Mapping[str, Any]) -> tuple[StepSp
         evaluate = step_spec(supervised_eval_step(metrics={"loss": Loss(components["loss_fn"])}))
     assert train is not None  # step_spec of a freshly decorated function
     return train, evaluate
+
+
+def step_options(train: StepSpec, stage: Stage | None, cfg: Mapping[str, Any], *,
+                 precision: str | None = None) -> StepOptions:
+    """A train stage's step options as values: the stage's over its step's, config keys read from
+    ``cfg``; ``precision`` (``--precision``) over both. RecipeError naming the step or the stage."""
+    declared = stage.options.over(train.options) if stage is not None else train.options
+    where = f"stage {stage.name!r} (train step {describe(train.fn)})" if stage is not None else \
+        f"train step {describe(train.fn)}"
+    return declared.resolve(cfg, where, precision=precision)
 
 
 def loaders_of(components: Mapping[str, Any], recipe: Recipe) -> dict[str, Iterable[Any]]:

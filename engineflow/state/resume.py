@@ -137,19 +137,24 @@ class StageInfo:
 
 @dataclass(frozen=True)
 class RankState:
-    """What one process of a fit keeps for itself: its RNG states, its loss sums and its train
-    metrics' states (None for a metric without a ``state_dict``)."""
+    """What one process of a fit keeps for itself: its RNG states, its loss sums, its train
+    metrics' states (None for a metric without a ``state_dict``) and the state of the parts the fit
+    registered ``per_rank`` (gradients added up under DDP's ``no_sync``), by name."""
 
     rng: Mapping[str, Any]
     loss: Mapping[str, Any]
     train_metrics: Mapping[str, Any] = field(default_factory=dict)
+    parts: Mapping[str, Any] = field(default_factory=dict)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": dict(self.rng), "loss": dict(self.loss), "train_metrics": dict(self.train_metrics)}
+        return {"rng": dict(self.rng), "loss": dict(self.loss), "train_metrics": dict(self.train_metrics),
+                "rank_parts": dict(self.parts)}
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> RankState:
-        return cls(_rng(state["rng"]), _loss(state["loss"]), dict(state.get("train_metrics") or {}))
+        # "rank_parts" is absent before engineflow kept per-rank parts: none
+        return cls(_rng(state["rng"]), _loss(state["loss"]), dict(state.get("train_metrics") or {}),
+                   dict(state.get("rank_parts") or {}))
 
 
 @dataclass(frozen=True)

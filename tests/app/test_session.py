@@ -168,3 +168,46 @@ def test_a_run_started_without_deterministic_is_not_resumed_with_it(cli, write_r
     assert_clean_error(cli("run", str(recipe), "--resume", "last", "--deterministic"),
                        "was started without --deterministic")
     assert runs(cli, tmp_path)[0]["status"] == "interrupted", "nothing changed"
+
+
+# Notes each epoch's dtype of the train step's forward, under the run's precision.
+PRECISION_NOTED = INTERRUPTIBLE.replace("def train(batch, model, optimizer):", '''
+def train(batch, model, optimizer, run, state):
+    (run.run_dir / f"forward-{state.epoch}.txt").write_text(str(model(batch[0]).dtype))''')
+
+
+def test_precision_is_recorded_kept_by_a_resume_and_another_one_refused(cli, write_recipe, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    recipe = write_recipe(PRECISION_NOTED)
+    monkeypatch.setenv("INTERRUPT", "1")
+    assert cli("run", str(recipe), "--precision", "bf16").exit_code == 130
+    monkeypatch.delenv("INTERRUPT")
+    (started,) = runs(cli, tmp_path)
+    shown = json.loads(cli("runs", "show", started["id"], "--json", "--runs-dir", str(tmp_path / "runs")).output)
+    assert shown["precision"] == "bf16"
+    assert shown["step_options"] == {"fit": {"precision": "bf16", "accumulate": 1, "clip_norm": None,
+                                             "clip_value": None, "compile": False, "channels_last": False}}
+    assert_clean_error(cli("run", str(recipe), "--resume", "last", "--precision", "fp16"),
+                       "trains in precision 'bf16'; a resume keeps it")
+    resumed = cli("run", str(recipe), "--resume", "last")  # without the option: the run's own precision
+    assert resumed.exit_code == 0, resumed.output
+    run_dir = Path(started["run_dir"])
+    assert [(run_dir / f"forward-{e}.txt").read_text() for e in (1, 3)] == ["torch.bfloat16"] * 2
+
+
+def test_without_precision_a_run_records_its_steps_own(cli, write_recipe, tmp_path):
+    recipe = write_recipe(BASE_RECIPE.replace("@ef.train_step\n", "@ef.train_step(precision='bf16')\n"))
+    assert cli("run", str(recipe)).exit_code == 0
+    (done,) = runs(cli, tmp_path)
+    shown = json.loads(cli("runs", "show", done["id"], "--json", "--runs-dir", str(tmp_path / "runs")).output)
+    assert shown["precision"] == "bf16" and shown["step_options"]["fit"]["precision"] == "bf16"
+
+
+def test_bad_step_options_exit_2_naming_the_step_and_nothing_is_recorded(cli, write_recipe, tmp_path):
+    recipe = write_recipe(BASE_RECIPE.replace("@ef.train_step\n", "@ef.train_step(accumulate=0)\n"))
+    assert_clean_error(cli("run", str(recipe)), "@ef.train_step of 'train': accumulate= expects a whole number")
+    assert_clean_error(cli("run", str(write_recipe(BASE_RECIPE)), "--precision", "fp8"), "fp8")
+    recipe = write_recipe(BASE_RECIPE.replace("@ef.train_step\n", "@ef.train_step(accumulate='steps')\n"))
+    assert_clean_error(cli("run", str(recipe)), "accumulate= expects the name of a config key; 'steps' is not")
+    assert not (tmp_path / "runs" / "recipe").exists() or not list((tmp_path / "runs" / "recipe").iterdir())

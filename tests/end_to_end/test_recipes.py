@@ -15,11 +15,12 @@ from tests.conftest import REPO, read_run, run_engineflow
 pytestmark = pytest.mark.slow
 
 
-def test_digits_reaches_95_percent_validation_accuracy(tmp_path):
+def test_digits_reaches_95_percent_validation_accuracy_in_bf16(tmp_path):
     proc = run_engineflow("run", str(REPO / "recipes" / "digits.py"), "--runs-dir", str(tmp_path), "--device", "cpu",
-                          cwd=tmp_path)
+                          "--precision", "bf16", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     summary = read_run(tmp_path)
+    assert summary["precision"] == "bf16" and summary["step_options"]["fit"]["precision"] == "bf16"
     assert summary["status"] == "completed" and summary["epochs"] == 20
     assert summary["best"]["metric"] == "valid/accuracy"
     assert summary["best"]["value"] >= 0.95

@@ -101,6 +101,13 @@ def test_the_previous_versions_checkpoint_reads_as_a_record_in_todays_shape():
     assert np.array_equal(np.asarray(rank.rng["numpy"][1], dtype=np.uint32),
                           load_state(PREVIOUS_VERSION)["rng"]["numpy"][1])
     assert record.requires_grad == {} and record.parts == {} and "model" in record.components
+    assert rank.parts == {}  # written before per-rank parts: none
+
+
+def test_per_rank_parts_go_through_a_checkpoint_rank_by_rank():
+    ranks = [RankState({}, {}, {}, {"gradients": {"model.weight": torch.full((2,), float(r))}}) for r in range(2)]
+    again = ResumeRecord.from_dict(ResumeRecord(ranks=ranks).to_dict())
+    assert [r.parts["gradients"]["model.weight"].tolist() for r in again.ranks] == [[0.0, 0.0], [1.0, 1.0]]
 
 
 def test_the_single_loss_layout_and_a_checkpoint_without_stage_or_ranks_read_as_today():
@@ -154,7 +161,8 @@ def test_a_registered_part_is_saved_and_loaded_and_run_after_a_load_trains_up_to
     fit.train.add_event_handler(ef.Events.ITERATION_COMPLETED, lambda _: setattr(counter, "count", counter.count + 1))
     fit.run(1)
     state = fit.state_dict()
-    assert state["parts"] == {"counter": {"count": 3}}
+    assert state["parts"]["counter"] == {"count": 3}
+    assert state["parts"]["backprop"] == {"position": 0, "stepped": True, "scaler": None}  # every fit has one
 
     again = ef.build(recipe)[0]
     restored = Counter()
