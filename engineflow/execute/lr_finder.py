@@ -201,7 +201,7 @@ class _Trace:
     raw: list[float] = field(default_factory=list)
     diverged: bool = False
     stopped: str = ""
-    _average: float = 0.0
+    running_average: float = 0.0
     _best: float = math.inf
 
     def observe(self, lr: float, loss: float) -> bool:
@@ -209,8 +209,8 @@ class _Trace:
         if not math.isfinite(loss):
             self.diverged, self.stopped = True, f"the loss was {loss} at lr {lr:.3g}"
             return True
-        self._average = BETA * self._average + (1 - BETA) * loss
-        smoothed = self._average / (1 - BETA ** (len(self.losses) + 1))
+        self.running_average = BETA * self.running_average + (1 - BETA) * loss
+        smoothed = self.running_average / (1 - BETA ** (len(self.losses) + 1))
         self.lrs.append(lr)
         self.raw.append(loss)
         self.losses.append(smoothed)
