@@ -24,7 +24,7 @@ import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from ignite.engine import Events
@@ -34,6 +34,9 @@ from engineflow.declare.handlers import HandlerSpec
 from engineflow.errors import RecipeError
 from engineflow.execute.forward_hooks import HookSet, LayerChoice, check_choice, lifetime, select_layers
 from engineflow.files import append_text
+
+if TYPE_CHECKING:
+    from engineflow.execute.fit import Fit
 
 DATA_FILE = "activations.jsonl"
 
@@ -116,7 +119,7 @@ class ActivationStats:
         """Whether the stage's ``iteration`` (counted from 1) is in a window."""
         return (iteration - 1) % self.every >= self.every - self.window
 
-    def attach(self, fit: Any) -> list[HandlerSpec]:
+    def attach(self, fit: Fit) -> list[HandlerSpec]:
         """The handlers that record ``fit``'s chosen layers (none on a rank other than 0)."""
         if fit.rank != 0:
             return []
@@ -126,7 +129,7 @@ class ActivationStats:
 class _Recording:
     """One fit's statistics: its layers' sums, their hooks, and where the read-backs go."""
 
-    def __init__(self, tool: ActivationStats, fit: Any, layers: Mapping[str, torch.nn.Module]) -> None:
+    def __init__(self, tool: ActivationStats, fit: Fit, layers: Mapping[str, torch.nn.Module]) -> None:
         self.tool, self.fit = tool, fit
         low, high = tool.range
         self.stats = {name: LayerStats(tool.bins, low, high, tool.near_zero) for name in layers}

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from ignite.engine import Events
 from torch import nn
@@ -35,6 +35,9 @@ from engineflow.declare import orders
 from engineflow.declare.handlers import HandlerSpec
 from engineflow.errors import RecipeError
 from engineflow.state.components import modules_of
+
+if TYPE_CHECKING:
+    from engineflow.execute.fit import Fit
 
 LayerChoice: TypeAlias = "str | Sequence[str] | type[nn.Module] | tuple[type[nn.Module], ...] | None"
 HookFn: TypeAlias = "Callable[[nn.Module, tuple[Any, ...], Any], Any]"
@@ -140,7 +143,7 @@ class ForwardHook:
         self.where = where
         self.hooks: list[HookSet] = []  # one set per fit it was attached to
 
-    def attach(self, fit: Any) -> list[HandlerSpec]:
+    def attach(self, fit: Fit) -> list[HandlerSpec]:
         """The handlers that hook ``fn`` on the chosen layers of ``fit`` for the length of its runs."""
         hooks = HookSet(select_layers(fit.components, self.modules, self.where), lambda name: self.fn)
         self.hooks.append(hooks)
