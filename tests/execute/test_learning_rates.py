@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -262,3 +263,20 @@ def test_each_param_groups_lr_is_in_the_history_the_index_and_tensorboard(write_
     assert [(e.step, e.value) for e in events.Scalars("iteration/train/lr")] == [
         (i, pytest.approx(0.1 * 0.5 ** (i - 1))) for i in range(1, 7)]
     assert [e.value for e in events.Scalars("iteration/train/extra_opt/lr")] == [0.5] * 6
+
+
+def test_the_readmes_schedule_example_warms_up_then_anneals(write_recipe):
+    from tests.test_readme import python_block_after
+
+    example = python_block_after("<!-- schedules -->")
+    recipe = IMPORTS + '''
+from torch import nn
+
+def make_loaders(cfg):
+    data = TensorDataset(torch.randn(40, 64, generator=torch.Generator().manual_seed(0)), torch.arange(40) % 10)
+    return {"train": DataLoader(data, batch_size=10), "valid": DataLoader(data, batch_size=20)}
+''' + example.replace("epochs=10", "epochs=3").replace("warmup=20", "warmup=4") + STEPS
+    fit, _, _ = ef.build(write_recipe(recipe))
+    fit.run(epochs=3)
+    # 12 iterations: 4 of warm-up from 0.01 to 0.1, then 8 of the cosine, which ends at 0
+    assert [row["train/lr"] for row in fit.history] == pytest.approx([0.1, 0.1 * (1 + math.cos(math.pi / 2)) / 2, 0])
