@@ -27,6 +27,7 @@ def public(record: Mapping[str, Any]) -> dict[str, Any]:
     out["backend"] = record.get("backend")
     out["exact_resume"] = record.get("exact_resume")  # None: recorded before engineflow recorded it
     out["deterministic"] = bool(record.get("deterministic"))  # absent before --deterministic: off
+    out["model"] = record.get("model")  # the parameter summary; None: recorded before engineflow kept it
     if "history" in record:
         out["history"] = record["history"]
     return out
