@@ -81,10 +81,10 @@ def grad_norm(parameters: list[torch.nn.Parameter]) -> torch.Tensor | None:
     grads = [p.grad for p in parameters if p.requires_grad and p.grad is not None]
     if not grads:
         return None
-    total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # foreach kernels where torch has it
-    if total_norm is not None:
-        return total_norm([g.detach() for g in grads])
     device = grads[0].device
+    total_norm = getattr(torch.nn.utils, "get_total_norm", None)
+    if total_norm is not None and device.type != "cpu":  # its foreach kernels: fewer launches on an accelerator
+        return total_norm([g.detach() for g in grads])
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach()).to(device) for g in grads]))
 
 

@@ -7,9 +7,9 @@ optimizer component's are ``train/<name>/lr``, ``train/<name>/lr.1`` (``train/ge
 What runs, on the train engine (orders in :mod:`engineflow.declare.orders`)::
 
     EPOCH_STARTED, ITERATION_STARTED:  Ignite parameter schedulers set their value (SCHEDULE_STARTED)
-    ITERATION_COMPLETED:               each group's lr to TensorBoard (the lr the step used), then each
-                                       every="iteration" torch schedule steps, when the optimizers stepped
-                                       (SCHEDULE_ITERATION)
+    ITERATION_COMPLETED:               each group's lr to TensorBoard (the lr the step used, when it changed),
+                                       then each every="iteration" torch schedule steps, when the optimizers
+                                       stepped (SCHEDULE_ITERATION)
     EPOCH_COMPLETED:                   train/lr... join the epoch's metrics (LEARNING_RATES: the lr the groups
                                        hold at the epoch's end); after validation and history, each
                                        every="epoch" torch schedule steps (SCHEDULE_EPOCH)
@@ -87,12 +87,11 @@ def learning_rate_handlers(fit: Fit) -> list[HandlerSpec]:
     called_ignite = [s for s in by_iteration if s.kind == "ignite"]
     by_epoch = [s for s in schedules if s.every == "epoch"]
     before = fit.stage.epochs_before
+    shown = _Shown(fit)
 
     def iteration_completed(engine: StepEngine) -> None:
         if fit.board.open:
-            iteration = engine.state.iteration
-            for name, value in learning_rates(optimizers).items():
-                fit.board.scalar(name, value, iteration)
+            shown.iteration(learning_rates(optimizers), engine.state.iteration)
         if not optimizers_stepped(fit):
             return
         for schedule in stepped_torch:
@@ -114,6 +113,7 @@ def learning_rate_handlers(fit: Fit) -> list[HandlerSpec]:
 
     def epoch_lr(engine: StepEngine) -> None:
         engine.state.metrics.update(learning_rates(optimizers))
+        shown.epoch_completed()
 
     def epoch_completed(engine: StepEngine) -> None:
         for schedule in by_epoch:
@@ -136,6 +136,33 @@ def learning_rate_handlers(fit: Fit) -> list[HandlerSpec]:
         specs.append(HandlerSpec(epoch_completed, Events.EPOCH_COMPLETED, "train", orders.SCHEDULE_EPOCH, -1,
                                  raw=True))
     return specs
+
+
+class _Shown:
+    """Learning rates to the fit's board, each written when it changes (with the iteration before, so that a
+    change draws as a step, not a slope) and at the epoch's end: the same lines as a point per
+    iteration, without a TensorBoard event per iteration for a learning rate that holds."""
+
+    def __init__(self, fit: Fit) -> None:
+        self.fit = fit
+        self.last: dict[str, tuple[int, float, bool]] = {}  # name: (iteration, value, written)
+
+    def iteration(self, rates: Mapping[str, float], iteration: int) -> None:
+        for name, value in rates.items():
+            last = self.last.get(name)
+            if last is not None and last[1] == value:
+                self.last[name] = (iteration, value, False)
+                continue
+            if last is not None and not last[2]:
+                self.fit.board.scalar(name, last[1], last[0])
+            self.fit.board.scalar(name, value, iteration)
+            self.last[name] = (iteration, value, True)
+
+    def epoch_completed(self) -> None:
+        for name, (iteration, value, written) in self.last.items():
+            if not written and self.fit.board.open:
+                self.fit.board.scalar(name, value, iteration)
+                self.last[name] = (iteration, value, True)
 
 
 def _check_plateau(schedule: Schedule, fit: Fit) -> None:

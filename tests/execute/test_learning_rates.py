@@ -239,30 +239,38 @@ def assert_equal(a, b) -> None:
 
 GROUPS = HEAD.replace("optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr)", """optimizer = torch.optim.SGD(
         [{"params": [model.weight]}, {"params": [model.bias], "lr": 0.01}], lr=cfg.lr)
-    extra = torch.nn.Linear(4, 2)""").replace("SCHEDULE", """extra=extra,
-                extra_opt=torch.optim.Adam(extra.parameters(), lr=0.5),
-                scheduler=ef.schedule(lr_scheduler.StepLR(optimizer, 1, 0.5), every="iteration"),""") + STEPS
+    extra = torch.nn.Linear(4, 2)
+    extra_opt = torch.optim.Adam(extra.parameters(), lr=0.5)""").replace("SCHEDULE", """extra=extra,
+                extra_opt=extra_opt, extra_schedule=ef.schedule(lr_scheduler.StepLR(extra_opt, 1, 0.5), every="epoch"),
+                scheduler=ef.schedule(lr_scheduler.StepLR(optimizer, 1, 0.5), every="iteration"),""") + STEPS + """
+@ef.on(ef.Events.ITERATION_COMPLETED)
+def step_extra(extra_opt):
+    extra_opt.step()  # it has no gradients: its parameters stay, but torch sees it step before its scheduler
+"""
 
 
 def test_each_param_groups_lr_is_in_the_history_the_index_and_tensorboard(write_recipe, tmp_path):
     result = ef.run(write_recipe(GROUPS), runs_dir=tmp_path / "runs", device="cpu", progress=False)
     names = ["train/lr", "train/lr.1", "train/extra_opt/lr"]
-    expected = [{"train/lr": 0.1 * 0.5 ** (3 * e), "train/lr.1": 0.01 * 0.5 ** (3 * e), "train/extra_opt/lr": 0.5}
-                for e in (1, 2)]
+    expected = [{"train/lr": 0.1 * 0.5 ** (3 * e), "train/lr.1": 0.01 * 0.5 ** (3 * e),
+                 "train/extra_opt/lr": 0.5 ** e} for e in (1, 2)]
     # halving is exact in binary floating point
     assert [{k: row[k] for k in names} for row in result.history] == expected
     record = read_run(tmp_path / "runs")  # metrics.jsonl and run.json
     assert [{k: row[k] for k in names} for row in record["history"]] == expected
     assert record["metrics"]["train/lr.1"] == pytest.approx(0.01 * 0.5 ** 6)
     with RunStore.open(tmp_path / "runs") as store:
-        assert store.get_run(result.run_id)["metrics"]["train/extra_opt/lr"] == 0.5
+        assert store.get_run(result.run_id)["metrics"]["train/extra_opt/lr"] == 0.25
     events = read_tensorboard(result.run_dir / "tb")
     assert [(e.step, e.value) for e in events.Scalars("train/lr.1")] == [
         (1, pytest.approx(0.01 * 0.5 ** 3)), (2, pytest.approx(0.01 * 0.5 ** 6))]
     # by iteration: the lr each step used (the scheduler steps after it)
     assert [(e.step, e.value) for e in events.Scalars("iteration/train/lr")] == [
         (i, pytest.approx(0.1 * 0.5 ** (i - 1))) for i in range(1, 7)]
-    assert [e.value for e in events.Scalars("iteration/train/extra_opt/lr")] == [0.5] * 6
+    # a learning rate that holds is written where it changes (and the iteration before) and at each epoch's end:
+    # the same line as a point each iteration
+    assert [(e.step, e.value) for e in events.Scalars("iteration/train/extra_opt/lr")] == [
+        (1, 0.5), (3, 0.5), (4, 0.25), (6, 0.25)]
 
 
 def test_the_readmes_schedule_example_warms_up_then_anneals(write_recipe):
