@@ -288,3 +288,25 @@ def make_loaders(cfg):
     fit.run(epochs=3)
     # 12 iterations: 4 of warm-up from 0.01 to 0.1, then 8 of the cosine, which ends at 0
     assert [row["train/lr"] for row in fit.history] == pytest.approx([0.1, 0.1 * (1 + math.cos(math.pi / 2)) / 2, 0])
+
+
+STAGED = RECIPE.replace("config = ef.config(epochs=2,", "config = ef.config(").replace(
+    "SCHEDULE", 'scheduler=ef.schedule(lr_scheduler.StepLR(optimizer, 1, 0.5), every="epoch"),') + '''
+def new_optimizer(model):
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    return {"optimizer": optimizer,
+            "scheduler": ef.schedule(lr_scheduler.StepLR(optimizer, 1, 0.1), every="epoch", warmup=1)}
+
+stages = [ef.stage("first", train=train, eval=evaluate, epochs=2),
+          ef.stage("second", train=train, eval=evaluate, epochs=3, prepare=new_optimizer)]
+'''
+
+
+def test_a_stages_prepare_returns_a_new_schedule_for_its_new_optimizer(write_recipe):
+    pipeline, _, _ = ef.build(write_recipe(STAGED))
+    first_optimizer = pipeline.fit.components["optimizer"]
+    pipeline.run()
+    history = pipeline.history()
+    assert [row.get("first/train/lr") for row in history[:2]] == [0.1, 0.05]
+    assert [row["second/train/lr"] for row in history[2:]] == pytest.approx([0.1, 1.0, 0.1])  # warm-up, then 0.1x
+    assert first_optimizer.param_groups[0]["lr"] == 0.025  # the first stage's schedule stopped with its stage
