@@ -47,6 +47,8 @@ _EXPORTS = {
     "every_n_epochs": "engineflow.declare.handlers",
     "every_n_iterations": "engineflow.declare.handlers",
     "stage": "engineflow.declare.stages",
+    "schedule": "engineflow.declare.schedules",
+    "Schedule": "engineflow.declare.schedules",
     "Stage": "engineflow.declare.stages",
     "Pipeline": "engineflow.execute.pipeline",
     "Progress": "engineflow.execute.stage",
@@ -124,6 +126,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the same names as _EXPORTS
     from engineflow.declare.control import EndEpoch, SkipBatch, StopFit
     from engineflow.declare.handlers import every_n_epochs, every_n_iterations, on
     from engineflow.declare.recipe import load_recipe
+    from engineflow.declare.schedules import Schedule, schedule
     from engineflow.declare.stages import Stage, stage
     from engineflow.declare.step_options import StepOptions
     from engineflow.declare.steps import StepSpec, eval_step, infer_step, train_step

@@ -102,6 +102,35 @@ def format_metrics(metrics: Mapping[str, Any]) -> str:
                      if isinstance(v, numbers.Real) and not isinstance(v, bool) and k != "epoch")
 
 
+def format_model(summary: Mapping[str, Any]) -> list[str]:
+    """The start-of-run lines of a model summary (:func:`engineflow.execute.inspection.model_summary`):
+    one per module component, with its top-level children that have parameters, and the total when
+    there are several.
+
+    Example:
+        >>> child = {"name": "0", "type": "Linear", "parameters": 40, "trainable": 0}
+        >>> relu = {"name": "1", "type": "ReLU", "parameters": 0, "trainable": 0}
+        >>> model = {"name": "model", "type": "Sequential", "parameters": 1058, "trainable": 1018,
+        ...          "children": [child, relu, {**child, "name": "2", "parameters": 1018, "trainable": 1018}]}
+        >>> format_model({"parameters": 1058, "trainable": 1018, "modules": [model]})
+        ['model: Sequential, 1,058 parameters (1,018 trainable): 0 Linear 40 (0 trainable), 2 Linear 1,018']
+    """
+
+    def count(entry: Mapping[str, Any]) -> str:
+        trainable = "" if entry["trainable"] == entry["parameters"] else f" ({entry['trainable']:,} trainable)"
+        return f"{entry['parameters']:,}{trainable}"
+
+    lines = []
+    for module in summary["modules"]:
+        parts = [f"{c['name']} {c['type']} {count(c)}" for c in module["children"] if c["parameters"]]
+        trainable = f" ({module['trainable']:,} trainable)"
+        lines.append(f"{module['name']}: {module['type']}, {module['parameters']:,} parameters{trainable}"
+                     + (f": {', '.join(parts)}" if parts else ""))
+    if len(summary["modules"]) > 1:
+        lines.append(f"parameters: {summary['parameters']:,} ({summary['trainable']:,} trainable) in all")
+    return lines
+
+
 class Reporter:
     """Prints the progress of a fit to ``stream`` and appends every line to ``log_path``.
 

@@ -36,7 +36,7 @@ class RunResult:
         >>> isinstance(result, ef.RunResult), result.experiment, result.error
         (True, 'sine', None)
         >>> [epoch["epoch"] for epoch in result.history], sorted(result.metrics)
-        ([1, 2], ['epoch', 'train/loss', 'valid/mae', 'valid/mse'])
+        ([1, 2], ['epoch', 'train/loss', 'train/lr', 'valid/mae', 'valid/mse'])
         >>> record = json.loads((result.run_dir / "run.json").read_text())
         >>> record["id"] == result.run_id, record["status"], record["best"] == result.best
         (True, 'completed', True)

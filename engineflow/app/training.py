@@ -20,7 +20,7 @@ from typing import IO, Any
 
 from engineflow.app.interrupts import Interrupts
 from engineflow.app.launch import note_run
-from engineflow.app.report import Reporter, format_duration, format_metrics, format_value, plural
+from engineflow.app.report import Reporter, format_duration, format_metrics, format_model, format_value, plural
 from engineflow.app.run_result import RunResult
 from engineflow.app.session import Session, exact_resume, find_resumable, new_session, resume_session
 from engineflow.declare.handlers import HandlerSpec
@@ -28,6 +28,7 @@ from engineflow.declare.recipe import Recipe, load_recipe
 from engineflow.errors import RecipeError, TimeLimitReached
 from engineflow.execute.build import build_pipeline, resolve_config
 from engineflow.execute.fit import Fit
+from engineflow.execute.inspection import model_summary
 from engineflow.execute.notes import add_note
 from engineflow.execute.parallel import ONE_PROCESS, World, max_over_ranks, share_json
 from engineflow.execute.pipeline import Pipeline
@@ -280,6 +281,11 @@ def _train(loaded: Recipe, start: Session, *, stream: IO[str] | None, progress: 
         reporter.line(f"{verb} {context.run_id} ({loaded.name}) on {where}, seed {context.seed}, "
                       f"{plural(start.epochs, 'epoch')}{stages}" + (" [check]" if context.check else "")
                       + (f", {limit.describe()}" if limit.budget is not None else ""))
+        model = model_summary(pipeline.components)  # as the run starts or resumes (a stage may have frozen some)
+        for line in format_model(model):
+            reporter.line(line)
+        if leader:
+            recorder.update(model=model)
         result = RunResult(context.run_id, loaded.name, "running", context.run_dir, start.cfg.to_dict(),
                            context.seed, str(context.device))
         started = time.monotonic()

@@ -29,6 +29,7 @@ def public(record: Mapping[str, Any]) -> dict[str, Any]:
     out["deterministic"] = bool(record.get("deterministic"))  # absent before --deterministic: off
     out["precision"] = record.get("precision")  # None: stages of several precisions, or recorded before
     out["step_options"] = record.get("step_options") or {}
+    out["model"] = record.get("model")  # the parameter summary; None: recorded before engineflow kept it
     if "history" in record:
         out["history"] = record["history"]
     return out

@@ -67,7 +67,7 @@ def build(
         ['valid/mae', 'valid/mse']
         >>> state = fit.run(epochs=2)            # the train engine, with validation each epoch
         >>> state.epoch, sorted(state.metrics)   # plain Ignite underneath
-        (2, ['train/loss', 'valid/mae', 'valid/mse'])
+        (2, ['train/loss', 'train/lr', 'valid/mae', 'valid/mse'])
     """
     pipeline, cfg, context = build_pipeline(recipe, overrides, device=device, seed=seed, check=check, extras=extras,
                                             context=context)

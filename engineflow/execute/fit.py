@@ -36,6 +36,8 @@ from engineflow.execute.board import Board
 from engineflow.execute.dispatch import attach_in_order
 from engineflow.execute.engine import StepEngine, make_engine
 from engineflow.execute.injection import describe
+from engineflow.execute.inspection import grad_norm_handlers
+from engineflow.execute.learning_rates import learning_rate_handlers
 from engineflow.execute.losses import LossMonitor
 from engineflow.execute.parallel import (
     gather_objects,
@@ -104,7 +106,7 @@ class Fit:
         (True, ('valid',))
         >>> _ = fit.run(epochs=2)
         >>> len(fit.history), sorted(fit.history[-1])
-        (2, ['epoch', 'train/loss', 'valid/mae', 'valid/mse'])
+        (2, ['epoch', 'train/loss', 'train/lr', 'valid/mae', 'valid/mse'])
         >>> fit.best.metric, fit.best.mode, fit.best.epoch in (1, 2)
         ('valid/mse', 'min', True)
     """
@@ -496,6 +498,8 @@ def _own_handlers(fit: Fit, eval_spec: StepSpec | None) -> list[HandlerSpec]:
         spec(fit.loss.iteration_completed, Events.ITERATION_COMPLETED, orders.LOSS_CHECK),
         spec(fit.loss.epoch_completed, Events.EPOCH_COMPLETED, orders.TRAIN_LOSS),
         spec(record, Events.EPOCH_COMPLETED, orders.HISTORY),
+        *learning_rate_handlers(fit),
+        *grad_norm_handlers(fit),
     ]
     if eval_spec is not None and eval_spec.every > 0 and fit.eval_loaders:
         own.append(spec(validate, Events.EPOCH_COMPLETED(every=eval_spec.every), orders.VALIDATION))

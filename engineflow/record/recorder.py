@@ -332,7 +332,7 @@ class RunRecorder:
         except Exception as err:
             problem = _finishing_error(err, "writing the weights files")
         try:
-            self.tb.close(self.record["config"], final or {})
+            self.tb.close(self.record["config"], final or {}, best)
         except Exception as err:
             problem = problem or _finishing_error(err, "closing TensorBoard's files")
         if problem is not None and status == "completed":

@@ -3,7 +3,7 @@
 Scalars: the train loss every 50 iterations (tag ``iteration/train/loss``, step = the
 iteration; the recorder's handler fires only then), every per-epoch metric under its own name
 (``valid/accuracy``, step = the epoch), and at the end the config as hparams with the final
-metrics (in ``hparams/``).
+metrics and the best epoch's main metric (``hparam/best/valid/accuracy``, in ``hparams/``).
 
 The events are written by the calling thread, with tensorboardX's summaries and record writer,
 not by its ``SummaryWriter``: that one writes from a thread of its own, where a failed write (a
@@ -77,10 +77,13 @@ class TensorBoardLog:
             self.events.flush()
             self._flushed_at = time.monotonic()
 
-    def close(self, config: Mapping[str, Any], final: Mapping[str, Any]) -> None:
-        """Write the hparams summary and close the files (closed even when a write fails)."""
+    def close(self, config: Mapping[str, Any], final: Mapping[str, Any], best: Mapping[str, Any] | None = None) -> None:
+        """Write the hparams summary (the config; the final metrics, and the best epoch's main metric as
+        ``hparam/best/<metric>``) and close the files (closed even when a write fails)."""
         try:
             metrics = {f"hparam/{k}": v for k, v in final.items() if k != "epoch" and _is_number(v)}
+            if best and best.get("metric") and _is_number(best.get("value")):
+                metrics[f"hparam/best/{best['metric']}"] = best["value"]
             if metrics:
                 from tensorboardX.summary import hparams
 

@@ -75,7 +75,7 @@ def look(metrics, history):
     loaded = ef.load_recipe(write_recipe(recipe))
     fit, _, _ = ef.build(loaded)
     fit.run(1)
-    assert loaded.module.seen == [(["train/loss", "valid/accuracy"], 1)]
+    assert loaded.module.seen == [(["train/loss", "train/lr", "valid/accuracy"], 1)]
 
 
 def test_eval_every_n_epochs(write_recipe):

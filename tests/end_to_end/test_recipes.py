@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,9 @@ def test_digits_reaches_95_percent_validation_accuracy_in_bf16(tmp_path):
     assert "best epoch" in proc.stdout
     # not a terminal: plain lines, no progress-bar control characters
     assert "\r" not in proc.stdout and "epoch 20/20" in proc.stdout
+    # the model summary the README shows ("Seeing the model") is digits'
+    section = (REPO / "README.md").read_text().split("### Seeing the model", 1)[1]
+    assert re.search(r"```\n\s*(model: .*)\n", section).group(1) == proc.stdout.splitlines()[1]
 
 
 def test_sine_regression_fits_with_the_default_step(tmp_path):

@@ -182,7 +182,9 @@ def test_every_stage_runs_in_order_and_is_recorded_under_its_name(unbroken):
         ("finetune", "train", "completed", 2), ("test", "test", "completed", 0), ("predict", "infer", "completed", 0)]
     finetune = shown["stages"][2]
     assert finetune["best"]["metric"] == "finetune/valid/accuracy" and finetune["best"]["epoch"] in (1, 2)
-    assert set(finetune["metrics"]) == {"finetune/train/loss", "finetune/valid/accuracy"}
+    # finetune's optimizer has two param groups
+    assert set(finetune["metrics"]) == {"finetune/train/loss", "finetune/train/lr", "finetune/train/lr.1",
+                                        "finetune/valid/accuracy"}
     assert set(shown["stages"][3]["metrics"]) == {"test/test/accuracy"}
     # the run's own best is the last train stage's, at the pipeline's epoch (4 epochs came before)
     assert shown["best"]["metric"] == "finetune/valid/accuracy"
@@ -190,11 +192,11 @@ def test_every_stage_runs_in_order_and_is_recorded_under_its_name(unbroken):
     assert shown["best"]["value"] == finetune["best"]["value"]
     # metrics.jsonl, the index and the history count epochs across stages, names carry the stage
     assert [row["epoch"] for row in shown["history"]] == [1, 2, 3, 4, 5, 6]
-    assert set(shown["history"][0]) == {"epoch", "warmup/train/loss", "warmup/labelled/accuracy",
+    assert set(shown["history"][0]) == {"epoch", "warmup/train/loss", "warmup/train/lr", "warmup/labelled/accuracy",
                                         "warmup/valid/accuracy"}
     # the test pass's metrics count at the pipeline's last epoch (as in TensorBoard and MLflow)
-    assert set(shown["history"][5]) == {"epoch", "finetune/train/loss", "finetune/valid/accuracy",
-                                        "test/test/accuracy"}
+    assert set(shown["history"][5]) == {"epoch", "finetune/train/loss", "finetune/train/lr", "finetune/train/lr.1",
+                                        "finetune/valid/accuracy", "test/test/accuracy"}
     assert record["history"] == shown["history"]
     lines = [json.loads(line) for line in (Path(shown["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert [(e["epoch"], e["value"]) for e in lines if e["name"] == "test/test/accuracy"] == [
