@@ -65,41 +65,28 @@ def test_the_average_is_the_hand_computed_one_over_three_iterations(write_recipe
     assert not torch.equal(state["weights"]["weight"], fit.components["model"].weight)
 
 
-# A stand-in for the step options' backprop (issue 20, item 1), which registers itself as the part
-# "backprop" with `stepped`: here the optimizer steps every iteration, but the part says it stepped
-# on the second alone, as an accumulation over 2 batches would.
-BACKPROP = '''
-from engineflow.declare.handlers import HandlerSpec
+# Gradients accumulated over 2 batches: of an epoch's 3 batches, the 2nd steps (a full group) and the 3rd
+# (the epoch's last, a short group); the 1st does not.
+ACCUMULATED = '''
+@ef.train_step(accumulate=2)
+def train(batch, model, optimizer, backprop):
+    x, y = batch
+    loss = F.cross_entropy(model(x), y)
+    backprop(loss, optimizer)
+    return {"loss": loss}
 
-class Backprop:
-    __engineflow_tool__ = True
-    name, stage, stepped = "backprop", None, True
-
-    def attach(self, fit):
-        fit.register(self.name, self)
-        def note(engine):
-            self.stepped = engine.state.iteration == 2
-        return [HandlerSpec(note, ef.Events.ITERATION_COMPLETED, "train", -1000, seq=-1, raw=True)]
-
-    def state_dict(self):
-        return {}
-
-    def load_state_dict(self, state):
-        pass
-
-backprop = Backprop()
 average = ef.ema(0.5)
 '''
 
 
 def test_iterations_whose_optimizers_did_not_step_are_not_averaged(write_recipe):
-    recipe = ef.load_recipe(write_recipe(RECIPE + BACKPROP))
+    recipe = ef.load_recipe(write_recipe(RECIPE + ACCUMULATED))
     fit, _, _ = ef.build(recipe)
     start = own_weights(fit.components["model"])
     fit.run(epochs=1)
     average = fit.parts["ema"]
-    assert average.updates == 1
-    assert_close(average.weights, by_hand(start, recipe.module.SEEN[1:2], [0.5]))
+    assert average.updates == 2
+    assert_close(average.weights, by_hand(start, recipe.module.SEEN[1:3], [0.5, 0.5]))
 
 
 RESUMED = RECIPE.replace("seed=0)", "seed=0, stop_at=0)") + '''

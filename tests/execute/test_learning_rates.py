@@ -159,45 +159,24 @@ def test_an_ignite_parameter_scheduler_sets_the_lr_as_each_iteration_starts(writ
     assert fit.components["lrs"] == [value for _, value in ignites_own]
 
 
-# A step that steps its optimizer every other iteration, and says so as item 1's backprop part does
-# (its `stepped`); an iteration schedule moves only with the optimizer.
-EVERY_OTHER = '''
-from engineflow.declare.handlers import HandlerSpec
-
-class EveryOther:
-    """Registers the fit's "backprop" part: `stepped` says whether the optimizer stepped this iteration."""
-    __engineflow_tool__ = True
-    name, stage, stepped = "backprop", None, False
-
-    def attach(self, fit):
-        fit.register(self.name, self)
-        return []
-
-    def state_dict(self):
-        return {"stepped": self.stepped}
-
-    def load_state_dict(self, state):
-        self.stepped = state["stepped"]
-
-backprop = EveryOther()
-
-@ef.train_step
-def train(batch, model, optimizer, state):
+# Gradients accumulated over 2 batches: of each epoch's 3 batches the 2nd and the 3rd (the epoch's last)
+# step the optimizer; an iteration schedule moves only with it.
+ACCUMULATED = '''
+@ef.train_step(accumulate=2)
+def train(batch, model, optimizer, backprop):
     x, y = batch
-    F.cross_entropy(model(x), y).backward()
-    backprop.stepped = state.iteration % 2 == 0
-    if backprop.stepped:
-        optimizer.step()
-        optimizer.zero_grad()
-    return {"loss": torch.tensor(0.0)}
+    loss = F.cross_entropy(model(x), y)
+    backprop(loss, optimizer)
+    return {"loss": loss}
 '''
 
 
 def test_an_iteration_schedule_steps_only_when_the_optimizers_stepped(write_recipe):
     head = HEAD.replace("SCHEDULE", 'scheduler=ef.schedule(lr_scheduler.StepLR(optimizer, 1, 0.5), every="iteration"),')
-    fit, _, _ = ef.build(write_recipe(head + EVAL_STEP + EVERY_OTHER))
+    fit, _, _ = ef.build(write_recipe(head + EVAL_STEP + ACCUMULATED))
     fit.run(epochs=2)
-    assert fit.components["lrs"] == [0.1, 0.1, 0.05, 0.05, 0.025, 0.025]  # 6 iterations, 3 optimizer steps
+    # the lr each of the 6 iterations starts with: halved after iterations 2, 3, 5 (and 6)
+    assert fit.components["lrs"] == [0.1, 0.1, 0.05, 0.025, 0.025, 0.0125]
 
 
 @pytest.mark.parametrize("schedule", [
