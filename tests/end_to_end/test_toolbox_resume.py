@@ -31,11 +31,14 @@ def setup(cfg):
     x = torch.randn(120, 6, generator=gen)
     y = (x[:, 0] + x[:, 1] > 0).long()
     data = TensorDataset(x, y)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU(), torch.nn.Dropout(0.3), torch.nn.Linear(16, 2))
+    # BatchNorm: under DDP each process's running statistics are its own, and the EMA averages them too
+    model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.BatchNorm1d(16), torch.nn.ReLU(),
+                                torch.nn.Dropout(0.3), torch.nn.Linear(16, 2))
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9)
     cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=40)
     return dict(model=model, optimizer=optimizer, scheduler=ef.schedule(cosine, every="iteration", warmup=5),
-                loaders={"train": DataLoader(data, batch_size=8, shuffle=True), "valid": DataLoader(data, batch_size=64)})
+                loaders={"train": DataLoader(data, batch_size=8, shuffle=True),
+                         "valid": DataLoader(data, batch_size=64)})
 
 def _maybe_die(state, run):
     kill_at, stage = int(os.environ.get("KILL_AT", "0")), os.environ.get("KILL_STAGE", "fit")
