@@ -47,8 +47,9 @@ def stages_of(record: Mapping[str, Any], view: Mapping[str, Any]) -> list[dict[s
     """
     if isinstance(record.get("stages"), list) and record["stages"]:
         return list(record["stages"])
+    stopped = {"stopped": record["stopped"]} if record.get("stopped") else {}  # by early stopping
     return [{"name": "fit", "kind": "train", "status": record.get("status"), "epochs": record.get("epochs") or 0,
-             "best": view["best"], "metrics": view["metrics"]}]
+             "best": view["best"], "metrics": view["metrics"], **stopped}]
 
 
 def to_json(value: Any) -> str:

@@ -29,7 +29,6 @@ from typing import Any, Protocol
 from ignite.engine import Events
 
 from engineflow.declare import orders
-from engineflow.declare.control import StopFit
 from engineflow.declare.handlers import HandlerSpec
 from engineflow.errors import RecipeError
 from engineflow.state.best import Best, better, infer_mode
@@ -125,7 +124,9 @@ class EarlyStopping:
                 return  # no validation this epoch (eval every n epochs): nothing to count
             if self.update(metric, float(metrics[metric]), mode):
                 fit.stopped.note(self.name, engine.state.epoch, rest=self.stage is None)
-                raise StopFit(f"{self.name}: {metric} did not improve for {self.patience} epochs")
+                # as a StopFit raised by a recipe's handler: the epoch's later handlers (records, the
+                # checkpoint, the log line) still run; a raw handler's exception would skip them
+                engine.stop_fit()
 
         return [HandlerSpec(check, Events.EPOCH_COMPLETED, "train", orders.EARLY_STOPPING, seq=-1, raw=True)]
 

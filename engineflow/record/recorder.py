@@ -251,6 +251,8 @@ class RunRecorder:
                   "artifacts": artifacts, "heartbeat_at": now_iso()}
         if stage.prefix:  # a recipe without stages is one stage, which `runs show` derives from the record
             fields["stages"] = self._stages_with(stage, public_stage(fit.summary("running")))
+        elif fit.stopped.by is not None:  # early stopping ended the fit: its stage in `runs show` says so
+            fields["stopped"] = fit.stopped.as_dict()
         # the epoch's metric rows go to the index in the same transaction as its record fields
         self._save(fields, [(epoch, k, v) for k, v in values.items()])
 

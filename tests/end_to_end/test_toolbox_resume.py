@@ -84,10 +84,11 @@ stages = [ef.stage("pretrain", train=pretrain, eval=evaluate, epochs="pretrain_e
 
 def _final(runs: Path) -> tuple[dict, dict, dict]:
     """The finished run's last.pt weights and EMA, and its record as `runs show --json` gives it."""
-    (run_json,) = runs.glob("*/*/run.json")
-    record = json.loads(run_json.read_text())
+    shown = engineflow("runs", "show", "last", "--json", "--runs-dir", str(runs), cwd=runs.parent)
+    assert shown.returncode == 0, shown.stderr
+    record = json.loads(shown.stdout)
     assert record["status"] == "completed", record
-    last = torch.load(run_json.parent / "checkpoints" / "last.pt", weights_only=True)
+    last = torch.load(Path(record["run_dir"]) / "checkpoints" / "last.pt", weights_only=True)
     return last["weights"], last["ema"], record
 
 

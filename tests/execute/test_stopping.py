@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 import engineflow as ef
 from engineflow.errors import RecipeError
-from tests.conftest import BASE_RECIPE, read_run
+from tests.conftest import BASE_RECIPE, invoke_cli, read_run
 
 # The eval step's main metric, valid/score (mode max), follows SCORES by the pipeline's epoch.
 SCRIPTED = BASE_RECIPE.replace("config = ef.config(epochs=2,", "config = ef.config(epochs=10,").replace(
@@ -32,6 +34,26 @@ def test_it_stops_after_patience_epochs_without_an_improvement(write_recipe, min
     assert [row["epoch"] for row in fit.history] == list(range(1, stopped_at + 1))
     assert fit.summary("completed")["stopped"] == {"by": "early_stopping", "epoch": stopped_at, "rest": True}
     assert fit.best.epoch == 4
+
+
+def test_a_recorded_run_records_and_reports_the_epoch_it_stopped_at(write_recipe, tmp_path):
+    scores = [0.5, 0.7, 0.72, 0.74, 0.6, 0.6, 0.9, 0.9, 0.9, 0.9]
+    path = recipe(write_recipe, scores, "stop = ef.early_stopping(patience=2)\n")
+    out = tmp_path / "out.txt"
+    with open(out, "w") as stream:
+        ef.run(path, device="cpu", runs_dir=tmp_path / "runs", stream=stream)
+    record = read_run(tmp_path / "runs")
+    assert [row["epoch"] for row in record["history"]] == [1, 2, 3, 4, 5, 6]  # the stop epoch's metrics too
+    assert record["epochs"] == 6
+    shown = json.loads(cli_json("runs", "show", "last", "--json", "--runs-dir", str(tmp_path / "runs")))
+    assert shown["stages"][0]["stopped"] == {"by": "early_stopping", "epoch": 6, "rest": True}
+    assert "epoch 6/10" in out.read_text() and "completed 6 epochs" in out.read_text()
+
+
+def cli_json(*args: str) -> str:
+    done = invoke_cli(list(args))
+    assert done.exit_code == 0, done.output
+    return done.stdout
 
 
 def test_a_nan_metric_never_improves(write_recipe):
