@@ -44,7 +44,8 @@ class StepOptions:
         accumulate: add up the gradients of this many batches before each optimizer step (default 1).
         clip_norm: clip the gradients' total norm to this before each optimizer step.
         clip_value: clip each gradient element to ``[-clip_value, clip_value]`` instead.
-        compile: ``torch.compile`` the modules the train step gets.
+        compile: ``torch.compile`` the modules the train step gets: True, or a dict of ``torch.compile``'s
+            keyword arguments (``{"mode": "max-autotune"}``, ``{"backend": "eager"}``).
         channels_last: the modules (and the default step's 4-D inputs) in ``torch.channels_last``.
 
     Example:
@@ -57,7 +58,7 @@ class StepOptions:
     accumulate: int | str | None = None
     clip_norm: float | str | None = None
     clip_value: float | str | None = None
-    compile: bool | None = None
+    compile: bool | Mapping[str, Any] | None = None
     channels_last: bool | None = None
 
     @classmethod
@@ -80,10 +81,13 @@ class StepOptions:
                 _positive(value, name, where)
         if self.clip_norm is not None and self.clip_value is not None:
             raise RecipeError(f"{where}: give clip_norm= or clip_value=, not both (one clipping per step)")
-        for name in ("compile", "channels_last"):
-            value = getattr(self, name)
-            if value is not None and not isinstance(value, bool):
-                raise RecipeError(f"{where}: {name}= expects True or False, got {value!r}")
+        if self.channels_last is not None and not isinstance(self.channels_last, bool):
+            raise RecipeError(f"{where}: channels_last= expects True or False, got {self.channels_last!r}")
+        compiling = self.compile
+        if compiling is not None and not isinstance(compiling, bool) and not (
+                isinstance(compiling, Mapping) and all(isinstance(k, str) for k in compiling)):
+            raise RecipeError(f"{where}: compile= expects True, False or a dict of torch.compile's keyword "
+                              f"arguments, got {compiling!r}")
 
     def over(self, base: StepOptions) -> StepOptions:
         """These options where set, else ``base``'s (a stage's over its step's)."""
@@ -107,7 +111,7 @@ class StepOptions:
             raise RecipeError(f"{where}: precision must be one of {', '.join(map(repr, PRECISIONS))}, "
                               f"got {values['precision']!r}")
         resolved = StepOptions(chosen, 1 if values["accumulate"] is None else values["accumulate"],
-                               values["clip_norm"], values["clip_value"], bool(values["compile"]),
+                               values["clip_norm"], values["clip_value"], _compiling(values["compile"]),
                                bool(values["channels_last"]))
         _accumulate(resolved.accumulate, where)
         for name in ("clip_norm", "clip_value"):
@@ -141,3 +145,8 @@ def _accumulate(value: Any, where: str) -> None:
 def _positive(value: Any, name: str, where: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
         raise RecipeError(f"{where}: {name}= expects a number > 0 (or the name of a config key), got {value!r}")
+
+
+def _compiling(value: Any) -> bool | dict[str, Any]:
+    """``compile`` resolved: a dict of ``torch.compile``'s keyword arguments (its own copy), or a flag."""
+    return dict(value) if isinstance(value, Mapping) else bool(value)

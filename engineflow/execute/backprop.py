@@ -234,13 +234,15 @@ def to_channels_last(modules: Iterable[torch.nn.Module]) -> None:
         module.to(memory_format=torch.channels_last)
 
 
-def compiled(given: Mapping[str, Any]) -> dict[str, Any]:
-    """``compile``: each module (alone or in a dict of modules) of ``given`` through ``torch.compile``,
-    for the train step only; the components, and so the checkpoints, keep the modules themselves."""
+def compiled(given: Mapping[str, Any], options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``compile``: each module (alone or in a dict of modules) of ``given`` through ``torch.compile``
+    (with ``options``, its keyword arguments), for the train step only; the components, and so the
+    checkpoints, keep the modules themselves."""
     out: dict[str, Any] = {}
+    options = dict(options or {})
     for name, value in given.items():
         if isinstance(value, torch.nn.Module):
-            out[name] = torch.compile(value)
+            out[name] = torch.compile(value, **options)
         elif isinstance(value, Mapping) and value and all(isinstance(v, torch.nn.Module) for v in value.values()):
-            out[name] = {k: torch.compile(v) for k, v in value.items()}
+            out[name] = {k: torch.compile(v, **options) for k, v in value.items()}
     return out

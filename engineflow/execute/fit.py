@@ -423,7 +423,8 @@ def build_fit(
     provided["backprop"] = backprop
     given = {**provided, **wrapped}
     if options.compile:
-        given.update(compiled({name: given[name] for name in components}))
+        given.update(compiled({name: given[name] for name in components},
+                              options.compile if isinstance(options.compile, Mapping) else None))
     tracker = EpochTracker()
     train = make_engine(train_spec, given, around=lambda engine: backprop.iteration(_last_batch(tracker, engine)))
     scope.progress.follow(train)

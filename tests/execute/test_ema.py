@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import io
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +14,6 @@ import engineflow as ef
 from engineflow.errors import RecipeError
 from engineflow.state.checkpoint_files import load_record
 from tests.conftest import BASE_RECIPE
-from tests.recipes import IMPORTS, classifier_steps
 
 # The eval step's main metric is a loss, which any change of the weights moves (an accuracy on 10
 # samples may not).
@@ -289,52 +287,3 @@ def test_the_readme_example_loads_the_best_and_the_final_average(ema_runs, monke
                  torch.load(checkpoints / "best.pt", weights_only=True)["ema"]["model"])
     assert_equal(own_weights(namespace["final"]),
                  torch.load(checkpoints / "last.pt", weights_only=True)["ema"]["model"])
-
-
-# BatchNorm under DDP: after each step a process's running statistics are its own, until the next
-# forward broadcasts rank 0's; the average's buffers must be rank 0's for validation to resume exactly.
-TWO_PROCESSES = IMPORTS + '''
-import os, signal
-
-config = ef.config(epochs=3, lr=0.1, seed=0)
-
-def setup(cfg):
-    gen = torch.Generator().manual_seed(cfg.seed)
-    data = TensorDataset(torch.randn(16, 4, generator=gen), torch.randint(0, 2, (16,), generator=gen))
-    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2))
-    return dict(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=cfg.lr),
-                loaders={"train": DataLoader(data, batch_size=4, shuffle=True),
-                         "valid": DataLoader(data, batch_size=4)})
-
-average = ef.ema(0.8, evaluate=True)
-
-@ef.on(ef.Events.ITERATION_COMPLETED)
-def kill(state, run):
-    marker = os.environ.get("MARKER")
-    if marker and state.iteration == 5 and run.rank == 0 and not os.path.exists(marker):
-        open(marker, "w").close()
-        os.kill(os.getpid(), signal.SIGKILL)
-''' + classifier_steps().replace('metrics={"accuracy": ef.metrics.Accuracy()}',
-                                 'metrics={"loss": ef.metrics.Loss(F.cross_entropy)}')
-
-
-@pytest.mark.slow
-def test_on_two_processes_a_run_killed_mid_epoch_resumes_to_the_same_average_and_metrics(tmp_path, monkeypatch):
-    from tests.conftest import read_run, run_engineflow
-
-    recipe = tmp_path / "recipe.py"
-    recipe.write_text(TWO_PROCESSES)
-    common = [str(recipe), "--nproc", "2", "--device", "cpu", "--checkpoint-every", "2"]
-    unbroken = run_engineflow("run", *common, "--runs-dir", str(tmp_path / "a"), cwd=tmp_path)
-    assert unbroken.returncode == 0, unbroken.stderr
-    monkeypatch.setenv("MARKER", str(tmp_path / "killed"))  # the first run of "b" kills itself at iteration 5
-    killed = run_engineflow("run", *common, "--runs-dir", str(tmp_path / "b"), cwd=tmp_path)
-    assert killed.returncode != 0 and (tmp_path / "killed").exists()
-    resumed = run_engineflow("run", *common, "--runs-dir", str(tmp_path / "b"), "--resume", "last", cwd=tmp_path)
-    assert resumed.returncode == 0, resumed.stderr
-    runs = [read_run(tmp_path / side) for side in ("a", "b")]
-    assert runs[0]["history"] == runs[1]["history"] and len(runs[1]["resumes"]) == 1
-    for name in ("last.pt", "best.pt"):
-        files = [torch.load(Path(run["run_dir"]) / "checkpoints" / name, weights_only=True) for run in runs]
-        assert_equal(files[1]["weights"]["model"], files[0]["weights"]["model"])
-        assert_equal(files[1]["ema"]["model"], files[0]["ema"]["model"])
