@@ -42,3 +42,15 @@ def evaluate(batch, model):
     x, y = batch
     return {{"y_pred": model(x), "y": y}}
 '''
+
+
+def accumulating_step(k: int) -> str:
+    """A recipe's train step that adds up the gradients of ``k`` batches per optimizer step (``backprop``)."""
+    return f'''
+@ef.train_step(accumulate={k})
+def train(batch, model, optimizer, backprop):
+    x, y = batch
+    loss = F.cross_entropy(model(x), y)
+    backprop(loss, optimizer)
+    return {{"loss": loss}}
+'''

@@ -91,7 +91,7 @@ def stage(
     accumulate: int | str | None = None,
     clip_norm: float | str | None = None,
     clip_value: float | str | None = None,
-    compile: bool | None = None,
+    compile: bool | Mapping[str, Any] | None = None,
     channels_last: bool | None = None,
 ) -> Stage:
     """Declare a stage of a pipeline (put it in the recipe's top-level ``stages`` list).

@@ -133,7 +133,7 @@ def train_step(
     accumulate: int | str | None = None,
     clip_norm: float | str | None = None,
     clip_value: float | str | None = None,
-    compile: bool | None = None,
+    compile: bool | Mapping[str, Any] | None = None,
     channels_last: bool | None = None,
 ) -> Callable[[F], F]: ...
 def train_step(
@@ -144,7 +144,7 @@ def train_step(
     accumulate: int | str | None = None,
     clip_norm: float | str | None = None,
     clip_value: float | str | None = None,
-    compile: bool | None = None,
+    compile: bool | Mapping[str, Any] | None = None,
     channels_last: bool | None = None,
 ) -> Any:
     """Mark ``fn`` as the recipe's train step; returns it unchanged.

@@ -88,7 +88,7 @@ def supervised_train_step(
     accumulate: int | str | None = None,
     clip_norm: float | str | None = None,
     clip_value: float | str | None = None,
-    compile: bool | None = None,
+    compile: bool | Mapping[str, Any] | None = None,
     channels_last: bool | None = None,
 ) -> Callable[..., dict[str, Any]]:
     """A train step for ``(x, y)`` batches that uses ``model``, ``optimizer`` and ``loss_fn`` from setup.

@@ -14,6 +14,7 @@ import engineflow as ef
 from engineflow.errors import RecipeError
 from engineflow.state.checkpoint_files import load_record
 from tests.conftest import BASE_RECIPE
+from tests.recipes import accumulating_step
 
 # The eval step's main metric is a loss, which any change of the weights moves (an accuracy on 10
 # samples may not).
@@ -65,16 +66,7 @@ def test_the_average_is_the_hand_computed_one_over_three_iterations(write_recipe
 
 # Gradients accumulated over 2 batches: of an epoch's 3 batches, the 2nd steps (a full group) and the 3rd
 # (the epoch's last, a short group); the 1st does not.
-ACCUMULATED = '''
-@ef.train_step(accumulate=2)
-def train(batch, model, optimizer, backprop):
-    x, y = batch
-    loss = F.cross_entropy(model(x), y)
-    backprop(loss, optimizer)
-    return {"loss": loss}
-
-average = ef.ema(0.5)
-'''
+ACCUMULATED = accumulating_step(2) + "average = ef.ema(0.5)\n"
 
 
 def test_iterations_whose_optimizers_did_not_step_are_not_averaged(write_recipe):

@@ -13,7 +13,7 @@ import engineflow as ef
 from engineflow.errors import RecipeError
 from engineflow.record.store import RunStore
 from tests.conftest import read_run, read_tensorboard
-from tests.recipes import IMPORTS, classifier_steps
+from tests.recipes import IMPORTS, accumulating_step, classifier_steps
 
 # 10 samples, batches of 4: 3 iterations an epoch. SCHEDULE is setup()'s extra components; LR records the lr
 # each iteration starts with (after an Ignite scheduler set it, before the step) in the component lrs.
@@ -161,14 +161,7 @@ def test_an_ignite_parameter_scheduler_sets_the_lr_as_each_iteration_starts(writ
 
 # Gradients accumulated over 2 batches: of each epoch's 3 batches the 2nd and the 3rd (the epoch's last)
 # step the optimizer; an iteration schedule moves only with it.
-ACCUMULATED = '''
-@ef.train_step(accumulate=2)
-def train(batch, model, optimizer, backprop):
-    x, y = batch
-    loss = F.cross_entropy(model(x), y)
-    backprop(loss, optimizer)
-    return {"loss": loss}
-'''
+ACCUMULATED = accumulating_step(2)
 
 
 def test_an_iteration_schedule_steps_only_when_the_optimizers_stepped(write_recipe):
