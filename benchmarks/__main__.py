@@ -26,6 +26,7 @@ FAMILIES = {
     "launch": "benchmarks.launch",
     "checkpoint": "benchmarks.checkpoint",
     "gpu": "benchmarks.gpu",
+    "toolbox": "benchmarks.toolbox",
 }
 UNAVAILABLE = {
     "full_state_checkpoint": "engineflow saves model weights only (no optimizer, engine position or loader order), "

@@ -3,7 +3,11 @@
 A raw loop and engineflow's engine run the same step (bf16 autocast; no GradScaler needed for
 bf16), fed three ways: a ``DataLoader`` with ``pin_memory=True`` and ``non_blocking`` copies
 (engineflow's step copies with :func:`engineflow.declare.supervised.prepare_batch`), a ``TensorLoader``
-holding the data on the GPU, and the latter with ``torch.compile``. Each process first runs a
+holding the data on the GPU, and the latter with ``torch.compile``. A fourth pair, ``options``, has
+engineflow's own step options do it (``@ef.train_step(precision="bf16", compile=True)`` in
+``recipes/gpu_options.py``, built with ``ef.build`` and run with ``fit.run``) against the raw loop
+doing the same by hand (autocast, ``torch.compile``), both fed by a ``DataLoader`` that prefetches
+in worker processes into pinned memory. Each process first runs a
 few untimed steps (compilation, cuDNN/cuBLAS warm-up), then times the loop between two
 ``torch.cuda.synchronize()``. Skipped, with a note, when ``torch.cuda.is_available()`` is False.
 """
@@ -16,6 +20,7 @@ import sys
 from collections.abc import Iterable
 from contextlib import AbstractContextManager
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from benchmarks.harness import Case, Family, child_env, worker_argv
@@ -30,16 +35,21 @@ VARIANTS = {
     "pinned": ("pinned", False),
     "resident": ("resident", False),
     "compiled": ("resident", True),
+    # engineflow's own step options (bf16, torch.compile) against the raw loop doing the same by hand
+    "options": ("prefetch", True),
 }
+OPTIONS_RECIPE = Path(__file__).resolve().parent / "recipes" / "gpu_options.py"
 
 
 def family(quick: bool = False) -> Family:
     workload = GPU_MLP.scaled(samples=4096, epochs=1) if quick else GPU_MLP
     labels = {"pinned": "pinned DataLoader + non_blocking", "resident": "TensorLoader on the GPU",
-              "compiled": "TensorLoader on the GPU + torch.compile"}
+              "compiled": "TensorLoader on the GPU + torch.compile",
+              "options": "prefetching DataLoader + bf16 + torch.compile (engineflow: its step options)"}
     cases = [
         Case(f"{loop}_{variant}", f"{'raw loop' if loop == 'raw' else 'engineflow'}, {labels[variant]}",
-             worker_argv("gpu", loop, workload=workload.as_dict(), loader=loader, compile=compiled))
+             worker_argv("gpu", "engineflow_options" if (loop, variant) == ("engineflow", "options") else loop,
+                         workload=workload.as_dict(), loader=loader, compile=compiled))
         for variant, (loader, compiled) in VARIANTS.items()
         for loop in ("raw", "engineflow")
     ]
@@ -79,6 +89,8 @@ def measure(
     from benchmarks.workloads import make_data, make_loader, make_model, make_optimizer
 
     w = Workload(**{**workload, "hidden": tuple(workload["hidden"])})
+    if loop == "engineflow_options":
+        return _engineflow_options(w, loader, compile, device)
     torch.manual_seed(0)
     x, y, _, _ = make_data(w)
     model = make_model(w).to(device)
@@ -86,6 +98,8 @@ def measure(
     if loader == "pinned":
         train = make_loader(x, y, kind="dataloader", batch_size=w.batch_size, shuffle=True,
                             pin_memory=device.startswith("cuda"))
+    elif loader == "prefetch":
+        train = make_loader(x, y, kind="prefetch", batch_size=w.batch_size, shuffle=True)
     else:
         from engineflow.data import TensorLoader
 
@@ -136,6 +150,26 @@ def _engineflow(step: Any, train: Iterable[Any], epochs: int, device: str) -> di
     engine.run(train, max_epochs=epochs)
     _sync(device)
     return clock.stop(engine.state.iteration)
+
+
+def _engineflow_options(w: Workload, loader: str, compile: bool, device: str) -> dict[str, float]:
+    """``ef.build`` of ``recipes/gpu_options.py`` (``@ef.train_step(precision="bf16", compile=True)``, the
+    prefetching loader), warmed up as the raw loop is, then ``fit.run``."""
+    import itertools
+
+    import engineflow as ef
+
+    if (loader, compile) != VARIANTS["options"]:
+        raise ValueError(f"engineflow_options runs the recipe's own loader and options {VARIANTS['options']}, "
+                         f"not {(loader, compile)}")
+    overrides = {name: getattr(w, name) for name in ("features", "classes", "samples", "batch_size", "epochs", "lr")}
+    fit, _, _ = ef.build(OPTIONS_RECIPE, {**overrides, "hidden": list(w.hidden)}, device=device)
+    fit.train.run(list(itertools.islice(fit.loaders["train"], WARMUP_STEPS)), max_epochs=1)
+    _sync(device)
+    clock = Clock()
+    fit.run(epochs=w.epochs)  # the warm-up run is done: this one starts from epoch 0
+    _sync(device)
+    return clock.stop(fit.train.state.iteration)
 
 
 def _autocast(device: str) -> AbstractContextManager[Any]:

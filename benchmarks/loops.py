@@ -121,7 +121,7 @@ def paired(workload: Workload, *, variants: list[str], loader: str = "dataloader
     """
     model, optimizer, train = _parts(workload, loader)
     epochs = {name: _epoch_runner(name, model, optimizer, train, every, workload, loader) for name in variants}
-    return _alternate(epochs, variants, blocks)
+    return alternate(epochs, variants, blocks)
 
 
 def dispatch(*, variants: list[str], iterations: int, blocks: int = 12, every: int = 100) -> Result:
@@ -136,15 +136,20 @@ def dispatch(*, variants: list[str], iterations: int, blocks: int = 12, every: i
     for name in variants:
         engine = _engineflow_engine(None, None, int(name.partition("+")[2] or 0), every, step=_nothing)
         epochs[name] = _timed(_engine_epoch(engine, batches))
-    return _alternate(epochs, variants, blocks)
+    return alternate(epochs, variants, blocks)
 
 
 def _nothing(batch: Any) -> dict[str, Any]:
     return {}
 
 
-def _alternate(epochs: dict[str, Callable[[], Result]], variants: list[str], blocks: int) -> Result:
-    """Run ``epochs`` in rotated blocks and compare each variant with the first (see :func:`paired`)."""
+def alternate(epochs: dict[str, Callable[[], Result]], variants: list[str], blocks: int,
+              pairs: Iterable[tuple[str, str]] = ()) -> Result:
+    """Run ``epochs`` in rotated blocks and compare each variant with the first (see :func:`paired`).
+
+    ``pairs`` are more comparisons, ``(a, b)``: ``<a>_over_<b>_ratio`` and ``<a>_over_<b>_extra_us``,
+    medians over blocks of a's epoch against b's in the same block.
+    """
     import statistics
 
     clocks = {"": "cpu_seconds", "thread_": "thread_cpu_seconds", "wall_": "seconds"}
@@ -169,6 +174,10 @@ def _alternate(epochs: dict[str, Callable[[], Result]], variants: list[str], blo
             details[f"{name}_extra_us"] = extra
             details[f"{name}_extra_ms_epoch"] = extra * epoch_length / 1000
             details[f"{name}_ratio"] = statistics.median(v / b for v, b in zip(values, base, strict=True))
+    for a, b in pairs:
+        values, others = per_iteration[""][a], per_iteration[""][b]
+        details[f"{a}_over_{b}_extra_us"] = statistics.median(v - o for v, o in zip(values, others, strict=True))
+        details[f"{a}_over_{b}_ratio"] = statistics.median(v / o for v, o in zip(values, others, strict=True))
     # The same extra per epoch by the training thread's CPU time and by wall time: work a background
     # thread does is in the process's CPU time but not in the training thread's.
     for clock in ("thread_", "wall_"):

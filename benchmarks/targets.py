@@ -1,4 +1,4 @@
-"""Issue 5's targets, checked against one run's summaries.
+"""Issue 5's targets (and issue 20's activation statistics), checked against one run's summaries.
 
 A target whose configurations did not run (a family left out, Lightning not installed) is
 reported as not checked rather than met or missed.
@@ -96,6 +96,10 @@ TARGETS: list[tuple[str, Callable[[Summaries], float | None], float]] = [
     # Two processes (gloo), each rank alternating the loops by epoch: rank 0's CPU time per iteration.
     ("ddp, 2 processes (gloo), compute-bound: engineflow fit / hand-written DDP loop <= 1.05 (paired)",
      _detail("ddp", "mlp", "engineflow_ratio"), 1.05),
+    # Issue 20: activation statistics at their defaults (every leaf, read back every 50 iterations), as a
+    # share of a small CNN's step: engineflow's fit with them against the same fit without, paired.
+    ("toolbox: activation statistics (defaults) / the same fit without <= 1.03 (small CNN, paired)",
+     _detail("toolbox", "activations", "engineflow_activations_over_engineflow_ratio"), 1.03),
     ("startup: engineflow --help < 0.5 s", _plain("startup", "help"), 0.4999),
     ("startup: engineflow runs list < 0.5 s", _plain("startup", "runs_list"), 0.4999),
     ("startup: import engineflow - import ignite.engine <= 0.1 s",
@@ -117,7 +121,7 @@ def check(summaries: Summaries) -> list[dict[str, Any]]:
 
 def format_targets(results: list[dict[str, Any]]) -> str:
     """One line per target: met / MISSED / not checked, with the measured value."""
-    lines = ["### targets (issue 5)", ""]
+    lines = ["### targets (issues 5 and 20)", ""]
     for result in results:
         status = {True: "met", False: "MISSED", None: "not checked"}[result["met"]]
         value = "-" if result["value"] is None else f"{result['value']:.3f}"

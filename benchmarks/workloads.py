@@ -17,7 +17,9 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-LOADERS = ("dataloader", "tensor")
+LOADERS = ("dataloader", "tensor", "prefetch")
+# "prefetch": worker processes load the next batches into pinned memory while the device trains.
+PREFETCH_WORKERS, PREFETCH_FACTOR = 2, 4
 
 
 @dataclass(frozen=True)
@@ -105,7 +107,15 @@ def make_loader(
     x: torch.Tensor, y: torch.Tensor, *, kind: str, batch_size: int, shuffle: bool, seed: int = 0,
     pin_memory: bool = False,
 ) -> Iterable[Any]:
-    """A ``DataLoader(TensorDataset)`` (``kind="dataloader"``) or engineflow's ``TensorLoader``."""
+    """A ``DataLoader(TensorDataset)`` (``kind="dataloader"``), the same prefetching in worker processes
+    into pinned memory (``kind="prefetch"``), or engineflow's ``TensorLoader``."""
+    if kind == "prefetch":
+        import torch
+        from torch.utils.data import DataLoader, TensorDataset
+
+        return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=shuffle, num_workers=PREFETCH_WORKERS,
+                          prefetch_factor=PREFETCH_FACTOR, persistent_workers=True, pin_memory=True,
+                          generator=torch.Generator().manual_seed(seed))
     if kind == "dataloader":
         import torch
         from torch.utils.data import DataLoader, TensorDataset

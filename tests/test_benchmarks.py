@@ -52,9 +52,10 @@ def assert_positive_cases(family: dict[str, Any], names: set[str]) -> None:
 # cover each family's code paths (engineflow's loop, TensorLoader, the recipe runner, handlers and
 # dispatch, two and three ranks of a data-parallel fit, a full-state checkpoint, the command's start-up,
 # the GPU loop) is what the checks below read. `mlp` is the case of both ddp families; `forked` (the
-# launch family) says why --quick skips it.
+# launch family) says why --quick skips it. `activations` is the toolbox family's case whose options cost the
+# most to check (hooks on every leaf, a read-back, both by hand and in engineflow).
 QUICK_CASES = ("raw,engineflow,engineflow_tensor,engineflow_recipe,handlers,dispatch,full_state,help,import_engineflow,"
-               "engineflow_resident,mlp,forked")
+               "engineflow_resident,mlp,forked,activations")
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +97,16 @@ def test_quick_run_writes_results(quick_results: dict[str, Any]) -> None:
         # An all-gather sends more than a ring all-reduce; engineflow's fit sends what the hooked loop sends.
         assert ddp3["raw_ordered_mb"] > ddp3["raw_mb"] and ddp3["bucket_ordered_mb"] > ddp3["bucket_allreduce_mb"]
         assert ddp3["engineflow_mb"] > ddp3["raw_mb"] and ddp3["ignite_mb"] < ddp3["raw_ordered_mb"]
+    # The toolbox's activation statistics: by hand and engineflow's, each paired with the raw loop of its process
+    assert_positive_cases(results["families"]["toolbox"], {"activations"})
+    toolbox = results["families"]["toolbox"]["cases"]["activations"]["details_median"]
+    for key in ("raw_activations_ratio", "engineflow_ratio", "engineflow_activations_over_engineflow_ratio",
+                "engineflow_activations_over_raw_activations_ratio"):
+        assert toolbox[key] > 0, key
+    # both read back every leaf layer of the CNN (the hooks ran, in the engineflow loop too)
+    assert toolbox["raw_activations_layers"] == toolbox["engineflow_activations_layers"] == toolbox["leaf_layers"] > 0
+    target = next(t for name, t in by_name.items() if name.startswith("toolbox: activation statistics"))
+    assert target["value"] == toolbox["engineflow_activations_over_engineflow_ratio"]
     assert results["families"]["overhead"]["cases"]["raw"]["ratio"] == 1.0
     assert results["families"]["overhead"]["unit"] == "us/iteration"
     assert {t["target"] for t in results["targets"]} and all("met" in t for t in results["targets"])
@@ -110,10 +121,29 @@ def test_every_family_runs(quick_results: dict[str, Any]) -> None:
         for case in family["cases"].values():
             assert case["median"] > 0
     assert set(results["families"]) == {"overhead", "compute", "paired", "ddp", "ddp3", "end_to_end", "startup",
-                                        "launch", "checkpoint", "gpu"}
+                                        "launch", "checkpoint", "gpu", "toolbox"}
     assert {"raw", "engineflow", "engineflow_recipe", "engineflow_tensor"} <= set(
         results["families"]["overhead"]["cases"])
     assert "--quick" in results["families"]["launch"]["skipped"]["forked"]
+
+
+def test_hand_written_activation_stats_are_engineflows() -> None:
+    """The toolbox family's raw loop computes by hand what ef.hooks.activation_stats records."""
+    import torch
+
+    from benchmarks.toolbox_loops import StatsByHand
+    from engineflow.execute.activations import LayerStats
+
+    torch.manual_seed(0)
+    output = torch.cat((torch.randn(4, 300) * 3, torch.zeros(4, 20), torch.full((4, 5), 9.0)), dim=1).relu()
+    by_hand: dict[str, torch.Tensor] = {}
+    StatsByHand.record(by_hand, "layer", torch.nn.ReLU(), (), output)
+    stats = LayerStats(50, -5.0, 5.0, 1e-3)
+    stats.add(output)
+    line = stats.summary(stats.sums.tolist())
+    mean, std, near_zero, *histogram = by_hand["layer"].tolist()
+    assert (mean, std, near_zero) == pytest.approx((line["mean"], line["std"], line["near_zero"]), rel=1e-5)
+    assert [round(v) for v in histogram] == line["histogram"] and sum(histogram) == output.numel()
 
 
 def fake_family() -> Family:
