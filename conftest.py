@@ -9,6 +9,12 @@ from pathlib import Path
 import pytest
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--benchmarks", action="store_true",
+                     help="also run tests/test_benchmarks.py, which runs every benchmark family briefly (about a "
+                          "minute and a half on 2 cores; CI runs it as a step of its own)")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def signing_key_in_a_temporary_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """engineflow signs the runs it records with a per-user key in ``$XDG_DATA_HOME/engineflow/``:
