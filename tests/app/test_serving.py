@@ -278,6 +278,22 @@ def test_a_deadline_is_504_and_its_item_leaves_the_queue(served):
     assert metric(slow.url, "engineflow_serve_queue_depth") == 0
 
 
+def test_a_client_that_disconnects_leaves_the_queue_at_once(served):
+    slow = served["slow"]
+    slow.wait()
+    body = json.dumps({"inputs": [0, 0, 0, 0]}).encode()
+    with socket.create_connection(("127.0.0.1", slow.port)) as sock:
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        while metric(slow.url, "engineflow_serve_queue_depth") < 1:  # it would wait 4 s for company
+            time.sleep(0.02)
+    start = time.monotonic()
+    while metric(slow.url, "engineflow_serve_queue_depth") > 0:
+        assert time.monotonic() - start < 3, "the item of a client that left stayed queued"
+        time.sleep(0.02)
+    assert metric(slow.url, 'engineflow_serve_requests_total{path="/predict",status="499"}') == 1
+
+
 def test_a_full_queue_is_429_and_sigterm_answers_every_accepted_request(served):
     slow, expected = served["slow"], served["expected"]
     slow.wait()
