@@ -81,7 +81,7 @@ class ServedModel:
 
     Attributes:
         run_id: the run served.
-        step: the step's name, with its stage's in a recipe with stages (``stage predict: predict``).
+        step: the step's name, with its stage's in a recipe with stages (``predict of stage predict``).
         schema: one sample's shape and dtype.
         example: one sample of the run's data (zeros of a declared schema), for the warm-up batch.
         read_file: the recipe's ``load_sample(path)``, or ``engineflow eval``'s default reader.
@@ -199,7 +199,7 @@ def _served_step(recipe: Any, stage: str | None) -> tuple[StepSpec, list[str], s
                                   f"stage ({', '.join(s.name for s in stages if s.infer) or 'none'}) or add "
                                   "ef.stage(..., infer=step)")
             sources = list(chosen.loaders.values()) if chosen.loaders else defaults
-            return chosen.infer, sources, f"stage {chosen.name}: {_name(chosen.infer)}"
+            return chosen.infer, sources, f"{_name(chosen.infer)} of stage {chosen.name}"
     spec = recipe.steps.get("infer")
     if spec is None:
         raise RecipeError(f"{recipe.path}: no infer step to serve; decorate one with @ef.infer_step")

@@ -376,8 +376,9 @@ def serve(recipe: str | Path, *, run: str | None = None, stage: str | None = Non
     sock = _bound(host, port)
     url = f"http://{_url_host(host)}:{sock.getsockname()[1]}"
     if announce is not None:
-        announce(f"listening on {url}: {model.step}, input {model.schema.describe()} per sample; batches of up to "
-                 f"{max_batch_size} or {max_wait_ms:g} ms; {workers} worker{'s' if workers > 1 else ''}")
+        announce(f"listening on {url}: infer step {model.step}, input {model.schema.describe()} per sample; "
+                 f"batches of up to {max_batch_size} or {max_wait_ms:g} ms; "
+                 f"{workers} worker{'s' if workers > 1 else ''}")
     if workers > 1:
         return _serve_workers(uvicorn, sock, url, model, workers, options, locals())
     app = make_app(model, options)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -253,7 +254,10 @@ def test_health_metrics_and_the_access_log(served):
     for name in ('engineflow_serve_requests_total{path="/predict",status="422"}', "engineflow_serve_queue_depth 0.0",
                  "engineflow_serve_batch_size_bucket", 'engineflow_serve_request_seconds_bucket{le="0.001",path='):
         assert name in text
-    lines = [json.loads(line) for line in fast.log.read_text().splitlines() if line.startswith("{")]
+    log = fast.log.read_text()
+    assert f"serving run {served['run']} (the latest completed run of recipe)\nlistening on {fast.url}: infer step " \
+           "predict, input [4] (float32) per sample; batches of up to 8 or 50 ms; 1 worker\n" in log
+    lines = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
     refused = [line for line in lines if line["path"] == "/predict" and line["status"] == 422]
     assert refused and set(refused[0]) == {"time", "client", "method", "path", "status", "ms", "items", "pid"}
     assert refused[0]["method"] == "POST" and refused[0]["client"].startswith("127.0.0.1:")
@@ -328,7 +332,7 @@ def test_a_pipeline_serves_its_inference_stage_and_stage_picks_another(tmp_path)
         server = ef.serve(recipe, runs_dir=runs, stage=stage, port=0, block=False, access_log=False, device="cpu")
         try:
             server.wait_ready()
-            assert server.step == f"stage {stage or 'probabilities'}: {stage or 'probabilities'}"
+            assert server.step == f"{stage or 'probabilities'} of stage {stage or 'probabilities'}"
             status, _, answer = call(f"{server.url}/predict", {"instances": SAMPLES.tolist()})
         finally:
             server.stop()
@@ -338,6 +342,19 @@ def test_a_pipeline_serves_its_inference_stage_and_stage_picks_another(tmp_path)
     assert done.stderr.strip().splitlines()[-1].endswith(
         "stage 'fit' of pipeline.py has no infer step; serve an inference stage (logits, probabilities) or add "
         "ef.stage(..., infer=step)")
+
+
+def test_the_readme_example_of_ef_serve_runs(tmp_path, monkeypatch):
+    readme = (REPO / "README.md").read_text()
+    start = readme.index("From Python, `ef.serve(recipe, ...)`")
+    code = re.search(r"```python\n(.*?)```", readme[start:], re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"ef": ef}
+    exec(compile(code.replace('"recipes/sine.py"', repr(str(REPO / "recipes/sine.py"))), "README.md", "exec"),
+         namespace)
+    server = namespace["server"]
+    assert server.url.startswith("http://127.0.0.1:") and not server._thread.is_alive()
+    assert (tmp_path / "runs" / "sine").is_dir()
 
 
 @pytest.mark.slow
