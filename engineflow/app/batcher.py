@@ -29,6 +29,8 @@ from typing import Any
 
 import torch
 
+from engineflow.errors import RecipeError
+
 
 class QueueFullError(Exception):
     """The queue has no room for a request's items: answer 429 and let the client retry."""
@@ -179,6 +181,8 @@ class Batcher:
             if len(outputs) != len(batch):
                 raise RuntimeError(f"run_batch returned {len(outputs)} outputs for {len(batch)} samples")
             results: list[tuple[Any, BaseException | None]] = [(out, None) for out in outputs]
+        except RecipeError as err:  # the step's output cannot be split per sample: no sample's fault
+            results = [(None, err)] * len(batch)
         except Exception as err:
             results = self._one_by_one(batch) if len(batch) > 1 else [(None, _item_error(err))]
         if self._on_batch is not None:
