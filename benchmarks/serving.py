@@ -176,6 +176,20 @@ def disconnects(port: int, body: bytes, count: int) -> float:
     return time.perf_counter() - started
 
 
+def gone(server: Server, body: bytes) -> dict[str, Any]:
+    """1,000 clients that disconnect at once; what the server did with them, then whether it still answers."""
+    def count(found: dict[str, float], code: int) -> float:
+        return found.get(f'engineflow_serve_requests_total{{path="/predict",status="{code}"}}', 0.0)
+
+    before = server.metrics()
+    took = disconnects(server.port, body, 1000)
+    time.sleep(0.5)
+    after = server.metrics()
+    return {"seconds": took, "queue_depth_after": after["engineflow_serve_queue_depth"],
+            **{f"answered_{code}": count(after, code) - count(before, code) for code in (200, 429, 499)},
+            "then_status": load(server.port, body, 1, 0.2)["codes"], "rss_after_mb": server.rss_mb()}
+
+
 def train(runs: Path, hidden: int) -> str:
     import engineflow as ef
 
@@ -196,21 +210,59 @@ def measure(runs: Path, run_id: str, body: bytes, seconds: float, extra: bool) -
                 rss_before = server.rss_mb()
                 result["overload"] = load(server.port, body, 32, seconds)
                 result["overload"]["rss_before_mb"], result["overload"]["rss_after_mb"] = rss_before, server.rss_mb()
-                before = server.metrics()
-                took = disconnects(server.port, body, 1000)
-                time.sleep(0.5)
-                after = server.metrics()
-                result["disconnects"] = {
-                    "seconds": took, "queue_depth_after": after["engineflow_serve_queue_depth"],
-                    "answered_499": after.get('engineflow_serve_requests_total{path="/predict",status="499"}', 0)
-                    - before.get('engineflow_serve_requests_total{path="/predict",status="499"}', 0),
-                    "answered_200": after.get('engineflow_serve_requests_total{path="/predict",status="200"}', 0)
-                    - before.get('engineflow_serve_requests_total{path="/predict",status="200"}', 0),
-                    "then_status": load(server.port, body, 1, 0.2)["codes"], "rss_after_mb": server.rss_mb()}
+                result["disconnects"] = [gone(server, body) for _ in range(2)]  # twice: a leak would grow again
         finally:
             server.stop()
         found[name] = result
     return found
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The README's table of one run's results."""
+    json_ms = results["json_ms_per_request"]
+    rows = ["| concurrency 16, one sample a request | " + " | ".join(
+        f"{model}: {name}" for model in MODELS if model in results for name in ("batched", "unbatched")) + " |",
+            "|---|" + "---|" * sum(2 for model in MODELS if model in results)]
+    cells: dict[str, list[str]] = {key: [] for key in ROWS}
+    for model in MODELS:
+        for name in ("batched", "unbatched"):
+            if model not in results:
+                continue
+            r = results[model][name]
+            queue = r["server_ms"] - r["batch_ms"] - json_ms
+            cells["requests/s"].append(f"{r['req_s']:.0f}")
+            cells["p50 / p99 latency (ms)"].append(f"{r['p50_ms']:.1f} / {r['p99_ms']:.1f}")
+            cells["mean batch (samples)"].append(f"{r['mean_batch']:.1f}")
+            per = f"{r['batch_ms']:.2f} / {r['infer_ms_per_item']:.2f}"
+            cells["infer step: per batch / per sample (ms)"].append(per)
+            cells["in the server, arrival to answer (ms)"].append(f"{r['server_ms']:.2f}")
+            cells["of which JSON in and out, schema check (ms)"].append(f"{json_ms:.2f}")
+            cells["of which waiting for a batch to start (ms)"].append(f"{queue:.2f}")
+            outside = r["mean_ms"] - r["server_ms"]
+            cells["outside: HTTP in uvicorn and the client, loopback (ms)"].append(f"{outside:.2f}")
+            cells["start-up to /ready (s)"].append(f"{r['startup_s']:.1f}")
+    rows += [f"| {key} | " + " | ".join(values) + " |" for key, values in cells.items()]
+    first = next(model for model in MODELS if model in results)
+    batched = results[first]["batched"]
+    if "overload" in batched:
+        over, gone_1, gone_2 = batched["overload"], *batched["disconnects"]
+        rows += ["", f"{first}, batched, `--max-queue 16`, 32 clients: {over['req_s']:.0f} requests/s answered 200 "
+                 f"(p99 {over['p99_ms']:.1f} ms), status counts {over['codes']}; RSS {over['rss_before_mb']:.0f} MB "
+                 f"before, {over['rss_after_mb']:.0f} MB after. 1,000 clients that sent a request and disconnected, "
+                 "twice: " + "; ".join(
+                     f"{g['answered_499']:.0f} taken out of the queue (499), {g['answered_200']:.0f} answered before "
+                     f"the disconnect was seen, {g['answered_429']:.0f} refused (429); queue depth then "
+                     f"{g['queue_depth_after']:.0f}, the next requests {g['then_status']}, "
+                     f"RSS {g['rss_after_mb']:.0f} MB"
+                     for g in (gone_1, gone_2)) + "."]
+    return "\n".join(rows)
+
+
+MODELS = ("mlp_4096", "mlp_16")
+ROWS = ("requests/s", "p50 / p99 latency (ms)", "mean batch (samples)", "infer step: per batch / per sample (ms)",
+        "in the server, arrival to answer (ms)", "of which JSON in and out, schema check (ms)",
+        "of which waiting for a batch to start (ms)", "outside: HTTP in uvicorn and the client, loopback (ms)",
+        "start-up to /ready (s)")
 
 
 def main() -> None:
@@ -236,6 +288,7 @@ def main() -> None:
             results[model] = measure(runs, run_id, body, args.seconds, extra=model == args.models.split(",")[0])
     text = json.dumps(results, indent=2)
     print(text)
+    print(markdown(results))
     if args.output is not None:
         args.output.write_text(text)
 
