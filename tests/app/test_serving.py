@@ -67,8 +67,12 @@ def logits(x, model):
 def probabilities(x, model):
     return torch.softmax(model(x), dim=1)
 
+def total(x, model):
+    return model(x).sum().reshape(1)  # one number for the whole batch
+
 stages = [ef.stage("fit", train=train, eval=evaluate, epochs=1),
           ef.stage("logits", infer=ef.infer_step(logits), loaders={"infer": "valid"}),
+          ef.stage("total", infer=ef.infer_step(total), loaders={"infer": "valid"}),
           ef.stage("probabilities", infer=ef.infer_step(probabilities), loaders={"infer": "valid"})]
 '''
 SAMPLES = torch.randn(6, 4, generator=torch.Generator().manual_seed(7))
@@ -337,10 +341,19 @@ def test_a_pipeline_serves_its_inference_stage_and_stage_picks_another(tmp_path)
         finally:
             server.stop()
         assert status == 200 and torch.allclose(torch.tensor(answer["predictions"]), want, atol=1e-6, rtol=0)
+    server = ef.serve(recipe, runs_dir=runs, stage="total", port=0, block=False, access_log=False, device="cpu")
+    try:
+        with pytest.raises(ef.RecipeError, match="the warm-up batch failed: RecipeError: infer step total of stage "
+                                                 "total returned Tensor for a batch of 32"):
+            server.wait_ready()
+        status, _, answer = call(f"{server.url}/ready")
+        assert status == 503 and answer["error"].startswith("the warm-up batch failed")
+    finally:
+        server.stop()
     done = invoke_cli(["serve", str(recipe), "--runs-dir", str(runs), "--stage", "fit", "--port", "0"])
     assert done.exit_code == 2
     assert done.stderr.strip().splitlines()[-1].endswith(
-        "stage 'fit' of pipeline.py has no infer step; serve an inference stage (logits, probabilities) or add "
+        "stage 'fit' of pipeline.py has no infer step; serve an inference stage (logits, total, probabilities) or add "
         "ef.stage(..., infer=step)")
 
 
