@@ -30,4 +30,6 @@ def doctest_temporary_files_in_tmp_path(request: pytest.FixtureRequest, monkeypa
     """The docstring examples make their runs folders with ``tempfile.mkdtemp()``, as a user would; under
     pytest those folders go to the example's ``tmp_path``, which pytest removes in time, not to /tmp."""
     if isinstance(request.node, pytest.DoctestItem):
+        if request.node.name.startswith("engineflow.app.serving."):  # as tests/app/test_serving.py does
+            pytest.importorskip("uvicorn", reason="the serve extra is not installed (pip install 'engineflow[serve]')")
         monkeypatch.setattr(tempfile, "tempdir", str(request.getfixturevalue("tmp_path")))

@@ -85,6 +85,7 @@ _EXPORTS = {
     "load_run": "engineflow.record.load",
     "evaluate_test": "engineflow.app.testing",
     "predict_files": "engineflow.app.evaluation",
+    "serve": "engineflow.app.serving",
     "lr_find": "engineflow.execute.lr_finder",
     "ema": "engineflow.execute.ema",
     "backprop": "engineflow.execute.backprop",
@@ -120,6 +121,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the same names as _EXPORTS
     from engineflow.app.evaluation import predict_files
     from engineflow.app.run_result import RunResult
     from engineflow.app.runner import run
+    from engineflow.app.serving import serve
     from engineflow.app.testing import evaluate_test
     from engineflow.data import TensorLoader
     from engineflow.declare.configuration import Config, config

@@ -246,6 +246,61 @@ def eval_command(recipe: str, input_path: str, output_path: str, run_ref: str | 
     guarded(go, debug, "eval failed")
 
 
+@main.command("serve")
+@recipe_argument
+@run_ref_option
+@click.option("--stage", default=None, metavar="NAME",
+              help="Serve this stage's infer step (default: the infer step; with stages, the inference stage's).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True, help="Port (0: a free one).")
+@click.option("--max-batch-size", type=click.IntRange(min=1), default=32, show_default=True,
+              help="The most samples in one call of the infer step.")
+@click.option("--max-wait-ms", type=click.FloatRange(min=0), default=5.0, show_default=True,
+              help="How long the oldest queued sample waits for others to join its batch.")
+@click.option("--max-queue", type=click.IntRange(min=1), default=256, show_default=True,
+              help="The most samples waiting at once; past it, 429 with Retry-After.")
+@click.option("--timeout-ms", type=click.FloatRange(min=0, min_open=True), default=10_000.0, show_default=True,
+              help="A request's deadline when it sends no X-Timeout-Ms header; past it, 504.")
+@click.option("--max-body-bytes", type=click.IntRange(min=1), default=16 * 1024 * 1024, show_default=True,
+              help="The largest request body; past it, 413.")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes behind the one port, each with its own copy of the model.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="Where the model runs; auto picks CUDA when available.")
+@click.option("--access-log/--no-access-log", default=True, show_default=True,
+              help="One JSON line per request on stderr.")
+@runs_dir_option
+@ignore_changes_option
+@trust_code_option
+@debug_option
+def serve_command(recipe: str, run_ref: str | None, stage: str | None, host: str, port: int, max_batch_size: int,
+                  max_wait_ms: float, max_queue: int, timeout_ms: float, max_body_bytes: int, workers: int,
+                  device: str, access_log: bool, runs_dir: str, ignore_changes: bool, trust_code: bool,
+                  debug: bool) -> None:
+    """Serve a run's infer step over HTTP: POST /predict, with concurrent requests batched.
+
+    The run is the one `eval` would use (--run picks another), with its best weights. Requests
+    are gathered into batches of up to --max-batch-size samples or --max-wait-ms, whichever comes
+    first. GET /health, /ready (after a warm-up batch) and /metrics (Prometheus). SIGTERM or
+    Ctrl-C answers every accepted request, then stops. Needs: pip install 'engineflow[serve]'.
+
+    \b
+    Examples:
+      engineflow serve recipes/digits.py
+      curl -s localhost:8000/predict -H 'Content-Type: application/json' -d '{"inputs": [0, 1, ...]}'
+    """
+
+    def go() -> None:
+        from engineflow.app.serving import serve
+
+        serve(recipe, run=run_ref, stage=stage, host=host, port=port, max_batch_size=max_batch_size,
+              max_wait_ms=max_wait_ms, max_queue=max_queue, timeout_ms=timeout_ms, max_body_bytes=max_body_bytes,
+              workers=workers, device=device, runs_dir=runs_dir, ignore_changes=ignore_changes, trust_code=trust_code,
+              access_log=access_log, announce=lambda line: click.echo(line))
+
+    guarded(go, debug, "serve failed")
+
+
 @main.command("lr-find")
 @recipe_argument
 @click.option("--out", default=None, type=click.Path(dir_okay=False, path_type=str),

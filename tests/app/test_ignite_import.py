@@ -125,12 +125,15 @@ def test_importing_engineflow_changes_nothing_global() -> None:
         from engineflow import metrics
         from engineflow.app import runner
         from engineflow.execute import engine, fit  # the modules a notebook uses
+        from engineflow.app import cli, serving  # the serve stack waits for a server to be made
         after = (list(sys.meta_path), signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM),
                  list(logging.getLogger().handlers))
         import ignite.handlers.checkpoint
-        print(json.dumps({"same": before == after, "real_optim": "torch.distributed.optim" in sys.modules}))
+        print(json.dumps({"same": before == after, "real_optim": "torch.distributed.optim" in sys.modules,
+                          "serve_stack": sorted(m for m in ("starlette", "uvicorn", "prometheus_client")
+                                                if m in sys.modules)}))
     """)
-    assert out == {"same": True, "real_optim": True}
+    assert out == {"same": True, "real_optim": True, "serve_stack": []}
 
 
 def test_the_command_opts_in_and_a_torchrun_process_does_not() -> None:
