@@ -30,6 +30,7 @@ def public(record: Mapping[str, Any]) -> dict[str, Any]:
     out["precision"] = record.get("precision")  # None: stages of several precisions, or recorded before
     out["step_options"] = record.get("step_options") or {}
     out["model"] = record.get("model")  # the parameter summary; None: recorded before engineflow kept it
+    out["sweep"] = record.get("sweep")  # {study, trial, params} of a sweep's trial; None: a plain run
     if "history" in record:
         out["history"] = record["history"]
     return out
@@ -77,6 +78,23 @@ def list_table(records: Sequence[Mapping[str, Any]]) -> str:
         rows.append([r["id"], r["experiment"], r["status"], (r.get("started_at") or "")[:19].replace("T", " "),
                      r.get("epochs"), main])
     return table(rows, ["id", "experiment", "status", "started", "epochs", "best"]) if rows else "no runs yet"
+
+
+def sweep_text(study: Mapping[str, Any], importances: Mapping[str, float]) -> str:
+    """A study as ``sweep show`` prints it: a row per trial, the best trial, the parameters' importances."""
+    rows = [[t["number"], t["state"], ", ".join(f"{k}={format_value(v)}" for k, v in t["params"].items()),
+             "-" if t["value"] is None else format_value(t["value"]), t["epochs"], t["run_id"] or "-"]
+            for t in study["trials"]]
+    lines = [f"study {study['study']} ({study['direction']} {study['metric'] or 'value'}): "
+             f"{plural(len(rows), 'trial')}"]
+    if rows:
+        lines.append(table(rows, ["trial", "state", "params", "value", "epochs", "run"]))
+    best = study["best"]
+    if best is not None:
+        lines.append(f"best: trial {best['number']} (run {best['run_id']}), value {format_value(best['value'])}")
+    if importances:
+        lines.append("importance: " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()))
+    return "\n".join(lines)
 
 
 def show_text(record: Mapping[str, Any]) -> str:

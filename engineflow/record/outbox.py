@@ -38,7 +38,8 @@ __all__ = ["MLFLOW_STATUS", "Outbox", "first_entries", "mirrored", "queue_killed
 FOLDER = "mlflow"
 # engineflow's run status -> MLflow's RunStatus. A run found dead (SIGKILL, a lost machine) is
 # "interrupted" in engineflow, like a clean Ctrl-C or SIGTERM: MLflow calls both KILLED.
-MLFLOW_STATUS = {"running": "RUNNING", "completed": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
+MLFLOW_STATUS = {"running": "RUNNING", "completed": "FINISHED", "failed": "FAILED", "interrupted": "KILLED",
+                 "pruned": "KILLED"}
 _LOCK_POLL_S = 0.05
 
 
