@@ -119,6 +119,29 @@ def test_sweep_show_and_plot(swept: tuple[Path, dict], cli) -> None:
     assert (folder / "sweep.png").stat().st_size > 10_000
 
 
+def test_runs_plot_of_trials_labels_curves_by_params_on_whole_epochs_with_the_best_marked(
+        swept: tuple[Path, dict], cli) -> None:
+    from engineflow.app.views import plot_figure
+    from engineflow.record.runs import get_run
+
+    folder, done = swept
+    records = [get_run(folder / "runs", t["run_id"]) for t in done["trials"]]
+    fig = plot_figure(records)
+    ax = fig.axes[0]
+    labels = [text.get_text() for text in ax.get_legend().get_texts()]
+    assert labels == [", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                for k, v in sorted(t["params"].items())) for t in done["trials"]]
+    assert all(float(tick).is_integer() for tick in ax.get_xticks())
+    stars = [line for line in ax.get_lines() if line.get_marker() == "*"]
+    name = ax.get_title()
+    assert sorted((int(s.get_xdata()[0]), float(s.get_ydata()[0])) for s in stars) == sorted(
+        (r["best"]["epoch"], next(row[name] for row in r["history"] if row["epoch"] == r["best"]["epoch"]))
+        for r in records)
+    out = folder / "curves.png"
+    assert cli("runs", "plot", *(t["run_id"] for t in done["trials"]), "--out", str(out), "--runs-dir",
+               str(folder / "runs")).exit_code == 0 and out.is_file()
+
+
 def test_the_same_command_again_adds_nothing_to_a_finished_study(swept: tuple[Path, dict]) -> None:
     folder, done = swept
     again = ef.sweep(folder / "tiny.py", 4, runs_dir=folder / "runs", seed=3, device="cpu", stream=io.StringIO(),
