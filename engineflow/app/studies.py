@@ -67,7 +67,9 @@ def open_storage(url: str) -> Any:
     if url.startswith("journal:///"):
         from optuna.storages.journal import JournalFileBackend, JournalStorage
 
-        return JournalStorage(JournalFileBackend(url[len("journal://"):]))
+        path = Path(url[len("journal://"):])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
     if url.startswith("sqlite:"):
         return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
     if "://" not in url:
@@ -213,7 +215,8 @@ def claim(study: Any, runs_dir: Path, sampler_of: Callable[[int], Any]) -> Claim
     with _host_lock(runs_dir, study.study_name):
         for frozen in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
             attrs = frozen.user_attrs
-            if attrs.get("host") != host or _alive(attrs.get("pid")):
+            # this very process: a sweep interrupted earlier in it (ef.sweep from Python after a Ctrl-C)
+            if attrs.get("host") != host or (attrs.get("pid") != pid and _alive(attrs.get("pid"))):
                 continue
             trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, frozen.number)
             # read again now that its worker is known dead: it may have finished the trial before it ended

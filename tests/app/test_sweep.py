@@ -142,11 +142,35 @@ def test_runs_plot_of_trials_labels_curves_by_params_on_whole_epochs_with_the_be
                str(folder / "runs")).exit_code == 0 and out.is_file()
 
 
-def test_the_same_command_again_adds_nothing_to_a_finished_study(swept: tuple[Path, dict]) -> None:
+def test_the_same_command_again_adds_nothing_to_a_finished_study_and_more_trials_add_the_difference(
+        swept: tuple[Path, dict], cli) -> None:
     folder, done = swept
     again = ef.sweep(folder / "tiny.py", 4, runs_dir=folder / "runs", seed=3, device="cpu", stream=io.StringIO(),
                      resume=True)
     assert again == done
+    more = ef.sweep(folder / "tiny.py", 5, runs_dir=folder / "runs", seed=3, device="cpu", stream=io.StringIO())
+    assert more["trials"][:4] == done["trials"] and [t["number"] for t in more["trials"]] == [0, 1, 2, 3, 4]
+    missing = cli("sweep", str(folder / "tiny.py"), "--trials", "2", "--study", "nope", "--resume", "--runs-dir",
+                  str(folder / "runs"))
+    assert missing.exit_code == 2 and "no study 'nope'" in missing.stderr
+
+
+def test_the_readme_space_example_is_digits_space_and_its_conditional_space_gives_config_values() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    start = readme.index("<!-- sweep -->")
+    block = readme[start:].split("```python\n", 1)[1].split("```", 1)[0]
+    scope = {"ef": ef}
+    exec(block, scope)
+    assert scope["space"] == ef.load_recipe("recipes/digits.py").module.space
+    from engineflow.app.sweep import _checked
+
+    config = ef.config(optim={"name": "adam", "momentum": 0.9})
+    recipe = type("R", (), {"config": config, "path": "r.py"})
+    for params, expected in [({"optim.name": "sgd", "optim.momentum": 0.85}, {"optim.name": "sgd",
+                                                                              "optim.momentum": 0.85}),
+                             ({"optim.name": "adam"}, {"optim.name": "adam"})]:
+        values = scope["conditional"](optuna.trial.FixedTrial(params))
+        assert _checked(values, recipe) == expected
 
 
 def test_median_pruner_prunes_the_diverging_trials_after_fewer_epochs(tmp_path: Path, cli) -> None:
@@ -283,17 +307,33 @@ def test_three_workers_on_postgresql_run_exactly_n_trials(tmp_path: Path, postgr
     path = recipe(tmp_path, DICT_SPACE)
     workers = [subprocess.Popen([sys.executable, "-m", "engineflow", "sweep", str(path), "--trials", "7", "--study",
                                  "shared", "--storage", postgres, "--runs-dir", str(tmp_path / f"runs{i}"),
-                                 "--device", "cpu"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                 "--device", "cpu", "--pruner", "none"], stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
                for i in range(3)]
     outputs = [w.communicate(timeout=300)[0] for w in workers]
     assert [w.returncode for w in workers] == [0, 0, 0], outputs
     study = optuna.load_study(study_name="shared", storage=postgres)
-    assert len(study.trials) == 7 and all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 7, outputs
     params = [tuple(sorted(t.params.items())) for t in study.trials]
     assert len(set(params)) == 7
     found = {p.parent.name for i in range(3) for p in (tmp_path / f"runs{i}").glob("tiny/*/run.json")}
     assert {t.user_attrs["run_id"] for t in study.trials} == found
     assert sum(bool(list((tmp_path / f"runs{i}").glob("tiny/*/run.json"))) for i in range(3)) >= 2, outputs
+
+
+@pytest.mark.slow
+def test_jobs_run_trials_in_processes_of_their_own(tmp_path: Path) -> None:
+    path = recipe(tmp_path, DICT_SPACE)
+    command = subprocess.Popen([sys.executable, "-m", "engineflow", "sweep", str(path), "--trials", "4", "--jobs",
+                                "2", "--runs-dir", str(tmp_path / "runs"), "--device", "cpu"], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    output = command.communicate(timeout=300)[0]
+    assert command.returncode == 0, output
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'runs' / 'sweeps.db'}")
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
+    pids = {t.user_attrs["pid"] for t in study.trials}
+    assert command.pid not in pids and 1 <= len(pids) <= 2  # the command's worker processes took them
+    assert len(list((tmp_path / "runs").glob("tiny/*/run.json"))) == 4
 
 
 @pytest.mark.slow
