@@ -214,17 +214,40 @@ def work(spec: SweepSpec, out: IO[str]) -> None:
                                pruner=spec.pruner)
     if spec.metric is not None and study.user_attrs.get("engineflow.metric") is None:
         study.set_user_attr("engineflow.metric", spec.metric)
+    uri = _mirror_uri(loaded)
+    parent = None
+    if uri is not None:  # the recipe mirrors its runs: the trials nest under one MLflow run of the study
+        from engineflow.record.push import sweep_parent
+
+        parent = sweep_parent(uri, loaded.name, spec.study)
     started = time.monotonic()
     runs_dir = Path(spec.runs_dir)
     while spec.timeout is None or time.monotonic() - started < spec.timeout:
         claimed = studies.claim(study, runs_dir,
                                 lambda number: studies.sampler_for(spec.sampler, spec.seed, number, fixed))
         if claimed is None:
-            return
-        _trial(spec, loaded, study, claimed, space, out)
+            break
+        _trial(spec, loaded, study, claimed, space, out, parent)
+    if parent is not None and studies.counts(study)[1] == 0:
+        from engineflow.record.push import end_sweep_parent
+
+        end_sweep_parent(uri, parent)
 
 
-def _trial(spec: SweepSpec, loaded: Recipe, study: Any, claimed: Any, space: Any, out: IO[str]) -> None:
+def _mirror_uri(loaded: Recipe) -> str | None:
+    """The MLflow URI the recipe's runs mirror to (its ``mlflow`` setting), when MLflow is installed."""
+    import importlib.util
+    from types import ModuleType
+
+    from engineflow.record.mirror import RECIPE_SETTING, mirror_uri
+
+    setting = getattr(loaded.module, RECIPE_SETTING, None)
+    uri = mirror_uri(None, None if isinstance(setting, ModuleType) else setting)
+    return uri if uri is not None and importlib.util.find_spec("mlflow") is not None else None
+
+
+def _trial(spec: SweepSpec, loaded: Recipe, study: Any, claimed: Any, space: Any, out: IO[str],
+           parent: str | None) -> None:
     """Run one trial to its end and tell the study; a bad recipe (exit 2) fails the trial and stops the sweep."""
     from engineflow.app import studies
 
@@ -235,7 +258,7 @@ def _trial(spec: SweepSpec, loaded: Recipe, study: Any, claimed: Any, space: Any
         values = _checked(params, loaded)
         ended = _ended(spec, run_id)
         if ended is None:
-            ended = _run(spec, claimed, values, run_id)
+            ended = _run(spec, claimed, values, run_id, parent)
     except RecipeError:
         studies.finish(study, number, "failed", None)
         raise
@@ -292,13 +315,13 @@ def _ended(spec: SweepSpec, run_id: str | None) -> tuple[str, float | None, str,
     return state, (record.get("best") or {}).get("value"), run_id, record.get("epochs") or 0
 
 
-def _run(spec: SweepSpec, claimed: Any, values: Mapping[str, Any], run_id: str | None
+def _run(spec: SweepSpec, claimed: Any, values: Mapping[str, Any], run_id: str | None, parent: str | None
          ) -> tuple[str, float | None, str, int]:
     """Train the trial's run (resumed when ``run_id`` is set); (state, value, run id, epochs)."""
     from engineflow.app import studies
 
     tag = {"study": spec.study, "trial": claimed.number, "params": dict(values), "storage": spec.storage,
-           "pruner": spec.pruner if isinstance(spec.pruner, str) else "median"}
+           "pruner": spec.pruner if isinstance(spec.pruner, str) else "median", "mlflow_parent": parent}
     kwargs = dict(recipe=spec.recipe, overrides={**spec.overrides, **values}, check=False, device=spec.device,
                   seed=studies.trial_seed(spec.seed, claimed.number), runs_dir=spec.runs_dir, progress=False,
                   force=run_id is None, retrain=False, resume=run_id, ignore_changes=False, checkpoint_every=None,

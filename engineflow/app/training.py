@@ -272,7 +272,8 @@ def _train(loaded: Recipe, start: Session, *, stream: IO[str] | None, progress: 
                 options = pipeline.step_options()
                 recorder.record.update(precision=_run_precision(context.precision, options), step_options=options)
                 if sweep is not None:
-                    recorder.record.update(sweep={k: sweep[k] for k in ("study", "trial", "params")})
+                    recorder.record.update(sweep={k: sweep[k] for k in ("study", "trial", "params")},
+                                           mlflow_parent=sweep.get("mlflow_parent"))
             start.begin()
             if start.resumed:  # on this number of processes now (each resume's entry says on how many)
                 placed = {"world_size": world.size, "backend": world.backend,

@@ -347,3 +347,27 @@ def test_a_pruned_trial_on_two_processes_stops_both_ranks_together(tmp_path: Pat
         assert record["world_size"] == 2
         if t["state"] == "pruned":
             assert record["status"] == "pruned" and record["epochs"] < 3 and record["epochs"] == t["epochs"]
+
+
+@pytest.mark.slow
+def test_with_the_mlflow_mirror_each_trial_is_an_mlflow_run_nested_under_the_study(tmp_path: Path,
+                                                                                     monkeypatch) -> None:
+    pytest.importorskip("mlflow", reason="the mlflow extra")
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.chdir(tmp_path)  # a database store keeps the artifacts in ./mlruns
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    path = recipe(tmp_path, DICT_SPACE + f"\nmlflow = {uri!r}\n")
+    done = ef.sweep(path, 2, runs_dir=tmp_path / "runs", device="cpu", stream=io.StringIO())
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name("tiny")
+    runs = client.search_runs([experiment.experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("engineflow.sweep_parent") == "tiny"]
+    assert parent.info.status == "FINISHED"
+    children = {r.data.tags["engineflow.run_id"]: r for r in runs if r is not parent}
+    assert sorted(children) == sorted(t["run_id"] for t in done["trials"])
+    for t in done["trials"]:
+        tags = children[t["run_id"]].data.tags
+        assert tags["mlflow.parentRunId"] == parent.info.run_id and tags["engineflow.trial"] == str(t["number"])
+        assert children[t["run_id"]].info.status == "FINISHED"
