@@ -190,7 +190,7 @@ class Claimed:
 
     trial: Any
     number: int
-    params: dict[str, Any] | None  # known when continued (the trial's own); None: to be sampled
+    params: dict[str, Any] | None  # known when continued (the config values it ran with); None: to be sampled
     run_id: str | None
 
 
@@ -224,7 +224,8 @@ def claim(study: Any, runs_dir: Path, sampler_of: Callable[[int], Any]) -> Claim
                 continue
             storage.set_trial_user_attr(trial_id, "pid", pid)
             study.sampler = sampler_of(frozen.number)
-            return Claimed(optuna.trial.Trial(study, trial_id), frozen.number, dict(frozen.params) or None,
+            known = attrs.get("values", frozen.params)  # what the dead worker ran: its config values
+            return Claimed(optuna.trial.Trial(study, trial_id), frozen.number, dict(known) or None,
                            attrs.get("run_id"))
         for frozen in storage.get_all_trials(study_id, deepcopy=False, states=(TrialState.WAITING,)):
             trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, frozen.number)

@@ -256,6 +256,8 @@ def _trial(spec: SweepSpec, loaded: Recipe, study: Any, claimed: Any, space: Any
     try:
         params = claimed.params if claimed.params is not None else studies.suggest(claimed.trial, space)
         values = _checked(params, loaded)
+        claimed.trial.set_user_attr("values", values)  # a worker that takes the trial over runs these
+        claimed.trial.set_user_attr("seed", studies.trial_seed(spec.seed, number))
         ended = _ended(spec, run_id)
         if ended is None:
             ended = _run(spec, claimed, values, run_id, parent)

@@ -224,7 +224,9 @@ def test_bad_spaces_exit_2_with_one_line(tmp_path: Path, cli, space: str, extra:
 
 @pytest.mark.slow
 def test_a_killed_sweep_continues_its_trial_exactly(tmp_path: Path) -> None:
-    path = recipe(tmp_path, DICT_SPACE)
+    # a function space whose values are not all Optuna's parameters: the takeover runs the same values
+    path = recipe(tmp_path, 'def space(trial):\n    lr = trial.suggest_float("lr", 0.01, 0.5)\n'
+                            '    return {"lr": lr, "hidden": 2 if lr < 0.1 else 3}\n')
     runs = tmp_path / "runs"
     stall = tmp_path / "stalled"
     argv = [sys.executable, "-m", "engineflow", "sweep", str(path), "--trials", "3", "--runs-dir", str(runs),
@@ -250,7 +252,9 @@ def test_a_killed_sweep_continues_its_trial_exactly(tmp_path: Path) -> None:
     record = json.loads(next(runs.glob(f"*/{interrupted}/run.json")).read_text())
     assert record["status"] == "completed" and len(record["resumes"]) == 1
     # an unbroken run of the same params and seed ends with the same weights
-    unbroken = ef.run(path, running.params, seed=trial_seed(5, running.number), device="cpu",
+    values = running.user_attrs["values"]
+    assert record["sweep"]["params"] == values and set(values) == {"lr", "hidden"}
+    unbroken = ef.run(path, values, seed=trial_seed(5, running.number), device="cpu",
                       runs_dir=tmp_path / "unbroken", stream=io.StringIO())
     ours = torch.load(Path(record["run_dir"]) / "checkpoints" / "last.pt", weights_only=True)["weights"]["model"]
     theirs = torch.load(unbroken.run_dir / "checkpoints" / "last.pt", weights_only=True)["weights"]["model"]
