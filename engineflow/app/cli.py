@@ -384,9 +384,10 @@ def sweep_show(study: str | None, storage: str | None, runs_dir: str, as_json: b
     def go() -> None:
         from pathlib import Path
 
-        from engineflow.app import studies
+        from engineflow.app.sweep import optuna_studies
         from engineflow.app.views import sweep_text, to_json
 
+        studies = optuna_studies()
         studies.quiet()
         found = studies.load(_sweep_storage(storage, Path(runs_dir)), study)
         done = studies.summary(found)
@@ -408,8 +409,9 @@ def sweep_plot(study: str | None, out: str, storage: str | None, runs_dir: str, 
     def go() -> None:
         from pathlib import Path
 
-        from engineflow.app import studies
+        from engineflow.app.sweep import optuna_studies
 
+        studies = optuna_studies()
         studies.quiet()
         studies.plot(studies.load(_sweep_storage(storage, Path(runs_dir)), study), Path(out))
         click.echo(f"wrote {out}")

@@ -114,8 +114,7 @@ def sweep(recipe: str | Path, trials: int, *, study: str | None = None, storage:
     space_of(loaded, dict(space or {}))
     metric, mode = main_metric(loaded)
     folder = resolve_runs_dir(runs_dir)
-    from engineflow.app import studies
-
+    studies = optuna_studies()
     studies.quiet()
     url = studies.storage_url(storage, folder)
     name = study or loaded.name
@@ -155,6 +154,21 @@ def _stdout() -> IO[str]:
     import sys
 
     return sys.stdout
+
+
+def optuna_studies() -> Any:
+    """:mod:`engineflow.app.studies`, which needs Optuna (the sweep extra).
+
+    Raises:
+        RecipeError: Optuna is not installed (one line naming the extra).
+    """
+    try:
+        from engineflow.app import studies
+    except ModuleNotFoundError as err:
+        if err.name != "optuna":
+            raise
+        raise RecipeError("engineflow sweep needs Optuna: pip install 'engineflow[sweep]'") from None
+    return studies
 
 
 def space_of(loaded: Recipe, given: Mapping[str, str]) -> dict[str, Range] | Callable[[Any], Mapping[str, Any]]:

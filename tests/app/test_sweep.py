@@ -198,6 +198,23 @@ def test_a_failing_trial_is_failed_and_the_sweep_goes_on(tmp_path: Path) -> None
     assert by_lr == {0.1: "complete", 1e30: "failed"} and len(done["trials"]) == 4
 
 
+def test_without_optuna_a_sweep_is_one_line_naming_the_extra(tmp_path: Path, cli, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "optuna", None)  # an import of it fails as if it were not installed
+    monkeypatch.delitem(sys.modules, "engineflow.app.studies", raising=False)
+    monkeypatch.delattr(sys.modules["engineflow.app"], "studies", raising=False)
+    for argv in (["sweep", str(recipe(tmp_path, DICT_SPACE)), "--trials", "2"], ["sweep", "show"]):
+        result = cli(*argv, "--runs-dir", str(tmp_path / "runs"))
+        assert result.exit_code == 2
+        assert result.stderr.strip() == "error: engineflow sweep needs Optuna: pip install 'engineflow[sweep]'"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sweep_show_of_a_folder_without_sweeps_is_one_line(tmp_path: Path, cli) -> None:
+    result = cli("sweep", "show", "--runs-dir", str(tmp_path / "nothing"))
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1
+    assert "no sweeps in" in result.stderr and not (tmp_path / "nothing").exists()
+
+
 def test_nothing_but_a_sweep_imports_optuna() -> None:
     code = ("import sys, engineflow as ef, engineflow.app.cli, engineflow.app.training, engineflow.app.runner; "
             "ef.search.loguniform(1e-3, 1.0); print(sorted(m for m in sys.modules if m.split('.')[0] == 'optuna'))")
