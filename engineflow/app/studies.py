@@ -333,8 +333,17 @@ def importances(study: Any) -> dict[str, float]:
 
 
 def plot(study: Any, out: Path) -> None:
-    """The optimization history, the parameters against the value, and the importances, one figure."""
-    import matplotlib
+    """The optimization history, the parameters against the value, and the importances, one figure.
+
+    Raises:
+        RecipeError: matplotlib is not installed (the plot extra), or the study has no finished trial.
+    """
+    try:
+        import matplotlib
+    except ImportError:
+        raise RecipeError("sweep plot needs matplotlib: pip install 'engineflow[plot]'") from None
+    if not any(t.state in FINISHED for t in study.get_trials(deepcopy=False)):
+        raise RecipeError(f"study {study.study_name!r} has no finished trial to plot yet")
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -216,7 +216,7 @@ def test_sweep_show_of_a_folder_without_sweeps_is_one_line(tmp_path: Path, cli) 
 
 
 def test_nothing_but_a_sweep_imports_optuna() -> None:
-    code = ("import sys, engineflow as ef, engineflow.app.cli, engineflow.app.training, engineflow.app.runner; "
+    code = ("import sys, engineflow as ef, engineflow.app.cli, engineflow.app.runner; "
             "ef.search.loguniform(1e-3, 1.0); print(sorted(m for m in sys.modules if m.split('.')[0] == 'optuna'))")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
 
@@ -345,16 +345,16 @@ def test_three_workers_on_postgresql_run_exactly_n_trials(tmp_path: Path, postgr
 @pytest.mark.slow
 def test_jobs_run_trials_in_processes_of_their_own(tmp_path: Path) -> None:
     path = recipe(tmp_path, DICT_SPACE)
-    command = subprocess.Popen([sys.executable, "-m", "engineflow", "sweep", str(path), "--trials", "4", "--jobs",
+    command = subprocess.Popen([sys.executable, "-m", "engineflow", "sweep", str(path), "--trials", "3", "--jobs",
                                 "2", "--runs-dir", str(tmp_path / "runs"), "--device", "cpu"], stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     output = command.communicate(timeout=300)[0]
     assert command.returncode == 0, output
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'runs' / 'sweeps.db'}")
-    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 4
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
     pids = {t.user_attrs["pid"] for t in study.trials}
     assert command.pid not in pids and 1 <= len(pids) <= 2  # the command's worker processes took them
-    assert len(list((tmp_path / "runs").glob("tiny/*/run.json"))) == 4
+    assert len(list((tmp_path / "runs").glob("tiny/*/run.json"))) == 3
 
 
 @pytest.mark.slow
@@ -362,7 +362,7 @@ def test_a_pruned_trial_on_two_processes_stops_both_ranks_together(tmp_path: Pat
     done = ef.sweep(recipe(tmp_path, DIVERGING), 4, runs_dir=tmp_path / "runs", device="cpu", stream=io.StringIO(),
                     pruner="successive-halving", nproc=2)
     states = [t["state"] for t in done["trials"]]
-    assert "pruned" in states, done
+    assert "pruned" in states and states[:2] == ["complete", "complete"], done
     for t in done["trials"]:
         record = json.loads(next((tmp_path / "runs").glob(f"tiny/{t['run_id']}/run.json")).read_text())
         assert record["world_size"] == 2
