@@ -483,7 +483,7 @@ def _summarise(reporter: Reporter, result: RunResult, trained: int) -> None:
 
 def _completed_result(record: dict[str, Any], stream: IO[str] | None) -> RunResult:
     reporter = Reporter(stream, progress=False)
-    reporter.line(f"run {record['id']} already completed; nothing to resume")
-    return RunResult(record["id"], record["experiment"], "completed", Path(record["run_dir"]), record["config"],
+    reporter.line(f"run {record['id']} already {record['status']}; nothing to resume")
+    return RunResult(record["id"], record["experiment"], record["status"], Path(record["run_dir"]), record["config"],
                      record["seed"], (record.get("env") or {}).get("device", "cpu"), record.get("epochs", 0),
                      record.get("history", []), record.get("metrics", {}), record.get("best", {}))

@@ -188,6 +188,10 @@ def test_median_pruner_prunes_the_diverging_trials_after_fewer_epochs(tmp_path: 
     assert list(Path(pruned["run_dir"], "checkpoints", "state").glob("state-*.pt"))
     listed = cli("runs", "list", "--status", "pruned", "--runs-dir", str(tmp_path / "runs"))
     assert pruned["id"] in listed.stdout and done["trials"][0]["run_id"] not in listed.stdout
+    again = cli("run", str(tmp_path / "tiny.py"), "--resume", pruned["id"], "--runs-dir", str(tmp_path / "runs"))
+    assert again.exit_code == 0 and f"run {pruned['id']} already pruned; nothing to resume" in again.stdout
+    assert json.loads(cli("runs", "show", pruned["id"], "--json", "--runs-dir",
+                          str(tmp_path / "runs")).stdout)["status"] == "pruned"
 
 
 def test_a_failing_trial_is_failed_and_the_sweep_goes_on(tmp_path: Path) -> None:
