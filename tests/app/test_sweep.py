@@ -329,36 +329,22 @@ def postgres():
 
 @pytest.mark.slow
 def test_three_workers_on_postgresql_run_exactly_n_trials(tmp_path: Path, postgres: str) -> None:
+    """Two commands, one of them with --jobs 2: three worker processes, each command with its own runs folder."""
     path = recipe(tmp_path, DICT_SPACE)
-    workers = [subprocess.Popen([sys.executable, "-m", "engineflow", "sweep", str(path), "--trials", "7", "--study",
-                                 "shared", "--storage", postgres, "--runs-dir", str(tmp_path / f"runs{i}"),
-                                 "--device", "cpu", "--pruner", "none"], stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True)
-               for i in range(3)]
-    outputs = [w.communicate(timeout=300)[0] for w in workers]
-    assert [w.returncode for w in workers] == [0, 0, 0], outputs
+    commands = [subprocess.Popen([sys.executable, "-m", "engineflow", "sweep", str(path), "--trials", "6", "--study",
+                                  "shared", "--storage", postgres, "--runs-dir", str(tmp_path / f"runs{i}"),
+                                  "--device", "cpu", "--pruner", "none", "--jobs", str(jobs)], stdout=subprocess.PIPE,
+                                 stderr=subprocess.STDOUT, text=True)
+                for i, jobs in enumerate((2, 1))]
+    outputs = [c.communicate(timeout=300)[0] for c in commands]
+    assert [c.returncode for c in commands] == [0, 0], outputs
     study = optuna.load_study(study_name="shared", storage=postgres)
-    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 7, outputs
-    params = [tuple(sorted(t.params.items())) for t in study.trials]
-    assert len(set(params)) == 7
-    found = {p.parent.name for i in range(3) for p in (tmp_path / f"runs{i}").glob("tiny/*/run.json")}
-    assert {t.user_attrs["run_id"] for t in study.trials} == found
-    assert sum(bool(list((tmp_path / f"runs{i}").glob("tiny/*/run.json"))) for i in range(3)) >= 2, outputs
-
-
-@pytest.mark.slow
-def test_jobs_run_trials_in_processes_of_their_own(tmp_path: Path) -> None:
-    path = recipe(tmp_path, DICT_SPACE)
-    command = subprocess.Popen([sys.executable, "-m", "engineflow", "sweep", str(path), "--trials", "3", "--jobs",
-                                "2", "--runs-dir", str(tmp_path / "runs"), "--device", "cpu"], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-    output = command.communicate(timeout=300)[0]
-    assert command.returncode == 0, output
-    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path / 'runs' / 'sweeps.db'}")
-    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
-    pids = {t.user_attrs["pid"] for t in study.trials}
-    assert command.pid not in pids and 1 <= len(pids) <= 2  # the command's worker processes took them
-    assert len(list((tmp_path / "runs").glob("tiny/*/run.json"))) == 3
+    assert [t.state.name for t in study.trials] == ["COMPLETE"] * 6, outputs
+    assert len({tuple(sorted(t.params.items())) for t in study.trials}) == 6  # none sampled twice
+    found = {p.parent.name: i for i in range(2) for p in (tmp_path / f"runs{i}").glob("tiny/*/run.json")}
+    assert {t.user_attrs["run_id"] for t in study.trials} == set(found)  # every trial's run, in its worker's folder
+    by_pid = {t.user_attrs["pid"] for t in study.trials if found[t.user_attrs["run_id"]] == 0}
+    assert commands[0].pid not in by_pid  # --jobs: the command's worker processes ran its trials
 
 
 @pytest.mark.slow
