@@ -156,6 +156,13 @@ def test_the_same_command_again_adds_nothing_to_a_finished_study_and_more_trials
     assert missing.exit_code == 2 and "no study 'nope'" in missing.stderr
 
 
+def test_no_trial_starts_after_the_timeout(swept: tuple[Path, dict]) -> None:
+    folder, _ = swept
+    timed = ef.sweep(folder / "tiny.py", 2, study="timed", timeout=1e-9, runs_dir=folder / "runs", device="cpu",
+                     stream=io.StringIO())
+    assert timed["study"] == "timed" and timed["trials"] == [] and timed["best"] is None
+
+
 def test_the_readme_space_example_is_digits_space_and_its_conditional_space_gives_config_values() -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     start = readme.index("<!-- sweep -->")
