@@ -111,11 +111,14 @@ def sweep(recipe: str | Path, trials: int, *, study: str | None = None, storage:
         raise RecipeError(f"{option('direction', 'max|min')} expects max or min, got {direction!r}")
     loaded = load_recipe(recipe)
     cfg = loaded.config.override(dict(overrides or {}))  # a bad --set is reported before anything starts
-    space_of(loaded, dict(space or {}))
+    checked = space_of(loaded, dict(space or {}))
     metric, mode = main_metric(loaded)
     folder = resolve_runs_dir(runs_dir)
     studies = optuna_studies()
     studies.quiet()
+    # a sampler or pruner that cannot be made (grid over a float range) is refused before the study exists
+    studies.sampler_for(sampler, seed, 0, checked if isinstance(checked, dict) else None)
+    studies.pruner_for(pruner)
     url = studies.storage_url(storage, folder)
     name = study or loaded.name
     if resume:

@@ -242,6 +242,7 @@ def test_nothing_but_a_sweep_imports_optuna() -> None:
     (DICT_SPACE, ("--space", "lr=normal(0, 1)"), "--space expects KEY=RANGE"),
     ('def space(trial):\n    return {"momentum": 0.9}\n', (), "returned 'momentum', which is not a config key"),
     ('space = {"lr": ef.search.loguniform(0, 1.0)}', (), "ef.search.loguniform(low, high) expects"),
+    (DICT_SPACE, ("--sampler", "grid"), "--sampler grid needs countable ranges; space key 'lr'"),
 ])
 def test_bad_spaces_exit_2_with_one_line(tmp_path: Path, cli, space: str, extra: tuple[str, ...], says: str) -> None:
     path = recipe(tmp_path, space)
@@ -249,6 +250,7 @@ def test_bad_spaces_exit_2_with_one_line(tmp_path: Path, cli, space: str, extra:
     assert result.exit_code == 2, result.output
     (line,) = result.stderr.strip().splitlines()
     assert says in line
+    assert not (tmp_path / "runs" / "sweeps.db").exists() or "space(trial)" in space  # no study was made
 
 
 @pytest.mark.slow
