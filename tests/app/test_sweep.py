@@ -227,12 +227,6 @@ def test_sweep_show_of_a_folder_without_sweeps_is_one_line(tmp_path: Path, cli) 
     assert "no sweeps in" in result.stderr and not (tmp_path / "nothing").exists()
 
 
-def test_nothing_but_a_sweep_imports_optuna() -> None:
-    code = ("import sys, engineflow as ef, engineflow.app.cli, engineflow.app.runner; "
-            "ef.search.loguniform(1e-3, 1.0); print(sorted(m for m in sys.modules if m.split('.')[0] == 'optuna'))")
-    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "[]\n"
-
-
 @pytest.mark.parametrize(("space", "extra", "says"), [
     ('space = {"lrr": ef.search.loguniform(1e-3, 1.0)}', (), "space key 'lrr' is not a config key"),
     ('space = {"hidden": ef.search.uniform(1, 4)}', (), "space key 'hidden' has a default of type int"),
@@ -365,10 +359,12 @@ def test_three_workers_on_postgresql_run_exactly_n_trials(tmp_path: Path, postgr
 
 @pytest.mark.slow
 def test_a_pruned_trial_on_two_processes_stops_both_ranks_together(tmp_path: Path) -> None:
-    done = ef.sweep(recipe(tmp_path, DIVERGING), 4, runs_dir=tmp_path / "runs", device="cpu", stream=io.StringIO(),
-                    pruner="successive-halving", nproc=2)
+    # successive halving keeps the best of trials 1 and 2 at epoch 1: trial 2, which climbs the loss, is pruned
+    third_diverges = 'def space(trial):\n    return {"sign": -1.0 if trial.number == 2 else 1.0}\n'
+    done = ef.sweep(recipe(tmp_path, third_diverges), 3, runs_dir=tmp_path / "runs", device="cpu",
+                    stream=io.StringIO(), pruner="successive-halving", nproc=2)
     states = [t["state"] for t in done["trials"]]
-    assert "pruned" in states and states[:2] == ["complete", "complete"], done
+    assert states == ["complete", "complete", "pruned"], done
     for t in done["trials"]:
         record = json.loads(next((tmp_path / "runs").glob(f"tiny/{t['run_id']}/run.json")).read_text())
         assert record["world_size"] == 2
