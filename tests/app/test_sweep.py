@@ -202,6 +202,21 @@ def test_median_pruner_prunes_the_diverging_trials_after_fewer_epochs(tmp_path: 
                           str(tmp_path / "runs")).stdout)["status"] == "pruned"
 
 
+def test_a_staged_recipe_reports_each_train_stage_at_the_pipelines_epoch(tmp_path: Path) -> None:
+    from engineflow.record.runs import get_run
+
+    path = tmp_path / "staged.py"
+    path.write_text(recipe(tmp_path, DICT_SPACE).read_text() + """
+stages = [ef.stage("warm", train=train, eval=evaluate, epochs=2),
+          ef.stage("tune", train=train, eval=evaluate, epochs=2)]
+""")
+    done = ef.sweep(path, 1, runs_dir=tmp_path / "runs", device="cpu", stream=io.StringIO(), pruner="none")
+    study = optuna.load_study(study_name="staged", storage=f"sqlite:///{tmp_path / 'runs' / 'sweeps.db'}")
+    history = {row["epoch"]: row for row in get_run(tmp_path / "runs", done["trials"][0]["run_id"])["history"]}
+    expected = {epoch: history[epoch][f"{'warm' if epoch <= 2 else 'tune'}/valid/loss"] for epoch in (1, 2, 3, 4)}
+    assert study.trials[0].intermediate_values == pytest.approx(expected)
+
+
 def test_a_failing_trial_is_failed_and_the_sweep_goes_on(tmp_path: Path) -> None:
     space = 'space = {"lr": ef.search.choice(0.1, 1e30)}\n'  # 1e30 makes the loss inf at once: a failed run
     done = ef.sweep(recipe(tmp_path, space), 4, runs_dir=tmp_path / "runs", device="cpu", stream=io.StringIO(),
