@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import importlib.util
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+# without the sweep extra (tox -e lowest) the modules that need Optuna are not collected for their doctests
+collect_ignore = [] if importlib.util.find_spec("optuna") else ["engineflow/app/studies.py", "engineflow/app/sweep.py"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -87,6 +87,7 @@ _EXPORTS = {
     "predict_files": "engineflow.app.evaluation",
     "serve": "engineflow.app.serving",
     "lr_find": "engineflow.execute.lr_finder",
+    "sweep": "engineflow.app.sweep",
     "ema": "engineflow.execute.ema",
     "backprop": "engineflow.execute.backprop",
     "Backprop": "engineflow.execute.backprop",
@@ -94,7 +95,8 @@ _EXPORTS = {
     "Events": "ignite.engine",
 }
 # public submodules: name -> module
-_SUBMODULES = {"metrics": "engineflow.metrics", "data": "engineflow.data", "hooks": "engineflow.execute.hooks"}
+_SUBMODULES = {"metrics": "engineflow.metrics", "data": "engineflow.data", "hooks": "engineflow.execute.hooks",
+               "search": "engineflow.declare.search"}
 
 __all__ = sorted([*_EXPORTS, *_SUBMODULES])
 
@@ -122,8 +124,10 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; the same names as _EXPORTS
     from engineflow.app.run_result import RunResult
     from engineflow.app.runner import run
     from engineflow.app.serving import serve
+    from engineflow.app.sweep import sweep
     from engineflow.app.testing import evaluate_test
     from engineflow.data import TensorLoader
+    from engineflow.declare import search
     from engineflow.declare.configuration import Config, config
     from engineflow.declare.control import EndEpoch, SkipBatch, StopFit
     from engineflow.declare.handlers import every_n_epochs, every_n_iterations, on

@@ -4,6 +4,7 @@
     engineflow run recipes/digits.py --set hidden=256 --set lr=0.1
     engineflow test recipes/digits.py                      # the latest run on the test split
     engineflow eval recipes/digits.py images/ preds.csv    # .npy images of 8x8 pixels, values 0-16
+    engineflow sweep recipes/digits.py --trials 12         # search the space below with Optuna
 """
 
 import numpy as np
@@ -15,6 +16,9 @@ from torch.utils.data import DataLoader, TensorDataset
 import engineflow as ef
 
 config = ef.config(epochs=20, batch_size=64, lr=0.05, momentum=0.9, hidden=128, dropout=0.1, seed=0)
+# engineflow sweep's search space: config keys to ranges
+space = {"lr": ef.search.loguniform(1e-3, 0.5), "momentum": ef.search.uniform(0.5, 0.99),
+         "hidden": ef.search.choice(32, 64, 128, 256), "dropout": ef.search.uniform(0.0, 0.5)}
 
 
 def load_splits(seed: int) -> dict[str, TensorDataset]:
@@ -32,7 +36,7 @@ def load_splits(seed: int) -> dict[str, TensorDataset]:
 
 def setup(cfg):
     """Build what the steps need; engineflow hands these to the steps by parameter name."""
-    splits = load_splits(cfg.seed)
+    splits = load_splits(0)  # one split for every seed: runs of other seeds (a sweep's trials) compare
     loaders = {
         "train": DataLoader(splits["train"], batch_size=cfg.batch_size, shuffle=True,
                             generator=torch.Generator().manual_seed(cfg.seed)),

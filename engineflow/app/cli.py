@@ -351,6 +351,141 @@ def lr_find_command(recipe: str, out: str | None, start: float, end: float, iter
     guarded(go, debug, "lr-find failed")
 
 
+class _SweepGroup(_Group):
+    """``engineflow sweep RECIPE ...`` runs a sweep; ``sweep show`` and ``sweep plot`` look at one."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and not args[0].startswith("-"):
+            args = ["start", *args]
+        return super().parse_args(ctx, args)
+
+
+@main.group("sweep", cls=_SweepGroup)
+def sweep_group() -> None:
+    """Sweep a recipe's search space on Optuna: engineflow sweep RECIPE --trials N; sweep show; sweep plot.
+
+    \b
+    Examples:
+      engineflow sweep recipes/digits.py --trials 12
+      engineflow sweep recipes/digits.py --trials 40 --jobs 2 --storage postgresql://user@db/sweeps
+      engineflow sweep show digits
+      engineflow sweep plot digits --out sweep.png
+    """
+
+
+study_option = click.option("--study", default=None, help="The study's name (default: the recipe's experiment).")
+storage_option = click.option("--storage", default=None, metavar="URL",
+                              help="Optuna storage (default: sqlite:///<runs-dir>/sweeps.db).")
+
+
+@sweep_group.command("start", hidden=True)
+@recipe_argument
+@click.option("--trials", type=int, required=True, metavar="N", help="Trials the study holds once done.")
+@study_option
+@storage_option
+@click.option("--jobs", type=int, default=1, show_default=True, metavar="J", help="Trials at once, one process each.")
+@nproc_option
+@click.option("--sampler", type=click.Choice(["tpe", "random", "grid", "cmaes", "qmc"]), default="tpe",
+              show_default=True)
+@click.option("--pruner", type=click.Choice(["median", "hyperband", "successive-halving", "none"]), default="median",
+              show_default=True)
+@click.option("--direction", type=click.Choice(["max", "min"]), default=None,
+              help="Default: the main metric's mode.")
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE", help="A config value of every trial.")
+@click.option("--space", "spaces", multiple=True, metavar="KEY=RANGE",
+              help="Replace one entry of the recipe's space, e.g. --space 'lr=loguniform(1e-3, 1)'.")
+@click.option("--seed", type=int, default=0, show_default=True, help="The sweep's seed (trial seeds come from it).")
+@click.option("--timeout", type=str, default=None, metavar="DURATION", help="Start no trial after this long.")
+@click.option("--resume", is_flag=True, help="Continue the study (the same command does too).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@runs_dir_option
+@debug_option
+def sweep_start(recipe: str, trials: int, study: str | None, storage: str | None, jobs: int, nproc: int | None,
+                sampler: str, pruner: str, direction: str | None, assignments: tuple[str, ...],
+                spaces: tuple[str, ...], seed: int, timeout: str | None, resume: bool, device: str, runs_dir: str,
+                debug: bool) -> None:
+    """Run trials of RECIPE over its search space until the study holds N finished trials."""
+
+    def go() -> None:
+        from engineflow.app.sweep import sweep
+        from engineflow.declare.configuration import parse_assignments
+        from engineflow.errors import RecipeError
+        from engineflow.state.time_limit import parse_duration
+
+        given = {}
+        for item in spaces:
+            key, sep, text = item.partition("=")
+            if not sep or not key.strip():
+                raise RecipeError(f"--space expects KEY=RANGE, got {item!r} "
+                                  "(for example --space 'lr=loguniform(1e-3, 1)')")
+            given[key.strip()] = text
+        limit = None if timeout is None else parse_duration(timeout, what="--timeout")
+        sweep(recipe, trials, study=study, storage=storage, jobs=jobs, nproc=nproc, sampler=sampler, pruner=pruner,
+              direction=direction, overrides=parse_assignments(assignments), space=given, seed=seed, timeout=limit,
+              runs_dir=runs_dir, device=device, resume=resume)
+
+    guarded(go, debug, "sweep failed")
+
+
+@sweep_group.command("show")
+@click.argument("study", required=False)
+@storage_option
+@runs_dir_option
+@json_option
+@debug_option
+def sweep_show(study: str | None, storage: str | None, runs_dir: str, as_json: bool, debug: bool) -> None:
+    """A study's trials (state, params, value, epochs, run id), its best trial and the parameters' importances."""
+
+    def go() -> None:
+        from pathlib import Path
+
+        from engineflow.app.sweep import optuna_studies
+        from engineflow.app.views import sweep_text, to_json
+
+        studies = optuna_studies()
+        studies.quiet()
+        found = studies.load(_sweep_storage(storage, Path(runs_dir)), study)
+        done = studies.summary(found)
+        click.echo(to_json(done) if as_json else sweep_text(done, studies.importances(found)))
+
+    guarded(go, debug, "sweep show failed")
+
+
+@sweep_group.command("plot")
+@click.argument("study", required=False)
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=str), required=True,
+              help="Image file to write (e.g. sweep.png).")
+@storage_option
+@runs_dir_option
+@debug_option
+def sweep_plot(study: str | None, out: str, storage: str | None, runs_dir: str, debug: bool) -> None:
+    """Draw a study's optimization history, its parameters against the value and their importances."""
+
+    def go() -> None:
+        from pathlib import Path
+
+        from engineflow.app.sweep import optuna_studies
+
+        studies = optuna_studies()
+        studies.quiet()
+        studies.plot(studies.load(_sweep_storage(storage, Path(runs_dir)), study), Path(out))
+        click.echo(f"wrote {out}")
+
+    guarded(go, debug, "sweep plot failed")
+
+
+def _sweep_storage(storage: str | None, runs_dir: Any) -> str:
+    """The storage to read: the one given, else the runs folder's (which must exist: reading creates nothing)."""
+    from engineflow.errors import RecipeError
+
+    if storage:
+        return storage
+    path = runs_dir / "sweeps.db"
+    if not path.is_file():
+        raise RecipeError(f"no sweeps in {runs_dir} (no {path}); give --storage URL or --runs-dir DIR")
+    return f"sqlite:///{path.resolve()}"
+
+
 @main.group("runs")
 def runs_group() -> None:
     """List, show, compare and plot recorded runs; rebuild the store from run folders; sync MLflow mirrors;
@@ -359,12 +494,14 @@ def runs_group() -> None:
 
 @runs_group.command("list")
 @click.option("--experiment", default=None, help="Only runs of this experiment.")
-@click.option("--status", type=click.Choice(["running", "completed", "failed", "interrupted", "damaged"]),
+@click.option("--status", type=click.Choice(["running", "completed", "failed", "interrupted", "pruned", "damaged"]),
               default=None)
+@click.option("--sweep", "sweep", default=None, metavar="STUDY", help="Only the trials of this sweep's study.")
 @runs_dir_option
 @json_option
 @debug_option
-def runs_list(experiment: str | None, status: str | None, runs_dir: str, as_json: bool, debug: bool) -> None:
+def runs_list(experiment: str | None, status: str | None, sweep: str | None, runs_dir: str, as_json: bool,
+              debug: bool) -> None:
     """List runs, newest first."""
 
     def go() -> None:
@@ -378,6 +515,8 @@ def runs_list(experiment: str | None, status: str | None, runs_dir: str, as_json
         if not Path(runs_dir).is_dir() and not as_json:  # nothing is created: a mistyped folder lists no runs
             click.echo(no_runs_message(Path(runs_dir)), err=True)
         records = list_runs(runs_dir, experiment=experiment, status=status)
+        if sweep is not None:
+            records = [r for r in records if (r.get("sweep") or {}).get("study") == sweep]
         click.echo(to_json([public(r) for r in records]) if as_json else list_table(records))
 
     guarded(go, debug, "runs list failed")

@@ -75,6 +75,10 @@ def _command(name: str) -> Callable[..., Any]:
         from engineflow.app.runner import run
 
         return lambda **kwargs: run(**kwargs).to_dict()
+    if name == "trial":  # a sweep's trial on several processes
+        from engineflow.app.sweep import run_trial
+
+        return run_trial
     if name == "test":
         from engineflow.app.testing import evaluate_test
 

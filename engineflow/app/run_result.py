@@ -16,7 +16,7 @@ class RunResult:
     Attributes:
         run_id: the run's id.
         experiment: the recipe's experiment name.
-        status: "completed", "failed" or "interrupted".
+        status: "completed", "failed", "interrupted" or "pruned" (a sweep's trial its pruner stopped).
         run_dir: the folder of its outputs.
         config: the resolved config values.
         seed: the seed used.

@@ -170,7 +170,7 @@ def find_resumable(recipe: Recipe, store: RunStore, ref: str, cfg: Config | None
 def resume_session(recipe: Recipe, store: RunStore, record: dict[str, Any], overrides: Mapping[str, Any] | None,
                    *, seed: int | None, check: bool | None, ignore_changes: bool, device: str,
                    deterministic: bool | None = None) -> Session | None:
-    """Plan the continuation of run ``record``; None when it already completed. Writes nothing.
+    """Plan the continuation of run ``record``; None when it already completed (or was pruned). Writes nothing.
 
     A seed, check or deterministic flag given again must equal the run's. Refuses (RecipeError) when the recipe's
     code or the config differs from the run's, unless ``ignore_changes``.
@@ -178,7 +178,7 @@ def resume_session(recipe: Recipe, store: RunStore, record: dict[str, Any], over
     if seed is not None and seed != record["seed"]:
         raise RecipeError(f"run {record['id']} was started with seed {record['seed']}; resuming it with seed {seed} "
                           "would not continue the same run. Drop the seed or give the same one, or start a new run")
-    if record["status"] == "completed":
+    if record["status"] in ("completed", "pruned"):  # pruned: a sweep's pruner ended it, as planned
         return None
     if record["status"] == "damaged":
         raise RecipeError(f"run {record['id']} is damaged ({record.get('error')}); it cannot be resumed. "

@@ -48,9 +48,14 @@ def run_in_world(recipe: str | Path, overrides: Mapping[str, Any] | None, world:
                  stream: IO[str] | None, force: bool, retrain: bool, resume: str | None, ignore_changes: bool,
                  checkpoint_every: int | None, stage: str | None, from_run: str | None,
                  mlflow: str | bool | None, deterministic: bool | None = None,
-                 time_limit: float | None = None, precision: str | None = None) -> RunResult:
+                 time_limit: float | None = None, precision: str | None = None,
+                 sweep: Mapping[str, Any] | None = None) -> RunResult:
     """:func:`run` in this process, one of ``world``: rank 0 plans the run (new or resumed) and
-    shares the plan; every rank trains; rank 0 alone records and prints."""
+    shares the plan; every rank trains; rank 0 alone records and prints.
+
+    ``sweep``: the run is a trial of a sweep (:mod:`engineflow.app.sweep`): ``study``, ``trial``,
+    ``params`` (recorded as the run's ``sweep``), and what its pruning needs
+    (:func:`engineflow.app.pruning.trial_pruning`)."""
     from engineflow.record.store import RunStore
 
     if resume is not None and (force or retrain):
@@ -66,7 +71,7 @@ def run_in_world(recipe: str | Path, overrides: Mapping[str, Any] | None, world:
         plan = share_json(None, world)
         with deterministic_algorithms(bool(plan.get("deterministic"))):
             return _follow(loaded, world, plan, stream=stream, runs_dir=runs_dir, checkpoint_every=checkpoint_every,
-                           device=device, time_limit=time_limit)
+                           device=device, time_limit=time_limit, sweep=sweep)
     with RunStore.open(resolve_runs_dir(runs_dir)) as store, _sharing_plan(world) as share, \
             contextlib.ExitStack() as deterministic_run:
         origin = stage_origin(loaded, store, stage, from_run)
@@ -101,7 +106,7 @@ def run_in_world(recipe: str | Path, overrides: Mapping[str, Any] | None, world:
                         world)
         share(_plan_of(start, origin))
         return _train(loaded, start, stream=stream, progress=progress, checkpoint_every=checkpoint_every, note=note,
-                      origin=origin, mlflow=mlflow, world=world, time_limit=time_limit)
+                      origin=origin, mlflow=mlflow, world=world, time_limit=time_limit, sweep=sweep)
 
 
 @contextlib.contextmanager
@@ -148,7 +153,7 @@ def _plan_of(start: Session, origin: Mapping[str, Any] | None) -> dict[str, Any]
 
 def _follow(loaded: Recipe, world: World, plan: Mapping[str, Any], *, stream: IO[str] | None,
             runs_dir: str | Path | None, checkpoint_every: int | None, device: str,
-            time_limit: float | None = None) -> RunResult:
+            time_limit: float | None = None, sweep: Mapping[str, Any] | None = None) -> RunResult:
     """A rank other than 0: train the run rank 0 planned, recording and printing nothing."""
     import ignite.distributed as idist
 
@@ -176,7 +181,7 @@ def _follow(loaded: Recipe, world: World, plan: Mapping[str, Any], *, stream: IO
         with RunStore.open(resolve_runs_dir(runs_dir)) as store:
             origin = stage_origin(loaded, store, plan["origin"]["stage"], plan["origin"]["from"])
     return _train(loaded, start, stream=stream, progress=False, checkpoint_every=checkpoint_every, origin=origin,
-                  world=world, time_limit=time_limit)
+                  world=world, time_limit=time_limit, sweep=sweep)
 
 
 def stage_origin(recipe: Recipe, store: Any, stage: str | None, from_run: str | None) -> dict[str, Any] | None:
@@ -220,7 +225,7 @@ def stage_origin(recipe: Recipe, store: Any, stage: str | None, from_run: str | 
 def _train(loaded: Recipe, start: Session, *, stream: IO[str] | None, progress: bool | None,
            checkpoint_every: int | None, note: str | None = None, origin: Mapping[str, Any] | None = None,
            mlflow: str | bool | None = None, world: World = ONE_PROCESS,
-           time_limit: float | None = None) -> RunResult:
+           time_limit: float | None = None, sweep: Mapping[str, Any] | None = None) -> RunResult:
     """Build and check the recipe, then record the run and train it.
 
     Nothing is recorded until the engines are built and the eval step's outputs fit its metrics: a
@@ -252,6 +257,10 @@ def _train(loaded: Recipe, start: Session, *, stream: IO[str] | None, progress: 
     extras = ((reporter.handlers, recorder.handlers, checkpointer.handlers, limit.attach) if leader
               else (checkpointer.handlers, limit.attach))
     listeners = (reporter, recorder, checkpointer) if leader else (checkpointer,)
+    if sweep is not None:  # a sweep's trial: its main metric goes to Optuna after every epoch
+        from engineflow.app.pruning import trial_pruning
+
+        extras = (*extras, trial_pruning(sweep, world, context.run_id).attach)
 
     with using_run(context.run_id):
         pipeline = _prepare(loaded, start, extras=extras, listeners=listeners, origin=origin)
@@ -262,6 +271,9 @@ def _train(loaded: Recipe, start: Session, *, stream: IO[str] | None, progress: 
             if not start.resumed:
                 options = pipeline.step_options()
                 recorder.record.update(precision=_run_precision(context.precision, options), step_options=options)
+                if sweep is not None:
+                    recorder.record.update(sweep={k: sweep[k] for k in ("study", "trial", "params")},
+                                           mlflow_parent=sweep.get("mlflow_parent"))
             start.begin()
             if start.resumed:  # on this number of processes now (each resume's entry says on how many)
                 placed = {"world_size": world.size, "backend": world.backend,
@@ -295,7 +307,7 @@ def _train(loaded: Recipe, start: Session, *, stream: IO[str] | None, progress: 
                 interrupts.target = checkpointer
                 with _writes_waited(checkpointer):
                     _fit(pipeline, found, start, reporter, only=origin is not None, world_size=world.size)
-            result.status = "completed"
+            result.status = "pruned" if sweep is not None and _pruned(pipeline) else "completed"
         except TimeLimitReached as err:  # a planned stop: recorded as interrupted, returned
             result.status, failure = "interrupted", err
         except KeyboardInterrupt as err:
@@ -322,6 +334,13 @@ def _train(loaded: Recipe, start: Session, *, stream: IO[str] | None, progress: 
         reporter.line(f"stopped at the time limit, with a checkpoint; continue with --resume {context.run_id}")
     _summarise(reporter, result, trained)
     return result
+
+
+def _pruned(pipeline: Pipeline) -> bool:
+    """Whether a trial's pruning stopped one of the run's stages (its ``stopped`` survives a resume)."""
+    from engineflow.app.pruning import PRUNED_BY
+
+    return any((summary.get("stopped") or {}).get("by") == PRUNED_BY for summary in pipeline.summaries)
 
 
 def _run_precision(given: str | None, options: Mapping[str, Mapping[str, Any]]) -> str | None:
@@ -464,7 +483,7 @@ def _summarise(reporter: Reporter, result: RunResult, trained: int) -> None:
 
 def _completed_result(record: dict[str, Any], stream: IO[str] | None) -> RunResult:
     reporter = Reporter(stream, progress=False)
-    reporter.line(f"run {record['id']} already completed; nothing to resume")
-    return RunResult(record["id"], record["experiment"], "completed", Path(record["run_dir"]), record["config"],
+    reporter.line(f"run {record['id']} already {record['status']}; nothing to resume")
+    return RunResult(record["id"], record["experiment"], record["status"], Path(record["run_dir"]), record["config"],
                      record["seed"], (record.get("env") or {}).get("device", "cpu"), record.get("epochs", 0),
                      record.get("history", []), record.get("metrics", {}), record.get("best", {}))

@@ -30,6 +30,7 @@ def public(record: Mapping[str, Any]) -> dict[str, Any]:
     out["precision"] = record.get("precision")  # None: stages of several precisions, or recorded before
     out["step_options"] = record.get("step_options") or {}
     out["model"] = record.get("model")  # the parameter summary; None: recorded before engineflow kept it
+    out["sweep"] = record.get("sweep")  # {study, trial, params} of a sweep's trial; None: a plain run
     if "history" in record:
         out["history"] = record["history"]
     return out
@@ -77,6 +78,23 @@ def list_table(records: Sequence[Mapping[str, Any]]) -> str:
         rows.append([r["id"], r["experiment"], r["status"], (r.get("started_at") or "")[:19].replace("T", " "),
                      r.get("epochs"), main])
     return table(rows, ["id", "experiment", "status", "started", "epochs", "best"]) if rows else "no runs yet"
+
+
+def sweep_text(study: Mapping[str, Any], importances: Mapping[str, float]) -> str:
+    """A study as ``sweep show`` prints it: a row per trial, the best trial, the parameters' importances."""
+    rows = [[t["number"], t["state"], ", ".join(f"{k}={format_value(v)}" for k, v in t["params"].items()),
+             "-" if t["value"] is None else format_value(t["value"]), t["epochs"], t["run_id"] or "-"]
+            for t in study["trials"]]
+    lines = [f"study {study['study']} ({study['direction']} {study['metric'] or 'value'}): "
+             f"{plural(len(rows), 'trial')}"]
+    if rows:
+        lines.append(table(rows, ["trial", "state", "params", "value", "epochs", "run"]))
+    best = study["best"]
+    if best is not None:
+        lines.append(f"best: trial {best['number']} (run {best['run_id']}), value {format_value(best['value'])}")
+    if importances:
+        lines.append("importance: " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()))
+    return "\n".join(lines)
 
 
 def show_text(record: Mapping[str, Any]) -> str:
@@ -158,21 +176,60 @@ def _pyplot() -> Any:
 def plot(records: Sequence[Mapping[str, Any]], out: Path) -> None:
     """Draw each run's per-epoch metrics, one panel per metric name (needs matplotlib)."""
     plt = _pyplot()
-
-    names = sorted({k for r in records for row in r.get("history", []) for k in row if k != "epoch"})
-    fig, axes = plt.subplots(len(names) or 1, 1, figsize=(7, 2.6 * max(len(names), 1)), squeeze=False)
-    for ax, name in zip(axes[:, 0], names, strict=False):
-        for r in records:
-            points = [(row["epoch"], row[name]) for row in r.get("history", []) if name in row]
-            if points:
-                ax.plot(*zip(*points, strict=True), marker=".", label=r["id"])
-        ax.set_title(name)
-        ax.set_xlabel("epoch")
-        ax.legend(fontsize="small")
-    fig.tight_layout()
+    fig = plot_figure(records)
     fig.savefig(out)
     plt.close(fig)
 
+
+def plot_figure(records: Sequence[Mapping[str, Any]]) -> Any:
+    """The figure :func:`plot` saves: a panel per metric, a curve per run labelled by what differs
+    between the runs (:func:`run_labels`), whole-number epochs, and each run's best epoch marked
+    with a star."""
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    names = sorted({k for r in records for row in r.get("history", []) for k in row if k != "epoch"})
+    labels = run_labels(records)
+    fig, axes = plt.subplots(len(names) or 1, 1, figsize=(7, 2.6 * max(len(names), 1)), squeeze=False)
+    for ax, name in zip(axes[:, 0], names, strict=False):
+        for r, label in zip(records, labels, strict=True):
+            points = [(row["epoch"], row[name]) for row in r.get("history", []) if name in row]
+            if not points:
+                continue
+            (line,) = ax.plot(*zip(*points, strict=True), marker=".", label=label)
+            best = (r.get("best") or {}).get("epoch")
+            at_best = [value for epoch, value in points if epoch == best]
+            if at_best:
+                ax.plot([best], at_best, marker="*", markersize=12, color=line.get_color(), linestyle="none",
+                        label="_best epoch")
+        ax.set_title(name)
+        ax.set_xlabel("epoch (★ best)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def run_labels(records: Sequence[Mapping[str, Any]]) -> list[str]:
+    """A label per run: the config values that differ between the runs (``lr=0.1, hidden=64``; the
+    seed only when nothing else differs), else (one run, or runs of one config) its id; runs of one
+    label get their ids too.
+
+    Example:
+        >>> run_labels([{"id": "a", "config": {"lr": 0.1, "hidden": 64, "epochs": 3}},
+        ...             {"id": "b", "config": {"lr": 0.01, "hidden": 64, "epochs": 3}}])
+        ['lr=0.1', 'lr=0.01']
+    """
+    configs = [flatten(r.get("config") or {}) for r in records]
+    keys = sorted({k for c in configs for k in c})
+    differing = [k for k in keys if len({json.dumps(c.get(k), sort_keys=True, default=str) for c in configs}) > 1]
+    if len(differing) > 1 and "seed" in differing:  # a sweep's trials all have seeds of their own
+        differing.remove("seed")
+    if len(records) < 2 or not differing:
+        return [str(r["id"]) for r in records]
+    labels = [", ".join(f"{k}={format_value(c.get(k))}" for k in differing) for c in configs]
+    return [f"{label} ({r['id']})" if labels.count(label) > 1 else label for label, r in zip(labels, records,
+                                                                                          strict=True)]
 
 
 def plot_activations(record: Mapping[str, Any], out: Path) -> None:

@@ -38,7 +38,8 @@ __all__ = ["MLFLOW_STATUS", "Outbox", "first_entries", "mirrored", "queue_killed
 FOLDER = "mlflow"
 # engineflow's run status -> MLflow's RunStatus. A run found dead (SIGKILL, a lost machine) is
 # "interrupted" in engineflow, like a clean Ctrl-C or SIGTERM: MLflow calls both KILLED.
-MLFLOW_STATUS = {"running": "RUNNING", "completed": "FINISHED", "failed": "FAILED", "interrupted": "KILLED"}
+MLFLOW_STATUS = {"running": "RUNNING", "completed": "FINISHED", "failed": "FAILED", "interrupted": "KILLED",
+                 "pruned": "KILLED"}
 _LOCK_POLL_S = 0.05
 
 
@@ -255,6 +256,10 @@ def run_tags(record: Mapping[str, Any]) -> dict[str, str]:
                      "engineflow.git_dirty": str(bool(code.get("dirty"))).lower()})
     if record.get("check"):
         tags["engineflow.check"] = "true"
+    sweep = record.get("sweep") or {}
+    if sweep:  # a sweep's trial: nested under the study's MLflow run
+        tags.update({"engineflow.sweep": sweep.get("study"), "engineflow.trial": sweep.get("trial"),
+                     "mlflow.parentRunId": record.get("mlflow_parent")})
     return {k: str(v) for k, v in tags.items() if v is not None}
 
 

@@ -265,6 +265,24 @@ def _ensure_run(client: Any, box: Outbox, state: dict[str, Any], start: dict[str
     return run_id
 
 
+def sweep_parent(uri: str, experiment: str, study: str) -> str:
+    """The MLflow run under which a sweep's trials are nested (tag ``mlflow.parentRunId``): the one
+    tagged ``engineflow.sweep`` = ``study`` in ``experiment``, else a new one (named ``sweep STUDY``)."""
+    client = mlflow_client(uri)
+    experiment_id = _experiment_id(client, experiment)
+    found = client.search_runs([experiment_id], filter_string=f"tags.`engineflow.sweep_parent` = '{study}'",
+                               max_results=1)
+    if found:
+        return str(found[0].info.run_id)
+    run = client.create_run(experiment_id, run_name=f"sweep {study}", tags={"engineflow.sweep_parent": study})
+    return str(run.info.run_id)
+
+
+def end_sweep_parent(uri: str, run_id: str) -> None:
+    """Mark a sweep's MLflow run FINISHED (a worker found no trial left)."""
+    _set_status(mlflow_client(uri), run_id, "FINISHED", None)
+
+
 def _experiment_id(client: Any, name: str) -> str:
     from mlflow.exceptions import MlflowException
 

@@ -22,7 +22,8 @@ __all__ = ["APPLICATION_ID", "BUSY_TIMEOUT_S", "COLUMNS", "MIGRATIONS", "SCHEMA_
 
 SCHEMA_VERSION = 2
 # "damaged": rebuilt from a run folder whose run.json could not be read (see engineflow.record.folders)
-STATUSES = ("running", "completed", "failed", "interrupted", "damaged")
+# "pruned": a sweep's trial its pruner stopped (engineflow.app.pruning)
+STATUSES = ("running", "completed", "failed", "interrupted", "pruned", "damaged")
 BUSY_TIMEOUT_S = 30.0
 # Written to the file header (PRAGMA application_id, "EFLW") so another program's database is told apart.
 APPLICATION_ID = 0x45464C57

@@ -129,11 +129,14 @@ def test_importing_engineflow_changes_nothing_global() -> None:
         after = (list(sys.meta_path), signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM),
                  list(logging.getLogger().handlers))
         import ignite.handlers.checkpoint
+        from engineflow.app import cli, training  # the other commands, and a run: no sweep's Optuna
+        engineflow.search.loguniform(1e-3, 1.0)
         print(json.dumps({"same": before == after, "real_optim": "torch.distributed.optim" in sys.modules,
                           "serve_stack": sorted(m for m in ("starlette", "uvicorn", "prometheus_client")
-                                                if m in sys.modules)}))
+                                                if m in sys.modules),
+                          "optuna": sorted(m for m in sys.modules if m.split(".")[0] == "optuna")}))
     """)
-    assert out == {"same": True, "real_optim": True, "serve_stack": []}
+    assert out == {"same": True, "real_optim": True, "serve_stack": [], "optuna": []}
 
 
 def test_the_command_opts_in_and_a_torchrun_process_does_not() -> None:
