@@ -375,7 +375,7 @@ def sweep_group() -> None:
 
 study_option = click.option("--study", default=None, help="The study's name (default: the recipe's experiment).")
 storage_option = click.option("--storage", default=None, metavar="URL",
-                              help="Optuna storage (default: sqlite:///<runs-dir>/sweeps.db).")
+                              help="Optuna storage (default: journal:///<runs-dir>/sweeps.log).")
 
 
 @sweep_group.command("start", hidden=True)
@@ -480,10 +480,10 @@ def _sweep_storage(storage: str | None, runs_dir: Any) -> str:
 
     if storage:
         return storage
-    path = runs_dir / "sweeps.db"
+    path = runs_dir / "sweeps.log"
     if not path.is_file():
         raise RecipeError(f"no sweeps in {runs_dir} (no {path}); give --storage URL or --runs-dir DIR")
-    return f"sqlite:///{path.resolve()}"
+    return f"journal:///{path.resolve()}"
 
 
 @main.group("runs")

@@ -54,11 +54,12 @@ def quiet() -> None:
 
 
 def storage_url(storage: str | None, runs_dir: Path) -> str:
-    """The storage's URL: the one given, else ``sqlite:///<runs>/sweeps.db`` (made with the runs folder)."""
+    """The storage's URL: the one given, else Optuna's journal file ``<runs>/sweeps.log`` (made with the runs
+    folder), which kept up better than SQLite under several local workers (``benchmarks/README.md``)."""
     if storage:
         return storage
     runs_dir.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{(runs_dir / 'sweeps.db').resolve()}"
+    return f"journal:///{(runs_dir / 'sweeps.log').resolve()}"
 
 
 def open_storage(url: str) -> Any:

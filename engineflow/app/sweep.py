@@ -71,8 +71,8 @@ def sweep(recipe: str | Path, trials: int, *, study: str | None = None, storage:
         recipe: path of a recipe that declares ``space``.
         trials: how many trials the study holds once done (complete, pruned and failed alike).
         study: the study's name (default: the recipe's experiment).
-        storage: Optuna's storage URL (default: ``sqlite:///<runs>/sweeps.db``); ``postgresql://...``
-            for workers on several machines; ``journal:///path`` for Optuna's journal file.
+        storage: Optuna's storage URL (default: the journal file ``<runs>/sweeps.log``); ``postgresql://...``
+            for workers on several machines; ``sqlite:///sweeps.db`` for SQLite.
         jobs: trials at once, each in a process of its own.
         nproc: processes per trial (data parallel).
         sampler: "tpe", "random", "grid", "cmaes", "qmc", or an Optuna sampler (``jobs`` 1).

@@ -68,6 +68,13 @@ def space(trial):
 '''
 
 
+def stored(runs: Path) -> object:
+    """The default storage of a runs folder: Optuna's journal file ``sweeps.log``."""
+    from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+    return JournalStorage(JournalFileBackend(str(runs / "sweeps.log")))
+
+
 def recipe(folder: Path, space: str, name: str = "tiny.py") -> Path:
     path = folder / name
     path.write_text(TINY.replace("SPACE", space))
@@ -101,7 +108,7 @@ def test_trials_are_listed_runs_whose_configs_hold_their_params(swept: tuple[Pat
     best = min(done["trials"], key=lambda t: t["value"])
     assert done["best"]["number"] == best["number"] and done["best"]["run_id"] == best["run_id"]
     # the Optuna trial holds the run id; runs compare takes the trials
-    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{folder / 'runs' / 'sweeps.db'}")
+    study = optuna.load_study(study_name="tiny", storage=stored(folder / "runs"))
     assert [t.user_attrs["run_id"] for t in study.trials] == [t["run_id"] for t in done["trials"]]
     compared = cli("runs", "compare", *runs, "--json", "--runs-dir", str(folder / "runs"))
     assert compared.exit_code == 0, compared.output
@@ -211,7 +218,7 @@ stages = [ef.stage("warm", train=train, eval=evaluate, epochs=2),
           ef.stage("tune", train=train, eval=evaluate, epochs=2)]
 """)
     done = ef.sweep(path, 1, runs_dir=tmp_path / "runs", device="cpu", stream=io.StringIO(), pruner="none")
-    study = optuna.load_study(study_name="staged", storage=f"sqlite:///{tmp_path / 'runs' / 'sweeps.db'}")
+    study = optuna.load_study(study_name="staged", storage=stored(tmp_path / "runs"))
     history = {row["epoch"]: row for row in get_run(tmp_path / "runs", done["trials"][0]["run_id"])["history"]}
     expected = {epoch: history[epoch][f"{'warm' if epoch <= 2 else 'tune'}/valid/loss"] for epoch in (1, 2, 3, 4)}
     assert study.trials[0].intermediate_values == pytest.approx(expected)
@@ -259,7 +266,7 @@ def test_bad_spaces_exit_2_with_one_line(tmp_path: Path, cli, space: str, extra:
     assert result.exit_code == 2, result.output
     (line,) = result.stderr.strip().splitlines()
     assert says in line
-    assert not (tmp_path / "runs" / "sweeps.db").exists() or "space(trial)" in space  # no study was made
+    assert not (tmp_path / "runs" / "sweeps.log").exists() or "space(trial)" in space  # no study was made
 
 
 @pytest.mark.slow
@@ -279,13 +286,13 @@ def test_a_killed_sweep_continues_its_trial_exactly(tmp_path: Path) -> None:
     assert stall.exists(), worker.communicate()[0]
     worker.send_signal(signal.SIGKILL)
     worker.wait()
-    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{runs / 'sweeps.db'}")
+    study = optuna.load_study(study_name="tiny", storage=stored(runs))
     (running,) = [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
     interrupted = running.user_attrs["run_id"]
 
     again = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
-    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{runs / 'sweeps.db'}")
+    study = optuna.load_study(study_name="tiny", storage=stored(runs))
     assert [t.state.name for t in study.trials] == ["COMPLETE"] * 3
     trial = study.trials[running.number]
     assert trial.user_attrs["run_id"] == interrupted and trial.params == running.params
