@@ -176,10 +176,17 @@ def test_imports_point_down(module):
     assert upward == [], f"{module} (layer {LAYERS[mine] if mine >= 0 else 'base'}) imports {upward}"
 
 
+# the optional extras' packages (pyproject.toml): serve, sweep, mlflow, plot
+OPTIONAL = ("optuna", "psycopg", "pgserver", "starlette", "uvicorn", "prometheus_client", "mlflow", "matplotlib")
+
+
 @pytest.mark.parametrize("layer", LAYERS)
 def test_importing_a_layer_loads_only_the_layers_below_it(layer):
     names = [m for m in modules() if layer_of(m) == LAYERS.index(layer)]
-    code = (f"import importlib, json, sys\nfor name in {names!r}:\n    importlib.import_module(name)\n"
+    # a module that needs an optional extra not installed here (the lowest-versions job has none) is left out
+    code = (f"import importlib, json, sys\nfor name in {names!r}:\n    try:\n        importlib.import_module(name)\n"
+            f"    except ModuleNotFoundError as err:\n        if (err.name or '').split('.')[0] not in {OPTIONAL!r}:\n"
+            "            raise\n"
             "print(json.dumps(sorted(m for m in sys.modules if m.startswith('engineflow.'))))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=PACKAGE.parent)
